@@ -1,0 +1,158 @@
+"""``MSDeformAttn``: the original Deformable-DETR module, parameter- and checkpoint-compatible."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.init import constant_, xavier_uniform_
+
+from .ops import ms_deform_attn
+
+
+class MSDeformAttn(nn.Module):
+    """Multi-scale deformable attention (Zhu et al., 2021) with the original's parameters and initialisation.
+
+    Parameters (state_dict keys): ``sampling_offsets`` Linear(d_model, M*L*P*2), ``attention_weights``
+    Linear(d_model, M*L*P), ``value_proj`` and ``output_proj`` Linear(d_model, d_model).
+
+    Args:
+        d_model: hidden size C; must be divisible by ``n_heads``.
+        n_levels: number of feature levels L.
+        n_heads: number of attention heads M.
+        n_points: sampling points P per head and level.
+    """
+
+    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4) -> None:
+        super().__init__()
+        if d_model % n_heads != 0:
+            raise ValueError(f"d_model must be divisible by n_heads, but got {d_model} and {n_heads}")
+        head_dim = d_model // n_heads
+        if head_dim & (head_dim - 1) != 0:
+            warnings.warn(
+                f"MSDeformAttn: channels per head ({head_dim}) is not a power of 2; the kernels are fastest with one",
+                stacklevel=2,
+            )
+        self.d_model = d_model
+        self.n_levels = n_levels
+        self.n_heads = n_heads
+        self.n_points = n_points
+
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        # Head m starts sampling along angle 2*pi*m/M, point i at distance i+1 (max-norm 1 direction).
+        constant_(self.sampling_offsets.weight, 0.0)
+        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+        grid = torch.stack([thetas.cos(), thetas.sin()], -1)
+        grid = grid / grid.abs().max(-1, keepdim=True)[0]
+        grid = grid.view(self.n_heads, 1, 1, 2).repeat(1, self.n_levels, self.n_points, 1)
+        grid = grid * torch.arange(1, self.n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.view(-1))
+        constant_(self.attention_weights.weight, 0.0)
+        constant_(self.attention_weights.bias, 0.0)
+        xavier_uniform_(self.value_proj.weight)
+        constant_(self.value_proj.bias, 0.0)
+        xavier_uniform_(self.output_proj.weight)
+        constant_(self.output_proj.bias, 0.0)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        reference_points: torch.Tensor,
+        input_flatten: torch.Tensor,
+        input_spatial_shapes: torch.Tensor,
+        input_level_start_index: torch.Tensor,
+        input_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attends from each query to P points per head and level around its reference.
+
+        Args:
+            query: ``(N, Lq, C)``.
+            reference_points: ``(N, Lq, L, 2)`` normalised ``(x, y)`` in [0, 1] (top-left (0, 0)), or
+                ``(N, Lq, L, 4)`` normalised boxes ``(cx, cy, w, h)``.
+            input_flatten: ``(N, S, C)``, levels flattened row-major and concatenated, ``S = sum_l H_l * W_l``.
+            input_spatial_shapes: ``(L, 2)`` int64 rows ``(H_l, W_l)``.
+            input_level_start_index: ``(L,)`` int64 start of each level in S.
+            input_padding_mask: ``(N, S)`` bool, True at padding (those values are zeroed).
+
+        Returns:
+            ``(N, Lq, C)``.
+        """
+        n, len_q, _ = query.shape
+        _, len_in, _ = input_flatten.shape
+        self._check_inputs(query, reference_points, input_flatten, input_spatial_shapes, input_padding_mask)
+
+        value = self.value_proj(input_flatten)
+        if input_padding_mask is not None:
+            value = value.masked_fill(input_padding_mask[..., None], 0.0)
+        value = value.view(n, len_in, self.n_heads, self.d_model // self.n_heads)  # (N, S, M, D)
+        offsets = self.sampling_offsets(query).view(n, len_q, self.n_heads, self.n_levels, self.n_points, 2)
+        weights = self.attention_weights(query).view(n, len_q, self.n_heads, self.n_levels * self.n_points)
+        weights = F.softmax(weights, -1).view(n, len_q, self.n_heads, self.n_levels, self.n_points)
+        locations = self._sampling_locations(reference_points, offsets, input_spatial_shapes)
+
+        output = ms_deform_attn(value, input_spatial_shapes, input_level_start_index, locations, weights)
+        return self.output_proj(output)
+
+    def _sampling_locations(
+        self, reference_points: torch.Tensor, offsets: torch.Tensor, spatial_shapes: torch.Tensor
+    ) -> torch.Tensor:
+        """Offsets ``(N, Lq, M, L, P, 2)`` in pixels of each level (or box fractions) -> normalised locations."""
+        if reference_points.shape[-1] == 2:
+            normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1)  # (L, 2) as (W, H)
+            return reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        ref_xy = reference_points[:, :, None, :, None, :2]
+        ref_wh = reference_points[:, :, None, :, None, 2:]
+        return ref_xy + offsets / self.n_points * ref_wh * 0.5
+
+    def _check_inputs(
+        self,
+        query: torch.Tensor,
+        reference_points: torch.Tensor,
+        input_flatten: torch.Tensor,
+        spatial_shapes: torch.Tensor,
+        padding_mask: torch.Tensor | None,
+    ) -> None:
+        if query.dim() != 3 or query.shape[-1] != self.d_model:
+            raise ValueError(f"MSDeformAttn: query must be (N, Lq, {self.d_model}), got {tuple(query.shape)}")
+        if input_flatten.dim() != 3 or input_flatten.shape[-1] != self.d_model:
+            raise ValueError(
+                f"MSDeformAttn: input_flatten must be (N, S, {self.d_model}), got {tuple(input_flatten.shape)}"
+            )
+        n, len_q, _ = query.shape
+        if input_flatten.shape[0] != n:
+            raise ValueError(f"MSDeformAttn: query batch {n} != input_flatten batch {input_flatten.shape[0]}")
+        expected_ref = (n, len_q, self.n_levels)
+        if reference_points.dim() != 4 or tuple(reference_points.shape[:3]) != expected_ref or (
+            reference_points.shape[-1] not in (2, 4)
+        ):
+            raise ValueError(
+                f"MSDeformAttn: reference_points must be (N, Lq, L, 2) points or (N, Lq, L, 4) boxes with "
+                f"(N, Lq, L) = {expected_ref}, got {tuple(reference_points.shape)}"
+            )
+        if tuple(spatial_shapes.shape) != (self.n_levels, 2):
+            raise ValueError(
+                f"MSDeformAttn: input_spatial_shapes must be ({self.n_levels}, 2), got {tuple(spatial_shapes.shape)}"
+            )
+        if not torch.compiler.is_compiling() and spatial_shapes.device.type == "cpu":
+            # The op re-checks on every device; this catches the mismatch early with the module's names.
+            total = int((spatial_shapes[:, 0] * spatial_shapes[:, 1]).sum())
+            if total != input_flatten.shape[1]:
+                raise ValueError(
+                    f"MSDeformAttn: input_spatial_shapes sum to {total} positions but input_flatten has "
+                    f"{input_flatten.shape[1]}"
+                )
+        if padding_mask is not None and tuple(padding_mask.shape) != tuple(input_flatten.shape[:2]):
+            raise ValueError(
+                f"MSDeformAttn: input_padding_mask must be (N, S) = {tuple(input_flatten.shape[:2])}, "
+                f"got {tuple(padding_mask.shape)}"
+            )

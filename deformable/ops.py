@@ -1,0 +1,102 @@
+"""``ms_deform_attn``: the native op with its fake kernel and autograd, and the dispatch to the PyTorch path."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from . import _extension
+from .reference import SpatialShapes, ms_deform_attn_pytorch
+from .validation import check_shapes
+
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _use_native(value: torch.Tensor) -> bool:
+    if _extension.forced_pytorch():
+        return False
+    if not _extension.extension_loaded():
+        _warn_once(
+            "missing",
+            f"deformable: the native extension is not available ({_extension.LOAD_ERROR}); using the slower "
+            f"PyTorch path. To get the fast kernels, {_extension.BUILD_HINT}.",
+        )
+        return False
+    if not _extension.native_supports(value.device.type):
+        _warn_once(
+            f"device-{value.device.type}",
+            f"deformable: the native extension was built without {value.device.type} kernels "
+            f"(built for: {_extension.build_info()}); using the PyTorch path on {value.device.type}. "
+            f"To get them, {_extension.BUILD_HINT}.",
+        )
+        return False
+    return True
+
+
+def ms_deform_attn(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Multi-scale deformable attention (bilinear sampling, zero padding, ``align_corners=False``).
+
+    Args:
+        value: ``(N, S, M, D)`` float64/float32/float16/bfloat16, ``S = sum_l H_l * W_l``.
+        spatial_shapes: ``(L, 2)`` int64, rows ``(H_l, W_l)``, on value's device.
+        level_start_index: ``(L,)`` int64, start of each level in ``S``.
+        sampling_locations: ``(N, Lq, M, L, P, 2)`` normalised ``(x, y)`` in [0, 1]; outside reads zeros.
+        attention_weights: ``(N, Lq, M, L, P)``.
+
+    Returns:
+        ``(N, Lq, M * D)`` in value's dtype. Uses the compiled kernel when the extension is loaded and has a
+        kernel for value's device, else :func:`ms_deform_attn_pytorch`. Locations and weights are computed in
+        float32 (float64 for float64 value) whatever value's dtype, so under autocast the op runs in the dtype
+        the value projection produced.
+    """
+    check_shapes(value, sampling_locations, attention_weights)
+    if not _use_native(value):
+        return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    coord = torch.float64 if value.dtype == torch.float64 else torch.float32
+    return torch.ops.deformable.ms_deform_attn(
+        value, spatial_shapes, level_start_index, sampling_locations.to(coord), attention_weights.to(coord)
+    )
+
+
+def _register() -> None:
+    """Fake kernels and autograd for the native op (needs the loaded extension)."""
+
+    @torch.library.register_fake("deformable::ms_deform_attn")
+    def _forward_fake(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+        n, _, m, d = value.shape
+        return value.new_empty((n, sampling_locations.shape[1], m * d))
+
+    @torch.library.register_fake("deformable::ms_deform_attn_backward")
+    def _backward_fake(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+        return torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights)
+
+    def _setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def _backward(ctx, grad_output):
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+        grad_value, grad_locations, grad_weights = torch.ops.deformable.ms_deform_attn_backward(
+            grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        )
+        return grad_value, None, None, grad_locations, grad_weights
+
+    torch.library.register_autograd("deformable::ms_deform_attn", _backward, setup_context=_setup_context)
+
+
+if _extension.extension_loaded():
+    _register()
+
+__all__ = ["SpatialShapes", "ms_deform_attn", "ms_deform_attn_pytorch"]

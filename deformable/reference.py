@@ -1,0 +1,70 @@
+"""Pure-PyTorch multi-scale deformable attention: the fallback path and the test oracle."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .validation import check_shapes
+
+SpatialShapes = torch.Tensor | Sequence[Sequence[int]]
+
+
+def spatial_shape_list(spatial_shapes: SpatialShapes) -> list[tuple[int, int]]:
+    """Returns the ``(H, W)`` rows of ``spatial_shapes`` (an ``(L, 2)`` tensor or a sequence of pairs) as ints."""
+    rows = spatial_shapes.tolist() if isinstance(spatial_shapes, torch.Tensor) else spatial_shapes
+    return [(int(h), int(w)) for h, w in rows]
+
+
+def ms_deform_attn_pytorch(
+    value: torch.Tensor,
+    spatial_shapes: SpatialShapes,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Multi-scale deformable attention with ``F.grid_sample`` (bilinear, zero padding, align_corners=False).
+
+    Args:
+        value: ``(N, S, M, D)`` with ``S = sum_l H_l * W_l``, levels stacked in order.
+        spatial_shapes: ``(L, 2)`` int64 rows ``(H_l, W_l)``; a sequence of ``(H, W)`` int pairs is also
+            accepted, which keeps the function traceable with symbolic sizes (ONNX export).
+        level_start_index: ``(L,)`` start of each level in ``S`` (unused here, kept for the shared signature).
+        sampling_locations: ``(N, Lq, M, L, P, 2)`` normalised ``(x, y)``; pixel ``x = loc_x * W_l - 0.5``.
+        attention_weights: ``(N, Lq, M, L, P)``, normally softmaxed over ``L * P``.
+
+    Returns:
+        ``(N, Lq, M * D)`` in value's dtype.
+    """
+    del level_start_index
+    check_shapes(value, sampling_locations, attention_weights)
+    shapes = spatial_shape_list(spatial_shapes)
+    n, s, m, d = value.shape
+    _, lq, _, n_levels, n_points, _ = sampling_locations.shape
+    if len(shapes) != n_levels:
+        raise ValueError(f"ms_deform_attn: spatial_shapes describes {len(shapes)} levels, sampling_locations has {n_levels}")
+    if any(h < 0 or w < 0 for h, w in shapes):
+        raise ValueError(f"ms_deform_attn: spatial_shapes {shapes} has a negative size")
+    if not isinstance(s, torch.SymInt) and sum(h * w for h, w in shapes) != s:
+        raise ValueError(
+            f"ms_deform_attn: spatial_shapes sum to {sum(h * w for h, w in shapes)} positions (sum of H*W) "
+            f"but value has S = {s} positions"
+        )
+    if n == 0 or lq == 0:
+        return value.new_zeros(n, lq, m * d)
+
+    value_levels = value.split([h * w for h, w in shapes], dim=1)
+    grids = 2 * sampling_locations.to(value.dtype) - 1  # grid_sample wants [-1, 1]
+    sampled = []
+    for lvl, (h, w) in enumerate(shapes):
+        if h * w == 0:
+            sampled.append(value.new_zeros(n * m, d, lq, n_points))
+            continue
+        v = value_levels[lvl].flatten(2).transpose(1, 2).reshape(n * m, d, h, w)  # (N*M, D, H, W)
+        g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # (N*M, Lq, P, 2)
+        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
+    weights = attention_weights.to(value.dtype).transpose(1, 2).reshape(n * m, 1, lq, n_levels * n_points)
+    out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)  # (N*M, D, Lq)
+    return out.view(n, m * d, lq).transpose(1, 2).contiguous()
