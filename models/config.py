@@ -1,0 +1,265 @@
+"""Typed configuration: dataclasses with the original's defaults, YAML files, ``section.key=value`` overrides.
+
+The sections mirror what they build: ``model`` -> ``build_detector``, ``loss`` -> ``build_criterion`` (matcher
+costs and loss weights), ``data`` -> the data sets, ``train`` -> the optimiser, schedule and loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    """The detector; argument names are the original's (main.py)."""
+
+    backbone: str = "resnet50"  # resnet50 | resnet101 | resnet18 | resnet34 | timm/<name>
+    dilation: bool = False  # DC5: dilate the last stage instead of striding
+    position_embedding: str = "sine"  # sine | learned
+    num_feature_levels: int = 4
+    enc_layers: int = 6
+    dec_layers: int = 6
+    dim_feedforward: int = 1024
+    hidden_dim: int = 256
+    dropout: float = 0.1
+    nheads: int = 8
+    num_queries: int = 300
+    enc_n_points: int = 4
+    dec_n_points: int = 4
+    with_box_refine: bool = False
+    two_stage: bool = False
+    aux_loss: bool = True
+    num_classes: int = 91  # the original's convention: category id is the label, 91 for COCO
+    pretrained_backbone: bool = True
+    train_backbone: bool = True  # False freezes the whole backbone (the original: lr_backbone == 0)
+    enc_offset_mode: str = "linear"  # linear | cope (deformable.MSDeformAttn offset_mode)
+    dec_offset_mode: str = "linear"
+
+
+@dataclass
+class LossConfig:
+    """Hungarian matcher costs and loss weights (the original's defaults)."""
+
+    set_cost_class: float = 2.0
+    set_cost_bbox: float = 5.0
+    set_cost_giou: float = 2.0
+    cls_loss_coef: float = 2.0
+    bbox_loss_coef: float = 5.0
+    giou_loss_coef: float = 2.0
+    focal_alpha: float = 0.25
+    num_select: int = 100  # post-processing top-k
+
+
+@dataclass
+class DataConfig:
+    """COCO-layout data: ``root/{train_split,val_split}/`` and ``root/annotations/instances_<split>.json``."""
+
+    root: str = "data/coco"
+    train_split: str = "train2017"
+    val_split: str = "val2017"
+    train_scales: list[int] = field(default_factory=lambda: list(range(480, 801, 32)))
+    train_max_size: int = 1333
+    crop: bool = True  # the DETR random crop branch
+    crop_scales: list[int] = field(default_factory=lambda: [400, 500, 600])
+    crop_size: list[int] = field(default_factory=lambda: [384, 600])
+    val_size: int = 800
+    val_max_size: int = 1333
+    hflip: bool = True
+    num_workers: int = 2
+    synthetic: str = ""  # "shapes": generate the synthetic shapes data set into root when it is missing
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser, schedule and loop (the original's recipe)."""
+
+    epochs: int = 50
+    batch_size: int = 2  # per process
+    lr: float = 2e-4
+    lr_backbone: float = 2e-5
+    lr_linear_proj_mult: float = 0.1
+    lr_linear_proj_names: list[str] = field(default_factory=lambda: ["reference_points", "sampling_offsets"])
+    weight_decay: float = 1e-4
+    lr_drop: int = 40
+    clip_max_norm: float = 0.1
+    eval_every: int = 1
+    checkpoint_every: int = 5  # also keep checkpoint_<epoch>.pth every this many epochs (0: never)
+    resume: str = ""  # "", "auto" (latest in output_dir) or a checkpoint path
+    finetune: str = ""  # a checkpoint to start from, class heads re-initialised when the class count differs
+    amp: str = "none"  # none | bf16 | fp16
+    seed: int = 42
+    device: str = "auto"  # auto | cpu | cuda
+    max_iters_per_epoch: int = 0  # 0: the whole epoch (a cap is useful for smoke tests)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str = "runs/coco"
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that does not fit the schema; the message names the key."""
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Checks ``value`` against a field's type (bool, int, float, str, list[...]) and converts ints to floats."""
+    origin = typing.get_origin(annotation)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
+        (item_type,) = typing.get_args(annotation)[:1]
+        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(annotation):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"config key '{key}': {value!r} fits none of {annotation}")
+    if annotation is type(None):
+        if value is not None:
+            raise ConfigError(f"config key '{key}' expects null, got {value!r}")
+        return None
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' expects true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
+        return value
+    raise ConfigError(f"config key '{key}' has an unsupported type {annotation}")
+
+
+def _apply(obj: Any, values: Mapping[str, Any], prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key '{path}' (known keys here: {', '.join(sorted(names))})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"config key '{path}' is a section and expects a mapping, got {value!r}")
+            _apply(current, value, prefix=f"{path}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], path))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.lr=1e-4"`` -> (["train", "lr"], 0.0001); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': the value is not valid YAML ({exc})") from exc
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and "e" in raw.lower() and "." not in raw:
+        value = float(raw)  # YAML 1.1 reads "1e-4" as a string; accept it as the number it is
+    elif isinstance(value, str) and _looks_like_float(raw):
+        value = float(raw)
+    return key.strip().split("."), value
+
+
+def _looks_like_float(raw: str) -> bool:
+    try:
+        float(raw)
+    except ValueError:
+        return False
+    return raw.strip().lower() not in ("nan", "inf", "-inf", "infinity", "-infinity")
+
+
+def _nest(path: list[str], value: Any) -> dict[str, Any]:
+    nested: Any = value
+    for part in reversed(path):
+        nested = {part: nested}
+    return nested
+
+
+def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = ()) -> Config:
+    """Reads a YAML config (``None``: the defaults) and applies ``section.key=value`` overrides in order.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ConfigError: malformed YAML, an unknown key (named), or a value of the wrong type (named).
+    """
+    cfg = Config()
+    if path is not None:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"config file not found: {path}")
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+        _apply(cfg, _normalise_floats(data))
+    for text in overrides:
+        keys, value = parse_override(text)
+        _apply(cfg, _nest(keys, value))
+    return cfg
+
+
+def _normalise_floats(data: Any) -> Any:
+    """YAML 1.1 (safe_load) reads ``1e-4`` as a string; turn such strings back into numbers."""
+    if isinstance(data, Mapping):
+        return {k: _normalise_floats(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_normalise_floats(v) for v in data]
+    if isinstance(data, str) and _looks_like_float(data) and any(c in data.lower() for c in "e."):
+        return float(data)
+    return data
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """A plain dict (YAML/torch.save friendly) of the resolved config."""
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: Mapping[str, Any]) -> Config:
+    """Inverse of :func:`config_to_dict`; unknown keys are an error."""
+    cfg = Config()
+    _apply(cfg, data)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Writes the resolved config as YAML, atomically (temporary file + rename)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".config-", suffix=".yaml")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
