@@ -1,0 +1,402 @@
+// CPU kernels of multi-scale deformable attention.
+//
+// Layout: value (N, S, M, D) is walked as contiguous D-vectors, so every bilinear corner is one
+// contiguous run of D channels and the inner loops vectorise over D. The forward is parallel over
+// queries. The backward is parallel over (batch, head) pairs: each pair owns its slice of grad_value,
+// so the scatter needs no atomics and its summation order is fixed, which makes it deterministic.
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/irange.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+#include "../ms_deform_attn.h"
+
+// The hot loops are compiled twice, for AVX2+FMA and for the baseline ISA, and picked at run time: a build
+// made here must still run on CPUs without AVX2.
+#if defined(__GNUC__) && defined(__x86_64__)
+#define DEFORMABLE_X86_DISPATCH 1
+#define DEFORMABLE_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define DEFORMABLE_X86_DISPATCH 0
+#define DEFORMABLE_TARGET_AVX2
+#endif
+
+namespace deformable {
+namespace {
+
+// Per call: height, width and level start of each (level, point) slot, so that the per-point loop needs
+// neither a division nor a level lookup.
+template <typename opmath_t>
+struct LevelTable {
+  std::vector<opmath_t> height, width;  // (L*P,)
+  std::vector<int64_t> start, width_int;
+};
+
+template <typename opmath_t>
+LevelTable<opmath_t> make_level_table(const int64_t* shapes, const int64_t* starts, int64_t levels, int64_t points) {
+  LevelTable<opmath_t> t;
+  for (int64_t l = 0; l < levels; ++l) {
+    for (int64_t p = 0; p < points; ++p) {
+      t.height.push_back(static_cast<opmath_t>(shapes[2 * l]));
+      t.width.push_back(static_cast<opmath_t>(shapes[2 * l + 1]));
+      t.start.push_back(starts[l]);
+      t.width_int.push_back(shapes[2 * l + 1]);
+    }
+  }
+  return t;
+}
+
+// Up to kBlock (level, point) slots of one (query, head), structure-of-arrays. Corner k of slot i is the
+// spatial position start + offset[i] + {0, 1, W, W + 1}[k]; it lies in the map iff inside[k][i] != 0, and
+// its bilinear weight is bilinear[k][i] (0 when outside). lh/lw are the fractional pixel coordinates.
+constexpr int64_t kBlock = 32;
+
+template <typename opmath_t>
+struct CornerBlock {
+  alignas(64) opmath_t bilinear[4][kBlock];
+  alignas(64) opmath_t inside[4][kBlock];
+  alignas(64) opmath_t lh[kBlock];
+  alignas(64) opmath_t lw[kBlock];
+  alignas(64) int32_t offset[kBlock];  // h_low * W + w_low within the level; H * W < 2^31 per level
+};
+
+// Fills the block for slots [first, first + count). Branch-free so that the compiler vectorises it over
+// slots (compiled with -fno-trapping-math). A location outside the map, NaN or infinite fails `in_map` and is moved to -2 before any
+// conversion, so no corner of it is ever read.
+template <typename scalar_t, typename opmath_t>
+C10_ALWAYS_INLINE void compute_corners(const opmath_t* __restrict__ locations, const LevelTable<opmath_t>& t,
+                                       int64_t first, int64_t count, CornerBlock<opmath_t>& b) {
+  const opmath_t* __restrict__ heights = t.height.data() + first;
+  const opmath_t* __restrict__ widths = t.width.data() + first;
+  const opmath_t* __restrict__ loc = locations + 2 * first;
+  for (int64_t i = 0; i < count; ++i) {
+    const opmath_t height = heights[i], width = widths[i];
+    opmath_t h_im = loc[2 * i + 1] * height - opmath_t(0.5);
+    opmath_t w_im = loc[2 * i] * width - opmath_t(0.5);
+    // Masks as 0/1 values and selects (no && or ||) keep the loop branch-free, hence vectorisable.
+    opmath_t in_map = h_im > opmath_t(-1) ? opmath_t(1) : opmath_t(0);
+    in_map = w_im > opmath_t(-1) ? in_map : opmath_t(0);
+    in_map = h_im < height ? in_map : opmath_t(0);
+    in_map = w_im < width ? in_map : opmath_t(0);
+    h_im = in_map != opmath_t(0) ? h_im : opmath_t(-2);
+    w_im = in_map != opmath_t(0) ? w_im : opmath_t(-2);
+    const opmath_t h_low = std::floor(h_im);  // floor, not truncation: h_im in (-1, 0) maps to -1
+    const opmath_t w_low = std::floor(w_im);
+    const opmath_t lh = h_im - h_low, lw = w_im - w_low;
+    // in_map also guards bottom/right: the -2 stand-in would otherwise pass their tests.
+    const opmath_t top = h_low >= opmath_t(0) ? in_map : opmath_t(0);
+    const opmath_t bottom = h_low + opmath_t(1) < height ? in_map : opmath_t(0);
+    const opmath_t left = w_low >= opmath_t(0) ? opmath_t(1) : opmath_t(0);
+    const opmath_t right = w_low + opmath_t(1) < width ? opmath_t(1) : opmath_t(0);
+    b.inside[0][i] = top * left;
+    b.inside[1][i] = top * right;
+    b.inside[2][i] = bottom * left;
+    b.inside[3][i] = bottom * right;
+    b.bilinear[0][i] = b.inside[0][i] * (opmath_t(1) - lh) * (opmath_t(1) - lw);
+    b.bilinear[1][i] = b.inside[1][i] * (opmath_t(1) - lh) * lw;
+    b.bilinear[2][i] = b.inside[2][i] * lh * (opmath_t(1) - lw);
+    b.bilinear[3][i] = b.inside[3][i] * lh * lw;
+    b.lh[i] = lh;
+    b.lw[i] = lw;
+    b.offset[i] = static_cast<int32_t>(h_low) * static_cast<int32_t>(width) + static_cast<int32_t>(w_low);
+  }
+}
+
+template <typename scalar_t, typename opmath_t>
+struct Inputs {
+  const scalar_t* value;      // (N, S, M, D)
+  const opmath_t* locations;  // (N, Lq, M, L, P, 2)
+  const opmath_t* weights;    // (N, Lq, M, L, P)
+  const LevelTable<opmath_t>* table;
+  MSDASizes s;
+};
+
+// acc[0:D] += w * v[0:D]; with kD > 0 the length is a compile-time constant, so acc stays in registers.
+template <int kD, typename scalar_t, typename opmath_t>
+C10_ALWAYS_INLINE void axpy(opmath_t* __restrict__ acc, const scalar_t* __restrict__ v, opmath_t w, int64_t d) {
+  const int64_t n = kD > 0 ? kD : d;
+  for (int64_t i = 0; i < n; ++i) acc[i] += w * static_cast<opmath_t>(v[i]);
+}
+
+// The spatial position of corner k of slot `slot` (block index i).
+template <typename opmath_t>
+C10_ALWAYS_INLINE int64_t corner_position(const LevelTable<opmath_t>& t, const CornerBlock<opmath_t>& b, int64_t slot,
+                                          int64_t i, int k) {
+  return t.start[slot] + b.offset[i] + ((k & 1) ? 1 : 0) + ((k & 2) ? t.width_int[slot] : 0);
+}
+
+// One (query, head): out[0:D] = sum over levels and points of weight * bilinear(value).
+template <int kD, typename scalar_t, typename opmath_t>
+C10_ALWAYS_INLINE void forward_head(const Inputs<scalar_t, opmath_t>& in, const scalar_t* value_nm, int64_t point0,
+                                    opmath_t* acc, scalar_t* out) {
+  const auto& s = in.s;
+  const auto& t = *in.table;
+  const int64_t D = kD > 0 ? kD : s.channels;
+  const int64_t stride = s.heads * s.channels;  // between spatial positions of one head
+  for (int64_t i = 0; i < D; ++i) acc[i] = opmath_t(0);
+  const int64_t total = s.levels * s.points;
+  CornerBlock<opmath_t> b;
+  for (int64_t first = 0; first < total; first += kBlock) {
+    const int64_t count = std::min(kBlock, total - first);
+    compute_corners<scalar_t>(in.locations + 2 * point0, t, first, count, b);
+    for (int64_t i = 0; i < count; ++i) {
+      // Start every corner's gather before the first multiply-add needs it.
+      __builtin_prefetch(value_nm + (t.start[first + i] + b.offset[i]) * stride);
+      __builtin_prefetch(value_nm + (t.start[first + i] + b.offset[i] + t.width_int[first + i]) * stride);
+    }
+    const opmath_t* weights = in.weights + point0 + first;
+    for (int64_t i = 0; i < count; ++i) {
+      for (int k = 0; k < 4; ++k) {
+        if (b.inside[k][i] != opmath_t(0)) {
+          const int64_t pos = corner_position(t, b, first + i, i, k);
+          axpy<kD>(acc, value_nm + pos * stride, weights[i] * b.bilinear[k][i], D);
+        }
+      }
+    }
+  }
+  for (int64_t i = 0; i < D; ++i) out[i] = static_cast<scalar_t>(acc[i]);
+}
+
+// Output rows [begin, end) of the flattened (N * Lq) queries.
+template <int kD, typename scalar_t, typename opmath_t>
+C10_ALWAYS_INLINE void forward_rows(const Inputs<scalar_t, opmath_t>& in, scalar_t* out, int64_t begin, int64_t end) {
+  const auto& s = in.s;
+  opmath_t fixed[kD > 0 ? kD : 1];
+  std::vector<opmath_t> dynamic(kD > 0 ? 0 : s.channels);
+  opmath_t* acc = kD > 0 ? fixed : dynamic.data();
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t n = row / s.queries;
+    for (int64_t m = 0; m < s.heads; ++m) {
+      const scalar_t* value_nm = in.value + (n * s.spatial * s.heads + m) * s.channels;
+      forward_head<kD>(in, value_nm, (row * s.heads + m) * s.levels * s.points, acc,
+                       out + (row * s.heads + m) * s.channels);
+    }
+  }
+}
+
+// Common head sizes get a compile-time channel count; any other size takes the generic loop.
+template <typename scalar_t, typename opmath_t>
+C10_ALWAYS_INLINE void forward_rows_any(const Inputs<scalar_t, opmath_t>& in, scalar_t* out, int64_t begin,
+                                        int64_t end) {
+  switch (in.s.channels) {
+    case 16: return forward_rows<16>(in, out, begin, end);
+    case 32: return forward_rows<32>(in, out, begin, end);
+    case 64: return forward_rows<64>(in, out, begin, end);
+    default: return forward_rows<0>(in, out, begin, end);
+  }
+}
+
+template <typename opmath_t>
+struct GradOutputs {
+  opmath_t* value;      // (N, S, M, D), accumulated in opmath_t
+  opmath_t* locations;  // (N, Lq, M, L, P, 2)
+  opmath_t* weights;    // (N, Lq, M, L, P)
+};
+
+// Gradients of every slot of one (query, head), given its grad_output row `grad` (D,).
+template <int kD, typename scalar_t, typename opmath_t>
+C10_ALWAYS_INLINE void backward_head(const Inputs<scalar_t, opmath_t>& in, const scalar_t* value_nm,
+                                     opmath_t* grad_value_nm, const opmath_t* __restrict__ grad, int64_t point0,
+                                     const GradOutputs<opmath_t>& g) {
+  const auto& s = in.s;
+  const auto& t = *in.table;
+  const int64_t D = kD > 0 ? kD : s.channels;
+  const int64_t stride = s.heads * s.channels;
+  const int64_t total = s.levels * s.points;
+  CornerBlock<opmath_t> b;
+  for (int64_t first = 0; first < total; first += kBlock) {
+    const int64_t count = std::min(kBlock, total - first);
+    compute_corners<scalar_t>(in.locations + 2 * point0, t, first, count, b);
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t slot = first + i, point = point0 + slot;
+      const opmath_t a = in.weights[point];
+      opmath_t dots[4] = {0, 0, 0, 0};  // grad . value at each corner
+      for (int k = 0; k < 4; ++k) {
+        if (b.inside[k][i] == opmath_t(0)) continue;
+        const int64_t offset = corner_position(t, b, slot, i, k) * stride;
+        const scalar_t* __restrict__ v = value_nm + offset;
+        opmath_t* __restrict__ gv = grad_value_nm + offset;
+        const opmath_t scale = a * b.bilinear[k][i];
+        opmath_t dot = 0;
+        for (int64_t d = 0; d < D; ++d) {
+          dot += grad[d] * static_cast<opmath_t>(v[d]);
+          gv[d] += scale * grad[d];
+        }
+        dots[k] = dot;
+      }
+      const opmath_t lh = b.lh[i], lw = b.lw[i];
+      g.weights[point] = b.bilinear[0][i] * dots[0] + b.bilinear[1][i] * dots[1] + b.bilinear[2][i] * dots[2] +
+                         b.bilinear[3][i] * dots[3];
+      // d(bilinear)/d(w_im) and /d(h_im); w_im = x * W - 0.5, so d/dx carries a factor W (and d/dy H).
+      const opmath_t grad_w_im = (opmath_t(1) - lh) * (dots[1] - dots[0]) + lh * (dots[3] - dots[2]);
+      const opmath_t grad_h_im = (opmath_t(1) - lw) * (dots[2] - dots[0]) + lw * (dots[3] - dots[1]);
+      g.locations[2 * point] = a * grad_w_im * t.width[slot];
+      g.locations[2 * point + 1] = a * grad_h_im * t.height[slot];
+    }
+  }
+}
+
+// Gradients for the (batch, head) pairs [begin, end) of the flattened (N * M). Each pair owns its slice
+// of grad_value and visits queries in order, so the result does not depend on the thread count.
+template <int kD, typename scalar_t, typename opmath_t>
+C10_ALWAYS_INLINE void backward_heads(const Inputs<scalar_t, opmath_t>& in, const scalar_t* grad_out,
+                                      const GradOutputs<opmath_t>& g, int64_t begin, int64_t end) {
+  const auto& s = in.s;
+  const int64_t D = s.channels;
+  std::vector<opmath_t> grad(D);
+  for (int64_t nm = begin; nm < end; ++nm) {
+    const int64_t n = nm / s.heads, m = nm % s.heads;
+    const int64_t head_offset = (n * s.spatial * s.heads + m) * D;
+    for (int64_t q = 0; q < s.queries; ++q) {
+      const int64_t row = n * s.queries + q;
+      const scalar_t* go = grad_out + (row * s.heads + m) * D;
+      for (int64_t d = 0; d < D; ++d) grad[d] = static_cast<opmath_t>(go[d]);
+      backward_head<kD>(in, in.value + head_offset, g.value + head_offset, grad.data(),
+                        (row * s.heads + m) * s.levels * s.points, g);
+    }
+  }
+}
+
+template <typename scalar_t, typename opmath_t>
+C10_ALWAYS_INLINE void backward_heads_any(const Inputs<scalar_t, opmath_t>& in, const scalar_t* grad_out,
+                                          const GradOutputs<opmath_t>& g, int64_t begin, int64_t end) {
+  switch (in.s.channels) {
+    case 16: return backward_heads<16>(in, grad_out, g, begin, end);
+    case 32: return backward_heads<32>(in, grad_out, g, begin, end);
+    case 64: return backward_heads<64>(in, grad_out, g, begin, end);
+    default: return backward_heads<0>(in, grad_out, g, begin, end);
+  }
+}
+
+bool cpu_has_avx2_fma() {
+#if DEFORMABLE_X86_DISPATCH
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
+}
+
+// Non-template entry points, one per instruction set, so that the inlined loops are compiled for it.
+#define DEFORMABLE_DEFINE_ENTRY_POINTS(scalar_t, opmath_t, suffix)                                                 \
+  DEFORMABLE_TARGET_AVX2 void forward_avx2_##suffix(const Inputs<scalar_t, opmath_t>& in, scalar_t* out,           \
+                                                    int64_t begin, int64_t end) {                                  \
+    forward_rows_any(in, out, begin, end);                                                                         \
+  }                                                                                                                \
+  void forward_base_##suffix(const Inputs<scalar_t, opmath_t>& in, scalar_t* out, int64_t begin, int64_t end) {    \
+    forward_rows_any(in, out, begin, end);                                                                         \
+  }                                                                                                                \
+  DEFORMABLE_TARGET_AVX2 void backward_avx2_##suffix(const Inputs<scalar_t, opmath_t>& in,                         \
+                                                     const scalar_t* grad_out,                                     \
+                                                     const GradOutputs<opmath_t>& g, int64_t begin,      \
+                                                     int64_t end) {                                                \
+    backward_heads_any(in, grad_out, g, begin, end);                                                                   \
+  }                                                                                                                \
+  void backward_base_##suffix(const Inputs<scalar_t, opmath_t>& in, const scalar_t* grad_out,                      \
+                              const GradOutputs<opmath_t>& g, int64_t begin, int64_t end) {              \
+    backward_heads_any(in, grad_out, g, begin, end);                                                                   \
+  }                                                                                                                \
+  void dispatch_forward(const Inputs<scalar_t, opmath_t>& in, scalar_t* out, int64_t b, int64_t e) {               \
+    cpu_has_avx2_fma() ? forward_avx2_##suffix(in, out, b, e) : forward_base_##suffix(in, out, b, e);              \
+  }                                                                                                                \
+  void dispatch_backward(const Inputs<scalar_t, opmath_t>& in, const scalar_t* go,                                 \
+                         const GradOutputs<opmath_t>& g, int64_t b, int64_t e) {                        \
+    cpu_has_avx2_fma() ? backward_avx2_##suffix(in, go, g, b, e) : backward_base_##suffix(in, go, g, b, e);        \
+  }
+
+DEFORMABLE_DEFINE_ENTRY_POINTS(float, float, f32)
+DEFORMABLE_DEFINE_ENTRY_POINTS(double, double, f64)
+DEFORMABLE_DEFINE_ENTRY_POINTS(c10::BFloat16, float, bf16)
+DEFORMABLE_DEFINE_ENTRY_POINTS(c10::Half, float, f16)
+#undef DEFORMABLE_DEFINE_ENTRY_POINTS
+
+struct Contiguous {
+  at::Tensor value, shapes, starts, locations, weights;
+};
+
+Contiguous contiguous_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                             const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+                             const at::Tensor& attention_weights) {
+  return {value.contiguous(), spatial_shapes.contiguous(), level_start_index.contiguous(),
+          sampling_locations.contiguous(), attention_weights.contiguous()};
+}
+
+template <typename scalar_t>
+Inputs<scalar_t, at::opmath_type<scalar_t>> make_inputs(const Contiguous& c, const MSDASizes& s,
+                                                        const LevelTable<at::opmath_type<scalar_t>>& table) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  return {c.value.data_ptr<scalar_t>(), c.locations.data_ptr<opmath_t>(), c.weights.data_ptr<opmath_t>(), &table, s};
+}
+
+template <typename opmath_t>
+LevelTable<opmath_t> level_table(const Contiguous& c, const MSDASizes& s) {
+  return make_level_table<opmath_t>(c.shapes.data_ptr<int64_t>(), c.starts.data_ptr<int64_t>(), s.levels, s.points);
+}
+
+at::Tensor ms_deform_attn_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                              const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+                              const at::Tensor& attention_weights) {
+  const MSDASizes s =
+      check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  TORCH_CHECK(value.device().is_cpu(), "ms_deform_attn: the CPU kernel got value on ", value.device());
+  auto output = at::zeros({s.batch, s.queries, s.heads * s.channels}, value.options());
+  if (output.numel() == 0 || s.spatial == 0) return output;
+  const auto c = contiguous_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_cpu", [&] {
+    const auto table = level_table<at::opmath_type<scalar_t>>(c, s);
+    const auto in = make_inputs<scalar_t>(c, s, table);
+    scalar_t* out = output.data_ptr<scalar_t>();
+    // ~M*L*P*4*D multiply-adds per query: a few dozen queries amortise a task.
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, s.heads * s.levels * s.points * s.channels));
+    at::parallel_for(0, s.batch * s.queries, grain,
+                     [&](int64_t begin, int64_t end) { dispatch_forward(in, out, begin, end); });
+  });
+  return output;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index, const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
+  const MSDASizes s =
+      check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  check_grad_output(grad_output, value, s);
+  TORCH_CHECK(value.device().is_cpu(), "ms_deform_attn_backward: the CPU kernel got value on ", value.device());
+  const auto opmath = sampling_locations.scalar_type();
+  auto grad_value = at::zeros(value.sizes(), value.options().dtype(opmath));
+  auto grad_locations = at::zeros(sampling_locations.sizes(), sampling_locations.options());
+  auto grad_weights = at::zeros(attention_weights.sizes(), attention_weights.options());
+  if (grad_output.numel() > 0 && s.spatial > 0) {
+    const auto c = contiguous_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+    const auto go = grad_output.contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
+      using opmath_t = at::opmath_type<scalar_t>;
+      const auto table = level_table<opmath_t>(c, s);
+      const auto in = make_inputs<scalar_t>(c, s, table);
+      const GradOutputs<opmath_t> g{grad_value.data_ptr<opmath_t>(), grad_locations.data_ptr<opmath_t>(),
+                                              grad_weights.data_ptr<opmath_t>()};
+      const scalar_t* grad_out = go.data_ptr<scalar_t>();
+      at::parallel_for(0, s.batch * s.heads, 1,
+                       [&](int64_t begin, int64_t end) { dispatch_backward(in, grad_out, g, begin, end); });
+    });
+  }
+  return {grad_value.to(value.scalar_type()), grad_locations, grad_weights};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(deformable, CPU, m) {
+  m.impl("ms_deform_attn", &ms_deform_attn_cpu);
+  m.impl("ms_deform_attn_backward", &ms_deform_attn_backward_cpu);
+}
+
+}  // namespace deformable
