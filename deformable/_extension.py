@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 
 import torch
@@ -11,12 +13,18 @@ BUILD_HINT = (
     "nvcc and CUDA_HOME for the CUDA kernels); run `python -m deformable` for a diagnosis"
 )
 
-try:
-    from . import _C  # noqa: F401  (loading the library registers torch.ops.deformable.*)
+def _load() -> str | None:
+    """Imports ``deformable._C``; returns None on success, else why it failed."""
+    if importlib.util.find_spec(f"{__package__}._C") is None:
+        return "deformable._C is not built (no compiled library next to the package)"
+    try:
+        importlib.import_module(f"{__package__}._C")  # registers torch.ops.deformable.*
+    except (ImportError, OSError) as exc:  # a stale or ABI-mismatched build, a missing CUDA runtime
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
-    LOAD_ERROR: str | None = None
-except (ImportError, OSError) as exc:  # a missing, stale or ABI-mismatched build
-    LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+
+LOAD_ERROR: str | None = _load()
 
 
 def forced_pytorch() -> bool:

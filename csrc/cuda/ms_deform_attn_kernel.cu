@@ -13,7 +13,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: that needs the cuSPARSE/cuBLAS headers
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
@@ -440,7 +440,7 @@ void launch_forward(const at::Tensor& value, const at::Tensor& spatial_shapes, c
                     const MSDASizes& sizes) {
   using opmath_t = at::opmath_type<scalar_t>;
   const LaunchShape s = make_launch_shape(sizes, CPT);
-  ms_deform_attn_forward_kernel<scalar_t, CPT><<<grid_for(s), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  ms_deform_attn_forward_kernel<scalar_t, CPT><<<grid_for(s), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       value.const_data_ptr<scalar_t>(), spatial_shapes.const_data_ptr<int64_t>(),
       level_start_index.const_data_ptr<int64_t>(), sampling_locations.const_data_ptr<opmath_t>(),
       attention_weights.const_data_ptr<opmath_t>(), output.mutable_data_ptr<scalar_t>(), s);
@@ -458,7 +458,7 @@ void launch_backward(const at::Tensor& grad_output, const at::Tensor& value, con
     grad_locations.zero_();  // groups spanning several warps add their shares atomically
     grad_weights.zero_();
   }
-  ms_deform_attn_backward_kernel<scalar_t, CPT><<<grid_for(s), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  ms_deform_attn_backward_kernel<scalar_t, CPT><<<grid_for(s), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       grad_output.const_data_ptr<scalar_t>(), value.const_data_ptr<scalar_t>(),
       spatial_shapes.const_data_ptr<int64_t>(), level_start_index.const_data_ptr<int64_t>(),
       sampling_locations.const_data_ptr<opmath_t>(), attention_weights.const_data_ptr<opmath_t>(),
