@@ -203,6 +203,30 @@ struct GradOutputs {
   opmath_t* weights;    // (N, Lq, M, L, P)
 };
 
+// Returns grad . v and does gv += scale * grad. The dot product keeps kLanes partial sums: a single
+// running sum is a serial chain of dependent adds that the compiler may not reorder or vectorise.
+template <int kD, typename scalar_t, typename opmath_t>
+C10_ALWAYS_INLINE opmath_t dot_and_scatter(const opmath_t* __restrict__ grad, const scalar_t* __restrict__ v,
+                                           opmath_t* __restrict__ gv, opmath_t scale, int64_t channels) {
+  constexpr int kLanes = 32 / sizeof(opmath_t);
+  const int64_t n = kD > 0 ? kD : channels;
+  opmath_t partial[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= n; d += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      partial[j] += grad[d + j] * static_cast<opmath_t>(v[d + j]);
+      gv[d + j] += scale * grad[d + j];
+    }
+  }
+  opmath_t dot = 0;
+  for (; d < n; ++d) {
+    dot += grad[d] * static_cast<opmath_t>(v[d]);
+    gv[d] += scale * grad[d];
+  }
+  for (int j = 0; j < kLanes; ++j) dot += partial[j];
+  return dot;
+}
+
 // Gradients of every slot of one (query, head), given its grad_output row `grad` (D,).
 template <int kD, typename scalar_t, typename opmath_t>
 C10_ALWAYS_INLINE void backward_head(const Inputs<scalar_t, opmath_t>& in, const scalar_t* value_nm,
@@ -211,7 +235,7 @@ C10_ALWAYS_INLINE void backward_head(const Inputs<scalar_t, opmath_t>& in, const
   const auto& s = in.s;
   const auto& t = *in.table;
   const int64_t D = kD > 0 ? kD : s.channels;
-  const int64_t stride = s.heads * s.channels;
+  const int64_t stride = D;  // value and grad_value are head-major here: (N, M, S, D)
   const int64_t total = s.levels * s.points;
   CornerBlock<opmath_t> b;
   for (int64_t first = 0; first < total; first += kBlock) {
@@ -227,12 +251,7 @@ C10_ALWAYS_INLINE void backward_head(const Inputs<scalar_t, opmath_t>& in, const
         const scalar_t* __restrict__ v = value_nm + offset;
         opmath_t* __restrict__ gv = grad_value_nm + offset;
         const opmath_t scale = a * b.bilinear[k][i];
-        opmath_t dot = 0;
-        for (int64_t d = 0; d < D; ++d) {
-          dot += grad[d] * static_cast<opmath_t>(v[d]);
-          gv[d] += scale * grad[d];
-        }
-        dots[k] = dot;
+        dots[k] = dot_and_scatter<kD>(grad, v, gv, scale, D);
       }
       const opmath_t lh = b.lh[i], lw = b.lw[i];
       g.weights[point] = b.bilinear[0][i] * dots[0] + b.bilinear[1][i] * dots[1] + b.bilinear[2][i] * dots[2] +
@@ -247,7 +266,8 @@ C10_ALWAYS_INLINE void backward_head(const Inputs<scalar_t, opmath_t>& in, const
 }
 
 // Gradients for the (batch, head) pairs [begin, end) of the flattened (N * M). Each pair owns its slice
-// of grad_value and visits queries in order, so the result does not depend on the thread count.
+// of grad_value and visits queries in order, so the result does not depend on the thread count. value and
+// grad_value are given head-major, (N, M, S, D), so that a pair's slice is one contiguous block.
 template <int kD, typename scalar_t, typename opmath_t>
 C10_ALWAYS_INLINE void backward_heads(const Inputs<scalar_t, opmath_t>& in, const scalar_t* grad_out,
                                       const GradOutputs<opmath_t>& g, int64_t begin, int64_t end) {
@@ -256,7 +276,7 @@ C10_ALWAYS_INLINE void backward_heads(const Inputs<scalar_t, opmath_t>& in, cons
   std::vector<opmath_t> grad(D);
   for (int64_t nm = begin; nm < end; ++nm) {
     const int64_t n = nm / s.heads, m = nm % s.heads;
-    const int64_t head_offset = (n * s.spatial * s.heads + m) * D;
+    const int64_t head_offset = nm * s.spatial * D;  // (n, m) slice of the head-major (N, M, S, D) layout
     for (int64_t q = 0; q < s.queries; ++q) {
       const int64_t row = n * s.queries + q;
       const scalar_t* go = grad_out + (row * s.heads + m) * D;
@@ -372,11 +392,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   check_grad_output(grad_output, value, s);
   TORCH_CHECK(value.device().is_cpu(), "ms_deform_attn_backward: the CPU kernel got value on ", value.device());
   const auto opmath = sampling_locations.scalar_type();
-  auto grad_value = at::zeros(value.sizes(), value.options().dtype(opmath));
+  // Head-major (N, M, S, D): each (batch, head) task then reads and scatters into one contiguous block
+  // instead of every M-th D-vector of the whole map.
+  auto grad_value = at::zeros({s.batch, s.heads, s.spatial, s.channels}, value.options().dtype(opmath));
   auto grad_locations = at::zeros(sampling_locations.sizes(), sampling_locations.options());
   auto grad_weights = at::zeros(attention_weights.sizes(), attention_weights.options());
   if (grad_output.numel() > 0 && s.spatial > 0) {
-    const auto c = contiguous_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+    const auto c = contiguous_inputs(value.transpose(1, 2), spatial_shapes, level_start_index, sampling_locations,
+                                     attention_weights);
     const auto go = grad_output.contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
       using opmath_t = at::opmath_type<scalar_t>;
@@ -389,7 +412,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
                        [&](int64_t begin, int64_t end) { dispatch_backward(in, grad_out, g, begin, end); });
     });
   }
-  return {grad_value.to(value.scalar_type()), grad_locations, grad_weights};
+  return {grad_value.transpose(1, 2).to(value.scalar_type(), /*non_blocking=*/false, /*copy=*/false,
+                                         at::MemoryFormat::Contiguous),
+          grad_locations, grad_weights};
 }
 
 }  // namespace
