@@ -13,6 +13,7 @@ BUILD_HINT = (
     "nvcc and CUDA_HOME for the CUDA kernels); run `python -m deformable` for a diagnosis"
 )
 
+
 def _load() -> str | None:
     """Imports ``deformable._C``; returns None on success, else why it failed."""
     if importlib.util.find_spec(f"{__package__}._C") is None:
@@ -53,3 +54,7 @@ def native_supports(device_type: str) -> bool:
 def build_info() -> str:
     """What the extension was built for, e.g. ``"cpu;cuda archs=8.0;9.0"``, or "" when not loaded."""
     return torch.ops.deformable.build_info() if extension_loaded() else ""
+
+
+# Looked up once: a dispatcher query inside the op's Python wrapper would break torch.compile(fullgraph=True).
+NATIVE_DEVICES: frozenset[str] = frozenset(d for d in ("cpu", "cuda") if native_supports(d))

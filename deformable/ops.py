@@ -29,7 +29,7 @@ def _use_native(value: torch.Tensor) -> bool:
             f"PyTorch path. To get the fast kernels, {_extension.BUILD_HINT}.",
         )
         return False
-    if not _extension.native_supports(value.device.type):
+    if value.device.type not in _extension.NATIVE_DEVICES:
         _warn_once(
             f"device-{value.device.type}",
             f"deformable: the native extension was built without {value.device.type} kernels "
@@ -62,7 +62,7 @@ def ms_deform_attn(
         float32 (float64 for float64 value) whatever value's dtype, so under autocast the op runs in the dtype
         the value projection produced.
     """
-    check_shapes(value, sampling_locations, attention_weights)
+    check_shapes(value, sampling_locations, attention_weights, spatial_shapes, level_start_index)
     if not _use_native(value):
         return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     coord = torch.float64 if value.dtype == torch.float64 else torch.float32
@@ -71,17 +71,31 @@ def ms_deform_attn(
     )
 
 
+def _check_fake_devices(*tensors: torch.Tensor) -> None:
+    # A meta tensor among real ones routes the call to the fake kernel, which must not return garbage.
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        raise ValueError(f"ms_deform_attn: inputs are on different devices ({', '.join(sorted(map(str, devices)))})")
+
+
 def _register() -> None:
     """Fake kernels and autograd for the native op (needs the loaded extension)."""
 
     @torch.library.register_fake("deformable::ms_deform_attn")
     def _forward_fake(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+        _check_fake_devices(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
         n, _, m, d = value.shape
         return value.new_empty((n, sampling_locations.shape[1], m * d))
 
     @torch.library.register_fake("deformable::ms_deform_attn_backward")
     def _backward_fake(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-        return torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights)
+        _check_fake_devices(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        # The kernels return fresh contiguous tensors whatever the input strides.
+        return (
+            value.new_empty(value.shape),
+            sampling_locations.new_empty(sampling_locations.shape),
+            attention_weights.new_empty(attention_weights.shape),
+        )
 
     def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs)

@@ -31,20 +31,21 @@ def ms_deform_attn_pytorch(
         value: ``(N, S, M, D)`` with ``S = sum_l H_l * W_l``, levels stacked in order.
         spatial_shapes: ``(L, 2)`` int64 rows ``(H_l, W_l)``; a sequence of ``(H, W)`` int pairs is also
             accepted, which keeps the function traceable with symbolic sizes (ONNX export).
-        level_start_index: ``(L,)`` start of each level in ``S`` (unused here, kept for the shared signature).
+        level_start_index: ``(L,)`` start of each level in ``S`` (only its device is checked here).
         sampling_locations: ``(N, Lq, M, L, P, 2)`` normalised ``(x, y)``; pixel ``x = loc_x * W_l - 0.5``.
         attention_weights: ``(N, Lq, M, L, P)``, normally softmaxed over ``L * P``.
 
     Returns:
         ``(N, Lq, M * D)`` in value's dtype.
     """
-    del level_start_index
-    check_shapes(value, sampling_locations, attention_weights)
+    check_shapes(value, sampling_locations, attention_weights, spatial_shapes, level_start_index)
     shapes = spatial_shape_list(spatial_shapes)
     n, s, m, d = value.shape
     _, lq, _, n_levels, n_points, _ = sampling_locations.shape
     if len(shapes) != n_levels:
-        raise ValueError(f"ms_deform_attn: spatial_shapes describes {len(shapes)} levels, sampling_locations has {n_levels}")
+        raise ValueError(
+            f"ms_deform_attn: spatial_shapes describes {len(shapes)} levels, sampling_locations has {n_levels}"
+        )
     if any(h < 0 or w < 0 for h, w in shapes):
         raise ValueError(f"ms_deform_attn: spatial_shapes {shapes} has a negative size")
     if not isinstance(s, torch.SymInt) and sum(h * w for h, w in shapes) != s:
@@ -53,7 +54,9 @@ def ms_deform_attn_pytorch(
             f"but value has S = {s} positions"
         )
     if n == 0 or lq == 0:
-        return value.new_zeros(n, lq, m * d)
+        # Empty, but still connected to the inputs so that backward works.
+        link = value.sum() + sampling_locations.sum() + attention_weights.sum()
+        return value.new_zeros(n, lq, m * d) + 0 * link.to(value.dtype)
 
     value_levels = value.split([h * w for h, w in shapes], dim=1)
     grids = 2 * sampling_locations.to(value.dtype) - 1  # grid_sample wants [-1, 1]

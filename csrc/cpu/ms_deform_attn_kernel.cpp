@@ -198,9 +198,10 @@ C10_ALWAYS_INLINE void forward_rows_any(const Inputs<scalar_t, opmath_t>& in, sc
 
 template <typename opmath_t>
 struct GradOutputs {
-  opmath_t* value;      // (N, S, M, D), accumulated in opmath_t
+  opmath_t* value;      // like value (see head_major), accumulated in opmath_t
   opmath_t* locations;  // (N, Lq, M, L, P, 2)
   opmath_t* weights;    // (N, Lq, M, L, P)
+  bool head_major;      // value and grad_value laid out (N, M, S, D) instead of (N, S, M, D)
 };
 
 // Returns grad . v and does gv += scale * grad. The dot product keeps kLanes partial sums: a single
@@ -235,7 +236,7 @@ C10_ALWAYS_INLINE void backward_head(const Inputs<scalar_t, opmath_t>& in, const
   const auto& s = in.s;
   const auto& t = *in.table;
   const int64_t D = kD > 0 ? kD : s.channels;
-  const int64_t stride = D;  // value and grad_value are head-major here: (N, M, S, D)
+  const int64_t stride = g.head_major ? D : s.heads * D;  // between spatial positions of one head
   const int64_t total = s.levels * s.points;
   CornerBlock<opmath_t> b;
   for (int64_t first = 0; first < total; first += kBlock) {
@@ -266,8 +267,7 @@ C10_ALWAYS_INLINE void backward_head(const Inputs<scalar_t, opmath_t>& in, const
 }
 
 // Gradients for the (batch, head) pairs [begin, end) of the flattened (N * M). Each pair owns its slice
-// of grad_value and visits queries in order, so the result does not depend on the thread count. value and
-// grad_value are given head-major, (N, M, S, D), so that a pair's slice is one contiguous block.
+// of grad_value and visits queries in order, so the result does not depend on the thread count.
 template <int kD, typename scalar_t, typename opmath_t>
 C10_ALWAYS_INLINE void backward_heads(const Inputs<scalar_t, opmath_t>& in, const scalar_t* grad_out,
                                       const GradOutputs<opmath_t>& g, int64_t begin, int64_t end) {
@@ -276,7 +276,7 @@ C10_ALWAYS_INLINE void backward_heads(const Inputs<scalar_t, opmath_t>& in, cons
   std::vector<opmath_t> grad(D);
   for (int64_t nm = begin; nm < end; ++nm) {
     const int64_t n = nm / s.heads, m = nm % s.heads;
-    const int64_t head_offset = nm * s.spatial * D;  // (n, m) slice of the head-major (N, M, S, D) layout
+    const int64_t head_offset = g.head_major ? nm * s.spatial * D : (n * s.spatial * s.heads + m) * D;
     for (int64_t q = 0; q < s.queries; ++q) {
       const int64_t row = n * s.queries + q;
       const scalar_t* go = grad_out + (row * s.heads + m) * D;
@@ -392,29 +392,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   check_grad_output(grad_output, value, s);
   TORCH_CHECK(value.device().is_cpu(), "ms_deform_attn_backward: the CPU kernel got value on ", value.device());
   const auto opmath = sampling_locations.scalar_type();
-  // Head-major (N, M, S, D): each (batch, head) task then reads and scatters into one contiguous block
-  // instead of every M-th D-vector of the whole map.
-  auto grad_value = at::zeros({s.batch, s.heads, s.spatial, s.channels}, value.options().dtype(opmath));
+  // With many queries per position (encoder self-attention) each (batch, head) task touches most of its
+  // slice: head-major (N, M, S, D) copies make that slice one contiguous block, which pays for the two
+  // transposes. With few queries (decoder) the copies would dominate, so the input layout is kept.
+  const bool head_major = s.queries * s.levels * s.points >= s.spatial;
+  auto grad_value = head_major ? at::zeros({s.batch, s.heads, s.spatial, s.channels}, value.options().dtype(opmath))
+                               : at::zeros(value.sizes(), value.options().dtype(opmath));
   auto grad_locations = at::zeros(sampling_locations.sizes(), sampling_locations.options());
   auto grad_weights = at::zeros(attention_weights.sizes(), attention_weights.options());
   if (grad_output.numel() > 0 && s.spatial > 0) {
-    const auto c = contiguous_inputs(value.transpose(1, 2), spatial_shapes, level_start_index, sampling_locations,
-                                     attention_weights);
+    const auto c = contiguous_inputs(head_major ? value.transpose(1, 2) : value, spatial_shapes, level_start_index,
+                                     sampling_locations, attention_weights);
     const auto go = grad_output.contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
       using opmath_t = at::opmath_type<scalar_t>;
       const auto table = level_table<opmath_t>(c, s);
       const auto in = make_inputs<scalar_t>(c, s, table);
       const GradOutputs<opmath_t> g{grad_value.data_ptr<opmath_t>(), grad_locations.data_ptr<opmath_t>(),
-                                              grad_weights.data_ptr<opmath_t>()};
+                                    grad_weights.data_ptr<opmath_t>(), head_major};
       const scalar_t* grad_out = go.data_ptr<scalar_t>();
       at::parallel_for(0, s.batch * s.heads, 1,
                        [&](int64_t begin, int64_t end) { dispatch_backward(in, grad_out, g, begin, end); });
     });
   }
-  return {grad_value.transpose(1, 2).to(value.scalar_type(), /*non_blocking=*/false, /*copy=*/false,
-                                         at::MemoryFormat::Contiguous),
-          grad_locations, grad_weights};
+  // Gradients are fresh contiguous tensors, as the fake kernel promises.
+  if (!head_major && grad_value.scalar_type() == value.scalar_type()) return {grad_value, grad_locations, grad_weights};
+  auto grad_value_out = at::empty(value.sizes(), value.options().memory_format(at::MemoryFormat::Contiguous));
+  grad_value_out.copy_(head_major ? grad_value.transpose(1, 2) : grad_value);
+  return {grad_value_out, grad_locations, grad_weights};
 }
 
 }  // namespace

@@ -1,0 +1,188 @@
+"""ms_deform_attn on the CPU: parity of the native kernel with the grid_sample reference (values and the three
+gradients), low-precision value, non-contiguous and empty inputs, non-finite locations, determinism."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _ops_utils import (  # noqa: F401  (backend_fixture, default_backend: fixtures)
+    HALF_TYPES,
+    SHAPES,
+    assert_close_scaled,
+    backend_fixture,
+    default_backend,
+    noncontiguous,
+    output_and_grads,
+    random_grad,
+    reference_output_and_grads,
+    requires_native,
+    sample_inputs,
+)
+
+from deformable import ms_deform_attn, ms_deform_attn_pytorch
+
+# (batch, queries, heads, channels, shapes, points). Channels 16/32/64 take the kernel's fixed-size loops, the others
+# the generic one; 12 points over 3 levels are 36 slots, more than the CPU kernel's block of 32.
+CASES = [
+    (1, 1, 1, 1, SHAPES, 1),
+    (3, 7, 2, 3, SHAPES, 4),
+    (1, 7, 3, 5, ((2, 3),), 4),
+    (3, 1, 2, 16, ((5, 6), (1, 7), (3, 1), (2, 2)), 1),
+    (1, 7, 2, 32, SHAPES, 4),
+    (3, 7, 1, 64, ((4, 4), (2, 2)), 4),
+    (2, 3, 2, 8, ((3, 3), (2, 5), (1, 1)), 12),
+    (2, 5, 2, 4, ((3, 4), (0, 5), (2, 2)), 2),  # an empty level
+]
+CASE_IDS = [f"N{c[0]}-Lq{c[1]}-M{c[2]}-D{c[3]}-L{len(c[4])}-P{c[5]}" for c in CASES]
+# Per dtype: tolerance on the output and gradients, relative to the largest reference magnitude (and at least 1).
+RTOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _inputs(case, **kwargs):
+    batch, queries, heads, channels, shapes, points = case
+    return sample_inputs(
+        batch=batch, queries=queries, heads=heads, channels=channels, shapes=shapes, points=points, **kwargs
+    )
+
+
+def _check_against_reference(inputs, rtol: float, location_grad: bool = True) -> None:
+    out, grad = output_and_grads(ms_deform_attn, inputs)
+    assert out.dtype == inputs[0].dtype
+    assert out.shape == (inputs[0].shape[0], inputs[3].shape[1], inputs[0].shape[2] * inputs[0].shape[3])
+    ref, ref_grad = reference_output_and_grads(inputs, random_grad(out))
+    assert_close_scaled(out, ref, rtol, "output")
+    names = ("value", "sampling_locations", "attention_weights")
+    for name, g, r, t in zip(names, grad, ref_grad, (inputs[0], inputs[3], inputs[4]), strict=True):
+        assert g.dtype == t.dtype, name
+        if location_grad or name != "sampling_locations":
+            assert_close_scaled(g, r, rtol, f"grad of {name}")
+
+
+@requires_native
+@pytest.mark.parametrize("locations", ["inside", "border"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_matches_reference(case, dtype, locations):
+    _check_against_reference(_inputs(case, dtype=dtype, locations=locations, seed=CASES.index(case)), RTOL[dtype])
+
+
+@requires_native
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", CASES[1:3] + CASES[-2:], ids=CASE_IDS[1:3] + CASE_IDS[-2:])
+def test_matches_reference_on_edges(case, dtype):
+    # Points exactly on the pixel values where the kernels switch cases (first fully-outside pixel, corner on the
+    # edge, integer pixels). Location gradients are not compared: these are kinks, where the kernel (like the
+    # original) and grid_sample take different one-sided derivatives, e.g. at pixel -1 exactly.
+    _check_against_reference(_inputs(case, dtype=dtype, locations="edges"), RTOL[dtype], location_grad=False)
+
+
+@requires_native
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
+@pytest.mark.parametrize("channels", [3, 16, 32])
+def test_half_precision_value_matches_float64_reference(dtype, channels):
+    # Locations and weights stay float32; the oracle is float64 on the same rounded values.
+    inputs = sample_inputs(batch=2, queries=7, heads=2, channels=channels, points=4, dtype=dtype, seed=channels)
+    _check_against_reference(inputs, RTOL[dtype])
+
+
+@requires_native
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF_TYPES], ids=str)
+def test_locations_of_another_dtype_are_cast(dtype):
+    # The public function casts float64 locations/weights to the op's coordinate dtype (float32 here) and returns
+    # their gradients in float64.
+    inputs = sample_inputs(dtype=dtype, coord_dtype=torch.float64)
+    out, grads = output_and_grads(ms_deform_attn, inputs)
+    as32 = (*inputs[:3], inputs[3].float(), inputs[4].float())
+    out32, grads32 = output_and_grads(ms_deform_attn, as32)
+    assert grads[1].dtype == grads[2].dtype == torch.float64
+    torch.testing.assert_close(out, out32, rtol=0, atol=0)
+    for g, g32 in zip(grads, grads32, strict=True):
+        torch.testing.assert_close(g, g32.to(g.dtype), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_noncontiguous_inputs_give_the_contiguous_results(backend, dtype):
+    inputs = sample_inputs(batch=2, queries=5, heads=2, channels=4, points=3, dtype=dtype)
+    strided = noncontiguous(inputs)
+    assert not any(t.is_contiguous() for t in strided)
+    go = torch.randn(8, 5, 2, dtype=dtype).transpose(0, 2)  # (N, Lq, M*D), a non-contiguous grad_output as well
+    out, grads = output_and_grads(ms_deform_attn, inputs, go.contiguous())
+    out_nc, grads_nc = output_and_grads(ms_deform_attn, strided, go)
+    # The native kernels copy to contiguous first, so they agree bitwise; grid_sample's backward sums in another
+    # order for other strides.
+    tol = {"rtol": 0, "atol": 0} if backend == "native" else {}
+    torch.testing.assert_close(out_nc, out, **tol)
+    for g_nc, g in zip(grads_nc, grads, strict=True):
+        torch.testing.assert_close(g_nc, g, **tol)
+
+
+def _check_empty(batch: int, queries: int) -> None:
+    inputs = sample_inputs(batch=batch, queries=queries, heads=2, channels=3)
+    out, (grad_value, grad_locations, grad_weights) = output_and_grads(ms_deform_attn, inputs)
+    assert out.shape == (batch, queries, 6)
+    assert grad_value.shape == inputs[0].shape and grad_locations.shape == inputs[3].shape
+    assert grad_weights.shape == inputs[4].shape
+    assert not grad_value.any()
+
+
+@pytest.mark.parametrize(("batch", "queries"), [(0, 3), (2, 0)], ids=["empty-batch", "no-queries"])
+def test_empty_inputs(batch, queries, backend):
+    _check_empty(batch, queries)
+
+
+@requires_native
+def test_no_positions_at_all():
+    # Every level empty (S = 0): nothing can be sampled, the output is zeros on both paths.
+    inputs = sample_inputs(shapes=((0, 4), (3, 0)), channels=3)
+    out, (grad_value, grad_locations, grad_weights) = output_and_grads(ms_deform_attn, inputs)
+    assert out.shape == (2, 3, 6) and not out.any()
+    assert grad_value.shape == (2, 0, 2, 3) and not grad_locations.any() and not grad_weights.any()
+    assert not ms_deform_attn_pytorch(*inputs).any()
+
+
+@requires_native
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_nonfinite_and_huge_locations_contribute_zero(dtype):
+    inputs = sample_inputs(batch=2, queries=4, heads=2, channels=5, points=3, dtype=dtype, locations="inside")
+    value, spatial_shapes, level_start_index, loc, weights = inputs
+    bad_values = [float("nan"), float("inf"), -float("inf"), 1e30, -1e30, 3e9]
+    loc = loc.clone()
+    bad = torch.zeros(loc.shape[:-1], dtype=torch.bool)
+    for i, v in enumerate(bad_values):  # one bad coordinate per point, x or y
+        index = (i % 2, i % 4, i % 2, i % 3, i % 3)
+        loc[index + (i % 2,)] = v
+        bad[index] = True
+    loc[1, 3, 1, 2, 2] = float("nan")  # both coordinates
+    bad[1, 3, 1, 2, 2] = True
+    out, (grad_value, grad_locations, grad_weights) = output_and_grads(
+        ms_deform_attn, (value, spatial_shapes, level_start_index, loc, weights)
+    )
+    assert out.isfinite().all() and grad_value.isfinite().all()
+    assert grad_locations.isfinite().all() and grad_weights.isfinite().all()
+    assert not grad_locations[bad].any() and not grad_weights[bad].any()
+    # Oracle: the same points with zero attention (and a harmless location, as grid_sample propagates NaN).
+    oracle_inputs = (value, spatial_shapes, level_start_index, loc.masked_fill(bad[..., None], 0.5), weights * ~bad)
+    ref, (ref_value, ref_locations, ref_weights) = reference_output_and_grads(oracle_inputs, random_grad(out))
+    rtol = RTOL[dtype]
+    assert_close_scaled(out, ref, rtol, "output")
+    assert_close_scaled(grad_value, ref_value, rtol, "grad of value")
+    assert_close_scaled(grad_locations[~bad], ref_locations[~bad], rtol, "grad of sampling_locations")
+    assert_close_scaled(grad_weights[~bad], ref_weights[~bad], rtol, "grad of attention_weights")
+
+
+@requires_native
+def test_backward_is_deterministic_across_runs_and_thread_counts():
+    # Big enough that both the forward (parallel over queries) and the backward (over batch x heads) split.
+    inputs = sample_inputs(batch=2, queries=200, heads=2, channels=16, points=4, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (2, 2, 1):
+            torch.set_num_threads(n)
+            results.append(output_and_grads(ms_deform_attn, inputs))
+    finally:
+        torch.set_num_threads(threads)
+    (out, grads), others = results[0], results[1:]
+    for other_out, other_grads in others:
+        assert torch.equal(other_out, out)
+        assert all(torch.equal(a, b) for a, b in zip(other_grads, grads, strict=True))

@@ -1,0 +1,282 @@
+"""Benchmarks the multi-scale deformable attention op: the native kernel against the PyTorch (grid_sample) path.
+
+    python tools/benchmark_op.py                                  # cpu (and cuda when present), both shapes
+    python tools/benchmark_op.py --shapes decoder --iters 3       # a quick check
+    python tools/benchmark_op.py --device cuda --dtypes float32,bfloat16 --iters 50
+
+Shapes (Deformable DETR at 800x1333): "encoder" has levels (100,167), (50,84), (25,42), (13,21), so S = Lq = 22223,
+with M = 8 heads, D = 32 channels, L = 4 levels, P = 4 points; "decoder" has the same value and Lq = 300.
+
+Locations: "realistic" are reference points plus N(0, 2 px) offsets drawn per level and point, in pixels of the
+sampled level. Encoder reference points are the pixel centres of each query's own level, used on every level (as
+the encoder does with unpadded images); decoder reference points are uniform in [0, 1]. "uniform" locations are
+uniform in [0, 1] (no locality: the worst case for caches). Attention weights are a softmax over L*P of N(0, 1).
+
+Times: "fwd" is an inference forward (torch.no_grad, inputs that do not require grad); "fwd+bwd" is a forward with
+value, locations and weights requiring grad plus the backward with a fixed random grad_output. Each is the median of
+--iters runs after --warmup runs, timed with time.perf_counter (with torch.cuda.synchronize before and after on a
+GPU).
+
+Extra memory: the peak memory above what was allocated before the call (inputs and, for fwd+bwd, grad_output),
+measured separately from the timing:
+- cuda: torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated() after torch.cuda.reset_peak_memory_stats();
+  it counts tensor allocations, not the caching allocator's reserve.
+- cpu: the resident set, read from /proc/self/status, in a fresh subprocess per (shape, batch, locations, path):
+  the inputs are built, the peak is reset by writing "5" to /proc/self/clear_refs, the call runs once, and the
+  result is VmHWM (peak resident) minus VmRSS at the reset. The subprocess runs with MALLOC_MMAP_THRESHOLD_=65536,
+  so that glibc serves every buffer above 64 KiB with a fresh mmap and unmaps it when freed: resident memory then
+  follows the live tensors instead of reusing freed pages, and the first call (no warm-up) is what is measured.
+  The results are rounded to 0.1 MB; "-" means not measured (--no-memory) or not available (not Linux).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from deformable import _extension, ms_deform_attn, ms_deform_attn_pytorch  # noqa: E402
+
+ENCODER_LEVELS = ((100, 167), (50, 84), (25, 42), (13, 21))
+HEADS, CHANNELS, POINTS = 8, 32, 4
+DECODER_QUERIES = 300
+OFFSET_STD_PX = 2.0
+MB = 1e6
+
+Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _reference_points(shape: str, batch: int, gen: torch.Generator) -> torch.Tensor:
+    """``(N, Lq, 2)`` normalised (x, y): encoder pixel centres of each query's level, decoder uniform."""
+    if shape == "decoder":
+        return torch.rand(batch, DECODER_QUERIES, 2, generator=gen)
+    centres = []
+    for h, w in ENCODER_LEVELS:
+        y, x = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+        centres.append(torch.stack([x.flatten() / w, y.flatten() / h], -1))
+    return torch.cat(centres).expand(batch, -1, -1)
+
+
+def make_inputs(shape: str, batch: int, locations: str, dtype: torch.dtype, device: str, seed: int = 0) -> Inputs:
+    """``(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)`` on ``device``.
+
+    value ``(N, S, M, D)`` in ``dtype``; locations ``(N, Lq, M, L, P, 2)`` and weights ``(N, Lq, M, L, P)`` float32.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    spatial_shapes = torch.tensor(ENCODER_LEVELS, dtype=torch.int64)
+    sizes = spatial_shapes.prod(1)
+    level_start_index = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+    n_levels, spatial = len(ENCODER_LEVELS), int(sizes.sum())
+    queries = spatial if shape == "encoder" else DECODER_QUERIES
+    size = (batch, queries, HEADS, n_levels, POINTS, 2)
+    if locations == "uniform":
+        loc = torch.rand(size, generator=gen)
+    else:
+        extent = spatial_shapes.flip(1).float().view(1, 1, 1, n_levels, 1, 2)  # (W, H) of each level
+        ref = _reference_points(shape, batch, gen)[:, :, None, None, None, :]  # (N, Lq, 1, 1, 1, 2)
+        loc = ref + torch.randn(size, generator=gen) * OFFSET_STD_PX / extent
+    value = torch.randn(batch, spatial, HEADS, CHANNELS, generator=gen)
+    weights = torch.randn(batch, queries, HEADS, n_levels * POINTS, generator=gen).softmax(-1).view(size[:-1])
+    return (
+        value.to(device, dtype),
+        spatial_shapes.to(device),
+        level_start_index.to(device),
+        loc.to(device),
+        weights.to(device),
+    )
+
+
+def _run(fn: Callable[..., torch.Tensor], inputs: Inputs, backward: bool, grad_output: torch.Tensor | None) -> None:
+    """One forward (under no_grad) or one forward + backward of ``fn``."""
+    if not backward:
+        with torch.no_grad():
+            fn(*inputs)
+        return
+    value, spatial_shapes, level_start_index, loc, weights = inputs
+    leaves = [t.detach().requires_grad_() for t in (value, loc, weights)]
+    fn(leaves[0], spatial_shapes, level_start_index, leaves[1], leaves[2]).backward(grad_output)
+
+
+def _grad_output(inputs: Inputs) -> torch.Tensor:
+    value, loc = inputs[0], inputs[3]
+    gen = torch.Generator().manual_seed(1)
+    shape = (value.shape[0], loc.shape[1], value.shape[2] * value.shape[3])
+    return torch.randn(shape, generator=gen).to(value.device, value.dtype)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable, inputs: Inputs, backward: bool, iters: int, warmup: int) -> float:
+    """Median wall time of one call in milliseconds."""
+    device = str(inputs[0].device)
+    grad_output = _grad_output(inputs) if backward else None
+    times = []
+    for i in range(warmup + iters):
+        _sync(device)
+        start = time.perf_counter()
+        _run(fn, inputs, backward, grad_output)
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def cuda_extra_mb(fn: Callable, inputs: Inputs, backward: bool) -> float:
+    grad_output = _grad_output(inputs) if backward else None
+    _run(fn, inputs, backward, grad_output)  # warm-up: kernels loaded, workspace allocated
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    _run(fn, inputs, backward, grad_output)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / MB
+
+
+def _memory_kb() -> dict[str, int]:
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f if line.startswith(("VmHWM", "VmRSS")))
+    return {k: int(v.split()[0]) for k, v in fields.items()}
+
+
+def cpu_extra_mb_worker(config: dict) -> dict[str, float]:
+    """Runs in the fresh subprocess: the peak resident increase of one fwd and one fwd+bwd call (see the docstring)."""
+    torch.set_num_threads(config["threads"])
+    fn = PATHS[config["path"]]
+    inputs = make_inputs(config["shape"], config["batch"], config["locations"], getattr(torch, config["dtype"]), "cpu")
+    grad_output = _grad_output(inputs)
+    result = {}
+    for name, backward in (("fwd", False), ("fwd+bwd", True)):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # peak resident := current resident
+        base = _memory_kb()["VmRSS"]
+        _run(fn, inputs, backward, grad_output)
+        result[name] = (_memory_kb()["VmHWM"] - base) * 1024 / MB
+    return result
+
+
+def cpu_extra_mb(config: dict) -> dict[str, float] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    command = [sys.executable, os.path.abspath(__file__), "--memory-worker", json.dumps(config)]
+    out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+PATHS: dict[str, Callable[..., torch.Tensor]] = {"native": ms_deform_attn, "pytorch": ms_deform_attn_pytorch}
+
+
+def machine_lines(devices: list[str], threads: int) -> list[str]:
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    lines = [f"- CPU: {cpu}, {os.cpu_count()} logical cores, {threads} torch threads"]
+    if any(d.startswith("cuda") for d in devices):
+        lines.append(f"- GPU: {torch.cuda.get_device_name()}")
+    build = _extension.build_info() if _extension.extension_loaded() else f"not loaded ({_extension.LOAD_ERROR})"
+    lines += [f"- torch {torch.__version__}, deformable._C built for: {build}"]
+    lines.append(f"- command: `{shlex.join([os.path.basename(sys.executable), *sys.argv])}`")
+    return lines
+
+
+def _fmt(x: float | None, digits: int = 1) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def measure(args: argparse.Namespace, path: str, inputs: Inputs, config: dict) -> tuple[float, float, dict | None]:
+    """(fwd ms, fwd+bwd ms, {"fwd": MB, "fwd+bwd": MB} or None) of one path on one configuration."""
+    fn = PATHS[path]
+    fwd = time_ms(fn, inputs, False, args.iters, args.warmup)
+    both = time_ms(fn, inputs, True, args.iters, args.warmup)
+    memory = None
+    if args.memory and inputs[0].is_cuda:
+        memory = {"fwd": cuda_extra_mb(fn, inputs, False), "fwd+bwd": cuda_extra_mb(fn, inputs, True)}
+    elif args.memory:
+        memory = cpu_extra_mb(dict(config, path=path, threads=args.threads))
+    return fwd, both, memory
+
+
+def benchmark_case(
+    args: argparse.Namespace, device: str, dtype: str, shape: str, batch: int, locations: str
+) -> list[str]:
+    """Table rows (one per path) of one configuration."""
+    inputs = make_inputs(shape, batch, locations, getattr(torch, dtype), device)
+    config = {"shape": shape, "batch": batch, "locations": locations, "dtype": dtype}
+    paths = ["native"] + ([] if args.skip_pytorch else ["pytorch"])
+    results = {path: measure(args, path, inputs, config) for path in paths}
+    native_label = "native" if _extension.native_supports(device.split(":")[0]) else "native (fell back)"
+    rows = []
+    for path, (fwd, both, memory) in results.items():
+        speedup = ("-", "-")
+        if path == "native" and "pytorch" in results:
+            speedup = (f"{results['pytorch'][0] / fwd:.1f}x", f"{results['pytorch'][1] / both:.1f}x")
+        mem = (None, None) if memory is None else (memory["fwd"], memory["fwd+bwd"])
+        label = native_label if path == "native" else path
+        cells = [device, dtype, shape, str(batch), locations, label, _fmt(fwd, 2), _fmt(both, 2), _fmt(mem[0]),
+                 _fmt(mem[1]), *speedup]  # fmt: skip
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    default_devices = "cpu,cuda" if torch.cuda.is_available() else "cpu"
+    parser.add_argument("--device", default=default_devices, help="comma-separated: cpu, cuda (default: all here)")
+    parser.add_argument(
+        "--dtypes", default=None, help="comma-separated (default: float32 on cpu, float32,bfloat16 on cuda)"
+    )
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument("--iters", type=int, default=10, help="timed runs; the median is reported (default 10)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed runs first (default 2)")
+    parser.add_argument("--batch", default="1,2", help="comma-separated batch sizes (default 1,2)")
+    parser.add_argument("--shapes", default="encoder,decoder", help="comma-separated: encoder, decoder")
+    parser.add_argument("--locations", default="realistic,uniform", help="comma-separated: realistic, uniform")
+    parser.add_argument("--skip-pytorch", action="store_true", help="time the native op only (no speed-up column)")
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the extra-memory columns")
+    parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.memory_worker:
+        print(json.dumps(cpu_extra_mb_worker(json.loads(args.memory_worker))))
+        return
+    if os.environ.pop("DEFORMABLE_BACKEND", None) is not None:
+        print("note: DEFORMABLE_BACKEND was set and is ignored here: the table names the path of each row\n")
+    torch.set_num_threads(args.threads)
+    devices = args.device.split(",")
+    if any(d.startswith("cuda") for d in devices) and not torch.cuda.is_available():
+        sys.exit("benchmark_op.py: --device cuda asked for, but torch sees no CUDA device")
+    print("\n".join(machine_lines(devices, args.threads)) + "\n")
+    header = ["device", "dtype", "shape", "batch", "locations", "path", "fwd ms", "fwd+bwd ms", "fwd extra MB",
+              "fwd+bwd extra MB", "speed-up fwd", "speed-up fwd+bwd"]  # fmt: skip
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header), flush=True)
+    for device in devices:
+        dtypes = args.dtypes or ("float32,bfloat16" if device.startswith("cuda") else "float32")
+        for dtype in dtypes.split(","):
+            for shape in args.shapes.split(","):
+                for batch in (int(b) for b in args.batch.split(",")):
+                    for locations in args.locations.split(","):
+                        for row in benchmark_case(args, device, dtype, shape, batch, locations):
+                            print(row, flush=True)
+
+
+if __name__ == "__main__":
+    main()
