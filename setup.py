@@ -17,8 +17,8 @@ import subprocess
 import sys
 
 import torch
-from setuptools import setup
 import torch.utils.cpp_extension as cpp_extension
+from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 # sm_80 code also runs on 8.6/8.9 GPUs; +PTX lets GPUs newer than the list JIT the kernels.
