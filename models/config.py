@@ -76,6 +76,10 @@ class DataConfig:
     hflip: bool = True
     num_workers: int = 2
     synthetic: str = ""  # "shapes": generate the synthetic shapes data set into root when it is missing
+    synthetic_train_images: int = 2000  # the synthetic data set (only read when generating it)
+    synthetic_val_images: int = 200
+    synthetic_image_size: int = 160  # longest side; each side is drawn in [0.75, 1] x this
+    synthetic_max_objects: int = 4
 
 
 @dataclass
@@ -86,6 +90,7 @@ class TrainConfig:
     batch_size: int = 2  # per process
     lr: float = 2e-4
     lr_backbone: float = 2e-5
+    lr_backbone_names: list[str] = field(default_factory=lambda: ["backbone.0"])
     lr_linear_proj_mult: float = 0.1
     lr_linear_proj_names: list[str] = field(default_factory=lambda: ["reference_points", "sampling_offsets"])
     weight_decay: float = 1e-4

@@ -1,0 +1,30 @@
+"""Run by tests/test_training_distributed.py under torchrun: trains like tools/train.py, then saves this rank's
+final parameters to ``PARAMS_DIR/rank<r>.pth`` so the test can compare the ranks.
+
+    torchrun --nproc_per_node=2 tests/ddp_worker.py PARAMS_DIR CONFIG [section.key=value ...]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from models.config import load_config  # noqa: E402
+from training import engine  # noqa: E402
+
+
+def main() -> None:
+    params_dir, config, *overrides = sys.argv[1:]
+    built = []
+    build_model = engine.build_model
+    engine.build_model = lambda *args, **kwargs: built.append(build_model(*args, **kwargs)) or built[-1]
+    engine.fit(load_config(config, overrides))
+    torch.save(built[0].state_dict(), os.path.join(params_dir, f"rank{os.environ['RANK']}.pth"))
+
+
+if __name__ == "__main__":
+    main()

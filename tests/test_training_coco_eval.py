@@ -1,0 +1,62 @@
+"""COCO results conversion and the 12 metrics against hand-made ground truth."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import pytest
+import torch
+from pycocotools.coco import COCO
+from tiny_training import one_thread  # noqa: F401  (autouse fixture)
+
+from training.coco_eval import STAT_NAMES, coco_metrics, to_coco_results
+
+
+def _ground_truth() -> COCO:
+    coco = COCO()
+    coco.dataset = {
+        "images": [{"id": 1, "width": 100, "height": 80}, {"id": 2, "width": 60, "height": 60}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 5, "bbox": [10, 10, 40, 30], "area": 1200, "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 9, "bbox": [60, 20, 30, 50], "area": 1500, "iscrowd": 0},
+            {"id": 3, "image_id": 2, "category_id": 5, "bbox": [0, 0, 60, 60], "area": 3600, "iscrowd": 0},
+        ],
+        "categories": [{"id": 5, "name": "five"}, {"id": 9, "name": "nine"}],
+    }
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def _result(boxes_xyxy: list[list[float]], labels: list[int], scores: list[float]) -> dict[str, torch.Tensor]:
+    return {"boxes": torch.tensor(boxes_xyxy), "labels": torch.tensor(labels), "scores": torch.tensor(scores)}
+
+
+def test_results_are_xywh_with_category_ids_and_unknown_labels_dropped() -> None:
+    result = _result([[10, 10, 50, 40], [1, 2, 3, 4]], [5, 0], [0.9, 0.8])
+    assert to_coco_results(1, result, [5, 9]) == [
+        {"image_id": 1, "category_id": 5, "bbox": [10.0, 10.0, 40.0, 30.0], "score": pytest.approx(0.9)}
+    ]
+
+
+def test_perfect_detections_score_one() -> None:
+    gt = _ground_truth()
+    detections = to_coco_results(1, _result([[10, 10, 50, 40], [60, 20, 90, 70]], [5, 9], [0.9, 0.8]), [5, 9])
+    detections += to_coco_results(2, _result([[0, 0, 60, 60]], [5], [0.7]), [5, 9])
+    metrics = coco_metrics(gt, detections, [1, 2])
+    assert tuple(metrics) == STAT_NAMES
+    assert metrics["AP"] == pytest.approx(1.0) and metrics["AP50"] == pytest.approx(1.0)
+    assert metrics["AR100"] == pytest.approx(1.0) and metrics["APs"] == -1.0  # no small objects in the ground truth
+
+
+def test_wrong_class_and_missing_image_lower_the_metrics() -> None:
+    gt = _ground_truth()
+    detections = to_coco_results(1, _result([[10, 10, 50, 40], [60, 20, 90, 70]], [9, 9], [0.9, 0.8]), [5, 9])
+    metrics = coco_metrics(gt, detections, [1, 2])
+    assert 0.0 < metrics["AP"] < 1.0 and metrics["AR100"] == pytest.approx(0.5)
+
+
+def test_no_detections_gives_zeros(capsys) -> None:
+    assert coco_metrics(_ground_truth(), [], [1, 2], verbose=True) == dict.fromkeys(STAT_NAMES, 0.0)
+    assert "no detections" in capsys.readouterr().out

@@ -1,0 +1,50 @@
+"""Two processes on the CPU under torchrun (gloo): identical parameters on every rank, files from rank 0 only."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from tiny_training import ROOT, SHAPES_CONFIG, tiny_overrides
+
+from training.checkpoint import read_checkpoint
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_torchrun_two_cpu_processes(tmp_path) -> None:
+    data_root, out, params = str(tmp_path / "shapes"), str(tmp_path / "run"), tmp_path / "params"
+    params.mkdir()
+    overrides = tiny_overrides(data_root, out, "train.epochs=2", "train.max_iters_per_epoch=0", "train.eval_every=0")
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        os.path.join(ROOT, "tests", "ddp_worker.py"),
+        str(params),
+        SHAPES_CONFIG,
+        *overrides,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    ranks = [torch.load(params / f"rank{r}.pth", weights_only=True) for r in range(2)]
+    state = read_checkpoint(os.path.join(out, "checkpoint.pth"))
+    assert state["epoch"] == 1 and len(state["rng"]) == 2
+    for key, value in ranks[0].items():
+        assert torch.equal(ranks[1][key], value), key
+        assert torch.equal(state["model"][key], value), key
+    # 8 training images, 2 processes x batch 2: 2 steps per epoch and process, Adam counts 2 epochs x 2 steps
+    assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {4}
+    assert sorted(os.listdir(out)) == ["checkpoint.pth", "config.yaml", "log.jsonl"]
+    with open(os.path.join(out, "log.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert [r["epoch"] for r in records] == [0, 1] and "AP" in records[-1]
+    assert result.stdout.count("validation AP") == 1  # printed by rank 0 only

@@ -1,0 +1,320 @@
+"""The training loop: :func:`train_one_epoch`, :func:`evaluate` and :func:`fit` (setup, resume, epochs, checkpoints).
+
+Single process or one process per device under ``torchrun``; only rank 0 writes files or shows progress.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from pycocotools.coco import COCO
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from models import build_criterion, build_postprocessor
+from models.config import Config, ConfigError, TrainConfig, config_to_dict
+
+from . import distributed
+from .build import build_data, build_model, finetune_from, prepare_output_dir
+from .checkpoint import (
+    CheckpointError,
+    copy_checkpoint,
+    load_model_state,
+    read_checkpoint,
+    restore_training_state,
+    resume_path,
+    rng_state,
+    save_checkpoint,
+    training_state,
+)
+from .coco_eval import coco_metrics, to_coco_results
+from .data import set_epoch
+from .distributed import DistEnv
+from .optim import build_lr_scheduler, build_optimizer
+from .run_log import append_log, epoch_record, format_metrics, truncate_log, write_json
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for ``train.amp`` (none | bf16 | fp16) on ``device``'s type."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"train.amp must be none, bf16 or fp16, got {amp!r}")
+    return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
+
+
+def to_float(tree: Any) -> Any:
+    """Casts every floating tensor in nested dicts/lists to float32 (the loss and post-processing run in fp32)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.float() if tree.is_floating_point() else tree
+    if isinstance(tree, dict):
+        return {k: to_float(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(to_float(v) for v in tree)
+    return tree
+
+
+def to_device(targets: Iterable[dict[str, Any]], device: torch.device) -> list[dict[str, Any]]:
+    return [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+
+
+def train_one_epoch(
+    model: nn.Module,
+    criterion: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    *,
+    device: torch.device,
+    epoch: int,
+    clip_max_norm: float = 0.1,
+    amp: str = "none",
+    scaler: torch.amp.GradScaler | None = None,
+    max_iters: int = 0,
+    show_progress: bool = True,
+) -> dict[str, float]:
+    """One pass over ``loader`` (at most ``max_iters`` batches when > 0); returns the mean of every loss term
+    (``loss`` is the weighted sum) and ``grad_norm``, averaged over processes.
+
+    Batches are ``(images (B, 3, H, W), mask (B, H, W) True = padding, targets)``; ``criterion(outputs, targets)``
+    returns weighted loss terms and ``loss``. Raises FloatingPointError when the loss is not finite.
+    """
+    model.train()
+    criterion.train()
+    total = len(loader) if max_iters <= 0 else min(max_iters, len(loader))
+    sums: dict[str, float] = {}
+    bar = tqdm(total=total, desc=f"epoch {epoch}", disable=not show_progress, dynamic_ncols=True, leave=True)
+    for step, (images, mask, targets) in enumerate(loader):
+        if step >= total:
+            break
+        images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+        with autocast(amp, device):
+            outputs = model(images, mask)
+        losses = criterion(to_float(outputs), to_device(targets, device))
+        loss = losses["loss"]
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {step}: {_items(losses)}")
+        optimizer.zero_grad(set_to_none=True)
+        grad_norm = _backward_step(loss, model, optimizer, scaler, clip_max_norm)
+        for key, value in {**_items(losses), "grad_norm": grad_norm}.items():
+            sums[key] = sums.get(key, 0.0) + value
+        bar.set_postfix(loss=f"{sums['loss'] / (step + 1):.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        bar.update()
+    bar.close()
+    means = {key: value / max(total, 1) for key, value in sums.items()}
+    return distributed.reduce_mean(means, device)
+
+
+def _items(losses: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {key: float(value.detach()) for key, value in losses.items()}
+
+
+def _backward_step(
+    loss: torch.Tensor,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    clip_max_norm: float,
+) -> float:
+    """Backward, optional unscale + gradient clipping, optimiser step; returns the gradient norm before clipping."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    max_norm = clip_max_norm if clip_max_norm > 0 else float("inf")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return grad_norm
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    postprocessor: nn.Module,
+    loader: DataLoader,
+    coco_gt: COCO,
+    *,
+    device: torch.device,
+    amp: str = "none",
+    show_progress: bool = True,
+    verbose: bool = False,
+) -> tuple[dict[str, float], list[dict]]:
+    """Detects on every image of ``loader`` (sharded over processes) and scores with COCOeval on rank 0.
+
+    Returns the 12 COCO metrics (identical on every process) and, on rank 0, every detection in the COCO results
+    format (boxes xywh in original image pixels); other ranks get an empty list.
+    """
+    model.eval()
+    per_image: dict[int, list[dict]] = {}
+    category_ids = sorted(coco_gt.cats)
+    with torch.random.fork_rng(devices=[]):  # evaluating leaves the training RNG stream untouched
+        for images, mask, targets in tqdm(loader, desc="eval", disable=not show_progress, dynamic_ncols=True):
+            with autocast(amp, device):
+                outputs = model(images.to(device), mask.to(device))
+            sizes = torch.stack([t["orig_size"] for t in targets]).to(device)  # (B, 2) as (h, w)
+            results = postprocessor(to_float(outputs), sizes)
+            for target, result in zip(targets, results, strict=True):
+                image_id = int(target["image_id"])
+                per_image[image_id] = to_coco_results(image_id, result, category_ids)
+    merged: dict[int, list[dict]] = {}
+    for part in distributed.all_gather(per_image):  # shards repeat images to even out; the dict keeps one copy
+        merged.update(part)
+    detections = [entry for image_id in sorted(merged) for entry in merged[image_id]]
+    metrics = None
+    if distributed.is_main():
+        metrics = coco_metrics(coco_gt, [dict(d) for d in detections], merged.keys(), verbose=verbose)
+    metrics = distributed.broadcast(metrics)
+    return metrics, detections if distributed.is_main() else []
+
+
+def fit(cfg: Config) -> dict[str, float]:
+    """Trains ``cfg`` end to end (data, model, optimiser, resume or finetune, epochs, evaluation, checkpoints,
+    ``log.jsonl``), prints and returns the last validation metrics."""
+    if cfg.train.amp not in ("none", *AMP_DTYPES):
+        raise ConfigError(f"config key 'train.amp' must be none, bf16 or fp16, got {cfg.train.amp!r}")
+    env = distributed.init_distributed(cfg.train.device)
+    try:
+        return _fit(cfg, env)
+    finally:
+        distributed.shutdown()
+
+
+def _fit(cfg: Config, env: DistEnv) -> dict[str, float]:
+    torch.manual_seed(cfg.train.seed + env.rank)
+    prepare_output_dir(cfg, env)
+    data = build_data(cfg, env)
+    resume = distributed.broadcast(resume_path(cfg.train.resume, cfg.output_dir))  # rank 0 decides for all
+    model = build_model(cfg, env.device, from_checkpoint=resume is not None)
+    criterion, postprocessor = build_criterion(cfg).to(env.device), build_postprocessor(cfg)
+    optimizer = build_optimizer(model, cfg.train)
+    scheduler = build_lr_scheduler(optimizer, cfg.train)
+    scaler = torch.amp.GradScaler(env.device.type) if cfg.train.amp == "fp16" else None
+    start_epoch = _start_epoch(cfg, env, resume, model, optimizer, scheduler, scaler)
+    if env.is_main:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(
+            f"training {cfg.output_dir}: {len(data.train_set)} train / {len(data.val_set)} val images, "
+            f"{trainable:,} trainable parameters, {env.world_size} process(es) on {env.device}, "
+            f"epochs {start_epoch}..{cfg.train.epochs - 1}",
+            flush=True,
+        )
+    train_model = model
+    if env.distributed:
+        train_model = DistributedDataParallel(model, device_ids=[env.device] if env.device.type == "cuda" else None)
+    step_args = dict(
+        device=env.device,
+        clip_max_norm=cfg.train.clip_max_norm,
+        amp=cfg.train.amp,
+        scaler=scaler,
+        max_iters=cfg.train.max_iters_per_epoch,
+        show_progress=env.is_main,
+    )
+    eval_args = dict(device=env.device, amp=cfg.train.amp, show_progress=env.is_main)
+
+    def run_eval() -> dict[str, float]:
+        return evaluate(model, postprocessor, data.val_loader, data.val_set.coco, **eval_args)[0]
+
+    metrics = run_eval() if start_epoch >= cfg.train.epochs else {}  # a finished run: report what it reached
+    for epoch in range(start_epoch, cfg.train.epochs):
+        began, lr = time.time(), optimizer.param_groups[0]["lr"]
+        set_epoch(data.train_loader, epoch, cfg.train.seed, env.rank)
+        stats = train_one_epoch(train_model, criterion, data.train_loader, optimizer, epoch=epoch, **step_args)
+        scheduler.step()
+        evaluated = _evaluates_after(epoch, cfg.train)
+        if evaluated:
+            metrics = run_eval()
+        rngs = distributed.all_gather(rng_state())  # every rank's, so that each resumes its own stream
+        if env.is_main:
+            state = training_state(model, optimizer, scheduler, scaler, epoch, config_to_dict(cfg), rngs)
+            _save(state, cfg.output_dir, epoch, cfg.train.checkpoint_every)
+            record = epoch_record(epoch, lr, stats, metrics if evaluated else {}, time.time() - began)
+            append_log(os.path.join(cfg.output_dir, "log.jsonl"), record)
+    if env.is_main:
+        print(format_metrics(metrics), flush=True)
+    return metrics
+
+
+def _evaluates_after(epoch: int, train: TrainConfig) -> bool:
+    """After every ``train.eval_every``-th epoch (0: none of them) and after the last one."""
+    return epoch + 1 == train.epochs or (train.eval_every > 0 and (epoch + 1) % train.eval_every == 0)
+
+
+def _start_epoch(
+    cfg: Config,
+    env: DistEnv,
+    resume: str | None,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+) -> int:
+    """Restores a checkpoint to resume from, or loads ``train.finetune`` weights; trims ``log.jsonl`` to the epochs
+    before the one training starts at (all of it for a fresh run)."""
+    start_epoch = 0
+    if resume is not None:
+        if env.rank != 0 and not os.path.isfile(resume):
+            raise CheckpointError(
+                f"rank {env.rank} cannot see the checkpoint {resume} that rank 0 resumes from: with several nodes, "
+                "output_dir must be on a file system that every node mounts"
+            )
+        state = read_checkpoint(resume)
+        start_epoch = restore_training_state(state, resume, model, optimizer, scheduler, scaler, env.rank)
+    elif cfg.train.finetune:
+        finetune_from(model, cfg.train.finetune)
+    if env.is_main:
+        if resume is not None:
+            print(f"resuming from {resume} at epoch {start_epoch}", flush=True)
+        elif os.path.isfile(os.path.join(cfg.output_dir, "checkpoint.pth")):
+            print(f"{cfg.output_dir} has a checkpoint; starting afresh over it (train.resume=auto continues it)")
+        truncate_log(os.path.join(cfg.output_dir, "log.jsonl"), start_epoch)
+    return start_epoch
+
+
+def _save(state: dict[str, Any], output_dir: str, epoch: int, checkpoint_every: int) -> None:
+    """``checkpoint.pth`` (latest), plus a ``checkpoint_<epoch>.pth`` copy every ``checkpoint_every`` epochs."""
+    latest = os.path.join(output_dir, "checkpoint.pth")
+    save_checkpoint(state, latest)
+    if checkpoint_every > 0 and (epoch + 1) % checkpoint_every == 0:
+        copy_checkpoint(latest, os.path.join(output_dir, f"checkpoint_{epoch:04d}.pth"))
+
+
+def evaluate_checkpoint(cfg: Config, checkpoint: str) -> dict[str, float]:
+    """Evaluates ``checkpoint`` on the validation split; rank 0 prints the 12 COCO metrics and writes
+    ``output_dir/eval.json`` and ``output_dir/detections_<val_split>.json`` (COCO results format)."""
+    env = distributed.init_distributed(cfg.train.device)
+    try:
+        data = build_data(cfg, env, train=False)
+        model = build_model(cfg, env.device, from_checkpoint=True)
+        load_model_state(model, read_checkpoint(checkpoint)["model"], checkpoint)
+        metrics, detections = evaluate(
+            model,
+            build_postprocessor(cfg),
+            data.val_loader,
+            data.val_set.coco,
+            device=env.device,
+            amp=cfg.train.amp,
+            show_progress=env.is_main,
+            verbose=env.is_main,
+        )
+        if env.is_main:
+            summary = {**metrics, "checkpoint": checkpoint, "split": cfg.data.val_split, "images": len(data.val_set)}
+            write_json(os.path.join(cfg.output_dir, "eval.json"), summary)
+            write_json(os.path.join(cfg.output_dir, f"detections_{cfg.data.val_split}.json"), detections)
+        return metrics
+    finally:
+        distributed.shutdown()

@@ -1,0 +1,57 @@
+"""What a run leaves for people: one JSON line per epoch in ``log.jsonl``, ``eval.json``, the printed summary."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from .checkpoint import atomic_write
+
+AP_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def epoch_record(
+    epoch: int, lr: float, stats: Mapping[str, float], metrics: Mapping[str, float], seconds: float
+) -> dict[str, Any]:
+    """``{"epoch", "lr", "train_<loss term>"..., <COCO metrics when evaluated>..., "time_s"}``."""
+    record: dict[str, Any] = {"epoch": epoch, "lr": lr}
+    record.update({f"train_{key}": value for key, value in stats.items()})
+    record.update(metrics)
+    record["time_s"] = round(seconds, 1)
+    return record
+
+
+def append_log(path: str, record: Mapping[str, Any]) -> None:
+    """Appends one JSON line to ``log.jsonl``."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(dict(record)) + "\n")
+
+
+def truncate_log(path: str, start_epoch: int) -> None:
+    """Keeps the ``log.jsonl`` lines of epochs before ``start_epoch``: a run killed after its last checkpoint may
+    have logged a later epoch, or half a line."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if _epoch_of(line) < start_epoch]
+    atomic_write(path, lambda f: f.write("".join(lines).encode("utf-8")))
+
+
+def _epoch_of(line: str) -> float:
+    try:
+        return json.loads(line)["epoch"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def write_json(path: str, payload: Any) -> None:
+    """Writes ``payload`` as JSON, atomically."""
+    atomic_write(path, lambda f: f.write(json.dumps(payload).encode("utf-8")))
+
+
+def format_metrics(metrics: Mapping[str, float]) -> str:
+    """``"validation AP 0.512  AP50 0.843 ..."`` (the six AP numbers)."""
+    return "validation " + "  ".join(f"{name} {metrics[name]:.3f}" for name in AP_NAMES if name in metrics)
