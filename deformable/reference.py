@@ -13,9 +13,14 @@ SpatialShapes = torch.Tensor | Sequence[Sequence[int]]
 
 
 def spatial_shape_list(spatial_shapes: SpatialShapes) -> list[tuple[int, int]]:
-    """Returns the ``(H, W)`` rows of ``spatial_shapes`` (an ``(L, 2)`` tensor or a sequence of pairs) as ints."""
+    """Returns the ``(H, W)`` rows of ``spatial_shapes`` (an ``(L, 2)`` tensor or a sequence of pairs) as ints,
+    symbolic ints (``torch.SymInt``) when traced with dynamic shapes (torch.export, ONNX export)."""
     rows = spatial_shapes.tolist() if isinstance(spatial_shapes, torch.Tensor) else spatial_shapes
-    return [(int(h), int(w)) for h, w in rows]
+    return [(_size(h), _size(w)) for h, w in rows]
+
+
+def _size(x: int | torch.SymInt | torch.Tensor) -> int | torch.SymInt:
+    return x if isinstance(x, torch.SymInt) else int(x)  # int() would fix a symbolic size to the traced one
 
 
 def ms_deform_attn_pytorch(
@@ -46,7 +51,9 @@ def ms_deform_attn_pytorch(
         raise ValueError(
             f"ms_deform_attn: spatial_shapes describes {len(shapes)} levels, sampling_locations has {n_levels}"
         )
-    if any(h < 0 or w < 0 for h, w in shapes):
+    # Symbolic sizes: checks and branches on their values would fix the graph to the traced image size.
+    symbolic = any(isinstance(size, torch.SymInt) for hw in shapes for size in hw)
+    if not symbolic and any(h < 0 or w < 0 for h, w in shapes):
         raise ValueError(f"ms_deform_attn: spatial_shapes {shapes} has a negative size")
     if not isinstance(s, torch.SymInt) and sum(h * w for h, w in shapes) != s:
         raise ValueError(
@@ -62,7 +69,7 @@ def ms_deform_attn_pytorch(
     grids = 2 * sampling_locations.to(value.dtype) - 1  # grid_sample wants [-1, 1]
     sampled = []
     for lvl, (h, w) in enumerate(shapes):
-        if h * w == 0:
+        if not symbolic and h * w == 0:
             sampled.append(value.new_zeros(n * m, d, lq, n_points))
             continue
         v = value_levels[lvl].flatten(2).transpose(1, 2).reshape(n * m, d, h, w)  # (N*M, D, H, W)

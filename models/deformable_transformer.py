@@ -171,7 +171,9 @@ class DeformableTransformer(nn.Module):
             two-stage ``enc_outputs_class (B, S, num_classes)`` and ``enc_outputs_coord_unact (B, S, 4)``.
         """
         src, mask, pos, shapes = self._flatten(srcs, masks, pos_embeds)
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src.device)
+        # torch.tensor, not as_tensor: traced with dynamic shapes (torch.export, ONNX), it builds the tensor from the
+        # symbolic sizes, where as_tensor would bake the traced image's sizes in as a constant.
+        spatial_shapes = torch.tensor(shapes, dtype=torch.long, device=src.device)
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
         valid_ratios = torch.stack([valid_ratio(m) for m in masks], 1)  # (B, L, 2)
 

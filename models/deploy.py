@@ -1,0 +1,193 @@
+"""Deployment: the detector as ``images -> (pred_logits, pred_boxes)``, exported with ``torch.export`` (native op) or
+to ONNX (the op's PyTorch path, GridSample), with dynamic batch and image size.
+
+    model = load_for_export(cfg, "checkpoint.pth")
+    program = export_program(model, example_images(2, 512, 640))   # torch.export.save(program, "model.pt2")
+    export_onnx(model, "model.onnx", example_images(2, 512, 640))
+    onnx_max_difference("model.onnx", model, torch.randn(1, 3, 480, 704))
+
+The exported graphs take unpadded images only (no mask input): batch images of one size, or run them one by one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import warnings
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+import deformable
+
+from .checkpoint import load_checkpoint
+from .config import Config
+from .detector import build_detector
+
+if TYPE_CHECKING:
+    import onnxruntime
+
+INPUT_NAMES = ["images"]
+OUTPUT_NAMES = ["pred_logits", "pred_boxes"]
+DEFAULT_OPSET = 18
+# The dynamo exporter writes opset 18; converting down fails (LayerNormalization-17, Split-18 attributes).
+MIN_OPSET = 18
+
+
+class ExportableDetector(nn.Module):
+    """Wraps a detector for export: ``images (B, 3, H, W)`` normalised, unpadded -> ``(pred_logits, pred_boxes)``.
+
+    Outputs: ``pred_logits (B, Q, num_classes)`` class logits (sigmoid gives the scores) and ``pred_boxes (B, Q, 4)``
+    normalised ``(cx, cy, w, h)`` in [0, 1] relative to the image; the last decoder layer's only (no auxiliary outputs).
+    """
+
+    def __init__(self, detector: nn.Module) -> None:
+        super().__init__()
+        self.detector = detector
+        self.train(detector.training)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.detector(images)
+        return out["pred_logits"], out["pred_boxes"]
+
+
+def load_for_export(cfg: Config, checkpoint: str | os.PathLike | None) -> nn.Module:
+    """The detector of ``cfg.model`` in eval mode on the CPU with the weights of ``checkpoint``.
+
+    The checkpoint is read with ``weights_only=True`` (:func:`models.load_checkpoint`) and must fit the config
+    exactly, class heads included. Without one the weights are random (a warning says so): for testing only. The
+    backbone is never downloaded.
+
+    Raises:
+        FileNotFoundError: no such checkpoint. ValueError: unreadable, or another architecture or class count.
+    """
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained_backbone=False))
+    model = build_detector(cfg)
+    if checkpoint is None:
+        warnings.warn("no checkpoint given: exporting random weights (useful for testing only)", stacklevel=2)
+    else:
+        result = load_checkpoint(model, checkpoint)
+        if result.reinitialised:
+            raise ValueError(
+                f"checkpoint {checkpoint} has class heads of another class count ({result.reinitialised[0]}); "
+                f"set model.num_classes to the checkpoint's"
+            )
+    return model.eval()
+
+
+def example_images(batch: int = 2, height: int = 512, width: int = 640, seed: int = 0) -> torch.Tensor:
+    """Random normalised images ``(batch, 3, height, width)`` to trace with; batch >= 2 keeps the batch dynamic."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, height, width, generator=generator)
+
+
+def dynamic_shapes() -> dict[str, dict[int, object]]:
+    """``torch.export`` dynamic shapes of ``images``: batch from 1, height and width whatever the model allows
+    (each feature level at least 2 pixels: e.g. at least 65 px with the default 4 levels, stride 64 at the top)."""
+    return {"images": {0: torch.export.Dim("batch", min=1), 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}}
+
+
+def export_program(model: nn.Module, images: torch.Tensor) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``ExportableDetector(model)`` with the native op (through its fake kernel) where built.
+
+    Args:
+        model: the detector, in eval mode.
+        images: ``(B, 3, H, W)`` example input, ``B >= 2``.
+
+    Returns:
+        An ExportedProgram with dynamic batch, height and width; ``program.module()(images)`` returns
+        ``(pred_logits, pred_boxes)``; save it with ``torch.export.save``.
+    """
+    with torch.no_grad():
+        return torch.export.export(ExportableDetector(model), (images,), dynamic_shapes=dynamic_shapes())
+
+
+def input_ranges(program: torch.export.ExportedProgram) -> dict[str, tuple[int, int | float]]:
+    """``{"batch": (lo, hi), "height": ..., "width": ...}``: the input sizes an exported program accepts."""
+    (placeholder,) = [n for n in program.graph.nodes if n.op == "placeholder" and n.name == INPUT_NAMES[0]]
+    ranges = {}
+    for name, size in zip(("batch", "channels", "height", "width"), placeholder.meta["val"].shape, strict=True):
+        if isinstance(size, torch.SymInt):
+            bounds = program.range_constraints[size.node.expr]
+            upper = int(bounds.upper) if bounds.upper.is_Integer else float("inf")  # unbounded: sympy's int_oo
+            ranges[name] = (int(bounds.lower), upper)
+    return ranges
+
+
+def export_onnx(
+    model: nn.Module, path: str | os.PathLike, images: torch.Tensor, opset: int = DEFAULT_OPSET
+) -> torch.onnx.ONNXProgram:
+    """Writes ``ExportableDetector(model)`` to ONNX with the dynamo exporter, the attention through its PyTorch path.
+
+    Input ``images (batch, 3, height, width)``, outputs ``pred_logits`` and ``pred_boxes``, all three sizes
+    symbolic. Weights go into the file (a ``.data`` file beside it only above 2 GB).
+
+    Args:
+        model: the detector, in eval mode.
+        path: the ``.onnx`` file.
+        images: ``(B, 3, H, W)`` example input, ``B >= 2``.
+        opset: ONNX opset, at least 18.
+
+    Returns:
+        The ``torch.onnx.ONNXProgram``, already saved.
+
+    Raises:
+        ValueError: an opset below 18, or the exporter wrote another opset than asked for.
+        ImportError: onnx or onnxscript (which the exporter needs) is not installed.
+    """
+    if opset < MIN_OPSET:
+        raise ValueError(
+            f"opset {opset} is not supported: the exporter writes opset {MIN_OPSET}+ (GridSample needs 16, but "
+            f"converting the graph below 18 fails); use --opset {MIN_OPSET} or higher"
+        )
+    missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(f"ONNX export needs {' and '.join(missing)}: pip install '.[export]'")
+    axes = {0: "batch", 2: "height", 3: "width"}
+    with deformable.backend("pytorch"), torch.no_grad():
+        program = torch.onnx.export(
+            ExportableDetector(model),
+            (images,),
+            input_names=INPUT_NAMES,
+            output_names=OUTPUT_NAMES,
+            opset_version=opset,
+            dynamic_shapes={"images": axes},
+            dynamo=True,
+            verbose=False,
+        )
+    written = {entry.domain: entry.version for entry in program.model_proto.opset_import}.get("", 0)
+    if written != opset:  # the exporter falls back to its own opset when conversion fails, with only a log line
+        raise ValueError(f"asked for ONNX opset {opset}, the exporter wrote opset {written}")
+    program.save(os.fspath(path))
+    return program
+
+
+def check_onnx(path: str | os.PathLike) -> None:
+    """``onnx.checker`` on the file (by path, so that models above 2 GB work); raises on an invalid model."""
+    import onnx
+
+    onnx.checker.check_model(os.fspath(path), full_check=True)
+
+
+def onnx_session(path: str | os.PathLike, threads: int = 0) -> onnxruntime.InferenceSession:
+    """An onnxruntime CPU session of ``path``; ``threads`` intra-op threads (0: onnxruntime's default)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    return onnxruntime.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+
+
+def onnx_max_difference(
+    session_or_path: onnxruntime.InferenceSession | str | os.PathLike, model: nn.Module, images: torch.Tensor
+) -> dict[str, float]:
+    """Runs the ONNX model (a path or an onnxruntime session) and the PyTorch detector on the same unpadded
+    ``images (B, 3, H, W)``; returns the largest absolute difference of each output, by name."""
+    session = onnx_session(session_or_path) if isinstance(session_or_path, (str, os.PathLike)) else session_or_path
+    with torch.no_grad():
+        expected = ExportableDetector(model)(images)
+    got = session.run(OUTPUT_NAMES, {INPUT_NAMES[0]: images.numpy()})
+    pairs = zip(OUTPUT_NAMES, got, expected, strict=True)
+    return {name: float((torch.from_numpy(g) - e).abs().max()) for name, g, e in pairs}

@@ -1,0 +1,183 @@
+"""Deployment: tools/export_onnx.py end to end with onnxruntime parity at other sizes and batches, torch.export with
+the native op (run, save, load), torch.compile, and ``deformable.backend``."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+
+import pytest
+import torch
+from _models_utils import perturb
+
+import deformable
+from deformable import _extension
+from models import build_detector, load_config
+from models.deploy import (
+    ExportableDetector,
+    example_images,
+    export_program,
+    input_ranges,
+    load_for_export,
+    onnx_max_difference,
+    onnx_session,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "coco.yaml")
+# 4 levels (3 backbone maps + 1 extra stride-2 level), the smallest widths, one layer each.
+TINY = [
+    "model.backbone=resnet18",
+    "model.pretrained_backbone=false",
+    "model.hidden_dim=32",
+    "model.nheads=4",
+    "model.dim_feedforward=64",
+    "model.enc_layers=1",
+    "model.dec_layers=1",
+    "model.num_queries=10",
+    "model.num_classes=5",
+    "model.num_feature_levels=4",
+]
+EXPORT_SIZE = (96, 128)  # traced with batch 2 at this size; the runs below use other sizes and batches
+RUN_SHAPES = {"batch1-128x96": (1, 128, 96), "batch3-80x160": (3, 80, 160), "batch1-odd-101x75": (1, 101, 75)}
+ONNX_MISSING = [name for name in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(name) is None]
+requires_onnx = pytest.mark.skipif(bool(ONNX_MISSING), reason=f"{ONNX_MISSING} not installed (pip install '.[export]')")
+
+
+def load_tool(name: str):
+    """Imports ``tools/<name>.py`` (its ``main(argv)`` is what the command line runs)."""
+    spec = importlib.util.spec_from_file_location(f"export_tool_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: far faster than two on a shared 2-core machine (module-wide: the exports are shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[torch.nn.Module, str]:
+    """A tiny detector with every parameter perturbed (the zero-initialised attention weights and offsets would
+    make the sampling trivial), and its checkpoint file."""
+    torch.manual_seed(0)
+    model = build_detector(load_config(CONFIG, TINY)).eval()
+    perturb(model, scale=0.05)
+    path = str(tmp_path_factory.mktemp("export") / "checkpoint.pth")
+    torch.save({"model": model.state_dict(), "epoch": 1}, path)
+    return model, path
+
+
+@pytest.fixture(scope="module")
+def onnx_file(trained, tmp_path_factory) -> str:
+    """tools/export_onnx.py on the checkpoint (it also runs onnx.checker and its own onnxruntime comparison)."""
+    if ONNX_MISSING:
+        pytest.skip(f"{ONNX_MISSING} not installed (pip install '.[export]')")
+    path = str(tmp_path_factory.mktemp("onnx") / "model.onnx")
+    argv = [CONFIG, "--checkpoint", trained[1], "--out", path, "--size", *map(str, EXPORT_SIZE), *TINY]
+    assert load_tool("export_onnx").main(argv) == 0
+    return path
+
+
+@requires_onnx
+@pytest.mark.parametrize("shape", RUN_SHAPES.values(), ids=RUN_SHAPES.keys())
+def test_onnxruntime_matches_pytorch_at_other_sizes(onnx_file, trained, shape):
+    batch, height, width = shape
+    diffs = onnx_max_difference(onnx_session(onnx_file, threads=1), trained[0], example_images(batch, height, width))
+    assert max(diffs.values()) < 1e-3, diffs
+
+
+@requires_onnx
+def test_onnx_graph_is_dynamic_and_uses_grid_sample(onnx_file):
+    import onnx
+
+    model = onnx.load(onnx_file)
+    dims = [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.input]
+    assert [v.name for v in model.graph.input] == ["images"]
+    assert dims == [["batch", 3, "height", "width"]]
+    assert [v.name for v in model.graph.output] == ["pred_logits", "pred_boxes"]
+    assert [d.dim_param or d.dim_value for d in model.graph.output[1].type.tensor_type.shape.dim] == ["batch", 10, 4]
+    assert {entry.domain: entry.version for entry in model.opset_import}[""] == 18
+    ops = {node.op_type for node in model.graph.node}
+    assert "GridSample" in ops
+    assert all(node.domain in ("", "ai.onnx") for node in model.graph.node)  # standard operators only
+
+
+def test_export_onnx_tool_reports_bad_inputs(trained, tmp_path, capsys):
+    tool = load_tool("export_onnx")
+    out = ["--out", str(tmp_path / "model.onnx")]
+    assert tool.main([CONFIG, "--checkpoint", str(tmp_path / "missing.pth"), *out, *TINY]) == 2
+    assert "missing.pth" in capsys.readouterr().err
+    assert tool.main([CONFIG, "--checkpoint", trained[1], *out, *TINY, "model.num_classes=7"]) == 2
+    assert "set model.num_classes" in capsys.readouterr().err
+    assert tool.main([CONFIG, "--checkpoint", trained[1], *out, "--opset", "17", *TINY]) == 2
+    assert "opset 17 is not supported" in capsys.readouterr().err
+    assert not (tmp_path / "model.onnx").exists()
+
+
+def test_load_for_export(trained):
+    model = load_for_export(load_config(CONFIG, TINY), trained[1])
+    assert not model.training
+    for name, tensor in trained[0].state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+    with pytest.warns(UserWarning, match="random weights"):
+        load_for_export(load_config(CONFIG, TINY), None)
+
+
+@pytest.fixture(scope="module")
+def program(trained) -> torch.export.ExportedProgram:
+    return export_program(trained[0], example_images(2, *EXPORT_SIZE))
+
+
+def _assert_matches_eager(run, model: torch.nn.Module, shape: tuple[int, int, int]) -> None:
+    images = example_images(*shape, seed=3)
+    with torch.no_grad():
+        got, expected = run(images), ExportableDetector(model)(images)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_export_runs_at_other_sizes_and_round_trips(program, trained, tmp_path):
+    if _extension.native_available():  # the native op stays one node, through its fake kernel
+        assert "deformable.ms_deform_attn" in str(program.graph)
+    else:
+        warnings.warn("deformable._C is not built: torch.export was tested through the PyTorch path", stacklevel=1)
+    ranges = input_ranges(program)
+    assert ranges["batch"] == (1, float("inf"))
+    assert ranges["height"] == ranges["width"] == (65, float("inf"))  # the stride-64 level at least 2 px
+    for shape in ((1, 128, 96), (3, 80, 160)):
+        _assert_matches_eager(program.module(), trained[0], shape)
+    torch.export.save(program, tmp_path / "model.pt2")
+    loaded = torch.export.load(tmp_path / "model.pt2")
+    _assert_matches_eager(loaded.module(), trained[0], (1, 128, 96))
+
+
+def test_torch_compile_matches_eager(trained):
+    # aot_eager runs what inductor sees (dynamo graph, fake kernel, AOTAutograd) in a few seconds; inductor itself
+    # takes minutes on a small CPU (verified by hand, see the README's Deployment section).
+    compiled = torch.compile(ExportableDetector(trained[0]), backend="aot_eager", fullgraph=True)
+    for shape in ((2, 96, 128), (1, 128, 96)):  # the second size recompiles with dynamic sizes
+        _assert_matches_eager(compiled, trained[0], shape)
+
+
+def test_backend_context_manager_selects_and_restores(monkeypatch):
+    monkeypatch.delenv("DEFORMABLE_BACKEND", raising=False)
+    with deformable.backend("pytorch"):
+        assert not deformable.native_available()
+        with deformable.backend("native"):
+            assert "DEFORMABLE_BACKEND" not in os.environ
+        assert os.environ["DEFORMABLE_BACKEND"] == "pytorch"
+    assert "DEFORMABLE_BACKEND" not in os.environ
+    monkeypatch.setenv("DEFORMABLE_BACKEND", "pytorch")
+    with deformable.backend("native"):
+        assert deformable.native_available() == _extension.extension_loaded()
+    assert os.environ["DEFORMABLE_BACKEND"] == "pytorch"
+    with pytest.raises(ValueError, match="must be one of native, pytorch"):
+        with deformable.backend("cuda"):
+            pass

@@ -1,0 +1,92 @@
+#!/usr/bin/env python
+"""Export a trained Deformable DETR to ONNX, with dynamic batch and image size, and check it with onnxruntime.
+
+    python tools/export_onnx.py CONFIG --checkpoint PATH --out model.onnx [--opset 18] [section.key=value ...]
+
+The model takes ``images (batch, 3, height, width)``, float32, normalised (ImageNet mean/std) and unpadded (there
+is no mask input), and returns ``pred_logits (batch, Q, num_classes)`` and ``pred_boxes (batch, Q, 4)`` (cx, cy, w,
+h in [0, 1]). The deformable attention goes through its pure-PyTorch path (``deformable.backend("pytorch")``),
+which becomes ONNX GridSample. The file is checked with ``onnx.checker``; when onnxruntime is installed its outputs
+are compared with PyTorch's (native op) at the export size and at another size and batch, and the tool fails when
+they differ by more than ``--atol``. Without ``--checkpoint`` the weights are random (for testing the pipeline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from models.config import ConfigError, load_config  # noqa: E402
+from models.deploy import (  # noqa: E402
+    DEFAULT_OPSET,
+    check_onnx,
+    example_images,
+    export_onnx,
+    load_for_export,
+    onnx_max_difference,
+    onnx_session,
+)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="the YAML config the checkpoint was trained with")
+    parser.add_argument("overrides", nargs="*", help="section.key=value config overrides")
+    parser.add_argument("--checkpoint", help="a checkpoint (dict with a 'model' entry, or a state_dict)")
+    parser.add_argument("--out", required=True, help="the .onnx file to write")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, >= 18 (default {DEFAULT_OPSET})")
+    parser.add_argument(
+        "--size", type=int, nargs=2, default=(512, 640), metavar=("H", "W"), help="example image size to trace with"
+    )
+    parser.add_argument("--atol", type=float, default=1e-3, help="largest accepted onnxruntime vs PyTorch difference")
+    return parser.parse_intermixed_args(argv)
+
+
+def verify(path: str, model, height: int, width: int, atol: float) -> bool:
+    """Compares onnxruntime with PyTorch at the export size (batch 2) and at a larger size (batch 1)."""
+    if importlib.util.find_spec("onnxruntime") is None:
+        print("onnxruntime is not installed: outputs not compared (pip install '.[export]')")
+        return True
+    session = onnx_session(path)
+    ok = True
+    for batch, h, w in ((2, height, width), (1, height + 32, width + 64)):
+        diffs = onnx_max_difference(session, model, example_images(batch, h, w, seed=1))
+        worst = max(diffs.values())
+        ok &= worst <= atol
+        shown = ", ".join(f"{name} {d:.2e}" for name, d in diffs.items())
+        print(f"onnxruntime vs PyTorch, images ({batch}, 3, {h}, {w}): max |difference| {shown}")
+    return ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        model = load_for_export(cfg, args.checkpoint)
+    except (ConfigError, FileNotFoundError, ValueError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    height, width = args.size
+    start = time.perf_counter()
+    try:
+        export_onnx(model, args.out, example_images(2, height, width), opset=args.opset)
+    except (ImportError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    check_onnx(args.out)
+    size_mb = os.path.getsize(args.out) / 2**20
+    print(f"wrote {args.out} ({size_mb:.1f} MB, opset {args.opset}) in {time.perf_counter() - start:.0f} s")
+    print("onnx.checker: ok")
+    if not verify(args.out, model, height, width, args.atol):
+        print(f"error: onnxruntime and PyTorch differ by more than --atol {args.atol}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
