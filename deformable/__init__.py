@@ -1,9 +1,19 @@
 """Multi-scale deformable attention: a native CPU/CUDA op with a pure-PyTorch fallback, and ``MSDeformAttn``."""
 
 from ._extension import native_available
+from .backend import backend as backend
 from .modules import MSDeformAttn
 from .ops import ms_deform_attn
+from .recording import SamplingRecord, cope_line_densities, recording
 from .reference import ms_deform_attn_pytorch
 
-__all__ = ["MSDeformAttn", "ms_deform_attn", "ms_deform_attn_pytorch", "native_available"]
+__all__ = [
+    "MSDeformAttn",
+    "SamplingRecord",
+    "cope_line_densities",
+    "ms_deform_attn",
+    "ms_deform_attn_pytorch",
+    "native_available",
+    "recording",
+]
 __version__ = "0.1.0"

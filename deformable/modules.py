@@ -10,26 +10,45 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.init import constant_, xavier_uniform_
 
+from .cope_sampling import CoPESampling
 from .ops import ms_deform_attn
+
+OFFSET_MODES = ("linear", "cope")
 
 
 class MSDeformAttn(nn.Module):
     """Multi-scale deformable attention (Zhu et al., 2021) with the original's parameters and initialisation.
 
     Parameters (state_dict keys): ``sampling_offsets`` Linear(d_model, M*L*P*2), ``attention_weights``
-    Linear(d_model, M*L*P), ``value_proj`` and ``output_proj`` Linear(d_model, d_model).
+    Linear(d_model, M*L*P), ``value_proj`` and ``output_proj`` Linear(d_model, d_model). ``offset_mode="cope"`` adds
+    ``cope.*`` (:class:`~deformable.cope_sampling.CoPESampling`: ``gate_query``, ``gate_key``, ``gate_bias``,
+    ``mix_logit``) and nothing else.
 
     Args:
         d_model: hidden size C; must be divisible by ``n_heads``.
         n_levels: number of feature levels L.
         n_heads: number of attention heads M.
         n_points: sampling points P per head and level.
+        offset_mode: ``"linear"`` (the original: offsets in pixels of the level, or box fractions) or ``"cope"``
+            (offsets in contextual counts along the row and column through the reference point, see
+            :mod:`deformable.cope_sampling`).
+        cope_gate_dim: channels per head of the gate queries and keys (``"cope"`` only).
     """
 
-    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4) -> None:
+    def __init__(
+        self,
+        d_model: int = 256,
+        n_levels: int = 4,
+        n_heads: int = 8,
+        n_points: int = 4,
+        offset_mode: str = "linear",
+        cope_gate_dim: int = 8,
+    ) -> None:
         super().__init__()
         if d_model % n_heads != 0:
             raise ValueError(f"d_model must be divisible by n_heads, but got {d_model} and {n_heads}")
+        if offset_mode not in OFFSET_MODES:
+            raise ValueError(f"MSDeformAttn: offset_mode must be one of {OFFSET_MODES}, got {offset_mode!r}")
         head_dim = d_model // n_heads
         if head_dim & (head_dim - 1) != 0:
             warnings.warn(
@@ -40,12 +59,17 @@ class MSDeformAttn(nn.Module):
         self.n_levels = n_levels
         self.n_heads = n_heads
         self.n_points = n_points
+        self.offset_mode = offset_mode
+        self.record = False  # set by deformable.recording(); forward then keeps last_sampling
+        self.last_sampling: dict[str, torch.Tensor] | None = None
 
         self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
         self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
         self.value_proj = nn.Linear(d_model, d_model)
         self.output_proj = nn.Linear(d_model, d_model)
         self._reset_parameters()
+        # Built after the original parameters so that linear mode draws the same random numbers.
+        self.cope = CoPESampling(d_model, n_levels, n_heads, n_points, cope_gate_dim) if offset_mode == "cope" else None
 
     def _reset_parameters(self) -> None:
         # Head m starts sampling along angle 2*pi*m/M, point i at distance i+1 (max-norm 1 direction).
@@ -98,8 +122,19 @@ class MSDeformAttn(nn.Module):
         offsets = self.sampling_offsets(query).view(n, len_q, self.n_heads, self.n_levels, self.n_points, 2)
         weights = self.attention_weights(query).view(n, len_q, self.n_heads, self.n_levels * self.n_points)
         weights = F.softmax(weights, -1).view(n, len_q, self.n_heads, self.n_levels, self.n_points)
-        locations = self._sampling_locations(reference_points, offsets, input_spatial_shapes)
+        if self.cope is None:
+            locations = self._sampling_locations(reference_points, offsets, input_spatial_shapes)
+        else:
+            locations = self.cope(
+                query, reference_points, offsets, input_flatten, input_spatial_shapes, input_padding_mask
+            )
 
+        if self.record:  # what this call sampled, for deformable.recording() (visualisation)
+            self.last_sampling = {
+                "sampling_locations": locations.detach(),
+                "attention_weights": weights.detach(),
+                "sampling_offsets": offsets.detach(),
+            }
         output = ms_deform_attn(value, input_spatial_shapes, input_level_start_index, locations, weights)
         return self.output_proj(output)
 
@@ -132,8 +167,10 @@ class MSDeformAttn(nn.Module):
         if input_flatten.shape[0] != n:
             raise ValueError(f"MSDeformAttn: query batch {n} != input_flatten batch {input_flatten.shape[0]}")
         expected_ref = (n, len_q, self.n_levels)
-        if reference_points.dim() != 4 or tuple(reference_points.shape[:3]) != expected_ref or (
-            reference_points.shape[-1] not in (2, 4)
+        if (
+            reference_points.dim() != 4
+            or tuple(reference_points.shape[:3]) != expected_ref
+            or (reference_points.shape[-1] not in (2, 4))
         ):
             raise ValueError(
                 f"MSDeformAttn: reference_points must be (N, Lq, L, 2) points or (N, Lq, L, 4) boxes with "

@@ -1,0 +1,97 @@
+"""Image files -> model input: listing, reading (clear errors naming the file), the validation resize/normalise.
+
+The resize and normalisation are the validation transforms of :mod:`training.transforms` and the padding is
+:func:`training.data.collate`, so a tool sees exactly what evaluation sees.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+
+import cv2
+import numpy as np
+import torch
+from torchvision import tv_tensors
+
+from models.config import DataConfig
+from training.data import collate
+from training.transforms import build_transforms
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class ImageError(ValueError):
+    """An image path that does not exist, is no image, or cannot be decoded; the message names the file."""
+
+
+def list_images(inputs: Iterable[str]) -> list[str]:
+    """Files and folders -> image files: a folder contributes its images (by extension, sorted, not recursive).
+
+    Raises:
+        ImageError: an input does not exist, or a folder holds no image.
+    """
+    paths: list[str] = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = sorted(
+                os.path.join(item, name)
+                for name in os.listdir(item)
+                if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(item, name))
+            )
+            if not found:
+                raise ImageError(f"folder {item} holds no image ({', '.join(IMAGE_EXTENSIONS)})")
+            paths.extend(found)
+        elif os.path.isfile(item):
+            paths.append(item)
+        else:
+            raise ImageError(f"image {item} does not exist")
+    return paths
+
+
+def read_image(path: str) -> np.ndarray:
+    """Reads ``path`` as ``(H, W, 3)`` uint8 RGB.
+
+    Raises:
+        ImageError: the file is missing or OpenCV cannot decode it (the message names the file).
+    """
+    if not os.path.isfile(path):
+        raise ImageError(f"image {path} does not exist")
+    data = np.fromfile(path, dtype=np.uint8)
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if image is None:
+        raise ImageError(f"cannot read image {path}: not an image file or corrupt (OpenCV could not decode it)")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _to_model_input(image: np.ndarray, data: DataConfig) -> torch.Tensor:
+    """``(H, W, 3)`` uint8 RGB -> ``(3, H', W')`` float, resized and normalised as for validation."""
+    transform = build_transforms(
+        train=False,
+        train_scales=data.train_scales,
+        train_max_size=data.train_max_size,
+        crop=False,
+        crop_scales=data.crop_scales,
+        crop_size=data.crop_size,
+        val_size=data.val_size,
+        val_max_size=data.val_max_size,
+        hflip=False,
+    )
+    height, width = image.shape[:2]
+    tensor = tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
+    target = {
+        "boxes": tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(height, width)),
+        "labels": torch.zeros(0, dtype=torch.int64),
+    }
+    return transform(tensor, target)[0]
+
+
+def prepare_batch(images: Sequence[np.ndarray], data: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """RGB images -> ``(B, 3, H, W)`` normalised, zero-padded bottom/right, and ``(B, H, W)`` mask (True = padding).
+
+    Boxes the detector predicts for image i are relative to its own (unpadded) region, so multiplying them by the
+    original ``(w, h)`` of image i gives its pixels whatever the padding.
+    """
+    samples = [(_to_model_input(image, data), {}) for image in images]
+    padded, mask, _ = collate(samples)
+    return padded, mask

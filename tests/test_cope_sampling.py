@@ -1,0 +1,283 @@
+"""``MSDeformAttn(offset_mode="cope")``: the contextual offset mapping, its special cases and the module contract."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from deformable import MSDeformAttn, ms_deform_attn_pytorch
+from deformable.cope_sampling import (
+    CoPESampling,
+    contextual_offsets_to_pixels,
+    counts_to_pixels,
+    cumulative_counts,
+    pixels_to_counts,
+)
+
+SHAPES = ((4, 6), (2, 3))  # (H, W) per level
+D_MODEL, N_HEADS, N_POINTS = 16, 2, 3
+
+
+def level_tensors() -> tuple[torch.Tensor, torch.Tensor]:
+    shapes = torch.tensor(SHAPES)
+    sizes = shapes.prod(1)
+    return shapes, torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+
+
+def sample_inputs(len_q: int = 5, ref_dim: int = 2, seed: int = 0, dtype=torch.float64) -> tuple:
+    gen = torch.Generator().manual_seed(seed)
+    s = sum(h * w for h, w in SHAPES)
+    query = torch.randn(2, len_q, D_MODEL, generator=gen, dtype=dtype)
+    value = torch.randn(2, s, D_MODEL, generator=gen, dtype=dtype)
+    ref = torch.rand(2, len_q, len(SHAPES), ref_dim, generator=gen, dtype=dtype) * 0.8 + 0.1
+    return query, ref, value
+
+
+def randomise(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-zero gate queries and offsets, so that gates differ and points spread."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.startswith("cope.") or name.startswith("sampling_offsets"):
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return module
+
+
+class OriginalMSDeformAttn(nn.Module):
+    """The original module, written out: the oracle for ``offset_mode="linear"``."""
+
+    def __init__(self, d_model: int, n_levels: int, n_heads: int, n_points: int) -> None:
+        super().__init__()
+        self.n_levels, self.n_heads, self.n_points = n_levels, n_heads, n_points
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        nn.init.constant_(self.sampling_offsets.weight, 0.0)
+        thetas = torch.arange(n_heads, dtype=torch.float32) * (2.0 * math.pi / n_heads)
+        grid = torch.stack([thetas.cos(), thetas.sin()], -1)
+        grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(n_heads, 1, 1, 2).repeat(1, n_levels, n_points, 1)
+        for i in range(n_points):
+            grid[:, :, i, :] *= i + 1
+        with torch.no_grad():
+            self.sampling_offsets.bias = nn.Parameter(grid.view(-1))
+        nn.init.constant_(self.attention_weights.weight, 0.0)
+        nn.init.constant_(self.attention_weights.bias, 0.0)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.constant_(self.value_proj.bias, 0.0)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.constant_(self.output_proj.bias, 0.0)
+
+    def forward(self, query, ref, input_flatten, shapes, starts, padding_mask=None):
+        n, len_q, _ = query.shape
+        value = self.value_proj(input_flatten)
+        if padding_mask is not None:
+            value = value.masked_fill(padding_mask[..., None], 0.0)
+        value = value.view(n, input_flatten.shape[1], self.n_heads, -1)
+        offsets = self.sampling_offsets(query).view(n, len_q, self.n_heads, self.n_levels, self.n_points, 2)
+        weights = self.attention_weights(query).view(n, len_q, self.n_heads, self.n_levels * self.n_points)
+        weights = F.softmax(weights, -1).view(n, len_q, self.n_heads, self.n_levels, self.n_points)
+        if ref.shape[-1] == 2:
+            normalizer = torch.stack([shapes[..., 1], shapes[..., 0]], -1)
+            loc = ref[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        else:
+            loc = ref[:, :, None, :, None, :2] + offsets / self.n_points * ref[:, :, None, :, None, 2:] * 0.5
+        return self.output_proj(ms_deform_attn_pytorch(value, shapes, starts, loc, weights))
+
+
+# The mapping --------------------------------------------------------------------------------------------------
+
+
+def test_all_densities_one_is_pixel_offsets() -> None:
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.rand(64, 1, generator=gen, dtype=torch.float64) * 12 - 1  # also outside [0, W]
+    offsets = torch.randn(64, 5, generator=gen, dtype=torch.float64) * 8  # also landing outside
+    got = contextual_offsets_to_pixels(torch.ones(64, 10, dtype=torch.float64), ref, offsets)
+    torch.testing.assert_close(got, ref + offsets, rtol=0, atol=1e-12)
+
+
+def test_inverse_is_monotone_and_lands_on_the_target_count() -> None:
+    gen = torch.Generator().manual_seed(1)
+    density = torch.rand(8, 12, generator=gen, dtype=torch.float64) * 2
+    density[density < 0.6] = 0.0  # closed gates: flat runs in the count
+    edges = cumulative_counts(density)
+    target = torch.linspace(-3, 1, 400, dtype=torch.float64).expand(8, -1) + edges[:, -1:] * torch.linspace(
+        0, 1.2, 400, dtype=torch.float64
+    )
+    coord = counts_to_pixels(edges, density, target)
+    assert (coord.diff(dim=-1) >= 0).all()
+    torch.testing.assert_close(pixels_to_counts(edges, density, coord), target, rtol=0, atol=1e-12)
+
+
+def test_flat_runs_are_jumped_to_their_end() -> None:
+    density = torch.tensor([[1.0, 0.0, 0.0, 0.0, 1.0, 1.0]], dtype=torch.float64)  # one thing, gap, two things
+    ref, offsets = torch.tensor([[0.5]]).double(), torch.tensor([[0.25, 1.0, 1.5]]).double()
+    got = contextual_offsets_to_pixels(density, ref, offsets)  # from the centre of the first thing
+    torch.testing.assert_close(got, torch.tensor([[0.75, 4.5, 5.0]]).double())  # 1 count on: the second thing
+
+
+# The module ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ref_dim", [2, 4])
+def test_fresh_cope_module_is_the_plain_module(ref_dim: int) -> None:
+    torch.manual_seed(0)
+    linear = MSDeformAttn(D_MODEL, len(SHAPES), N_HEADS, N_POINTS).double()
+    torch.manual_seed(0)
+    cope = MSDeformAttn(D_MODEL, len(SHAPES), N_HEADS, N_POINTS, offset_mode="cope").double()
+    with torch.no_grad():  # non-trivial offsets; the gate query stays zero, so every density is 1
+        w = torch.randn_like(linear.sampling_offsets.weight)
+        linear.sampling_offsets.weight.copy_(w)
+        cope.sampling_offsets.weight.copy_(w)
+    query, ref, value = sample_inputs(ref_dim=ref_dim)
+    shapes, starts = level_tensors()
+    torch.testing.assert_close(cope(query, ref, value, shapes, starts), linear(query, ref, value, shapes, starts))
+
+
+@pytest.mark.parametrize("ref_dim", [2, 4])
+def test_linear_mode_is_the_original(ref_dim: int) -> None:
+    torch.manual_seed(3)
+    original = OriginalMSDeformAttn(D_MODEL, len(SHAPES), N_HEADS, N_POINTS).double()
+    torch.manual_seed(3)
+    module = MSDeformAttn(D_MODEL, len(SHAPES), N_HEADS, N_POINTS, offset_mode="linear").double()
+    assert {k: v.shape for k, v in module.state_dict().items()} == {
+        k: v.shape for k, v in original.state_dict().items()
+    }
+    for key, tensor in original.state_dict().items():
+        assert torch.equal(module.state_dict()[key], tensor), key
+    randomise(original)
+    module.load_state_dict(original.state_dict())
+    query, ref, value = sample_inputs(ref_dim=ref_dim)
+    shapes, starts = level_tensors()
+    mask = torch.zeros(value.shape[:2], dtype=torch.bool)
+    mask[1, -5:] = True
+    torch.testing.assert_close(
+        module(query, ref, value, shapes, starts, mask), original(query, ref, value, shapes, starts, mask)
+    )
+
+
+def test_cope_adds_only_its_gate_parameters() -> None:
+    linear = MSDeformAttn(D_MODEL, len(SHAPES), N_HEADS, N_POINTS)
+    cope = MSDeformAttn(D_MODEL, len(SHAPES), N_HEADS, N_POINTS, offset_mode="cope", cope_gate_dim=4)
+    extra = {k: tuple(v.shape) for k, v in cope.state_dict().items() if k not in linear.state_dict()}
+    assert extra == {
+        "cope.gate_query.weight": (N_HEADS * 2 * 4, D_MODEL),
+        "cope.gate_query.bias": (N_HEADS * 2 * 4,),
+        "cope.gate_key.weight": (N_HEADS * 4, D_MODEL),
+        "cope.gate_key.bias": (N_HEADS * 4,),
+        "cope.gate_bias": (N_HEADS, len(SHAPES), 2),
+    }
+
+
+def test_padded_keys_are_never_counted() -> None:
+    module = randomise(MSDeformAttn(D_MODEL, len(SHAPES), N_HEADS, N_POINTS, offset_mode="cope").double())
+    query, ref, value = sample_inputs()
+    shapes, _ = level_tensors()
+    mask = torch.zeros(value.shape[:2], dtype=torch.bool)
+    mask.view(2, -1)[:, : 4 * 6].view(2, 4, 6)[:, :, 4:] = True  # level 0: the two right columns are padding
+    mask[:, 24:].view(2, 2, 3)[:, 1, :] = True  # level 1: the bottom row
+    ref[..., 0] *= 0.6  # references inside the valid part
+    ref[:, :, 1, 1] *= 0.5
+    offsets = module.sampling_offsets(query).view(2, 5, N_HEADS, len(SHAPES), N_POINTS, 2)
+    locations = module.cope(query, ref, offsets, value, shapes, mask)
+    changed = value.clone()
+    changed[mask] = torch.randn_like(changed[mask]) * 10  # the padded keys' content cannot matter
+    torch.testing.assert_close(module.cope(query, ref, offsets, changed, shapes, mask), locations)
+
+    keys = torch.randn(2, 5, N_HEADS, 2, module.cope.gate_dim, dtype=torch.float64)
+    lines = module.cope._lines(
+        torch.randn(2, value.shape[1], N_HEADS, module.cope.gate_dim).double(), (~mask).double(), [(4, 6), (2, 3)]
+    )
+    h, w, rows, cols, v_rows, v_cols = lines[0]
+    density = module.cope._density(keys[:, :, :, 0], rows, v_rows, torch.full((2, 5), 2), h, 0, 0)
+    assert (density[..., 4:] == 0).all() and (density[..., :4] > 0).all()
+
+
+def test_gradcheck_reaches_gate_parameters_offsets_and_references() -> None:
+    module = randomise(CoPESampling(6, 1, 1, 2, gate_dim=2).double(), seed=4)
+    gen = torch.Generator().manual_seed(5)
+    shapes = torch.tensor([[3, 4]])
+    query = torch.randn(1, 2, 6, generator=gen, dtype=torch.float64)
+    value = torch.randn(1, 12, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([[[[0.3, 0.4, 0.5, 0.6]], [[0.7, 0.55, 0.3, 0.9]]]], dtype=torch.float64, requires_grad=True)
+    offsets = torch.randn(1, 2, 1, 1, 2, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    params = {k: v.detach().clone().requires_grad_() for k, v in module.named_parameters()}
+    names = list(params)
+
+    def fn(value, ref, offsets, *tensors):
+        return torch.func.functional_call(
+            module, dict(zip(names, tensors, strict=True)), (query, ref, offsets, value, shapes)
+        )
+
+    assert torch.autograd.gradcheck(fn, (value, ref, offsets, *params.values()))
+
+
+def test_gradients_reach_the_gates_of_a_fresh_module() -> None:
+    module = MSDeformAttn(D_MODEL, len(SHAPES), N_HEADS, N_POINTS, offset_mode="cope").double()
+    query, ref, value = sample_inputs()
+    module(query, ref, value, *level_tensors()).square().sum().backward()
+    assert module.cope.gate_query.weight.grad.abs().sum() > 0
+    assert module.cope.gate_bias.grad.abs().sum() > 0
+
+
+def test_chunks_give_the_same_locations_and_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = randomise(MSDeformAttn(D_MODEL, len(SHAPES), N_HEADS, N_POINTS, offset_mode="cope").double())
+    query, ref, value = sample_inputs(len_q=9)
+    shapes, starts = level_tensors()
+    mask = torch.zeros(value.shape[:2], dtype=torch.bool)
+    mask[0, 20:24] = True
+
+    def run():
+        module.zero_grad()
+        out = module(query, ref, value, shapes, starts, mask)
+        out.square().sum().backward()
+        return out.detach(), [p.grad.clone() for p in module.cope.parameters()]
+
+    whole, whole_grads = run()
+    monkeypatch.setattr(CoPESampling, "chunk_elements", 2 * 2 * N_HEADS * 8 * 6)  # 2 queries per chunk
+    chunked, chunked_grads = run()
+    torch.testing.assert_close(chunked, whole)
+    for a, b in zip(chunked_grads, whole_grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("ref_dim", [2, 4])
+def test_detector_call_patterns(ref_dim: int) -> None:
+    """Encoder: Lq = S queries, a 2-d reference per level; decoder: boxes; both with a padding mask."""
+    module = randomise(MSDeformAttn(D_MODEL, len(SHAPES), N_HEADS, N_POINTS, offset_mode="cope"))
+    s = sum(h * w for h, w in SHAPES)
+    len_q = s if ref_dim == 2 else 7
+    query, ref, value = sample_inputs(len_q=len_q, ref_dim=ref_dim, dtype=torch.float32)
+    mask = torch.zeros(2, s, dtype=torch.bool)
+    mask[1, -3:] = True
+    out = module(query, ref, value, *level_tensors(), mask)
+    assert out.shape == (2, len_q, D_MODEL) and torch.isfinite(out).all()
+    assert module(query[:0], ref[:0], value[:0], *level_tensors(), mask[:0]).shape == (0, len_q, D_MODEL)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: MSDeformAttn(16, 1, 2, 2, offset_mode="foo"), r"offset_mode must be one of \('linear', 'cope'\)"),
+        (lambda: MSDeformAttn(16, 1, 2, 2, offset_mode="cope", cope_gate_dim=0), "gate_dim must be >= 1"),
+        (lambda: CoPESampling(16, 1, 2, 2, gate_temperature=0.0), "gate_temperature must be > 0"),
+    ],
+)
+def test_bad_arguments(make, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_torch_compile() -> None:
+    module = randomise(MSDeformAttn(8, 1, 1, 2, offset_mode="cope"))
+    gen = torch.Generator().manual_seed(0)
+    query, value = torch.randn(1, 3, 8, generator=gen), torch.randn(1, 12, 8, generator=gen)
+    ref = torch.rand(1, 3, 1, 2, generator=gen)
+    shapes, starts = torch.tensor([[3, 4]]), torch.tensor([0])
+    expected = module(query, ref, value, shapes, starts)
+    compiled = torch.compile(module, backend="aot_eager")
+    torch.testing.assert_close(compiled(query, ref, value, shapes, starts), expected)

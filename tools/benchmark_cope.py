@@ -1,0 +1,118 @@
+"""Overhead of ``MSDeformAttn(offset_mode="cope")`` over ``"linear"`` at Deformable DETR encoder and decoder shapes.
+
+Times the whole module (projections, sampling locations, the op) forward, and forward + backward, and prints a
+markdown table with the cope / linear ratio (and peak memory on CUDA). The op path is whatever
+``deformable.ms_deform_attn`` picks (native kernel or the PyTorch fallback); the table says which.
+
+    python tools/benchmark_cope.py --device cuda
+    python tools/benchmark_cope.py --device cpu --repeats 3 --batch 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+
+import torch
+
+from deformable import MSDeformAttn, native_available
+
+# Four levels of an 800x1333 image at strides 8-64: S = 22223 positions.
+LEVELS = ((100, 167), (50, 84), (25, 42), (13, 21))
+
+
+def inputs(batch: int, len_q: int, ref_dim: int, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = torch.tensor(LEVELS, device=device)
+    sizes = shapes.prod(1)
+    starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+    s = int(sizes.sum())
+    query = torch.randn(batch, len_q, 256, generator=gen).to(device, dtype)
+    value = torch.randn(batch, s, 256, generator=gen).to(device, dtype)
+    ref = torch.rand(batch, len_q, len(LEVELS), ref_dim, generator=gen)
+    if ref_dim == 4:
+        ref[..., 2:] = ref[..., 2:] * 0.3 + 0.02
+    mask = torch.zeros(batch, s, dtype=torch.bool)
+    return query, ref.to(device, dtype), value, shapes, starts, mask.to(device)
+
+
+def timed(fn, device: torch.device, repeats: int, warmup: int) -> float:
+    """Median seconds of ``fn()``."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def measure(mode: str, args: argparse.Namespace, len_q: int, ref_dim: int, backward: bool) -> tuple[float, float]:
+    """(milliseconds, peak MiB or nan) of one configuration."""
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    module = MSDeformAttn(256, len(LEVELS), 8, 4, offset_mode=mode).to(device, dtype)
+    with torch.no_grad():  # spread the gates so that the cope path does real work
+        if module.cope is not None:
+            module.cope.gate_query.weight.normal_(std=0.05)
+    query, ref, value, shapes, starts, mask = inputs(args.batch, len_q, ref_dim, device, dtype)
+    if backward:
+        query.requires_grad_(True)
+        value.requires_grad_(True)
+
+    def step():
+        with torch.set_grad_enabled(backward):
+            out = module(query, ref, value, shapes, starts, mask)
+            if backward:
+                out.sum().backward()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    ms = timed(step, device, args.repeats, args.warmup) * 1e3
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+    return ms, peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message="deformable: the native extension")
+
+    s = sum(h * w for h, w in LEVELS)
+    cases = [("encoder", s, 2), ("decoder", 300, 4)]
+    op_path = "native" if native_available() else "pytorch"
+    print(
+        f"device {args.device}, {args.dtype}, batch {args.batch}, levels {LEVELS} (S = {s}), d_model 256, "
+        f"8 heads x 4 points, op path {op_path}, median of {args.repeats}"
+    )
+    print("| shape | pass | linear ms | cope ms | ratio | linear peak MiB | cope peak MiB |")
+    print("|---|---|---|---|---|---|---|")
+    for name, len_q, ref_dim in cases:
+        for backward in (False, True):
+            lin_ms, lin_mem = measure("linear", args, len_q, ref_dim, backward)
+            cope_ms, cope_mem = measure("cope", args, len_q, ref_dim, backward)
+            label = f"{name} (Lq {len_q}, {ref_dim}-d refs)"
+            pass_name = "fwd+bwd" if backward else "fwd"
+            print(
+                f"| {label} | {pass_name} | {lin_ms:.1f} | {cope_ms:.1f} | {cope_ms / lin_ms:.2f} | "
+                f"{lin_mem:.0f} | {cope_mem:.0f} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

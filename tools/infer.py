@@ -1,0 +1,49 @@
+#!/usr/bin/env python
+"""Detect objects in images or folders of images with a trained Deformable DETR.
+
+    python tools/infer.py CONFIG --checkpoint PATH INPUT... [--out DIR] [options] [section.key=value ...]
+
+Writes DIR/<image>.jpg with the detections drawn, DIR/results.json (COCO results format: image_id, category_id,
+bbox [x, y, w, h] in original pixels, score) and DIR/images.json (the image ids). Class names come from the data
+set of the checkpoint's saved config (or CONFIG) when its annotation file is found, else numeric ids are shown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from inference import ImageError, list_images, resolve_device  # noqa: E402
+from inference.run import run_inference  # noqa: E402
+from models.config import ConfigError, load_config  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="the YAML config the checkpoint was trained with")
+    parser.add_argument("inputs", nargs="+", help="images, folders of images, then section.key=value overrides")
+    parser.add_argument("--checkpoint", required=True, help="a dict with a 'model' entry")
+    parser.add_argument("--out", default="detections", help="output folder (default: detections)")
+    parser.add_argument("--score-threshold", type=float, default=0.3)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    args = parser.parse_intermixed_args(argv)
+    overrides = [item for item in args.inputs if "=" in item and not os.path.exists(item)]
+    inputs = [item for item in args.inputs if item not in overrides]
+    try:
+        cfg = load_config(args.config, overrides)
+        paths = list_images(inputs)
+        kwargs = dict(score_threshold=args.score_threshold, batch_size=args.batch_size)
+        results = run_inference(cfg, args.checkpoint, paths, args.out, device=resolve_device(args.device), **kwargs)
+    except (ConfigError, FileNotFoundError, ImageError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{len(results)} detections in {len(paths)} images written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+#!/usr/bin/env python
+"""Plot the training curves of a run: losses, learning rate and COCO AP against the epoch.
+
+    python tools/plot_log.py RUN_DIR/log.jsonl --out curves.png
+
+Reads the log.jsonl that tools/train.py writes (one JSON object per epoch); draws with OpenCV.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+import cv2  # noqa: E402
+
+from viz.curves import LogError, plot_curves, read_log  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("log", help="log.jsonl written by tools/train.py (or its run folder)")
+    parser.add_argument("--out", default="curves.png", help="output PNG (default: curves.png)")
+    args = parser.parse_args(argv)
+    path = os.path.join(args.log, "log.jsonl") if os.path.isdir(args.log) else args.log
+    try:
+        figure = plot_curves(read_log(path))
+    except LogError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    if not cv2.imwrite(args.out, figure):
+        print(f"error: could not write {args.out} (a .png path in a writable folder?)", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

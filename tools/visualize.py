@@ -1,0 +1,80 @@
+#!/usr/bin/env python
+"""Draw where Deformable DETR looks: reference points, sampling points coloured by level (or head) with size and
+opacity growing with the attention weight, and the detected boxes (the paper's figure).
+
+    python tools/visualize.py CONFIG --image IMG --out OUT.png [--checkpoint PATH] [options] [section.key=value ...]
+
+Decoder view (default): the top-k detections and the sampling points of a decoder layer's cross-attention.
+Encoder view (--pixel X,Y): where the encoder query at that pixel samples. With offset_mode cope, the count
+density along the reference point's row and column is drawn as strips. Without --checkpoint the weights are random.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+import cv2  # noqa: E402
+
+from inference import ImageError, class_names, load_detector, read_image, resolve_device  # noqa: E402
+from models.config import ConfigError, load_config  # noqa: E402
+from viz.figure import decoder_figure, encoder_figure, run_recorded  # noqa: E402
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="the YAML config the checkpoint was trained with")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.val_size=800")
+    parser.add_argument("--image", required=True)
+    parser.add_argument("--out", required=True, help="output PNG")
+    parser.add_argument("--checkpoint", help="a dict with a 'model' entry; omitted: random weights (debugging)")
+    parser.add_argument("--layer", type=int, default=-1, help="decoder (or encoder) layer, negative from the last")
+    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--score-threshold", type=float, default=0.3)
+    parser.add_argument("--color-by", choices=("level", "head"), default="level")
+    parser.add_argument("--panels", action="store_true", help="one panel per detection")
+    parser.add_argument("--pixel", help="X,Y: encoder view of the query at this image pixel")
+    parser.add_argument("--query-level", type=int, default=0, help="encoder view: level of the query")
+    parser.add_argument("--scale", type=int, help="canvas enlargement (default: small images are enlarged)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    return parser.parse_intermixed_args(argv)
+
+
+def _pixel(text: str) -> tuple[float, float]:
+    try:
+        x, y = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--pixel must be X,Y (two numbers), got {text!r}") from None
+    return x, y
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        pixel = _pixel(args.pixel) if args.pixel else None
+        image = read_image(args.image)
+        model, state = load_detector(cfg, args.checkpoint, resolve_device(args.device))
+        outputs, records = run_recorded(model, image, cfg.data)
+        style = dict(layer=args.layer, color_by=args.color_by, scale=args.scale)
+        if pixel is not None:
+            figure = encoder_figure(model, records, image, pixel, query_level=args.query_level, **style)
+        else:
+            style.update(top_k=args.top_k, threshold=args.score_threshold, panels=args.panels)
+            figure = decoder_figure(model, records, outputs, image, names=class_names(cfg, state), **style)
+    except (ConfigError, FileNotFoundError, ImageError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    if not cv2.imwrite(args.out, figure):
+        print(f"error: could not write {args.out} (a .png path in a writable folder?)", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
