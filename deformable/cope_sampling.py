@@ -192,12 +192,10 @@ class CoPESampling(nn.Module):
             ``(N, Lq, M, L, P, 2)`` normalised ``(x, y)``.
         """
         n, len_q, _ = query.shape
-        len_in = input_flatten.shape[1]
         m, g = self.n_heads, self.gate_dim
         coord = torch.float64 if query.dtype == torch.float64 else torch.float32
         shapes = spatial_shape_list(spatial_shapes)
-        keys = self.gate_key(input_flatten).to(coord).view(n, len_in, m, g)
-        keys = keys * torch.rsqrt(keys.square().mean(-1, keepdim=True) + _RMS_EPS)  # unit RMS per head
+        keys = self.gate_keys(input_flatten, coord)
         valid = None if padding_mask is None else (~padding_mask).to(coord)
         lines = self._lines(keys, valid, shapes)
         queries = self.gate_query(query).to(coord).view(n, len_q, m, 2, g)
@@ -216,6 +214,12 @@ class CoPESampling(nn.Module):
             else:
                 pieces.append(self._locate(*args))
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)
+
+    def gate_keys(self, input_flatten: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Gate keys ``(N, S, M, G)`` of ``input_flatten`` ``(N, S, C)``, unit RMS per head, in ``dtype``."""
+        n, len_in, _ = input_flatten.shape
+        keys = self.gate_key(input_flatten).to(dtype).view(n, len_in, self.n_heads, self.gate_dim)
+        return keys * torch.rsqrt(keys.square().mean(-1, keepdim=True) + _RMS_EPS)
 
     def _lines(self, keys: torch.Tensor, valid: torch.Tensor | None, shapes: list[tuple[int, int]]) -> list[tuple]:
         """Per level: keys as rows ``(N*H, M*W*G)`` and columns ``(N*W, M*H*G)``, validity likewise."""

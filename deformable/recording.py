@@ -138,7 +138,7 @@ def cope_line_densities(
     dtype = torch.float64 if record.query.dtype == torch.float64 else torch.float32
     m, g = cope.n_heads, cope.gate_dim
     shapes = spatial_shape_list(record.spatial_shapes)
-    keys = cope.gate_key(record.input_flatten[b : b + 1]).to(dtype).view(1, -1, m, g)
+    keys = cope.gate_keys(record.input_flatten[b : b + 1], dtype)
     mask = record.padding_mask
     valid = None if mask is None else (~mask[b : b + 1]).to(dtype)
     lines = cope._lines(keys, valid, shapes)

@@ -25,6 +25,7 @@ from deformable.__main__ import diagnose
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+
 @requires_native
 @pytest.mark.parametrize(
     ("channels", "shapes", "points", "locations"),
