@@ -1,10 +1,14 @@
 #!/usr/bin/env python
-"""Train Deformable DETR.
+r"""Train Deformable DETR.
 
     python tools/train.py CONFIG [section.key=value ...]
     torchrun --nproc_per_node=N tools/train.py CONFIG [section.key=value ...]
+    torchrun --nnodes=M --nproc_per_node=N --rdzv_backend=c10d --rdzv_endpoint=HOST:PORT --rdzv_id=JOB \
+        tools/train.py CONFIG [section.key=value ...]       # the same command on every node
 
-The resolved config is written to ``output_dir/config.yaml``; checkpoints and ``log.jsonl`` go beside it.
+The resolved config is written to ``output_dir/config.yaml``; checkpoints (``checkpoint.pth``, the latest) and
+``log.jsonl`` go beside it. ``train.resume=auto`` continues from the latest checkpoint there; with several nodes,
+``output_dir`` must be on a file system every node mounts.
 """
 
 from __future__ import annotations
