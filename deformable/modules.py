@@ -87,6 +87,11 @@ class MSDeformAttn(nn.Module):
         constant_(self.value_proj.bias, 0.0)
         xavier_uniform_(self.output_proj.weight)
         constant_(self.output_proj.bias, 0.0)
+        # Builders that re-initialise every weight (the detector's xavier sweep) call this method afterwards,
+        # so the gates must be reset here too. During __init__ the gates do not exist yet.
+        cope = getattr(self, "cope", None)
+        if cope is not None:
+            cope.reset_parameters()
 
     def forward(
         self,
