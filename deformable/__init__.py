@@ -2,12 +2,16 @@
 
 from ._extension import native_available
 from .backend import backend as backend
+from .cope import CoPE
+from .cope_sampling import CoPESampling
 from .modules import MSDeformAttn
 from .ops import ms_deform_attn
 from .recording import SamplingRecord, cope_line_densities, recording
 from .reference import ms_deform_attn_pytorch
 
 __all__ = [
+    "CoPE",
+    "CoPESampling",
     "MSDeformAttn",
     "SamplingRecord",
     "cope_line_densities",

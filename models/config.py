@@ -76,9 +76,9 @@ class DataConfig:
     hflip: bool = True
     num_workers: int = 2
     synthetic: str = ""  # "shapes": generate the synthetic shapes data set into root when it is missing
-    synthetic_train_images: int = 2000  # the synthetic data set (only read when generating it)
+    synthetic_train_images: int = 1000  # the synthetic data set (only read when generating it)
     synthetic_val_images: int = 200
-    synthetic_image_size: int = 160  # longest side; each side is drawn in [0.75, 1] x this
+    synthetic_image_size: int = 128  # each side is drawn in [0.75, 1] x this
     synthetic_max_objects: int = 4
 
 

@@ -29,6 +29,7 @@ TINY_MODEL = [
 ]
 TINY_DATA = [
     "data.synthetic=shapes",
+    "data.crop=true",
     "data.synthetic_train_images=8",
     "data.synthetic_val_images=4",
     "data.synthetic_image_size=64",

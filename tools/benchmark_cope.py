@@ -11,12 +11,16 @@ markdown table with the cope / linear ratio (and peak memory on CUDA). The op pa
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 import warnings
 
-import torch
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from deformable import MSDeformAttn, native_available
+import torch  # noqa: E402
+
+from deformable import MSDeformAttn, native_available  # noqa: E402
 
 # Four levels of an 800x1333 image at strides 8-64: S = 22223 positions.
 LEVELS = ((100, 167), (50, 84), (25, 42), (13, 21))

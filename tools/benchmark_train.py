@@ -15,6 +15,8 @@ import os
 import sys
 import time
 
+# As in tools/train.py: idle OpenMP threads sleep instead of spinning (shared CPUs), so the numbers match training.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout
 

@@ -14,16 +14,20 @@ those and on wider, unseen gaps (``--ood-gaps``). ``--variant`` trains the ablat
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass
 
-import torch
-from torch import nn
-from torch.nn import functional as F
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from deformable import MSDeformAttn
-from deformable.cope_sampling import CoPESampling
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+from deformable import MSDeformAttn  # noqa: E402
+from deformable.cope_sampling import CoPESampling  # noqa: E402
 
 # Ablations of the cope parametrisation (all start at the plain module's sampling locations).
 VARIANTS = {

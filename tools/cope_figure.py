@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import warnings
 
-import cv2
-import numpy as np
-import torch
-from cope_counting import Task, make_batch, train
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from deformable.cope_sampling import contextual_offsets_to_pixels
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from cope_counting import Task, make_batch, train  # noqa: E402
+
+from deformable.cope_sampling import contextual_offsets_to_pixels  # noqa: E402
 
 CELL, MARGIN = 14, 50
 K_COLOURS = [(40, 40, 220), (30, 160, 30), (200, 90, 20)]  # BGR for k = 1, 2, 3

@@ -14,6 +14,9 @@ import argparse
 import os
 import sys
 
+# Idle OpenMP threads sleep instead of spinning: on a CPU shared with other processes, spinning threads wait
+# for cores those processes hold and make two threads several times slower than one.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from models.config import ConfigError, load_config  # noqa: E402
