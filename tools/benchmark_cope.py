@@ -11,6 +11,7 @@ markdown table with the cope / linear ratio (and peak memory on CUDA). The op pa
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -113,9 +114,14 @@ def main() -> None:
             pass_name = "fwd+bwd" if backward else "fwd"
             print(
                 f"| {label} | {pass_name} | {lin_ms:.1f} | {cope_ms:.1f} | {cope_ms / lin_ms:.2f} | "
-                f"{lin_mem:.0f} | {cope_mem:.0f} |",
+                f"{_mib(lin_mem)} | {_mib(cope_mem)} |",
                 flush=True,
             )
+
+
+def _mib(peak: float) -> str:
+    """Peak memory for the table: measured on CUDA only ("-" elsewhere)."""
+    return "-" if math.isnan(peak) else f"{peak:.0f}"
 
 
 if __name__ == "__main__":
