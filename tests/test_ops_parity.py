@@ -186,3 +186,28 @@ def test_backward_is_deterministic_across_runs_and_thread_counts():
     for other_out, other_grads in others:
         assert torch.equal(other_out, out)
         assert all(torch.equal(a, b) for a, b in zip(other_grads, grads, strict=True))
+
+
+@requires_native
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_many_queries_are_visited_in_spatial_order_with_the_same_result(dtype):
+    """With many queries per position (Lq * L * P >= S) the CPU forward visits query rows by where their first
+    sampling point lies; every row must still land in its own place, with the result of computing it alone
+    (one query per call takes the in-order path). Includes NaN and far-away first points, which key the order."""
+    inputs = sample_inputs(batch=2, queries=60, heads=2, channels=16, points=2, dtype=dtype, locations="border")
+    value, spatial_shapes, level_start_index, loc, weights = inputs
+    assert loc.shape[1] * loc.shape[3] * loc.shape[4] >= value.shape[1]  # the reordered path
+    loc = loc.clone()
+    loc[0, 5, 0, 0, 0] = float("nan")
+    loc[1, 7, 0, 0, 0] = torch.tensor([-40.0, 1e30], dtype=dtype)
+    out = ms_deform_attn(value, spatial_shapes, level_start_index, loc, weights)
+    for n in range(loc.shape[0]):
+        for q in range(loc.shape[1]):
+            alone = ms_deform_attn(
+                value[n : n + 1],
+                spatial_shapes,
+                level_start_index,
+                loc[n : n + 1, q : q + 1],
+                weights[n : n + 1, q : q + 1],
+            )
+            assert torch.equal(out[n, q], alone[0, 0]), (n, q)
