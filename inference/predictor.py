@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -14,6 +13,7 @@ import torch
 from torch import nn
 
 from models import build_detector, load_checkpoint
+from models.checkpoint import read_checkpoint_file
 from models.config import Config, ConfigError, config_from_dict
 from training.data import annotation_file
 from training.shapes import CATEGORIES as SHAPES_CATEGORIES
@@ -39,13 +39,7 @@ def read_checkpoint(path: str) -> dict[str, Any]:
     Raises:
         FileNotFoundError: no such file. ValueError: unreadable, or no ``model`` entry (the file named).
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle, zip and weights_only errors all mean "not a usable checkpoint"
-        raise ValueError(f"could not read checkpoint {path}: {type(exc).__name__}: {str(exc)[:300]}") from exc
+    state = read_checkpoint_file(path)
     if not isinstance(state, Mapping) or not isinstance(state.get("model"), Mapping):
         raise ValueError(f"checkpoint {path} holds no 'model' state dict")
     return dict(state)

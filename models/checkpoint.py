@@ -45,17 +45,26 @@ class LoadResult:
         return self.reinitialised + self.unexpected + self.mismatched
 
 
+def read_checkpoint_file(path: str | os.PathLike) -> object:
+    """``torch.load`` of a checkpoint file on the CPU with ``weights_only=True``; the original's checkpoints carry
+    their ``argparse.Namespace`` ``args``, so that one plain container is allowed.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: unreadable (pickle, zip and weights_only errors; the file named).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and weights_only errors all mean "not a usable checkpoint"
+        raise ValueError(f"could not read checkpoint {path}: {type(exc).__name__}: {str(exc)[:300]}") from exc
+
+
 def _read(source: str | os.PathLike | Mapping) -> Mapping:
     if isinstance(source, (str, os.PathLike)):
-        path = os.fspath(source)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"checkpoint file not found: {path}")
-        try:
-            # The original's checkpoints carry their argparse.Namespace ``args``: allow that one plain container.
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                source = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # pickle, zip and weights_only errors all mean "not a usable checkpoint"
-            raise ValueError(f"could not read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+        source = read_checkpoint_file(source)
     if not isinstance(source, Mapping):
         raise TypeError(f"a checkpoint must be a path or a dict, got {type(source).__name__}")
     state = source["model"] if isinstance(source.get("model"), Mapping) else source

@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout
 
 from models.config import ConfigError, load_config  # noqa: E402
-from training.shapes import make_shapes  # noqa: E402
+from training.shapes import make_shapes_from_config  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,16 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.force:
             parser.error(f"{data.root} already exists; pass --force to generate it again")
         shutil.rmtree(data.root)
-    make_shapes(
-        data.root,
-        train_images=data.synthetic_train_images,
-        val_images=data.synthetic_val_images,
-        image_size=data.synthetic_image_size,
-        max_objects=data.synthetic_max_objects,
-        seed=args.seed,
-        train_split=data.train_split,
-        val_split=data.val_split,
-    )
+    make_shapes_from_config(data, seed=args.seed)
     print(f"wrote {data.synthetic_train_images} + {data.synthetic_val_images} images to {data.root}")
     return 0
 

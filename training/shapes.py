@@ -167,13 +167,19 @@ def ensure_synthetic(cfg: DataConfig) -> bool:
         raise ConfigError(f"config key 'data.synthetic' must be '' or 'shapes', got {cfg.synthetic!r}")
     if os.path.exists(cfg.root):
         return False
+    make_shapes_from_config(cfg)
+    return True
+
+
+def make_shapes_from_config(cfg: DataConfig, seed: int = 0) -> None:
+    """``make_shapes`` into ``cfg.root`` with the sizes and split names of ``cfg`` (``data.synthetic_*``)."""
     make_shapes(
         cfg.root,
         train_images=cfg.synthetic_train_images,
         val_images=cfg.synthetic_val_images,
         image_size=cfg.synthetic_image_size,
         max_objects=cfg.synthetic_max_objects,
+        seed=seed,
         train_split=cfg.train_split,
         val_split=cfg.val_split,
     )
-    return True
