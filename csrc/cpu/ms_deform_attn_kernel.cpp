@@ -1,9 +1,11 @@
 // CPU kernels of multi-scale deformable attention.
 //
 // Layout: value (N, S, M, D) is walked as contiguous D-vectors, so every bilinear corner is one
-// contiguous run of D channels and the inner loops vectorise over D. The forward is parallel over
-// queries. The backward is parallel over (batch, head) pairs: each pair owns its slice of grad_value,
-// so the scatter needs no atomics and its summation order is fixed, which makes it deterministic.
+// contiguous run of D channels and the inner loops vectorise over D. With many queries (encoder
+// self-attention) both kernels work on a head-major copy (N, M, S, D), one head's map at a time, and visit
+// queries in spatial order (see many_queries). The forward is parallel over (query, head) items. The
+// backward is parallel over (batch, head) pairs: each pair owns its slice of grad_value, so the scatter
+// needs no atomics and its summation order is fixed, which makes it deterministic.
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -119,8 +121,19 @@ struct Inputs {
   const opmath_t* weights;    // (N, Lq, M, L, P)
   const LevelTable<opmath_t>* table;
   MSDASizes s;
-  const int64_t* order = nullptr;  // forward: the (N * Lq) query rows in visiting order (null: in order)
+  const int64_t* order = nullptr;  // the (N * Lq) query rows in visiting order (null: in order)
+  bool head_major = false;         // value laid out (N, M, S, D) instead of (N, S, M, D)
 };
+
+// Starts loading [p, p + bytes) into the cache.
+C10_ALWAYS_INLINE void prefetch_span(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b);
+}
+
+// How many work items ahead the head-major loops fetch their per-item rows (one item takes a few hundred ns,
+// about a memory latency).
+constexpr int64_t kAhead = 4;
 
 // acc[0:D] += w * v[0:D]; with kD > 0 the length is a compile-time constant, so acc stays in registers.
 template <int kD, typename scalar_t, typename opmath_t>
@@ -129,11 +142,19 @@ C10_ALWAYS_INLINE void axpy(opmath_t* __restrict__ acc, const scalar_t* __restri
   for (int64_t i = 0; i < n; ++i) acc[i] += w * static_cast<opmath_t>(v[i]);
 }
 
-// The spatial position of corner k of slot `slot` (block index i).
+// where[k][i]: the element offset of corner k of block slot i from the head's value pointer, for value rows
+// `stride` elements apart.
 template <typename opmath_t>
-C10_ALWAYS_INLINE int64_t corner_position(const LevelTable<opmath_t>& t, const CornerBlock<opmath_t>& b, int64_t slot,
-                                          int64_t i, int k) {
-  return t.start[slot] + b.offset[i] + ((k & 1) ? 1 : 0) + ((k & 2) ? t.width_int[slot] : 0);
+C10_ALWAYS_INLINE void corner_offsets(const LevelTable<opmath_t>& t, const CornerBlock<opmath_t>& b, int64_t first,
+                                      int64_t count, int64_t stride, int64_t (&where)[4][kBlock]) {
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t top = (t.start[first + i] + b.offset[i]) * stride;
+    const int64_t bottom = top + t.width_int[first + i] * stride;
+    where[0][i] = top;
+    where[1][i] = top + stride;
+    where[2][i] = bottom;
+    where[3][i] = bottom + stride;
+  }
 }
 
 // One (query, head): out[0:D] = sum over levels and points of weight * bilinear(value).
@@ -143,7 +164,7 @@ C10_ALWAYS_INLINE void forward_head(const Inputs<scalar_t, opmath_t>& in, const 
   const auto& s = in.s;
   const auto& t = *in.table;
   const int64_t D = kD > 0 ? kD : s.channels;
-  const int64_t stride = s.heads * s.channels;  // between spatial positions of one head
+  const int64_t stride = in.head_major ? s.channels : s.heads * s.channels;  // between spatial positions of one head
   for (int64_t i = 0; i < D; ++i) acc[i] = opmath_t(0);
   const int64_t total = s.levels * s.points;
   CornerBlock<opmath_t> b;
@@ -154,20 +175,17 @@ C10_ALWAYS_INLINE void forward_head(const Inputs<scalar_t, opmath_t>& in, const 
     // slots, so that the gather below is a test, a broadcast and D / 8 multiply-adds per corner.
     alignas(64) int64_t where[4][kBlock];
     alignas(64) opmath_t scale[4][kBlock];
+    corner_offsets(t, b, first, count, stride, where);
     const opmath_t* weights = in.weights + point0 + first;
     for (int64_t i = 0; i < count; ++i) {
-      const int64_t top = (t.start[first + i] + b.offset[i]) * stride;
-      const int64_t bottom = top + t.width_int[first + i] * stride;
-      where[0][i] = top;
-      where[1][i] = top + stride;
-      where[2][i] = bottom;
-      where[3][i] = bottom + stride;
       for (int k = 0; k < 4; ++k) scale[k][i] = weights[i] * b.bilinear[k][i];
     }
-    for (int64_t i = 0; i < count; ++i) {
-      // Start every corner's gather before the first multiply-add needs it.
-      __builtin_prefetch(value_nm + where[0][i]);
-      __builtin_prefetch(value_nm + where[2][i]);
+    if (!in.head_major) {
+      // Start every corner's gather before the first multiply-add needs it (head-major: L2 hits, no gain).
+      for (int64_t i = 0; i < count; ++i) {
+        __builtin_prefetch(value_nm + where[0][i]);
+        __builtin_prefetch(value_nm + where[2][i]);
+      }
     }
     for (int64_t i = 0; i < count; ++i) {
       for (int k = 0; k < 4; ++k) {
@@ -196,7 +214,46 @@ C10_ALWAYS_INLINE void forward_rows(const Inputs<scalar_t, opmath_t>& in, scalar
   }
 }
 
+// Head-major forward (encoder self-attention): work items [begin, end) of the flattened (N * M, Lq), the
+// queries of each (batch, head) in visiting order; value is (N, M, S, D), so one head's map (a few MB at most
+// for detection sizes) is what the gathers of consecutive items touch, and it stays in L2. The per-item inputs
+// are then rows s.heads apart, which the hardware does not fetch ahead: `prefetch_ahead` does.
+template <int kD, typename scalar_t, typename opmath_t>
+C10_ALWAYS_INLINE void forward_items(const Inputs<scalar_t, opmath_t>& in, scalar_t* out, int64_t begin, int64_t end) {
+  const auto& s = in.s;
+  opmath_t fixed[kD > 0 ? kD : 1];
+  std::vector<opmath_t> dynamic(kD > 0 ? 0 : s.channels);
+  opmath_t* acc = kD > 0 ? fixed : dynamic.data();
+  const int64_t slots = s.levels * s.points;
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t nm = item / s.queries, k = item % s.queries;
+    const int64_t n = nm / s.heads, m = nm % s.heads;
+    const int64_t index = n * s.queries + k;
+    const int64_t row = in.order != nullptr ? in.order[index] : index;
+    if (k + kAhead < s.queries) {  // the inputs and output row of the item kAhead later
+      const int64_t next = in.order != nullptr ? in.order[index + kAhead] : index + kAhead;
+      const int64_t ahead = next * s.heads + m;
+      prefetch_span(in.locations + ahead * slots * 2, slots * 2 * sizeof(opmath_t));
+      prefetch_span(in.weights + ahead * slots, slots * sizeof(opmath_t));
+      prefetch_span(out + ahead * s.channels, s.channels * sizeof(scalar_t));
+    }
+    const scalar_t* value_nm = in.value + nm * s.spatial * s.channels;
+    forward_head<kD>(in, value_nm, (row * s.heads + m) * slots, acc, out + (row * s.heads + m) * s.channels);
+  }
+}
+
 // Common head sizes get a compile-time channel count; any other size takes the generic loop.
+template <typename scalar_t, typename opmath_t>
+C10_ALWAYS_INLINE void forward_items_any(const Inputs<scalar_t, opmath_t>& in, scalar_t* out, int64_t begin,
+                                        int64_t end) {
+  switch (in.s.channels) {
+    case 16: return forward_items<16>(in, out, begin, end);
+    case 32: return forward_items<32>(in, out, begin, end);
+    case 64: return forward_items<64>(in, out, begin, end);
+    default: return forward_items<0>(in, out, begin, end);
+  }
+}
+
 template <typename scalar_t, typename opmath_t>
 C10_ALWAYS_INLINE void forward_rows_any(const Inputs<scalar_t, opmath_t>& in, scalar_t* out, int64_t begin,
                                         int64_t end) {
@@ -254,13 +311,15 @@ C10_ALWAYS_INLINE void backward_head(const Inputs<scalar_t, opmath_t>& in, const
   for (int64_t first = 0; first < total; first += kBlock) {
     const int64_t count = std::min(kBlock, total - first);
     compute_corners<scalar_t>(in.locations + 2 * point0, t, first, count, b);
+    alignas(64) int64_t where[4][kBlock];
+    corner_offsets(t, b, first, count, stride, where);
     for (int64_t i = 0; i < count; ++i) {
       const int64_t slot = first + i, point = point0 + slot;
       const opmath_t a = in.weights[point];
       opmath_t dots[4] = {0, 0, 0, 0};  // grad . value at each corner
       for (int k = 0; k < 4; ++k) {
         if (b.inside[k][i] == opmath_t(0)) continue;
-        const int64_t offset = corner_position(t, b, slot, i, k) * stride;
+        const int64_t offset = where[k][i];
         const scalar_t* __restrict__ v = value_nm + offset;
         opmath_t* __restrict__ gv = grad_value_nm + offset;
         const opmath_t scale = a * b.bilinear[k][i];
@@ -289,9 +348,21 @@ C10_ALWAYS_INLINE void backward_heads(const Inputs<scalar_t, opmath_t>& in, cons
   for (int64_t nm = begin; nm < end; ++nm) {
     const int64_t n = nm / s.heads, m = nm % s.heads;
     const int64_t head_offset = g.head_major ? nm * s.spatial * D : (n * s.spatial * s.heads + m) * D;
+    const int64_t slots = s.levels * s.points;
     for (int64_t q = 0; q < s.queries; ++q) {
-      const int64_t row = n * s.queries + q;
+      const int64_t index = n * s.queries + q;
+      const int64_t row = in.order != nullptr ? in.order[index] : index;
       const scalar_t* go = grad_out + (row * s.heads + m) * D;
+      if (q + kAhead < s.queries) {
+        // The rows of this head lie s.heads rows apart in every input and gradient: fetch a few queries ahead.
+        const int64_t next = in.order != nullptr ? in.order[index + kAhead] : index + kAhead;
+        const int64_t ahead = next * s.heads + m;
+        prefetch_span(grad_out + ahead * D, D * sizeof(scalar_t));
+        prefetch_span(in.locations + ahead * slots * 2, slots * 2 * sizeof(opmath_t));
+        prefetch_span(in.weights + ahead * slots, slots * sizeof(opmath_t));
+        prefetch_span(g.locations + ahead * slots * 2, slots * 2 * sizeof(opmath_t));
+        prefetch_span(g.weights + ahead * slots, slots * sizeof(opmath_t));
+      }
       for (int64_t d = 0; d < D; ++d) grad[d] = static_cast<opmath_t>(go[d]);
       backward_head<kD>(in, in.value + head_offset, g.value + head_offset, grad.data(),
                         (row * s.heads + m) * s.levels * s.points, g);
@@ -323,10 +394,10 @@ bool cpu_has_avx2_fma() {
 #define DEFORMABLE_DEFINE_ENTRY_POINTS(scalar_t, opmath_t, suffix)                                                 \
   DEFORMABLE_TARGET_AVX2 void forward_avx2_##suffix(const Inputs<scalar_t, opmath_t>& in, scalar_t* out,           \
                                                     int64_t begin, int64_t end) {                                  \
-    forward_rows_any(in, out, begin, end);                                                                         \
+    in.head_major ? forward_items_any(in, out, begin, end) : forward_rows_any(in, out, begin, end);                \
   }                                                                                                                \
   void forward_base_##suffix(const Inputs<scalar_t, opmath_t>& in, scalar_t* out, int64_t begin, int64_t end) {    \
-    forward_rows_any(in, out, begin, end);                                                                         \
+    in.head_major ? forward_items_any(in, out, begin, end) : forward_rows_any(in, out, begin, end);                \
   }                                                                                                                \
   DEFORMABLE_TARGET_AVX2 void backward_avx2_##suffix(const Inputs<scalar_t, opmath_t>& in,                         \
                                                      const scalar_t* grad_out,                                     \
@@ -352,17 +423,21 @@ DEFORMABLE_DEFINE_ENTRY_POINTS(c10::BFloat16, float, bf16)
 DEFORMABLE_DEFINE_ENTRY_POINTS(c10::Half, float, f16)
 #undef DEFORMABLE_DEFINE_ENTRY_POINTS
 
-// The visiting order of the (N * Lq) query rows in the forward when queries are many (encoder self-attention):
-// column strips kStrip pixels wide of the first level, top to bottom within a strip, by where each query's first
-// sampling point (head 0, level 0, point 0) lies. Consecutive queries then gather from a band of value rows
-// about kStrip positions wide on every level, which fit in L2, instead of bands spanning whole map rows (the
-// forward waits on these gathers far more than it computes). Outputs do not depend on the order: each row is
-// computed on its own, so the result is bit-identical to visiting rows in order.
+// Many queries per map position (encoder self-attention) rather than few (decoder): the kernels then work one
+// head's map at a time, in a head-major copy, and visit queries in spatial_order.
+bool many_queries(const MSDASizes& s) { return s.queries * s.levels * s.points >= s.spatial; }
+
+// The visiting order of the (N * Lq) query rows when queries are many: column strips kStrip pixels wide of the
+// first level, top to bottom within a strip, by where each query's first sampling point (head 0, level 0,
+// point 0) lies. Consecutive queries then gather from a band of value rows about kStrip positions wide on every
+// level instead of bands spanning whole map rows (the kernels wait on these gathers far more than they
+// compute). Outputs do not depend on the order in the forward (each row is computed on its own, bit-identical
+// to visiting rows in order); in the backward it fixes the order of the grad_value sums, whatever the threads.
 template <typename opmath_t>
-std::vector<int64_t> spatial_order(const opmath_t* locations, const MSDASizes& s, int64_t height, int64_t width) {
+std::vector<int64_t> spatial_order(const opmath_t* locations, const MSDASizes& s, const int64_t* spatial_shapes) {
   constexpr int64_t kStrip = 64;
-  height = std::max<int64_t>(height, 1);  // an empty first level: any order is as good
-  width = std::max<int64_t>(width, 1);
+  const int64_t height = std::max<int64_t>(spatial_shapes[0], 1);  // an empty first level: any order is as good
+  const int64_t width = std::max<int64_t>(spatial_shapes[1], 1);
   const int64_t rows = s.batch * s.queries;
   const int64_t stride = s.heads * s.levels * s.points * 2;
   const int64_t strips = std::max<int64_t>(1, (width + kStrip - 1) / kStrip);
@@ -409,23 +484,30 @@ at::Tensor ms_deform_attn_cpu(const at::Tensor& value, const at::Tensor& spatial
   const MSDASizes s =
       check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   TORCH_CHECK(value.device().is_cpu(), "ms_deform_attn: the CPU kernel got value on ", value.device());
-  auto output = at::zeros({s.batch, s.queries, s.heads * s.channels}, value.options());
-  if (output.numel() == 0 || s.spatial == 0) return output;
-  const auto c = contiguous_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  if (s.batch * s.queries * s.heads * s.channels == 0 || s.spatial == 0) {
+    return at::zeros({s.batch, s.queries, s.heads * s.channels}, value.options());
+  }
+  auto output = at::empty({s.batch, s.queries, s.heads * s.channels}, value.options());  // every row is written
+  // Many queries (encoder self-attention): a head-major copy of value, one head's map at a time, queries in
+  // spatial order. Few queries (decoder): the input layout, query by query over all heads.
+  const bool head_major = many_queries(s);
+  const auto c = contiguous_inputs(head_major ? value.transpose(1, 2) : value, spatial_shapes, level_start_index,
+                                   sampling_locations, attention_weights);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_cpu", [&] {
     const auto table = level_table<at::opmath_type<scalar_t>>(c, s);
     auto in = make_inputs<scalar_t>(c, s, table);
     std::vector<int64_t> order;
-    if (s.queries * s.levels * s.points >= s.spatial) {
-      const int64_t* shapes = c.shapes.data_ptr<int64_t>();
-      order = spatial_order(in.locations, s, shapes[0], shapes[1]);
+    if (head_major) {
+      order = spatial_order(in.locations, s, c.shapes.data_ptr<int64_t>());
       in.order = order.data();
+      in.head_major = true;
     }
     scalar_t* out = output.data_ptr<scalar_t>();
-    // ~M*L*P*4*D multiply-adds per query: a few dozen queries amortise a task.
-    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, s.heads * s.levels * s.points * s.channels));
-    at::parallel_for(0, s.batch * s.queries, grain,
-                     [&](int64_t begin, int64_t end) { dispatch_forward(in, out, begin, end); });
+    // ~L*P*4*D multiply-adds per (query, head): a few hundred of them amortise a task.
+    const int64_t per_item = s.levels * s.points * s.channels * (head_major ? 1 : s.heads);
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, per_item));
+    const int64_t items = s.batch * s.queries * (head_major ? s.heads : 1);
+    at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) { dispatch_forward(in, out, begin, end); });
   });
   return output;
 }
@@ -440,20 +522,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   const auto opmath = sampling_locations.scalar_type();
   // With many queries per position (encoder self-attention) each (batch, head) task touches most of its
   // slice: head-major (N, M, S, D) copies make that slice one contiguous block, which pays for the two
-  // transposes. With few queries (decoder) the copies would dominate, so the input layout is kept.
-  const bool head_major = s.queries * s.levels * s.points >= s.spatial;
+  // transposes, and queries go in spatial order. With few queries (decoder) the copies would dominate, so the
+  // input layout and query order are kept.
+  const bool head_major = many_queries(s);
   auto grad_value = head_major ? at::zeros({s.batch, s.heads, s.spatial, s.channels}, value.options().dtype(opmath))
                                : at::zeros(value.sizes(), value.options().dtype(opmath));
-  auto grad_locations = at::zeros(sampling_locations.sizes(), sampling_locations.options());
-  auto grad_weights = at::zeros(attention_weights.sizes(), attention_weights.options());
-  if (grad_output.numel() > 0 && s.spatial > 0) {
+  // The kernel writes every element of these two when it runs.
+  const bool run = grad_output.numel() > 0 && s.spatial > 0;
+  auto grad_locations = run ? at::empty(sampling_locations.sizes(), sampling_locations.options())
+                            : at::zeros(sampling_locations.sizes(), sampling_locations.options());
+  auto grad_weights = run ? at::empty(attention_weights.sizes(), attention_weights.options())
+                          : at::zeros(attention_weights.sizes(), attention_weights.options());
+  if (run) {
     const auto c = contiguous_inputs(head_major ? value.transpose(1, 2) : value, spatial_shapes, level_start_index,
                                      sampling_locations, attention_weights);
     const auto go = grad_output.contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
       using opmath_t = at::opmath_type<scalar_t>;
       const auto table = level_table<opmath_t>(c, s);
-      const auto in = make_inputs<scalar_t>(c, s, table);
+      auto in = make_inputs<scalar_t>(c, s, table);
+      std::vector<int64_t> order;
+      if (head_major) {
+        order = spatial_order(in.locations, s, c.shapes.data_ptr<int64_t>());
+        in.order = order.data();
+      }
       const GradOutputs<opmath_t> g{grad_value.data_ptr<opmath_t>(), grad_locations.data_ptr<opmath_t>(),
                                     grad_weights.data_ptr<opmath_t>(), head_major};
       const scalar_t* grad_out = go.data_ptr<scalar_t>();
