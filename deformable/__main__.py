@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 
@@ -16,7 +17,7 @@ def diagnose() -> str:
         f"python     {platform.python_version()} ({sys.executable})",
         f"torch      {torch.__version__} (CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()})",
         f"CUDA device: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none visible'}",
-        f"CPU threads: {torch.get_num_threads()}",
+        f"CPU threads: {torch.get_num_threads()}, vector ISA: {torch.backends.cpu.get_cpu_capability()}",
     ]
     if _extension.extension_loaded():
         lines.append(f"native op: loaded, built for: {_extension.build_info()}")
@@ -25,6 +26,8 @@ def diagnose() -> str:
     else:
         lines.append(f"native op: NOT loaded: {_extension.LOAD_ERROR}")
         lines.append(f"  to fix: {_extension.BUILD_HINT}")
+    if os.environ.get("DEFORMABLE_CPU_ISA"):
+        lines.append(f"DEFORMABLE_CPU_ISA={os.environ['DEFORMABLE_CPU_ISA']}: caps the CPU kernels' instruction set")
     if _extension.forced_pytorch():
         lines.append("DEFORMABLE_BACKEND=pytorch: the PyTorch path is forced")
     lines.append(f"backend in use: {'native' if _extension.native_available() else 'pytorch'}")

@@ -216,3 +216,10 @@ def test_diagnosis_reports_the_forced_backend(monkeypatch):
     text = diagnose()
     assert "DEFORMABLE_BACKEND=pytorch: the PyTorch path is forced" in text
     assert "backend in use: pytorch" in text
+
+
+def test_diagnosis_reports_the_instruction_set_cap(monkeypatch):
+    monkeypatch.setenv("DEFORMABLE_CPU_ISA", "avx2")
+    assert "DEFORMABLE_CPU_ISA=avx2: caps the CPU kernels' instruction set" in diagnose()
+    monkeypatch.delenv("DEFORMABLE_CPU_ISA")
+    assert "DEFORMABLE_CPU_ISA" not in diagnose()

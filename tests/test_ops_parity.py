@@ -76,6 +76,43 @@ def test_matches_reference_on_edges(case, dtype):
     _check_against_reference(_inputs(case, dtype=dtype, locations="edges"), RTOL[dtype], location_grad=False)
 
 
+ISAS = ["base", "avx2", "avx512"]  # DEFORMABLE_CPU_ISA values, narrowest first
+# Which of them this CPU runs (torch's own detection, which agrees with the kernel's for these three).
+CPU_ISAS = ISAS[: {"AVX512": 3, "AVX2": 2}.get(torch.backends.cpu.get_cpu_capability(), 1)]
+
+
+@requires_native
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[4]], ids=[CASE_IDS[1], CASE_IDS[3], CASE_IDS[4]])
+def test_every_instruction_set_build_matches_reference(case, dtype, isa, monkeypatch):
+    """The CPU loops are compiled for AVX-512, AVX2 and the baseline ISA; DEFORMABLE_CPU_ISA caps which a call runs
+    (on a CPU without the named one, the widest below it runs). Each build must match the reference."""
+    monkeypatch.setenv("DEFORMABLE_CPU_ISA", isa)
+    _check_against_reference(_inputs(case, dtype=dtype, seed=7), RTOL[dtype])
+
+
+@requires_native
+@pytest.mark.skipif(len(CPU_ISAS) < 2, reason="this CPU runs only the baseline build")
+def test_instruction_set_cap_takes_effect(monkeypatch):
+    # The baseline build has no fused multiply-add, so its float32 sums round differently from the wider builds':
+    # if the cap were ignored, both calls would run the same loops and agree bit for bit.
+    inputs = _inputs(CASES[4], dtype=torch.float32, seed=3)
+    outputs = {}
+    for isa in ("base", CPU_ISAS[-1]):
+        monkeypatch.setenv("DEFORMABLE_CPU_ISA", isa)
+        outputs[isa] = output_and_grads(ms_deform_attn, inputs)
+    (base_out, base_grads), (wide_out, wide_grads) = outputs.values()
+    assert not torch.equal(base_out, wide_out) or not torch.equal(base_grads[0], wide_grads[0])
+
+
+@requires_native
+def test_unknown_instruction_set_is_an_error_naming_it(monkeypatch):
+    monkeypatch.setenv("DEFORMABLE_CPU_ISA", "sse9")
+    with pytest.raises(RuntimeError, match=r"DEFORMABLE_CPU_ISA='sse9' is not one of base, avx2, avx512"):
+        ms_deform_attn(*_inputs(CASES[1], dtype=torch.float32))
+
+
 @requires_native
 @pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
 @pytest.mark.parametrize("channels", [3, 16, 32])

@@ -18,19 +18,24 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <tuple>
 #include <vector>
 
 #include "../ms_deform_attn.h"
 
-// The hot loops are compiled twice, for AVX2+FMA and for the baseline ISA, and picked at run time: a build
-// made here must still run on CPUs without AVX2.
+// The hot loops are compiled three times, for AVX-512, for AVX2+FMA and for the baseline ISA, and picked at run
+// time (see cpu_isa): a build made here must still run on CPUs without AVX2.
 #if defined(__GNUC__) && defined(__x86_64__)
 #define DEFORMABLE_X86_DISPATCH 1
 #define DEFORMABLE_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define DEFORMABLE_TARGET_AVX512 \
+  __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")))
 #else
 #define DEFORMABLE_X86_DISPATCH 0
 #define DEFORMABLE_TARGET_AVX2
+#define DEFORMABLE_TARGET_AVX512
 #endif
 
 namespace deformable {
@@ -381,40 +386,66 @@ C10_ALWAYS_INLINE void backward_heads_any(const Inputs<scalar_t, opmath_t>& in, 
   }
 }
 
-bool cpu_has_avx2_fma() {
+enum class Isa { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
+
+Isa best_cpu_isa() {
 #if DEFORMABLE_X86_DISPATCH
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-#else
-  return false;
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512dq")) {
+    return Isa::kAvx512;
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
 #endif
+  return Isa::kBase;
+}
+
+// The build of the loops a call runs: the widest this CPU supports, capped by the environment variable
+// DEFORMABLE_CPU_ISA (base, avx2 or avx512) when it is set, to compare the builds or to step around one.
+Isa cpu_isa() {
+  static const Isa best = best_cpu_isa();
+  const char* cap = std::getenv("DEFORMABLE_CPU_ISA");
+  if (cap == nullptr || *cap == '\0') return best;
+  const std::string name(cap);
+  Isa wanted = Isa::kBase;
+  if (name == "avx2") {
+    wanted = Isa::kAvx2;
+  } else if (name == "avx512") {
+    wanted = Isa::kAvx512;
+  } else {
+    TORCH_CHECK(name == "base", "ms_deform_attn: DEFORMABLE_CPU_ISA='", name, "' is not one of base, avx2, avx512");
+  }
+  return std::min(wanted, best);
 }
 
 // Non-template entry points, one per instruction set, so that the inlined loops are compiled for it.
+#define DEFORMABLE_DEFINE_ISA_ENTRY_POINTS(target, isa, scalar_t, opmath_t, suffix)                               \
+  target void forward_##isa##_##suffix(const Inputs<scalar_t, opmath_t>& in, scalar_t* out, int64_t begin,        \
+                                       int64_t end) {                                                              \
+    in.head_major ? forward_items_any(in, out, begin, end) : forward_rows_any(in, out, begin, end);                \
+  }                                                                                                                \
+  target void backward_##isa##_##suffix(const Inputs<scalar_t, opmath_t>& in, const scalar_t* grad_out,           \
+                                        const GradOutputs<opmath_t>& g, int64_t begin, int64_t end) {             \
+    backward_heads_any(in, grad_out, g, begin, end);                                                               \
+  }
+
 #define DEFORMABLE_DEFINE_ENTRY_POINTS(scalar_t, opmath_t, suffix)                                                 \
-  DEFORMABLE_TARGET_AVX2 void forward_avx2_##suffix(const Inputs<scalar_t, opmath_t>& in, scalar_t* out,           \
-                                                    int64_t begin, int64_t end) {                                  \
-    in.head_major ? forward_items_any(in, out, begin, end) : forward_rows_any(in, out, begin, end);                \
+  DEFORMABLE_DEFINE_ISA_ENTRY_POINTS(DEFORMABLE_TARGET_AVX512, avx512, scalar_t, opmath_t, suffix)                 \
+  DEFORMABLE_DEFINE_ISA_ENTRY_POINTS(DEFORMABLE_TARGET_AVX2, avx2, scalar_t, opmath_t, suffix)                     \
+  DEFORMABLE_DEFINE_ISA_ENTRY_POINTS(, base, scalar_t, opmath_t, suffix)                                           \
+  void dispatch_forward(Isa isa, const Inputs<scalar_t, opmath_t>& in, scalar_t* out, int64_t b, int64_t e) {      \
+    switch (isa) {                                                                                                 \
+      case Isa::kAvx512: return forward_avx512_##suffix(in, out, b, e);                                            \
+      case Isa::kAvx2: return forward_avx2_##suffix(in, out, b, e);                                                \
+      default: return forward_base_##suffix(in, out, b, e);                                                        \
+    }                                                                                                              \
   }                                                                                                                \
-  void forward_base_##suffix(const Inputs<scalar_t, opmath_t>& in, scalar_t* out, int64_t begin, int64_t end) {    \
-    in.head_major ? forward_items_any(in, out, begin, end) : forward_rows_any(in, out, begin, end);                \
-  }                                                                                                                \
-  DEFORMABLE_TARGET_AVX2 void backward_avx2_##suffix(const Inputs<scalar_t, opmath_t>& in,                         \
-                                                     const scalar_t* grad_out,                                     \
-                                                     const GradOutputs<opmath_t>& g, int64_t begin,      \
-                                                     int64_t end) {                                                \
-    backward_heads_any(in, grad_out, g, begin, end);                                                                   \
-  }                                                                                                                \
-  void backward_base_##suffix(const Inputs<scalar_t, opmath_t>& in, const scalar_t* grad_out,                      \
-                              const GradOutputs<opmath_t>& g, int64_t begin, int64_t end) {              \
-    backward_heads_any(in, grad_out, g, begin, end);                                                                   \
-  }                                                                                                                \
-  void dispatch_forward(const Inputs<scalar_t, opmath_t>& in, scalar_t* out, int64_t b, int64_t e) {               \
-    cpu_has_avx2_fma() ? forward_avx2_##suffix(in, out, b, e) : forward_base_##suffix(in, out, b, e);              \
-  }                                                                                                                \
-  void dispatch_backward(const Inputs<scalar_t, opmath_t>& in, const scalar_t* go,                                 \
-                         const GradOutputs<opmath_t>& g, int64_t b, int64_t e) {                        \
-    cpu_has_avx2_fma() ? backward_avx2_##suffix(in, go, g, b, e) : backward_base_##suffix(in, go, g, b, e);        \
+  void dispatch_backward(Isa isa, const Inputs<scalar_t, opmath_t>& in, const scalar_t* go,                        \
+                         const GradOutputs<opmath_t>& g, int64_t b, int64_t e) {                                   \
+    switch (isa) {                                                                                                 \
+      case Isa::kAvx512: return backward_avx512_##suffix(in, go, g, b, e);                                         \
+      case Isa::kAvx2: return backward_avx2_##suffix(in, go, g, b, e);                                             \
+      default: return backward_base_##suffix(in, go, g, b, e);                                                     \
+    }                                                                                                              \
   }
 
 DEFORMABLE_DEFINE_ENTRY_POINTS(float, float, f32)
@@ -422,6 +453,7 @@ DEFORMABLE_DEFINE_ENTRY_POINTS(double, double, f64)
 DEFORMABLE_DEFINE_ENTRY_POINTS(c10::BFloat16, float, bf16)
 DEFORMABLE_DEFINE_ENTRY_POINTS(c10::Half, float, f16)
 #undef DEFORMABLE_DEFINE_ENTRY_POINTS
+#undef DEFORMABLE_DEFINE_ISA_ENTRY_POINTS
 
 // Many queries per map position (encoder self-attention) rather than few (decoder): the kernels then work one
 // head's map at a time, in a head-major copy, and visit queries in spatial_order.
@@ -507,7 +539,8 @@ at::Tensor ms_deform_attn_cpu(const at::Tensor& value, const at::Tensor& spatial
     const int64_t per_item = s.levels * s.points * s.channels * (head_major ? 1 : s.heads);
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, per_item));
     const int64_t items = s.batch * s.queries * (head_major ? s.heads : 1);
-    at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) { dispatch_forward(in, out, begin, end); });
+    const Isa isa = cpu_isa();
+    at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) { dispatch_forward(isa, in, out, begin, end); });
   });
   return output;
 }
@@ -549,8 +582,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
       const GradOutputs<opmath_t> g{grad_value.data_ptr<opmath_t>(), grad_locations.data_ptr<opmath_t>(),
                                     grad_weights.data_ptr<opmath_t>(), head_major};
       const scalar_t* grad_out = go.data_ptr<scalar_t>();
+      const Isa isa = cpu_isa();
       at::parallel_for(0, s.batch * s.heads, 1,
-                       [&](int64_t begin, int64_t end) { dispatch_backward(in, grad_out, g, begin, end); });
+                       [&](int64_t begin, int64_t end) { dispatch_backward(isa, in, grad_out, g, begin, end); });
     });
   }
   // Gradients are fresh contiguous tensors, as the fake kernel promises.
