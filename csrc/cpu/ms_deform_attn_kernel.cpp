@@ -222,7 +222,7 @@ C10_ALWAYS_INLINE void forward_rows(const Inputs<scalar_t, opmath_t>& in, scalar
 // Head-major forward (encoder self-attention): work items [begin, end) of the flattened (N * M, Lq), the
 // queries of each (batch, head) in visiting order; value is (N, M, S, D), so one head's map (a few MB at most
 // for detection sizes) is what the gathers of consecutive items touch, and it stays in L2. The per-item inputs
-// are then rows s.heads apart, which the hardware does not fetch ahead: `prefetch_ahead` does.
+// are then rows s.heads apart, which the hardware does not fetch ahead: `prefetch_span` does.
 template <int kD, typename scalar_t, typename opmath_t>
 C10_ALWAYS_INLINE void forward_items(const Inputs<scalar_t, opmath_t>& in, scalar_t* out, int64_t begin, int64_t end) {
   const auto& s = in.s;
@@ -318,26 +318,35 @@ C10_ALWAYS_INLINE void backward_head(const Inputs<scalar_t, opmath_t>& in, const
     compute_corners<scalar_t>(in.locations + 2 * point0, t, first, count, b);
     alignas(64) int64_t where[4][kBlock];
     corner_offsets(t, b, first, count, stride, where);
+    const opmath_t* weights = in.weights + point0 + first;
+    alignas(64) opmath_t dots[4][kBlock];  // grad . value at each corner (0 outside the map)
     for (int64_t i = 0; i < count; ++i) {
-      const int64_t slot = first + i, point = point0 + slot;
-      const opmath_t a = in.weights[point];
-      opmath_t dots[4] = {0, 0, 0, 0};  // grad . value at each corner
       for (int k = 0; k < 4; ++k) {
-        if (b.inside[k][i] == opmath_t(0)) continue;
-        const int64_t offset = where[k][i];
-        const scalar_t* __restrict__ v = value_nm + offset;
-        opmath_t* __restrict__ gv = grad_value_nm + offset;
-        const opmath_t scale = a * b.bilinear[k][i];
-        dots[k] = dot_and_scatter<kD>(grad, v, gv, scale, D);
+        dots[k][i] = b.inside[k][i] == opmath_t(0)
+                         ? opmath_t(0)
+                         : dot_and_scatter<kD>(grad, value_nm + where[k][i], grad_value_nm + where[k][i],
+                                               weights[i] * b.bilinear[k][i], D);
       }
-      const opmath_t lh = b.lh[i], lw = b.lw[i];
-      g.weights[point] = b.bilinear[0][i] * dots[0] + b.bilinear[1][i] * dots[1] + b.bilinear[2][i] * dots[2] +
-                         b.bilinear[3][i] * dots[3];
+    }
+    // The slots' scalar gradients, in passes that vectorise over slots.
+    alignas(64) opmath_t grad_x[kBlock], grad_y[kBlock];
+    opmath_t* __restrict__ grad_weights = g.weights + point0 + first;
+    const opmath_t* widths = t.width.data() + first;
+    const opmath_t* heights = t.height.data() + first;
+    for (int64_t i = 0; i < count; ++i) {
+      const opmath_t lh = b.lh[i], lw = b.lw[i], a = weights[i];
+      grad_weights[i] = b.bilinear[0][i] * dots[0][i] + b.bilinear[1][i] * dots[1][i] +
+                        b.bilinear[2][i] * dots[2][i] + b.bilinear[3][i] * dots[3][i];
       // d(bilinear)/d(w_im) and /d(h_im); w_im = x * W - 0.5, so d/dx carries a factor W (and d/dy H).
-      const opmath_t grad_w_im = (opmath_t(1) - lh) * (dots[1] - dots[0]) + lh * (dots[3] - dots[2]);
-      const opmath_t grad_h_im = (opmath_t(1) - lw) * (dots[2] - dots[0]) + lw * (dots[3] - dots[1]);
-      g.locations[2 * point] = a * grad_w_im * t.width[slot];
-      g.locations[2 * point + 1] = a * grad_h_im * t.height[slot];
+      const opmath_t grad_w_im = (opmath_t(1) - lh) * (dots[1][i] - dots[0][i]) + lh * (dots[3][i] - dots[2][i]);
+      const opmath_t grad_h_im = (opmath_t(1) - lw) * (dots[2][i] - dots[0][i]) + lw * (dots[3][i] - dots[1][i]);
+      grad_x[i] = a * grad_w_im * widths[i];
+      grad_y[i] = a * grad_h_im * heights[i];
+    }
+    opmath_t* __restrict__ grad_locations = g.locations + 2 * (point0 + first);
+    for (int64_t i = 0; i < count; ++i) {
+      grad_locations[2 * i] = grad_x[i];
+      grad_locations[2 * i + 1] = grad_y[i];
     }
   }
 }
