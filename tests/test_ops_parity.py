@@ -3,6 +3,8 @@ gradients), low-precision value, non-contiguous and empty inputs, non-finite loc
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 from _ops_utils import (  # noqa: F401  (backend_fixture, default_backend: fixtures)
@@ -248,3 +250,26 @@ def test_many_queries_are_visited_in_spatial_order_with_the_same_result(dtype):
                 weights[n : n + 1, q : q + 1],
             )
             assert torch.equal(out[n, q], alone[0, 0]), (n, q)
+
+
+@requires_native
+def test_scratch_memory_reused_across_calls_of_other_sizes_and_threads():
+    """The CPU kernels keep per-thread scratch buffers (head-major copies) between calls; a call after a larger
+    or smaller one, or calls from several Python threads at once, must give what a first call gives."""
+    small = sample_inputs(batch=1, queries=40, heads=2, channels=16, points=2, dtype=torch.float32, seed=1)
+    large = sample_inputs(batch=2, queries=90, heads=3, channels=32, points=3, dtype=torch.float32, seed=2)
+    assert all(x[3].shape[1] * x[3].shape[3] * x[3].shape[4] >= x[0].shape[1] for x in (small, large))
+    expected = {name: output_and_grads(ms_deform_attn, x) for name, x in (("small", small), ("large", large))}
+
+    def same(name, got):
+        (out, grads), (ref_out, ref_grads) = got, expected[name]
+        return torch.equal(out, ref_out) and all(torch.equal(a, b) for a, b in zip(grads, ref_grads, strict=True))
+
+    for name, x in (("large", large), ("small", small), ("large", large), ("small", small)):
+        assert same(name, output_and_grads(ms_deform_attn, x)), name
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        jobs = [
+            (name, pool.submit(output_and_grads, ms_deform_attn, x))
+            for name, x in [("small", small), ("large", large)] * 4
+        ]
+        assert all(same(name, job.result()) for name, job in jobs)

@@ -12,7 +12,9 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/zeros.h>
+#include <c10/util/accumulate.h>
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
@@ -556,6 +558,59 @@ std::vector<int64_t> spatial_order(const opmath_t* locations, const MSDASizes& s
   return order;
 }
 
+// Scratch memory that a calling thread keeps between calls, one buffer per use. The head-major copies are
+// tens of MB; fresh allocations that size are new pages from the OS on every call (glibc maps blocks over
+// 32 MB directly), and their page faults cost more than the copy itself on a VM. Kept until the thread
+// exits; each buffer grows to the largest call's size.
+class ScratchBuffer {
+ public:
+  ScratchBuffer() = default;
+  ScratchBuffer(const ScratchBuffer&) = delete;
+  ScratchBuffer& operator=(const ScratchBuffer&) = delete;
+  ~ScratchBuffer() { std::free(data_); }
+
+  void* get(size_t bytes) {
+    constexpr size_t kAlign = 64;
+    bytes = (bytes + kAlign - 1) / kAlign * kAlign;
+    if (bytes > capacity_) {
+      std::free(data_);
+      capacity_ = 0;
+      data_ = std::aligned_alloc(kAlign, bytes);
+      TORCH_CHECK(data_ != nullptr, "ms_deform_attn: could not allocate ", bytes, " bytes of CPU scratch memory");
+      capacity_ = bytes;
+    }
+    return data_;
+  }
+
+ private:
+  void* data_ = nullptr;
+  size_t capacity_ = 0;
+};
+
+enum class Scratch { kValue = 0, kGradValue = 1 };
+
+// An uninitialised tensor over this thread's scratch buffer `which`: valid until the thread's next call that
+// uses the same buffer, so it must not leave the op.
+at::Tensor scratch_tensor(Scratch which, at::IntArrayRef sizes, const at::TensorOptions& options) {
+  thread_local ScratchBuffer buffers[2];
+  const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
+  return at::from_blob(buffers[static_cast<int>(which)].get(bytes), sizes, options);
+}
+
+// dst[n] = src[n] with dims 1 and 2 swapped, for each n: (N, A, B, D) -> (N, B, A, D). One copy per batch
+// element: on the 4-d tensor the strided copy picks a slower loop order.
+void copy_swapping_dims_1_2(at::Tensor& dst, const at::Tensor& src) {
+  for (int64_t n = 0; n < src.size(0); ++n) dst[n].copy_(src[n].transpose(0, 1));
+}
+
+// value (N, S, M, D) as a contiguous (N, M, S, D) tensor in this thread's scratch memory.
+at::Tensor head_major_copy(const at::Tensor& value) {
+  auto copy = scratch_tensor(Scratch::kValue, {value.size(0), value.size(2), value.size(1), value.size(3)},
+                             value.options());
+  copy_swapping_dims_1_2(copy, value);
+  return copy;
+}
+
 struct Contiguous {
   at::Tensor value, shapes, starts, locations, weights;
 };
@@ -592,7 +647,7 @@ at::Tensor ms_deform_attn_cpu(const at::Tensor& value, const at::Tensor& spatial
   // Many queries (encoder self-attention): a head-major copy of value, one head's map at a time, queries in
   // spatial order. Few queries (decoder): the input layout, query by query over all heads.
   const bool head_major = many_queries(s);
-  const auto c = contiguous_inputs(head_major ? value.transpose(1, 2) : value, spatial_shapes, level_start_index,
+  const auto c = contiguous_inputs(head_major ? head_major_copy(value) : value, spatial_shapes, level_start_index,
                                    sampling_locations, attention_weights);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_cpu", [&] {
     const auto table = level_table<at::opmath_type<scalar_t>>(c, s);
@@ -627,8 +682,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   // transposes, and queries go in spatial order. With few queries (decoder) the copies would dominate, so the
   // input layout and query order are kept.
   const bool head_major = many_queries(s);
-  auto grad_value = head_major ? at::zeros({s.batch, s.heads, s.spatial, s.channels}, value.options().dtype(opmath))
-                               : at::zeros(value.sizes(), value.options().dtype(opmath));
+  auto grad_value =
+      head_major ? scratch_tensor(Scratch::kGradValue, {s.batch, s.heads, s.spatial, s.channels},
+                                  value.options().dtype(opmath)).zero_()
+                 : at::zeros(value.sizes(), value.options().dtype(opmath));
   // The kernel writes every element of these two when it runs.
   const bool run = grad_output.numel() > 0 && s.spatial > 0;
   auto grad_locations = run ? at::empty(sampling_locations.sizes(), sampling_locations.options())
@@ -636,7 +693,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   auto grad_weights = run ? at::empty(attention_weights.sizes(), attention_weights.options())
                           : at::zeros(attention_weights.sizes(), attention_weights.options());
   if (run) {
-    const auto c = contiguous_inputs(head_major ? value.transpose(1, 2) : value, spatial_shapes, level_start_index,
+    const auto c = contiguous_inputs(head_major ? head_major_copy(value) : value, spatial_shapes, level_start_index,
                                      sampling_locations, attention_weights);
     const auto go = grad_output.contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
@@ -659,7 +716,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   // Gradients are fresh contiguous tensors, as the fake kernel promises.
   if (!head_major && grad_value.scalar_type() == value.scalar_type()) return {grad_value, grad_locations, grad_weights};
   auto grad_value_out = at::empty(value.sizes(), value.options().memory_format(at::MemoryFormat::Contiguous));
-  grad_value_out.copy_(head_major ? grad_value.transpose(1, 2) : grad_value);
+  if (head_major) {
+    copy_swapping_dims_1_2(grad_value_out, grad_value);
+  } else {
+    grad_value_out.copy_(grad_value);
+  }
   return {grad_value_out, grad_locations, grad_weights};
 }
 
