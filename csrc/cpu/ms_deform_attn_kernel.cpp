@@ -250,26 +250,24 @@ C10_ALWAYS_INLINE void forward_items(const Inputs<scalar_t, opmath_t>& in, scala
   }
 }
 
-// Common head sizes get a compile-time channel count; any other size takes the generic loop.
-template <typename scalar_t, typename opmath_t>
-C10_ALWAYS_INLINE void forward_items_any(const Inputs<scalar_t, opmath_t>& in, scalar_t* out, int64_t begin,
-                                        int64_t end) {
-  switch (in.s.channels) {
-    case 16: return forward_items<16>(in, out, begin, end);
-    case 32: return forward_items<32>(in, out, begin, end);
-    case 64: return forward_items<64>(in, out, begin, end);
-    default: return forward_items<0>(in, out, begin, end);
+// The forward of work items [begin, end): (query, head) items in head-major calls, query rows otherwise.
+template <int kD, typename scalar_t, typename opmath_t>
+C10_ALWAYS_INLINE void forward_work(const Inputs<scalar_t, opmath_t>& in, scalar_t* out, int64_t begin, int64_t end) {
+  if (in.head_major) {
+    forward_items<kD>(in, out, begin, end);
+  } else {
+    forward_rows<kD>(in, out, begin, end);
   }
 }
 
+// Common head sizes get a compile-time channel count; any other size takes the generic loop.
 template <typename scalar_t, typename opmath_t>
-C10_ALWAYS_INLINE void forward_rows_any(const Inputs<scalar_t, opmath_t>& in, scalar_t* out, int64_t begin,
-                                        int64_t end) {
+C10_ALWAYS_INLINE void forward_any(const Inputs<scalar_t, opmath_t>& in, scalar_t* out, int64_t begin, int64_t end) {
   switch (in.s.channels) {
-    case 16: return forward_rows<16>(in, out, begin, end);
-    case 32: return forward_rows<32>(in, out, begin, end);
-    case 64: return forward_rows<64>(in, out, begin, end);
-    default: return forward_rows<0>(in, out, begin, end);
+    case 16: return forward_work<16>(in, out, begin, end);
+    case 32: return forward_work<32>(in, out, begin, end);
+    case 64: return forward_work<64>(in, out, begin, end);
+    default: return forward_work<0>(in, out, begin, end);
   }
 }
 
@@ -492,7 +490,7 @@ Isa cpu_isa() {
 #define DEFORMABLE_DEFINE_ISA_ENTRY_POINTS(target, isa, scalar_t, opmath_t, suffix)                               \
   target void forward_##isa##_##suffix(const Inputs<scalar_t, opmath_t>& in, scalar_t* out, int64_t begin,        \
                                        int64_t end) {                                                              \
-    in.head_major ? forward_items_any(in, out, begin, end) : forward_rows_any(in, out, begin, end);                \
+    forward_any(in, out, begin, end);                                                                              \
   }                                                                                                                \
   target void backward_##isa##_##suffix(const Inputs<scalar_t, opmath_t>& in, const scalar_t* grad_out,           \
                                         const GradOutputs<opmath_t>& g, int64_t begin, int64_t end) {             \
