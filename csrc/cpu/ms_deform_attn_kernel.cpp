@@ -542,6 +542,7 @@ std::vector<int64_t> spatial_order(const opmath_t* locations, const MSDASizes& s
   const int64_t rows = s.batch * s.queries;
   const int64_t stride = s.heads * s.levels * s.points * 2;
   const int64_t strips = std::max<int64_t>(1, (width + kStrip - 1) / kStrip);
+  const int64_t keys = s.batch * strips * height;
   std::vector<int64_t> key(rows), order(rows);
   for (int64_t row = 0; row < rows; ++row) {
     opmath_t x = locations[row * stride], y = locations[row * stride + 1];
@@ -550,9 +551,18 @@ std::vector<int64_t> spatial_order(const opmath_t* locations, const MSDASizes& s
     const int64_t column = std::min<int64_t>(width - 1, static_cast<int64_t>(x * width));
     const int64_t line = std::min<int64_t>(height - 1, static_cast<int64_t>(y * height));
     key[row] = ((row / s.queries) * strips + column / kStrip) * height + line;
-    order[row] = row;
   }
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return key[a] < key[b]; });
+  if (keys > 4 * rows + 1024) {  // sparse keys (a tall first level): a comparison sort
+    for (int64_t row = 0; row < rows; ++row) order[row] = row;
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return key[a] < key[b]; });
+    return order;
+  }
+  // A counting sort: the same stable order as sorting by key, in linear time (this runs before the parallel
+  // part of each call).
+  std::vector<int64_t> next(keys + 1, 0);
+  for (int64_t row = 0; row < rows; ++row) ++next[key[row] + 1];
+  for (int64_t k = 0; k < keys; ++k) next[k + 1] += next[k];
+  for (int64_t row = 0; row < rows; ++row) order[next[key[row]]++] = row;
   return order;
 }
 
