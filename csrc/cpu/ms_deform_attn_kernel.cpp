@@ -204,13 +204,22 @@ C10_ALWAYS_INLINE void forward_head(const Inputs<scalar_t, opmath_t>& in, const 
   for (int64_t i = 0; i < D; ++i) out[i] = static_cast<scalar_t>(acc[i]);
 }
 
+// The accumulator of one (query, head): a fixed-size array when the channel count is a compile-time constant
+// (so that it stays in registers), else heap memory.
+template <int kD, typename opmath_t>
+struct Accumulator {
+  explicit Accumulator(int64_t channels) : dynamic(kD > 0 ? 0 : channels) {}
+  opmath_t* data() { return kD > 0 ? fixed : dynamic.data(); }
+  opmath_t fixed[kD > 0 ? kD : 1];
+  std::vector<opmath_t> dynamic;
+};
+
 // Output rows [begin, end) of the flattened (N * Lq) queries.
 template <int kD, typename scalar_t, typename opmath_t>
 C10_ALWAYS_INLINE void forward_rows(const Inputs<scalar_t, opmath_t>& in, scalar_t* out, int64_t begin, int64_t end) {
   const auto& s = in.s;
-  opmath_t fixed[kD > 0 ? kD : 1];
-  std::vector<opmath_t> dynamic(kD > 0 ? 0 : s.channels);
-  opmath_t* acc = kD > 0 ? fixed : dynamic.data();
+  Accumulator<kD, opmath_t> accumulator(s.channels);
+  opmath_t* acc = accumulator.data();
   for (int64_t index = begin; index < end; ++index) {
     const int64_t row = in.order != nullptr ? in.order[index] : index;
     const int64_t n = row / s.queries;
@@ -229,9 +238,8 @@ C10_ALWAYS_INLINE void forward_rows(const Inputs<scalar_t, opmath_t>& in, scalar
 template <int kD, typename scalar_t, typename opmath_t>
 C10_ALWAYS_INLINE void forward_items(const Inputs<scalar_t, opmath_t>& in, scalar_t* out, int64_t begin, int64_t end) {
   const auto& s = in.s;
-  opmath_t fixed[kD > 0 ? kD : 1];
-  std::vector<opmath_t> dynamic(kD > 0 ? 0 : s.channels);
-  opmath_t* acc = kD > 0 ? fixed : dynamic.data();
+  Accumulator<kD, opmath_t> accumulator(s.channels);
+  opmath_t* acc = accumulator.data();
   const int64_t slots = s.levels * s.points;
   for (int64_t item = begin; item < end; ++item) {
     const int64_t nm = item / s.queries, k = item % s.queries;
