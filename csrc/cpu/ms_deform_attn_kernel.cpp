@@ -143,6 +143,14 @@ C10_ALWAYS_INLINE void prefetch_span(const void* p, int64_t bytes) {
 // about a memory latency).
 constexpr int64_t kAhead = 4;
 
+// Starts loading the sampling locations and attention weights of (query row, head) `item` = row * M + m.
+template <typename scalar_t, typename opmath_t>
+C10_ALWAYS_INLINE void prefetch_item_inputs(const Inputs<scalar_t, opmath_t>& in, int64_t item) {
+  const int64_t slots = in.s.levels * in.s.points;
+  prefetch_span(in.locations + item * slots * 2, slots * 2 * sizeof(opmath_t));
+  prefetch_span(in.weights + item * slots, slots * sizeof(opmath_t));
+}
+
 // acc[0:D] += w * v[0:D]; with kD > 0 the length is a compile-time constant, so acc stays in registers.
 template <int kD, typename scalar_t, typename opmath_t>
 C10_ALWAYS_INLINE void axpy(opmath_t* __restrict__ acc, const scalar_t* __restrict__ v, opmath_t w, int64_t d) {
@@ -249,8 +257,7 @@ C10_ALWAYS_INLINE void forward_items(const Inputs<scalar_t, opmath_t>& in, scala
     if (k + kAhead < s.queries) {  // the inputs and output row of the item kAhead later
       const int64_t next = in.order != nullptr ? in.order[index + kAhead] : index + kAhead;
       const int64_t ahead = next * s.heads + m;
-      prefetch_span(in.locations + ahead * slots * 2, slots * 2 * sizeof(opmath_t));
-      prefetch_span(in.weights + ahead * slots, slots * sizeof(opmath_t));
+      prefetch_item_inputs(in, ahead);
       prefetch_span(out + ahead * s.channels, s.channels * sizeof(scalar_t));
     }
     const scalar_t* value_nm = in.value + nm * s.spatial * s.channels;
@@ -281,10 +288,9 @@ C10_ALWAYS_INLINE void forward_any(const Inputs<scalar_t, opmath_t>& in, scalar_
 
 template <typename opmath_t>
 struct GradOutputs {
-  opmath_t* value;      // like value (see head_major), accumulated in opmath_t
+  opmath_t* value;      // laid out like Inputs::value (see Inputs::head_major), accumulated in opmath_t
   opmath_t* locations;  // (N, Lq, M, L, P, 2)
   opmath_t* weights;    // (N, Lq, M, L, P)
-  bool head_major;      // value and grad_value laid out (N, M, S, D) instead of (N, S, M, D)
 };
 
 // Returns grad . v and does gv += scale * grad. The dot product keeps kLanes partial sums: a single
@@ -354,7 +360,7 @@ C10_ALWAYS_INLINE void backward_head(const Inputs<scalar_t, opmath_t>& in, const
   const auto& s = in.s;
   const auto& t = *in.table;
   const int64_t D = kD > 0 ? kD : s.channels;
-  const int64_t stride = g.head_major ? D : s.heads * D;  // between spatial positions of one head
+  const int64_t stride = in.head_major ? D : s.heads * D;  // between spatial positions of one head
   const int64_t total = s.levels * s.points;
   CornerBlock<opmath_t> b;
   for (int64_t first = 0; first < total; first += kBlock) {
@@ -420,7 +426,8 @@ C10_ALWAYS_INLINE void backward_head(const Inputs<scalar_t, opmath_t>& in, const
 }
 
 // Gradients for the (batch, head) pairs [begin, end) of the flattened (N * M). Each pair owns its slice
-// of grad_value and visits queries in order, so the result does not depend on the thread count.
+// of grad_value and visits queries in the call's order (fixed by the inputs), so the result does not depend on
+// the thread count.
 template <int kD, typename scalar_t, typename opmath_t>
 C10_ALWAYS_INLINE void backward_heads(const Inputs<scalar_t, opmath_t>& in, const scalar_t* grad_out,
                                       const GradOutputs<opmath_t>& g, int64_t begin, int64_t end) {
@@ -429,7 +436,7 @@ C10_ALWAYS_INLINE void backward_heads(const Inputs<scalar_t, opmath_t>& in, cons
   std::vector<opmath_t> grad(D);
   for (int64_t nm = begin; nm < end; ++nm) {
     const int64_t n = nm / s.heads, m = nm % s.heads;
-    const int64_t head_offset = g.head_major ? nm * s.spatial * D : (n * s.spatial * s.heads + m) * D;
+    const int64_t head_offset = in.head_major ? nm * s.spatial * D : (n * s.spatial * s.heads + m) * D;
     const int64_t slots = s.levels * s.points;
     for (int64_t q = 0; q < s.queries; ++q) {
       const int64_t index = n * s.queries + q;
@@ -440,8 +447,7 @@ C10_ALWAYS_INLINE void backward_heads(const Inputs<scalar_t, opmath_t>& in, cons
         const int64_t next = in.order != nullptr ? in.order[index + kAhead] : index + kAhead;
         const int64_t ahead = next * s.heads + m;
         prefetch_span(grad_out + ahead * D, D * sizeof(scalar_t));
-        prefetch_span(in.locations + ahead * slots * 2, slots * 2 * sizeof(opmath_t));
-        prefetch_span(in.weights + ahead * slots, slots * sizeof(opmath_t));
+        prefetch_item_inputs(in, ahead);
         prefetch_span(g.locations + ahead * slots * 2, slots * 2 * sizeof(opmath_t));
         prefetch_span(g.weights + ahead * slots, slots * sizeof(opmath_t));
       }
@@ -645,6 +651,15 @@ Inputs<scalar_t, at::opmath_type<scalar_t>> make_inputs(const Contiguous& c, con
   return {c.value.data_ptr<scalar_t>(), c.locations.data_ptr<opmath_t>(), c.weights.data_ptr<opmath_t>(), &table, s};
 }
 
+// Marks `in` (whose value is a head_major_copy) head-major, visiting queries in spatial order, kept in `order`
+// (which must outlive the kernel's use of `in`).
+template <typename scalar_t, typename opmath_t>
+void visit_head_major(Inputs<scalar_t, opmath_t>& in, const Contiguous& c, std::vector<int64_t>& order) {
+  order = spatial_order(in.locations, in.s, c.shapes.data_ptr<int64_t>());
+  in.order = order.data();
+  in.head_major = true;
+}
+
 template <typename opmath_t>
 LevelTable<opmath_t> level_table(const Contiguous& c, const MSDASizes& s) {
   return make_level_table<opmath_t>(c.shapes.data_ptr<int64_t>(), c.starts.data_ptr<int64_t>(), s.levels, s.points);
@@ -669,11 +684,7 @@ at::Tensor ms_deform_attn_cpu(const at::Tensor& value, const at::Tensor& spatial
     const auto table = level_table<at::opmath_type<scalar_t>>(c, s);
     auto in = make_inputs<scalar_t>(c, s, table);
     std::vector<int64_t> order;
-    if (head_major) {
-      order = spatial_order(in.locations, s, c.shapes.data_ptr<int64_t>());
-      in.order = order.data();
-      in.head_major = true;
-    }
+    if (head_major) visit_head_major(in, c, order);
     scalar_t* out = output.data_ptr<scalar_t>();
     // ~L*P*4*D multiply-adds per (query, head): a few hundred of them amortise a task.
     const int64_t per_item = s.levels * s.points * s.channels * (head_major ? 1 : s.heads);
@@ -717,12 +728,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
       const auto table = level_table<opmath_t>(c, s);
       auto in = make_inputs<scalar_t>(c, s, table);
       std::vector<int64_t> order;
-      if (head_major) {
-        order = spatial_order(in.locations, s, c.shapes.data_ptr<int64_t>());
-        in.order = order.data();
-      }
+      if (head_major) visit_head_major(in, c, order);
       const GradOutputs<opmath_t> g{grad_value.data_ptr<opmath_t>(), grad_locations.data_ptr<opmath_t>(),
-                                    grad_weights.data_ptr<opmath_t>(), head_major};
+                                    grad_weights.data_ptr<opmath_t>()};
       const scalar_t* grad_out = go.data_ptr<scalar_t>();
       const Isa isa = cpu_isa();
       at::parallel_for(0, s.batch * s.heads, 1,
