@@ -276,6 +276,39 @@ def test_scratch_memory_reused_across_calls_of_other_sizes_and_threads():
 
 
 @requires_native
+@pytest.mark.parametrize("queries", [1, 20], ids=["few-queries", "many-queries"])
+def test_corners_outside_the_map_read_nothing_from_value(queries):
+    """Points straddle the bottom-right edge of every level, so some of their corners lie outside the map. value
+    is NaN everywhere but the 2 x 2 bottom-right pixels of each level (the only ones such points touch), so any
+    read of another value row (or of a head-major copy's stand-in row for outside corners left unset) turns the
+    output or a gradient into NaN. A call on NaN-filled inputs of other sizes goes first, to fill the kernels'
+    reused scratch memory with NaN. 20 queries take the head-major path (Lq * L * P >= S), 1 query the other."""
+    shapes = ((4, 5), (3, 3))
+    dirty = sample_inputs(batch=2, queries=60, heads=2, channels=8, shapes=((6, 7), (3, 3)), points=2, seed=3)
+    output_and_grads(ms_deform_attn, (dirty[0].fill_(float("nan")),) + dirty[1:])
+    value, spatial_shapes, level_start_index, loc, weights = sample_inputs(
+        batch=2, queries=queries, heads=2, channels=8, shapes=shapes, points=2, seed=4
+    )
+    gen = torch.Generator().manual_seed(5)
+    extent = torch.tensor([[w, h] for h, w in shapes], dtype=loc.dtype).view(1, 1, 1, -1, 1, 2)
+    pixel = extent - 1.9 + 1.8 * torch.rand(loc.shape, generator=gen, dtype=loc.dtype)  # in (W - 1.9, W - 0.1)
+    loc = (pixel + 0.5) / extent
+    keep = torch.zeros(value.shape[1], dtype=torch.bool)
+    for (h, w), start in zip(shapes, level_start_index.tolist(), strict=True):
+        for row in (h - 2, h - 1):
+            keep[start + row * w + w - 2 : start + row * w + w] = True
+    value = value.masked_fill(~keep[None, :, None, None], float("nan"))
+    inputs = (value, spatial_shapes, level_start_index, loc, weights)
+    assert (queries * 2 * 2 >= value.shape[1]) == (queries == 20)
+    out, grads = output_and_grads(ms_deform_attn, inputs)
+    assert out.isfinite().all() and all(g.isfinite().all() for g in grads)
+    ref, ref_grads = reference_output_and_grads(inputs, random_grad(out))
+    assert_close_scaled(out, ref, RTOL[value.dtype], "output")
+    for name, g, r in zip(("value", "sampling_locations", "attention_weights"), grads, ref_grads, strict=True):
+        assert_close_scaled(g, r, RTOL[value.dtype], f"grad of {name}")
+
+
+@requires_native
 def test_many_queries_on_a_tall_first_level_match_reference():
     # A first level 2000 x 1 with 125 queries x 16 points: many queries (Lq * L * P >= S), but more order keys
     # than rows, which the CPU kernels sort by comparison rather than by counting. float64: in float32 a

@@ -2,8 +2,9 @@
 //
 // Layout: value (N, S, M, D) is walked as contiguous D-vectors, so every bilinear corner is one
 // contiguous run of D channels and the inner loops vectorise over D. With many queries (encoder
-// self-attention) both kernels work on a head-major copy (N, M, S, D), one head's map at a time, and visit
-// queries in spatial order (see many_queries). The forward is parallel over (query, head) items. The
+// self-attention) both kernels work on a head-major copy (N, M, S + 1, D), one head's map at a time, and visit
+// queries in spatial order (see many_queries); the extra row of each head is zeros, and corners outside the map
+// read it instead of being skipped, so the gathers take no data-dependent branch. The forward is parallel over (query, head) items. The
 // backward is parallel over (batch, head) pairs: each pair owns its slice of grad_value, so the scatter
 // needs no atomics and its summation order is fixed, which makes it deterministic.
 
@@ -21,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -130,7 +132,16 @@ struct Inputs {
   const LevelTable<opmath_t>* table;
   MSDASizes s;
   const int64_t* order = nullptr;  // the (N * Lq) query rows in visiting order (null: in order)
-  bool head_major = false;         // value laid out (N, M, S, D) instead of (N, S, M, D)
+  bool head_major = false;         // value laid out (N, M, S + 1, D), row S of each head zeros (head_major_copy)
+
+  // Element offset of head m of batch element n's first value row.
+  int64_t head_offset(int64_t n, int64_t m) const {
+    return head_major ? (n * s.heads + m) * (s.spatial + 1) * s.channels : (n * s.spatial * s.heads + m) * s.channels;
+  }
+  // Elements between the value rows of consecutive spatial positions of one head.
+  int64_t row_stride() const { return head_major ? s.channels : s.heads * s.channels; }
+  // What a corner outside the map gets as its offset: the head's row of zeros, or -1 (skipped) without one.
+  int64_t outside_offset() const { return head_major ? s.spatial * s.channels : -1; }
 };
 
 // Starts loading [p, p + bytes) into the cache.
@@ -159,10 +170,10 @@ C10_ALWAYS_INLINE void axpy(opmath_t* __restrict__ acc, const scalar_t* __restri
 }
 
 // where[k][i]: the element offset of corner k of block slot i from the head's value pointer, for value rows
-// `stride` elements apart.
+// `stride` elements apart; `outside` for a corner outside the map (see Inputs::outside_offset).
 template <typename opmath_t>
 C10_ALWAYS_INLINE void corner_offsets(const LevelTable<opmath_t>& t, const CornerBlock<opmath_t>& b, int64_t first,
-                                      int64_t count, int64_t stride, int64_t (&where)[4][kBlock]) {
+                                      int64_t count, int64_t stride, int64_t outside, int64_t (&where)[4][kBlock]) {
   for (int64_t i = 0; i < count; ++i) {
     const int64_t top = (t.start[first + i] + b.offset[i]) * stride;
     const int64_t bottom = top + t.width_int[first + i] * stride;
@@ -171,18 +182,21 @@ C10_ALWAYS_INLINE void corner_offsets(const LevelTable<opmath_t>& t, const Corne
     where[2][i] = bottom;
     where[3][i] = bottom + stride;
   }
+  for (int k = 0; k < 4; ++k) {
+    for (int64_t i = 0; i < count; ++i) where[k][i] = b.inside[k][i] != opmath_t(0) ? where[k][i] : outside;
+  }
 }
 
-// One (query, head): out[0:D] = sum over levels and points of weight * bilinear(value).
-template <int kD, typename scalar_t, typename opmath_t>
+// One (query, head): out[0:D] = sum over levels and points of weight * bilinear(value). kSlots > 0 is the
+// number of (level, point) slots known at compile time (the loops over slots then unroll), 0 any number.
+template <int kD, int kSlots, typename scalar_t, typename opmath_t>
 C10_ALWAYS_INLINE void forward_head(const Inputs<scalar_t, opmath_t>& in, const scalar_t* value_nm, int64_t point0,
                                     opmath_t* acc, scalar_t* out) {
   const auto& s = in.s;
   const auto& t = *in.table;
   const int64_t D = kD > 0 ? kD : s.channels;
-  const int64_t stride = in.head_major ? s.channels : s.heads * s.channels;  // between spatial positions of one head
   for (int64_t i = 0; i < D; ++i) acc[i] = opmath_t(0);
-  const int64_t total = s.levels * s.points;
+  const int64_t total = kSlots > 0 ? kSlots : s.levels * s.points;
   CornerBlock<opmath_t> b;
   for (int64_t first = 0; first < total; first += kBlock) {
     const int64_t count = std::min(kBlock, total - first);
@@ -191,7 +205,7 @@ C10_ALWAYS_INLINE void forward_head(const Inputs<scalar_t, opmath_t>& in, const 
     // slots, so that the gather below is a test, a broadcast and D / 8 multiply-adds per corner.
     alignas(64) int64_t where[4][kBlock];
     alignas(64) opmath_t scale[4][kBlock];
-    corner_offsets(t, b, first, count, stride, where);
+    corner_offsets(t, b, first, count, in.row_stride(), in.outside_offset(), where);
     const opmath_t* weights = in.weights + point0 + first;
     for (int64_t i = 0; i < count; ++i) {
       for (int k = 0; k < 4; ++k) scale[k][i] = weights[i] * b.bilinear[k][i];
@@ -203,9 +217,12 @@ C10_ALWAYS_INLINE void forward_head(const Inputs<scalar_t, opmath_t>& in, const 
         __builtin_prefetch(value_nm + where[2][i]);
       }
     }
+    // Head-major: every corner passes the test (outside ones read the zero row with scale 0), so the branch is
+    // always predicted; an outside corner costs a multiply-add, a mispredicted branch cost more. The test stays:
+    // without it GCC 12 vectorises this loop across corners and leaves the multiply-adds scalar.
     for (int64_t i = 0; i < count; ++i) {
       for (int k = 0; k < 4; ++k) {
-        if (b.inside[k][i] != opmath_t(0)) axpy<kD>(acc, value_nm + where[k][i], scale[k][i], D);
+        if (where[k][i] >= 0) axpy<kD>(acc, value_nm + where[k][i], scale[k][i], D);
       }
     }
   }
@@ -223,7 +240,7 @@ struct Accumulator {
 };
 
 // Output rows [begin, end) of the flattened (N * Lq) queries.
-template <int kD, typename scalar_t, typename opmath_t>
+template <int kD, int kSlots, typename scalar_t, typename opmath_t>
 C10_ALWAYS_INLINE void forward_rows(const Inputs<scalar_t, opmath_t>& in, scalar_t* out, int64_t begin, int64_t end) {
   const auto& s = in.s;
   Accumulator<kD, opmath_t> accumulator(s.channels);
@@ -232,8 +249,7 @@ C10_ALWAYS_INLINE void forward_rows(const Inputs<scalar_t, opmath_t>& in, scalar
     const int64_t row = in.order != nullptr ? in.order[index] : index;
     const int64_t n = row / s.queries;
     for (int64_t m = 0; m < s.heads; ++m) {
-      const scalar_t* value_nm = in.value + (n * s.spatial * s.heads + m) * s.channels;
-      forward_head<kD>(in, value_nm, (row * s.heads + m) * s.levels * s.points, acc,
+      forward_head<kD, kSlots>(in, in.value + in.head_offset(n, m), (row * s.heads + m) * s.levels * s.points, acc,
                        out + (row * s.heads + m) * s.channels);
     }
   }
@@ -243,7 +259,7 @@ C10_ALWAYS_INLINE void forward_rows(const Inputs<scalar_t, opmath_t>& in, scalar
 // queries of each (batch, head) in visiting order; value is (N, M, S, D), so one head's map (a few MB at most
 // for detection sizes) is what the gathers of consecutive items touch, and it stays in L2. The per-item inputs
 // are then rows s.heads apart, which the hardware does not fetch ahead: `prefetch_span` does.
-template <int kD, typename scalar_t, typename opmath_t>
+template <int kD, int kSlots, typename scalar_t, typename opmath_t>
 C10_ALWAYS_INLINE void forward_items(const Inputs<scalar_t, opmath_t>& in, scalar_t* out, int64_t begin, int64_t end) {
   const auto& s = in.s;
   Accumulator<kD, opmath_t> accumulator(s.channels);
@@ -260,35 +276,44 @@ C10_ALWAYS_INLINE void forward_items(const Inputs<scalar_t, opmath_t>& in, scala
       prefetch_item_inputs(in, ahead);
       prefetch_span(out + ahead * s.channels, s.channels * sizeof(scalar_t));
     }
-    const scalar_t* value_nm = in.value + nm * s.spatial * s.channels;
-    forward_head<kD>(in, value_nm, (row * s.heads + m) * slots, acc, out + (row * s.heads + m) * s.channels);
+    forward_head<kD, kSlots>(in, in.value + in.head_offset(n, m), (row * s.heads + m) * slots, acc,
+                             out + (row * s.heads + m) * s.channels);
   }
 }
 
 // The forward of work items [begin, end): (query, head) items in head-major calls, query rows otherwise.
-template <int kD, typename scalar_t, typename opmath_t>
+template <int kD, int kSlots, typename scalar_t, typename opmath_t>
 C10_ALWAYS_INLINE void forward_work(const Inputs<scalar_t, opmath_t>& in, scalar_t* out, int64_t begin, int64_t end) {
   if (in.head_major) {
-    forward_items<kD>(in, out, begin, end);
+    forward_items<kD, kSlots>(in, out, begin, end);
   } else {
-    forward_rows<kD>(in, out, begin, end);
+    forward_rows<kD, kSlots>(in, out, begin, end);
   }
 }
 
-// Common head sizes get a compile-time channel count; any other size takes the generic loop.
+// Common head sizes get a compile-time channel count, and with it Deformable-DETR's 16 (level, point) slots
+// (4 levels x 4 points) a compile-time slot count; any other size takes the generic loop.
+template <int kD, typename scalar_t, typename opmath_t>
+C10_ALWAYS_INLINE void forward_slots(const Inputs<scalar_t, opmath_t>& in, scalar_t* out, int64_t begin,
+                                     int64_t end) {
+  if (in.s.levels * in.s.points == 16) return forward_work<kD, 16>(in, out, begin, end);
+  forward_work<kD, 0>(in, out, begin, end);
+}
+
 template <typename scalar_t, typename opmath_t>
 C10_ALWAYS_INLINE void forward_any(const Inputs<scalar_t, opmath_t>& in, scalar_t* out, int64_t begin, int64_t end) {
   switch (in.s.channels) {
-    case 16: return forward_work<16>(in, out, begin, end);
-    case 32: return forward_work<32>(in, out, begin, end);
-    case 64: return forward_work<64>(in, out, begin, end);
-    default: return forward_work<0>(in, out, begin, end);
+    case 16: return forward_slots<16>(in, out, begin, end);
+    case 32: return forward_slots<32>(in, out, begin, end);
+    case 64: return forward_slots<64>(in, out, begin, end);
+    default: return forward_work<0, 0>(in, out, begin, end);
   }
 }
 
 template <typename opmath_t>
 struct GradOutputs {
-  opmath_t* value;      // laid out like Inputs::value (see Inputs::head_major), accumulated in opmath_t
+  opmath_t* value;      // laid out like Inputs::value (see Inputs::head_major), accumulated in opmath_t; a
+                        // head-major call's zero rows collect the outside corners' (zero) scatter, discarded
   opmath_t* locations;  // (N, Lq, M, L, P, 2)
   opmath_t* weights;    // (N, Lq, M, L, P)
 };
@@ -360,14 +385,13 @@ C10_ALWAYS_INLINE void backward_head(const Inputs<scalar_t, opmath_t>& in, const
   const auto& s = in.s;
   const auto& t = *in.table;
   const int64_t D = kD > 0 ? kD : s.channels;
-  const int64_t stride = in.head_major ? D : s.heads * D;  // between spatial positions of one head
   const int64_t total = s.levels * s.points;
   CornerBlock<opmath_t> b;
   for (int64_t first = 0; first < total; first += kBlock) {
     const int64_t count = std::min(kBlock, total - first);
     compute_corners<scalar_t>(in.locations + 2 * point0, t, first, count, b);
     alignas(64) int64_t where[4][kBlock];
-    corner_offsets(t, b, first, count, stride, where);
+    corner_offsets(t, b, first, count, in.row_stride(), in.outside_offset(), where);
     const opmath_t* weights = in.weights + point0 + first;
     alignas(64) opmath_t dots[4][kBlock];  // grad . value at each corner (0 outside the map)
 #if DEFORMABLE_VECTOR_SUMS
@@ -376,7 +400,7 @@ C10_ALWAYS_INLINE void backward_head(const Inputs<scalar_t, opmath_t>& in, const
       alignas(64) float partial[kBlock][4][8];
       for (int64_t i = 0; i < count; ++i) {
         for (int k = 0; k < 4; ++k) {
-          if (b.inside[k][i] == opmath_t(0)) {
+          if (where[k][i] < 0) {
             for (int j = 0; j < 8; ++j) partial[i][k][j] = 0.0f;
           } else {
             dot_partial_and_scatter<kD>(grad, value_nm + where[k][i], grad_value_nm + where[k][i],
@@ -395,7 +419,7 @@ C10_ALWAYS_INLINE void backward_head(const Inputs<scalar_t, opmath_t>& in, const
     {
       for (int64_t i = 0; i < count; ++i) {
         for (int k = 0; k < 4; ++k) {
-          dots[k][i] = b.inside[k][i] == opmath_t(0)
+          dots[k][i] = where[k][i] < 0
                            ? opmath_t(0)
                            : dot_and_scatter<kD>(grad, value_nm + where[k][i], grad_value_nm + where[k][i],
                                                  weights[i] * b.bilinear[k][i], D);
@@ -436,7 +460,7 @@ C10_ALWAYS_INLINE void backward_heads(const Inputs<scalar_t, opmath_t>& in, cons
   std::vector<opmath_t> grad(D);
   for (int64_t nm = begin; nm < end; ++nm) {
     const int64_t n = nm / s.heads, m = nm % s.heads;
-    const int64_t head_offset = in.head_major ? nm * s.spatial * D : (n * s.spatial * s.heads + m) * D;
+    const int64_t head_offset = in.head_offset(n, m);
     const int64_t slots = s.levels * s.points;
     for (int64_t q = 0; q < s.queries; ++q) {
       const int64_t index = n * s.queries + q;
@@ -619,17 +643,47 @@ at::Tensor scratch_tensor(Scratch which, at::IntArrayRef sizes, const at::Tensor
   return at::from_blob(buffers[static_cast<int>(which)].get(bytes), sizes, options);
 }
 
-// dst[n] = src[n] with dims 1 and 2 swapped, for each n: (N, A, B, D) -> (N, B, A, D). One copy per batch
-// element: on the 4-d tensor the strided copy picks a slower loop order.
-void copy_swapping_dims_1_2(at::Tensor& dst, const at::Tensor& src) {
-  for (int64_t n = 0; n < src.size(0); ++n) dst[n].copy_(src[n].transpose(0, 1));
+// dst[n] = src[n] with dims 1 and 2 swapped, for each n: (N, A, B, D) -> (N, B, A, D). Both must have D
+// contiguous. Same dtype: one memcpy per D-row, in parallel over src's (n, a), reading src in order (half the
+// time of ATen's strided copy). Otherwise (a dtype conversion) ATen's copy, one batch element at a time: on the
+// 4-d tensor the strided copy picks a slower loop order.
+void copy_swapping_dims_1_2(const at::Tensor& dst, const at::Tensor& src) {
+  const int64_t A = src.size(1), B = src.size(2), D = src.size(3);
+  if (dst.scalar_type() != src.scalar_type() || src.stride(3) != 1 || dst.stride(3) != 1) {
+    for (int64_t n = 0; n < src.size(0); ++n) dst[n].copy_(src[n].transpose(0, 1));
+    return;
+  }
+  const int64_t item = src.element_size();
+  char* to = static_cast<char*>(dst.data_ptr());
+  const char* from = static_cast<const char*>(src.data_ptr());
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, B * D * item));
+  at::parallel_for(0, src.size(0) * A, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t na = begin; na < end; ++na) {
+      const int64_t n = na / A, a = na % A;
+      for (int64_t b = 0; b < B; ++b) {
+        std::memcpy(to + (n * dst.stride(0) + b * dst.stride(1) + a * dst.stride(2)) * item,
+                    from + (n * src.stride(0) + a * src.stride(1) + b * src.stride(2)) * item, D * item);
+      }
+    }
+  });
 }
 
-// value (N, S, M, D) as a contiguous (N, M, S, D) tensor in this thread's scratch memory.
+// A head-major scratch tensor (N, M, S + 1, D) for value of shape (N, S, M, D), of dtype `options`, uninitialised.
+at::Tensor head_major_scratch(Scratch which, const at::Tensor& value, const at::TensorOptions& options) {
+  return scratch_tensor(which, {value.size(0), value.size(2), value.size(1) + 1, value.size(3)}, options);
+}
+
+// The first S rows of each head of a head-major tensor (N, M, S + 1, D): (N, M, S, D).
+at::Tensor without_zero_rows(const at::Tensor& head_major) {
+  return head_major.narrow(2, 0, head_major.size(2) - 1);
+}
+
+// value (N, S, M, D) as a head-major (N, M, S + 1, D) tensor in this thread's scratch memory, row S of every
+// head zeros (see Inputs::head_major).
 at::Tensor head_major_copy(const at::Tensor& value) {
-  auto copy = scratch_tensor(Scratch::kValue, {value.size(0), value.size(2), value.size(1), value.size(3)},
-                             value.options());
-  copy_swapping_dims_1_2(copy, value);
+  auto copy = head_major_scratch(Scratch::kValue, value, value.options());
+  copy_swapping_dims_1_2(without_zero_rows(copy), value);
+  copy.select(2, value.size(1)).zero_();
   return copy;
 }
 
@@ -709,10 +763,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   // transposes, and queries go in spatial order. With few queries (decoder) the copies would dominate, so the
   // input layout and query order are kept.
   const bool head_major = many_queries(s);
-  auto grad_value =
-      head_major ? scratch_tensor(Scratch::kGradValue, {s.batch, s.heads, s.spatial, s.channels},
-                                  value.options().dtype(opmath)).zero_()
-                 : at::zeros(value.sizes(), value.options().dtype(opmath));
+  auto grad_value = head_major ? head_major_scratch(Scratch::kGradValue, value, value.options().dtype(opmath)).zero_()
+                                : at::zeros(value.sizes(), value.options().dtype(opmath));
   // The kernel writes every element of these two when it runs.
   const bool run = grad_output.numel() > 0 && s.spatial > 0;
   auto grad_locations = run ? at::empty(sampling_locations.sizes(), sampling_locations.options())
@@ -741,7 +793,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   if (!head_major && grad_value.scalar_type() == value.scalar_type()) return {grad_value, grad_locations, grad_weights};
   auto grad_value_out = at::empty(value.sizes(), value.options().memory_format(at::MemoryFormat::Contiguous));
   if (head_major) {
-    copy_swapping_dims_1_2(grad_value_out, grad_value);
+    copy_swapping_dims_1_2(grad_value_out, without_zero_rows(grad_value));
   } else {
     grad_value_out.copy_(grad_value);
   }
