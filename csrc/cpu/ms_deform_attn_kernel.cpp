@@ -256,7 +256,7 @@ C10_ALWAYS_INLINE void forward_rows(const Inputs<scalar_t, opmath_t>& in, scalar
 }
 
 // Head-major forward (encoder self-attention): work items [begin, end) of the flattened (N * M, Lq), the
-// queries of each (batch, head) in visiting order; value is (N, M, S, D), so one head's map (a few MB at most
+// queries of each (batch, head) in visiting order; value is (N, M, S + 1, D), so one head's map (a few MB at most
 // for detection sizes) is what the gathers of consecutive items touch, and it stays in L2. The per-item inputs
 // are then rows s.heads apart, which the hardware does not fetch ahead: `prefetch_span` does.
 template <int kD, int kSlots, typename scalar_t, typename opmath_t>
@@ -759,7 +759,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   TORCH_CHECK(value.device().is_cpu(), "ms_deform_attn_backward: the CPU kernel got value on ", value.device());
   const auto opmath = sampling_locations.scalar_type();
   // With many queries per position (encoder self-attention) each (batch, head) task touches most of its
-  // slice: head-major (N, M, S, D) copies make that slice one contiguous block, which pays for the two
+  // slice: head-major (N, M, S + 1, D) copies make that slice one contiguous block, which pays for the two
   // transposes, and queries go in spatial order. With few queries (decoder) the copies would dominate, so the
   // input layout and query order are kept.
   const bool head_major = many_queries(s);
