@@ -250,7 +250,7 @@ C10_ALWAYS_INLINE void forward_rows(const Inputs<scalar_t, opmath_t>& in, scalar
     const int64_t n = row / s.queries;
     for (int64_t m = 0; m < s.heads; ++m) {
       forward_head<kD, kSlots>(in, in.value + in.head_offset(n, m), (row * s.heads + m) * s.levels * s.points, acc,
-                       out + (row * s.heads + m) * s.channels);
+                               out + (row * s.heads + m) * s.channels);
     }
   }
 }
@@ -644,9 +644,9 @@ at::Tensor scratch_tensor(Scratch which, at::IntArrayRef sizes, const at::Tensor
 }
 
 // dst[n] = src[n] with dims 1 and 2 swapped, for each n: (N, A, B, D) -> (N, B, A, D). Both must have D
-// contiguous. Same dtype: one memcpy per D-row, in parallel over src's (n, a), reading src in order (half the
-// time of ATen's strided copy). Otherwise (a dtype conversion) ATen's copy, one batch element at a time: on the
-// 4-d tensor the strided copy picks a slower loop order.
+// contiguous. Same dtype: one memcpy per D-row, in parallel over src's (n, a), reading src in order (a little
+// faster than ATen's strided copy here). Otherwise (a dtype conversion) ATen's copy, one batch element at a time:
+// on the 4-d tensor the strided copy picks a slower loop order.
 void copy_swapping_dims_1_2(const at::Tensor& dst, const at::Tensor& src) {
   const int64_t A = src.size(1), B = src.size(2), D = src.size(3);
   if (dst.scalar_type() != src.scalar_type() || src.stride(3) != 1 || dst.stride(3) != 1) {
