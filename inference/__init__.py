@@ -1,7 +1,9 @@
 """Detection on image files: reading and preparing images, loading a detector, class names, COCO results."""
 
+from models.device import resolve_device
+
 from .images import IMAGE_EXTENSIONS, ImageError, list_images, prepare_batch, read_image
-from .predictor import class_names, detect, load_detector, resolve_device
+from .predictor import class_names, detect, load_detector
 
 __all__ = [
     "IMAGE_EXTENSIONS",

@@ -1,7 +1,7 @@
 """Image files -> model input: listing, reading (clear errors naming the file), the validation resize/normalise.
 
-The resize and normalisation are the validation transforms of :mod:`training.transforms` and the padding is
-:func:`training.data.collate`, so a tool sees exactly what evaluation sees.
+The resize and normalisation are the validation transforms of :mod:`deformable.data.transforms` and the padding is
+:func:`deformable.data.collate`, so a tool sees exactly what evaluation sees.
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ import numpy as np
 import torch
 from torchvision import tv_tensors
 
+from deformable.data import build_transforms, collate
 from models.config import DataConfig
-from training.data import collate
-from training.transforms import build_transforms
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 

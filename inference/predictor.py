@@ -2,95 +2,46 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
 import warnings
-from collections.abc import Mapping
-from typing import Any
 
 import torch
 from torch import nn
 
-from models import build_detector, load_checkpoint
-from models.checkpoint import read_checkpoint_file
+import models
+from deformable.data import dataset_class_names
+from models.checkpoint import Checkpoint
 from models.config import Config, ConfigError, config_from_dict
-from training.data import annotation_file
-from training.shapes import CATEGORIES as SHAPES_CATEGORIES
-
-DEVICES = ("auto", "cpu", "cuda")
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` (CUDA when available), ``cpu`` or ``cuda``; asking for CUDA without one is an error."""
-    if name not in DEVICES:
-        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {name!r}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda was asked for but torch sees no CUDA device")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+def load_detector(
+    cfg: Config, checkpoint: str | Checkpoint | None, device: torch.device
+) -> tuple[nn.Module, Checkpoint | None]:
+    """The detector of ``cfg.model`` in eval mode on ``device`` with the weights of ``checkpoint`` (any format
+    :func:`models.read_checkpoint` reads; it must fit ``cfg.model``, class count included).
 
-
-def read_checkpoint(path: str) -> dict[str, Any]:
-    """Any dict with a ``model`` entry (ours, or the original's with its ``argparse.Namespace`` args), read on the
-    CPU with ``weights_only=True``.
-
-    Raises:
-        FileNotFoundError: no such file. ValueError: unreadable, or no ``model`` entry (the file named).
+    Without a checkpoint the weights are random (a warning says so): useful to debug the tools only. The backbone is
+    never downloaded: the checkpoint holds it.
     """
-    state = read_checkpoint_file(path)
-    if not isinstance(state, Mapping) or not isinstance(state.get("model"), Mapping):
-        raise ValueError(f"checkpoint {path} holds no 'model' state dict")
-    return dict(state)
-
-
-def load_detector(cfg: Config, checkpoint: str | None, device: torch.device) -> tuple[nn.Module, dict | None]:
-    """The detector of ``cfg.model`` in eval mode on ``device``, with the weights of ``checkpoint``.
-
-    Without a checkpoint the weights are random (a warning says so): useful to debug the tools only. The
-    backbone is never downloaded: the checkpoint holds it.
-
-    Returns:
-        ``(model, checkpoint dict or None)``.
-    """
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained_backbone=False))
-    model = build_detector(cfg)
-    state = None
     if checkpoint is None:
         warnings.warn("no checkpoint given: the detector is randomly initialised (debugging only)", stacklevel=2)
-    else:
-        state = read_checkpoint(checkpoint)
-        try:
-            load_checkpoint(model, state)
-        except ValueError as exc:
-            raise ValueError(f"checkpoint {checkpoint}: {exc}") from exc
-    return model.eval().to(device), state
+    model, checkpoint = models.load_detector(cfg, checkpoint)
+    return model.to(device), checkpoint
 
 
 def _categories(cfg: Config) -> dict[int, str]:
-    """Category id -> name from the data set of ``cfg.data`` (annotation file, or the synthetic shapes' list)."""
-    data = cfg.data
-    for split in (data.val_split, data.train_split):
-        path = annotation_file(data.root, split)
-        if os.path.isfile(path):
-            try:
-                with open(path, encoding="utf-8") as f:
-                    return {int(c["id"]): str(c["name"]) for c in json.load(f).get("categories", [])}
-            except (OSError, ValueError, KeyError, TypeError, AttributeError):
-                continue  # an unreadable annotation file only costs the names
-    if data.synthetic == "shapes":
-        return {i + 1: name for i, name in enumerate(SHAPES_CATEGORIES)}
-    return {}
+    """Category id -> name from the data set of ``cfg.data`` in any layout (or the synthetic shapes' list)."""
+    return dataset_class_names(cfg.data)
 
 
-def class_names(cfg: Config, checkpoint: Mapping | None = None) -> dict[int, str]:
-    """Category id -> name: from the checkpoint's saved config when it has one, else ``cfg``; empty when neither
-    data set can be found (callers then show numeric ids)."""
-    saved = checkpoint.get("config") if checkpoint is not None else None
-    if isinstance(saved, Mapping):
+def class_names(cfg: Config, checkpoint: Checkpoint | None = None) -> dict[int, str]:
+    """Category id -> name: the checkpoint's own names (this project's checkpoints, transformers' ``id2label``, COCO
+    for the original's), else those of the data set of its saved config, else of ``cfg``'s; empty when none is
+    found (callers then show numeric ids)."""
+    if checkpoint is not None and checkpoint.class_names:
+        return dict(checkpoint.class_names)
+    if checkpoint is not None and checkpoint.config is not None:
         try:
-            names = _categories(config_from_dict(saved))
+            names = _categories(config_from_dict(checkpoint.config))
         except ConfigError:
             names = {}
         if names:

@@ -10,10 +10,10 @@ import cv2
 import torch
 from tqdm import tqdm
 
+from deformable.data import dataset_image_ids
 from models import build_postprocessor
 from models.config import Config
 from training.coco_eval import to_coco_results
-from training.data import annotation_file
 from viz.detections import draw_detections
 
 from .images import prepare_batch, read_image
@@ -21,14 +21,9 @@ from .predictor import class_names, detect, load_detector
 
 
 def image_ids(paths: Sequence[str], cfg: Config) -> dict[str, int]:
-    """Path -> image id: the id of the same file name in the data set's annotation file (so the results can be
-    scored against it), else its position (1-based) in ``paths``."""
-    known: dict[str, int] = {}
-    for split in (cfg.data.val_split, cfg.data.train_split):
-        path = annotation_file(cfg.data.root, split)
-        if not known and os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                known = {img["file_name"]: int(img["id"]) for img in json.load(f).get("images", [])}
+    """Path -> image id: the id of the same file name in the data set of ``cfg.data`` (any layout, so the results
+    can be scored against it), else its position (1-based) in ``paths``."""
+    known = dataset_image_ids(cfg.data)
     ids = {p: known.get(os.path.basename(p), i + 1) for i, p in enumerate(paths)}
     return ids if len(set(ids.values())) == len(ids) else {p: i + 1 for i, p in enumerate(paths)}
 

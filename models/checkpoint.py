@@ -1,176 +1,217 @@
-"""Loading detector weights: official or own checkpoints, with class heads re-initialised for another class count."""
+"""Checkpoints: one reader for every format a user may hold, one writer, and what a checkpoint says about its model.
+
+:func:`read_checkpoint` reads, on the CPU and without unpickling anything but tensors and plain containers:
+
+- ``project``: this project's checkpoint, ``{model, config, class_names, optimizer, lr_scheduler, epoch, ...}``;
+- ``original``: the authors' release format, ``{model, optimizer, lr_scheduler, epoch, args}`` whose ``args`` is an
+  ``argparse.Namespace`` (the one class allowed besides torch's own);
+- ``state_dict``: a bare state_dict, or a dict whose only weights are its ``model`` entry (``.pth`` or
+  ``.safetensors``);
+- ``hf``: a Hugging Face transformers Deformable DETR folder (``config.json`` + ``model.safetensors`` or
+  ``pytorch_model.bin``), or one of those weight files with ``config.json`` beside it; names are mapped onto the
+  original's state_dict (:mod:`models.hf_format`).
+
+Whatever the format, the result is a :class:`Checkpoint`: the state_dict in the original's key names, the model
+options the file states (its config, its ``args``, its ``config.json``, and what the weights' shapes show) and the
+class names it carries. :func:`save_checkpoint` writes atomically (:mod:`models.files`).
+"""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import re
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any, BinaryIO
 
 import torch
-from torch import nn
 
-from .heads import reset_class_head
+from .coco_classes import COCO_CLASSES
+from .files import atomic_write
 
-logger = logging.getLogger(__name__)
+FORMATS = ("project", "original", "state_dict", "hf")
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # transformers' file names, read with config.json beside
+EXPECTED = (
+    "expected this project's checkpoint, an original Deformable-DETR checkpoint (.pth with 'model' and 'args'), a "
+    "state_dict, or a transformers folder (config.json + model.safetensors or pytorch_model.bin)"
+)
+# ModelConfig fields an original checkpoint's argparse ``args`` carries under the same names.
+ORIGINAL_ARGS = (
+    "backbone",
+    "dilation",
+    "position_embedding",
+    "num_feature_levels",
+    "enc_layers",
+    "dec_layers",
+    "dim_feedforward",
+    "hidden_dim",
+    "dropout",
+    "nheads",
+    "num_queries",
+    "enc_n_points",
+    "dec_n_points",
+    "with_box_refine",
+    "two_stage",
+    "aux_loss",
+)
 
-# Keys of the class heads, which legitimately differ in shape when fine-tuning on another class count.
-CLASS_HEAD_KEY = re.compile(r"^(transformer\.decoder\.)?class_embed\.\d+\.(weight|bias)$")
-MAX_KEYS_SHOWN = 8
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message names the file."""
 
 
 @dataclass
-class LoadResult:
-    """What :func:`load_checkpoint` did.
+class Checkpoint:
+    """What a checkpoint file holds, whatever its format.
 
     Attributes:
-        loaded: model keys set from the checkpoint.
-        reinitialised: class-head keys whose checkpoint shape differed; those heads were re-initialised.
-        missing: model keys the checkpoint lacked (only when ``strict=False``).
-        unexpected: checkpoint keys the model lacks, ignored (only when ``strict=False``).
-        mismatched: other keys whose shapes differ, ignored (only when ``strict=False``).
+        path: the file or folder read.
+        format: one of :data:`FORMATS`.
+        model: the state_dict in the original's key names (a ``module.`` prefix removed).
+        options: ``ModelConfig`` fields the checkpoint states, e.g. ``{"two_stage": True, "num_classes": 91}``.
+        class_names: category id (the label) -> name, empty when the checkpoint has none.
+        config: a project checkpoint's whole resolved config (a plain dict), else None.
+        entries: the file's other top-level entries (``optimizer``, ``lr_scheduler``, ``epoch``, ``rng``, ...).
     """
 
-    loaded: list[str] = field(default_factory=list)
-    reinitialised: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    mismatched: list[str] = field(default_factory=list)
-
-    @property
-    def dropped(self) -> list[str]:
-        """Checkpoint keys that were not used."""
-        return self.reinitialised + self.unexpected + self.mismatched
+    path: str
+    format: str
+    model: dict[str, torch.Tensor]
+    options: dict[str, Any] = field(default_factory=dict)
+    class_names: dict[int, str] = field(default_factory=dict)
+    config: dict[str, Any] | None = None
+    entries: dict[str, Any] = field(default_factory=dict)
 
 
-def read_checkpoint_file(path: str | os.PathLike) -> object:
-    """``torch.load`` of a checkpoint file on the CPU with ``weights_only=True``; the original's checkpoints carry
-    their ``argparse.Namespace`` ``args``, so that one plain container is allowed.
+def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Reads a checkpoint of any format in :data:`FORMATS` (see the module docstring).
 
     Raises:
-        FileNotFoundError: no such file. ValueError: unreadable (pickle, zip and weights_only errors; the file named).
+        FileNotFoundError: no such file or folder.
+        CheckpointError: corrupt, truncated or foreign content; the message names the file and what was expected.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    beside = os.path.join(os.path.dirname(path), "config.json")
+    if os.path.isdir(path) or (os.path.basename(path) in HF_WEIGHTS and os.path.isfile(beside)):
+        return _read_hf(path)
+    if path.endswith(".safetensors"):
+        return _from_dict(_load_safetensors(path), path)
+    return _from_dict(_torch_load(path), path)
+
+
+def _torch_load(path: str) -> Any:
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and weights_only errors all mean "not a usable checkpoint"
-        raise ValueError(f"could not read checkpoint {path}: {type(exc).__name__}: {str(exc)[:300]}") from exc
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or not a PyTorch checkpoint ({type(exc).__name__}: {str(exc)[:300]}); "
+            f"{EXPECTED}"
+        ) from exc
 
 
-def _read(source: str | os.PathLike | Mapping) -> Mapping:
-    if isinstance(source, (str, os.PathLike)):
-        source = read_checkpoint_file(source)
-    if not isinstance(source, Mapping):
-        raise TypeError(f"a checkpoint must be a path or a dict, got {type(source).__name__}")
-    state = source["model"] if isinstance(source.get("model"), Mapping) else source
-    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+def _load_safetensors(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device="cpu")
+    except Exception as exc:  # safetensors raises its own error types for torn headers and data
+        raise CheckpointError(f"checkpoint {path} is not a readable safetensors file ({exc}); {EXPECTED}") from exc
+
+
+def _read_hf(path: str) -> Checkpoint:
+    from . import hf_format  # imported here so that plain checkpoints never need transformers' layout code
+
+    try:
+        state, hf_config = hf_format.read_hf(path)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"checkpoint {path}: {exc}; {EXPECTED}") from exc
+    options = {**options_from_weights(state), **hf_format.model_overrides_from_hf(hf_config)}
+    return Checkpoint(path, "hf", state, options, hf_format.class_names_from_hf(hf_config))
+
+
+def state_dict_of(content: Any, path: str) -> dict[str, torch.Tensor]:
+    """The state_dict in a loaded checkpoint: its ``model`` entry, or the whole dict when every value is a tensor.
+
+    Raises:
+        CheckpointError: no state_dict there (the file and the keys found named).
+    """
+    found = _describe(content)
+    if isinstance(content, Mapping) and isinstance(content.get("model"), Mapping):
+        content = content["model"]
+    if not isinstance(content, Mapping) or not content:
+        raise CheckpointError(f"checkpoint {path} holds no 'model' state dict (found {found}); {EXPECTED}")
+    bad = [str(k) for k, v in content.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise ValueError(f"checkpoint is not a state_dict: entries {_show(bad)} are not tensors")
-    if state and all(k.startswith("module.") for k in state):  # saved from a DistributedDataParallel wrapper
+        raise CheckpointError(
+            f"checkpoint {path} holds no 'model' state dict: entries {', '.join(bad[:8])} are not tensors; {EXPECTED}"
+        )
+    state = {str(k): v for k, v in content.items()}
+    if all(k.startswith("module.") for k in state):  # saved from a DistributedDataParallel wrapper
         state = {k[len("module.") :]: v for k, v in state.items()}
     return state
 
 
-def _show(keys: list[str]) -> str:
-    shown = ", ".join(keys[:MAX_KEYS_SHOWN])
-    return shown + (f" and {len(keys) - MAX_KEYS_SHOWN} more" if len(keys) > MAX_KEYS_SHOWN else "")
+def _describe(content: Any) -> str:
+    if isinstance(content, Mapping):
+        return "keys " + (", ".join(map(str, list(content)[:10])) or "none")
+    return f"a {type(content).__name__}"
 
 
-def _alias_groups(model: nn.Module) -> list[list[str]]:
-    """Groups of state_dict keys that are the same tensor (shared heads registered under several names)."""
-    groups: dict[tuple[int, int, tuple[int, ...]], list[str]] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        groups.setdefault((tensor.data_ptr(), tensor.storage_offset(), tuple(tensor.shape)), []).append(name)
-    return [g for g in groups.values() if len(g) > 1]
+def _from_dict(content: Any, path: str) -> Checkpoint:
+    state = state_dict_of(content, path)
+    if not (isinstance(content, Mapping) and isinstance(content.get("model"), Mapping)):
+        return Checkpoint(path, "state_dict", state, options_from_weights(state))
+    entries = {k: v for k, v in content.items() if k != "model"}
+    options = options_from_weights(state)
+    if isinstance(entries.get("config"), Mapping):
+        config = dict(entries.pop("config"))
+        options.update(config.get("model") or {})
+        names = {int(k): str(v) for k, v in (entries.pop("class_names", None) or {}).items()}
+        return Checkpoint(path, "project", state, options, names, config, entries)
+    if isinstance(entries.get("args"), argparse.Namespace):
+        args = vars(entries.pop("args"))
+        options.update({k: args[k] for k in ORIGINAL_ARGS if k in args})
+        coco = args.get("dataset_file", "coco") == "coco" and options.get("num_classes") == 91
+        names = dict(COCO_CLASSES) if coco else {}
+        return Checkpoint(path, "original", state, options, names, None, entries)
+    return Checkpoint(path, "state_dict", state, options, {}, None, entries)
 
 
-def _check_shared(state: Mapping, groups: list[list[str]]) -> None:
-    """A checkpoint with different values for keys the model shares was made by another architecture."""
-    for group in groups:
-        present = [k for k in group if k in state]
-        first = state[present[0]] if present else None
-        if any(state[k].shape == first.shape and not torch.equal(state[k], first) for k in present[1:]):
-            raise ValueError(
-                f"checkpoint has different values for {_show(present)}, which this model shares; was it trained "
-                f"with another with_box_refine setting?"
-            )
+def options_from_weights(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The ``ModelConfig`` fields that a state_dict's keys and shapes show: class count, width, queries, levels,
+    layer counts, feed-forward width and two-stage."""
+    options: dict[str, Any] = {}
+    if "class_embed.0.bias" in state:
+        options["num_classes"] = int(state["class_embed.0.bias"].shape[0])
+    if "transformer.level_embed" in state:
+        options["num_feature_levels"], options["hidden_dim"] = (int(n) for n in state["transformer.level_embed"].shape)
+    if "query_embed.weight" in state:
+        options["num_queries"] = int(state["query_embed.weight"].shape[0])
+    for part, key in (("encoder", "enc_layers"), ("decoder", "dec_layers")):
+        layers = {k.split(".")[3] for k in state if k.startswith(f"transformer.{part}.layers.")}
+        if layers:
+            options[key] = len(layers)
+    if "transformer.encoder.layers.0.linear1.weight" in state:
+        options["dim_feedforward"] = int(state["transformer.encoder.layers.0.linear1.weight"].shape[0])
+    options["two_stage"] = "transformer.enc_output.weight" in state
+    return options
 
 
-def _classify(state: Mapping, own: Mapping, groups: list[list[str]]) -> LoadResult:
-    """Sorts the checkpoint keys into loadable, class heads to re-initialise, unexpected and mismatched; lists the
-    model keys that nothing covers (a key is covered when any of its aliases is)."""
-    result = LoadResult()
-    for key, value in state.items():
-        if key not in own:
-            result.unexpected.append(key)
-        elif value.shape == own[key].shape:
-            result.loaded.append(key)
-        elif CLASS_HEAD_KEY.match(key) and value.dim() == own[key].dim():
-            result.reinitialised.append(key)
-        else:
-            result.mismatched.append(f"{key} (checkpoint {tuple(value.shape)}, model {tuple(own[key].shape)})")
-    covered = set(result.loaded) | set(result.reinitialised)
-    for group in groups:
-        if covered & set(group):
-            covered |= set(group)
-    result.missing = [k for k in own if k not in covered]
-    return result
+def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """``torch.save(state)`` to ``path`` atomically; ``state`` holds only tensors and plain Python values, so
+    :func:`read_checkpoint` reads it back with ``weights_only=True``."""
+    atomic_write(path, lambda f: torch.save(dict(state), f))
 
 
-def load_checkpoint(model: nn.Module, source: str | os.PathLike | Mapping, strict: bool = True) -> LoadResult:
-    """Loads weights into ``model``, re-initialising class heads whose class count differs.
+def copy_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copies ``src`` to ``dst`` atomically (the periodic ``checkpoint_<epoch>.pth`` copies)."""
 
-    Args:
-        model: the detector.
-        source: a checkpoint path (read with ``torch.load(weights_only=True)``), a dict with a ``model`` entry (the
-            original's and our checkpoints), or a state_dict.
-        strict: when True (default) any other difference (missing or unexpected keys, other shapes) is an error,
-            so a checkpoint of another architecture is never loaded partially; when False those keys are skipped
-            and reported.
+    def write(f: BinaryIO) -> None:
+        with open(src, "rb") as source:
+            shutil.copyfileobj(source, f)
 
-    Returns:
-        A :class:`LoadResult`; what was dropped is also logged.
-
-    Raises:
-        FileNotFoundError: no such file. ValueError: unreadable file or another architecture (the keys named).
-        TypeError: ``source`` is neither a path nor a dict.
-    """
-    state = _read(source)
-    groups = _alias_groups(model)
-    _check_shared(state, groups)
-    result = _classify(state, model.state_dict(), groups)
-    if strict and (result.missing or result.unexpected or result.mismatched):
-        raise ValueError(_mismatch_message(result))
-
-    model.load_state_dict({k: state[k] for k in result.loaded}, strict=False)
-    heads = {k.rsplit(".", 1)[0] for k in result.reinitialised}
-    for name in sorted(heads):
-        reset_class_head(model.get_submodule(name))
-    if result.dropped or result.missing:
-        logger.warning(
-            "load_checkpoint: re-initialised %s; ignored %s; missing %s",
-            _show(result.reinitialised) or "nothing",
-            _show(result.unexpected + result.mismatched) or "nothing",
-            _show(result.missing) or "nothing",
-        )
-    return result
-
-
-def _mismatch_message(result: LoadResult) -> str:
-    parts = []
-    if result.mismatched:
-        parts.append(f"shape mismatches: {_show(result.mismatched)}")
-    if result.missing:
-        parts.append(f"{len(result.missing)} keys missing from the checkpoint: {_show(result.missing)}")
-    if result.unexpected:
-        parts.append(f"{len(result.unexpected)} unexpected keys: {_show(result.unexpected)}")
-    return (
-        "checkpoint does not fit this model (another architecture or config?): "
-        + "; ".join(parts)
-        + ". Only class heads may differ (other class count); pass strict=False to load what fits."
-    )
+    atomic_write(dst, write)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -16,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+
+from .files import atomic_write_text
 
 
 @dataclass
@@ -38,11 +39,18 @@ class ModelConfig:
     with_box_refine: bool = False
     two_stage: bool = False
     aux_loss: bool = True
-    num_classes: int = 91  # the original's convention: category id is the label, 91 for COCO
+    num_classes: int | str = 91  # category id is the label (the original's convention): 91 for COCO; "auto": max id + 1
     pretrained_backbone: bool = True
     train_backbone: bool = True  # False freezes the whole backbone (the original: lr_backbone == 0)
     enc_offset_mode: str = "linear"  # linear | cope (deformable.MSDeformAttn offset_mode)
     dec_offset_mode: str = "linear"
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "num_classes" and not (
+            (isinstance(value, int) and not isinstance(value, bool) and value >= 1) or value == "auto"
+        ):
+            raise ConfigError(f"config key 'model.num_classes' must be an integer >= 1 or 'auto', got {value!r}")
+        super().__setattr__(name, value)
 
 
 @dataclass
@@ -61,11 +69,17 @@ class LossConfig:
 
 @dataclass
 class DataConfig:
-    """COCO-layout data: ``root/{train_split,val_split}/`` and ``root/annotations/instances_<split>.json``."""
+    """The data set in ``root``: COCO, Roboflow COCO export, Ultralytics YOLO or Pascal VOC (``deformable.data``)."""
 
     root: str = "data/coco"
-    train_split: str = "train2017"
-    val_split: str = "val2017"
+    format: str = "auto"  # auto (detected from root) | coco | roboflow | yolo | voc
+    train_split: str = "auto"  # auto: coco train2017, roboflow train, yolo data.yaml's train, voc train (trainval)
+    val_split: str = "auto"  # auto: coco val2017, roboflow valid, yolo data.yaml's val, voc val (test)
+    train_ann: str = ""  # coco: the train annotation file (relative to root); "": annotations/instances_<split>.json
+    val_ann: str = ""  # coco: the val annotation file; "": annotations/instances_<split>.json
+    image_size: int | str = 0  # 0: the sizes below as set; auto: short side from the data; N: short side N px
+    min_image_size: int = 256  # limits of image_size: auto (deformable.data.sizes)
+    max_image_size: int = 640
     train_scales: list[int] = field(default_factory=lambda: list(range(480, 801, 32)))
     train_max_size: int = 1333
     crop: bool = True  # the DETR random crop branch
@@ -75,7 +89,7 @@ class DataConfig:
     val_max_size: int = 1333
     hflip: bool = True
     num_workers: int = 2
-    synthetic: str = ""  # "shapes": generate the synthetic shapes data set into root when it is missing
+    synthetic: str = ""  # "shapes": generate the synthetic shapes set into root when missing (never over other data)
     synthetic_train_images: int = 1000  # the synthetic data set (only read when generating it)
     synthetic_val_images: int = 200
     synthetic_image_size: int = 128  # each side is drawn in [0.75, 1] x this
@@ -226,9 +240,24 @@ def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = ()) -
         if not isinstance(data, Mapping):
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
         _apply(cfg, _normalise_floats(data))
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
+    """Applies ``section.key=value`` overrides to ``cfg`` in place, in order, and returns it.
+
+    Raises:
+        ConfigError: an unknown key (named) or a value of the wrong type (named).
+    """
     for text in overrides:
         keys, value = parse_override(text)
         _apply(cfg, _nest(keys, value))
+    return cfg
+
+
+def apply_values(cfg: Config, values: Mapping[str, Any]) -> Config:
+    """Sets nested ``{section: {key: value}}`` values on ``cfg`` in place (types checked) and returns it."""
+    _apply(cfg, values)
     return cfg
 
 
@@ -256,15 +285,5 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    """Writes the resolved config as YAML, atomically (temporary file + rename)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".config-", suffix=".yaml")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Writes the resolved config as YAML, atomically."""
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

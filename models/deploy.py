@@ -11,7 +11,6 @@ The exported graphs take unpadded images only (no mask input): batch images of o
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import os
 import warnings
@@ -22,9 +21,9 @@ from torch import nn
 
 import deformable
 
-from .checkpoint import load_checkpoint
+from .checkpoint import Checkpoint
 from .config import Config
-from .detector import build_detector
+from .loading import load_detector
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -53,28 +52,17 @@ class ExportableDetector(nn.Module):
         return out["pred_logits"], out["pred_boxes"]
 
 
-def load_for_export(cfg: Config, checkpoint: str | os.PathLike | None) -> nn.Module:
-    """The detector of ``cfg.model`` in eval mode on the CPU with the weights of ``checkpoint``.
-
-    The checkpoint is read with ``weights_only=True`` (:func:`models.load_checkpoint`) and must fit the config
-    exactly, class heads included. Without one the weights are random (a warning says so): for testing only. The
-    backbone is never downloaded.
+def load_for_export(cfg: Config, checkpoint: str | os.PathLike | Checkpoint | None) -> nn.Module:
+    """The detector of ``cfg.model`` in eval mode on the CPU with the weights of ``checkpoint`` (any format
+    :func:`models.read_checkpoint` reads), which must fit the config exactly, class heads included. Without one the
+    weights are random (a warning says so): for testing only. The backbone is never downloaded.
 
     Raises:
-        FileNotFoundError: no such checkpoint. ValueError: unreadable, or another architecture or class count.
+        FileNotFoundError: no such checkpoint. CheckpointError: unreadable, or another architecture or class count.
     """
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained_backbone=False))
-    model = build_detector(cfg)
     if checkpoint is None:
         warnings.warn("no checkpoint given: exporting random weights (useful for testing only)", stacklevel=2)
-    else:
-        result = load_checkpoint(model, checkpoint)
-        if result.reinitialised:
-            raise ValueError(
-                f"checkpoint {checkpoint} has class heads of another class count ({result.reinitialised[0]}); "
-                f"set model.num_classes to the checkpoint's"
-            )
-    return model.eval()
+    return load_detector(cfg, checkpoint)[0]
 
 
 def example_images(batch: int = 2, height: int = 512, width: int = 640, seed: int = 0) -> torch.Tensor:

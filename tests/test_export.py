@@ -115,7 +115,7 @@ def test_export_onnx_tool_reports_bad_inputs(trained, tmp_path, capsys):
     assert tool.main([CONFIG, "--checkpoint", str(tmp_path / "missing.pth"), *out, *TINY]) == 2
     assert "missing.pth" in capsys.readouterr().err
     assert tool.main([CONFIG, "--checkpoint", trained[1], *out, *TINY, "model.num_classes=7"]) == 2
-    assert "set model.num_classes" in capsys.readouterr().err
+    assert "num_classes: the config says 7, the checkpoint 5 (override: model.num_classes=5)" in capsys.readouterr().err
     assert tool.main([CONFIG, "--checkpoint", trained[1], *out, "--opset", "17", *TINY]) == 2
     assert "opset 17 is not supported" in capsys.readouterr().err
     assert not (tmp_path / "model.onnx").exists()

@@ -125,7 +125,8 @@ def test_bad_checkpoint_and_batch_size(tmp_path, files, capsys) -> None:
     not_a_checkpoint = tmp_path / "weights.pth"
     torch.save({"weights": torch.zeros(1)}, not_a_checkpoint)
     assert infer.main([*base, "--checkpoint", str(not_a_checkpoint)]) == 1
-    assert "holds no 'model' state dict" in capsys.readouterr().err
+    assert "weights.pth: checkpoint does not fit this model" in (err := capsys.readouterr().err)
+    assert "it shares no key with this detector" in err
     assert infer.main([*base, "--checkpoint", files["checkpoint"], "--batch-size", "0"]) == 1
     assert "batch size must be >= 1" in capsys.readouterr().err
     with pytest.raises(ImageError, match="does not exist"):

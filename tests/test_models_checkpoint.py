@@ -97,11 +97,13 @@ def test_bad_files_and_objects(tmp_path):
     model = build_detector(tiny_config())
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(ValueError, match=r"could not read checkpoint .*corrupt\.pth"):
+    with pytest.raises(ValueError, match=r"checkpoint .*corrupt\.pth is corrupt or not a PyTorch checkpoint"):
         load_checkpoint(model, corrupt)
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         load_checkpoint(model, tmp_path / "missing.pth")
-    with pytest.raises(TypeError, match="path or a dict"):
+    with pytest.raises(TypeError, match="path, a Checkpoint or a dict"):
         load_checkpoint(model, 42)
-    with pytest.raises(ValueError, match="not tensors"):
+    with pytest.raises(ValueError, match="entries a are not tensors"):
         load_checkpoint(model, {"model": {"a": 1}})
+    with pytest.raises(ValueError, match="shares no key with this detector"):
+        load_checkpoint(model, {"encoder.weight": torch.ones(2)})

@@ -83,5 +83,6 @@ def test_make_shapes_tool(tmp_path, capsys) -> None:
     assert sorted(os.listdir(os.path.join(root, "train2017"))) == ["000001.jpg", "000002.jpg", "000003.jpg"]
     with pytest.raises(SystemExit):
         shapes_tool.main(args)
-    assert "already exists; pass --force" in capsys.readouterr().err
+    assert "already exists and holds a generated shapes data set" in (err := capsys.readouterr().err)
+    assert "regenerate it with tools/make_shapes.py --force" in err
     assert shapes_tool.main([*args, "--force"]) == 0

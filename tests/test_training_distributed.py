@@ -11,7 +11,7 @@ import pytest
 import torch
 from tiny_training import ROOT, SHAPES_CONFIG, tiny_overrides
 
-from training.checkpoint import read_checkpoint
+from models.checkpoint import read_checkpoint
 
 
 @pytest.mark.slow
@@ -37,12 +37,12 @@ def test_torchrun_two_cpu_processes(tmp_path) -> None:
 
     ranks = [torch.load(params / f"rank{r}.pth", weights_only=True) for r in range(2)]
     state = read_checkpoint(os.path.join(out, "checkpoint.pth"))
-    assert state["epoch"] == 1 and len(state["rng"]) == 2
+    assert state.entries["epoch"] == 1 and len(state.entries["rng"]) == 2
     for key, value in ranks[0].items():
         assert torch.equal(ranks[1][key], value), key
-        assert torch.equal(state["model"][key], value), key
+        assert torch.equal(state.model[key], value), key
     # 8 training images, 2 processes x batch 2: 2 steps per epoch and process, Adam counts 2 epochs x 2 steps
-    assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {4}
+    assert {int(s["step"]) for s in state.entries["optimizer"]["state"].values()} == {4}
     assert sorted(os.listdir(out)) == ["checkpoint.pth", "config.yaml", "log.jsonl"]
     with open(os.path.join(out, "log.jsonl")) as f:
         records = [json.loads(line) for line in f]

@@ -10,10 +10,11 @@ import torch
 import yaml
 from tiny_training import load_tool, one_thread, tiny_config, tiny_overrides  # noqa: F401  (one_thread: autouse fixture)
 
-from models import build_detector
+from models import build_detector, checkpoint
+from models.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from models.config import ConfigError, config_to_dict, load_config
-from training import checkpoint, engine
-from training.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from models.files import TMP_PREFIX
+from training import engine, resume
 from training.coco_eval import STAT_NAMES
 from training.optim import build_lr_scheduler, build_optimizer
 
@@ -41,7 +42,7 @@ def _log(out: str) -> list[dict]:
 
 
 def test_train_writes_checkpoint_config_and_log(trained, data_root, capsys) -> None:
-    assert sorted(os.listdir(data_root)) == ["annotations", "train2017", "val2017"]
+    assert sorted(os.listdir(data_root)) == [".deformable-synthetic", "annotations", "train2017", "val2017"]
     state = torch.load(os.path.join(trained, "checkpoint.pth"), map_location="cpu", weights_only=True)
     assert {"model", "optimizer", "lr_scheduler", "epoch", "config", "rng"} <= set(state)
     assert state["epoch"] == 0
@@ -72,10 +73,11 @@ def test_resume_continues_like_an_uninterrupted_run(data_root, tmp_path) -> None
     first = read_checkpoint(os.path.join(resumed, "checkpoint.pth"))
     engine.fit(tiny_config(data_root, resumed, "train.epochs=2", "train.eval_every=0", "train.resume=auto"))
     a, b = (read_checkpoint(os.path.join(out, "checkpoint.pth")) for out in (straight, resumed))
-    assert a["epoch"] == b["epoch"] == 1 and first["epoch"] == 0
-    for key, value in a["model"].items():
-        torch.testing.assert_close(b["model"][key], value, msg=key)
-    for (i, sa), (j, sb) in zip(a["optimizer"]["state"].items(), b["optimizer"]["state"].items(), strict=True):
+    assert a.entries["epoch"] == b.entries["epoch"] == 1 and first.entries["epoch"] == 0
+    for key, value in a.model.items():
+        torch.testing.assert_close(b.model[key], value, msg=key)
+    optimizers = (a.entries["optimizer"]["state"], b.entries["optimizer"]["state"])
+    for (i, sa), (j, sb) in zip(*(o.items() for o in optimizers), strict=True):
         assert i == j and sa["step"] == sb["step"] == 4
         torch.testing.assert_close(sa["exp_avg"], sb["exp_avg"])
     assert [r["epoch"] for r in _log(resumed)] == [0, 1]
@@ -95,15 +97,13 @@ def test_restore_puts_back_the_optimizer_state(data_root, tmp_path) -> None:
     optimizer.step()
     scheduler.step()
     path = str(tmp_path / "c.pth")
-    rng = [checkpoint.rng_state()]
-    save_checkpoint(checkpoint.training_state(model, optimizer, scheduler, None, 6, {}, rng), path)
+    rng = [resume.rng_state()]
+    save_checkpoint(resume.training_state(model, optimizer, scheduler, None, 6, {}, rng), path)
     expected = torch.rand(3)
     fresh = build_detector(cfg)
     fresh_optimizer = build_optimizer(fresh, cfg.train)
     fresh_scheduler = build_lr_scheduler(fresh_optimizer, cfg.train)
-    start = checkpoint.restore_training_state(
-        read_checkpoint(path), path, fresh, fresh_optimizer, fresh_scheduler, None, 0
-    )
+    start = resume.restore_training_state(read_checkpoint(path), fresh, fresh_optimizer, fresh_scheduler, None, 0)
     assert start == 7 and fresh_scheduler.last_epoch == 1
     assert torch.equal(torch.rand(3), expected)  # the RNG continues where it was saved
     saved, restored = optimizer.state_dict(), fresh_optimizer.state_dict()
@@ -127,7 +127,7 @@ def test_interrupted_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch) 
         save_checkpoint({"model": {"w": torch.zeros(3)}, "epoch": 1}, path)
     monkeypatch.undo()
     state = read_checkpoint(path)
-    assert state["epoch"] == 0 and torch.equal(state["model"]["w"], torch.ones(3))
+    assert state.entries["epoch"] == 0 and torch.equal(state.model["w"], torch.ones(3))
     assert os.listdir(tmp_path) == ["checkpoint.pth"]
 
 
@@ -139,7 +139,7 @@ def test_run_killed_while_saving_resumes_to_a_valid_model(data_root, tmp_path, m
     def dies_on_second_save(state, path):
         calls["n"] += 1
         if calls["n"] == 2:
-            with open(os.path.join(out, checkpoint.TMP_PREFIX + "checkpoint.pth.x"), "wb") as f:
+            with open(os.path.join(out, TMP_PREFIX + "checkpoint.pth.x"), "wb") as f:
                 f.write(b"torn")  # what a SIGKILL during the write leaves behind
             raise KeyboardInterrupt
         real_save(state, path)
@@ -148,11 +148,11 @@ def test_run_killed_while_saving_resumes_to_a_valid_model(data_root, tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         engine.fit(tiny_config(data_root, out, "train.epochs=2", "train.eval_every=0"))
     monkeypatch.undo()
-    assert read_checkpoint(os.path.join(out, "checkpoint.pth"))["epoch"] == 0
+    assert read_checkpoint(os.path.join(out, "checkpoint.pth")).entries["epoch"] == 0
     with open(os.path.join(out, "log.jsonl"), "a") as f:
         f.write('{"epoch": 1, "lr"')  # a log line cut short by the kill
     engine.fit(tiny_config(data_root, out, "train.epochs=2", "train.eval_every=0", "train.resume=auto"))
-    assert read_checkpoint(os.path.join(out, "checkpoint.pth"))["epoch"] == 1
+    assert read_checkpoint(os.path.join(out, "checkpoint.pth")).entries["epoch"] == 1
     assert [r["epoch"] for r in _log(out)] == [0, 1]
     assert not [name for name in os.listdir(out) if name.startswith(".")]
 
@@ -163,7 +163,7 @@ def test_finetune_from_another_class_count(trained, data_root, tmp_path, caplog)
     engine.fit(tiny_config(data_root, out, "model.num_classes=7", f"train.finetune={ckpt}", "train.eval_every=0"))
     assert "class_embed" in caplog.text  # models.load_checkpoint reports the re-initialised heads
     state = read_checkpoint(os.path.join(out, "checkpoint.pth"))
-    assert state["model"]["class_embed.0.weight"].shape[0] == 7
+    assert state.model["class_embed.0.weight"].shape[0] == 7
 
 
 def test_eval_tool_writes_metrics_and_coco_results(trained, data_root, capsys) -> None:
@@ -202,24 +202,30 @@ def test_eval_rejects_another_architecture(trained, data_root, tmp_path, capsys)
     overrides = tiny_overrides(data_root, str(tmp_path), "model.hidden_dim=64", "model.dec_layers=1")
     assert eval_tool.main(["configs/shapes.yaml", "--checkpoint", ckpt, *overrides]) == 1
     err = capsys.readouterr().err
-    assert "another architecture" in err and "shape mismatch" in err and ckpt in err
+    assert "was made for another model than the config describes" in err and ckpt in err
+    assert "hidden_dim: the config says 64, the checkpoint 32 (override: model.hidden_dim=32)" in err
+    assert "dec_layers: the config says 1, the checkpoint 2 (override: model.dec_layers=2)" in err
 
 
 def test_read_checkpoint_errors(tmp_path) -> None:
-    with pytest.raises(CheckpointError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         read_checkpoint(str(tmp_path / "none.pth"))
     (tmp_path / "junk.pth").write_bytes(b"\x00garbage")
     with pytest.raises(CheckpointError, match="corrupt or not a PyTorch checkpoint"):
         read_checkpoint(str(tmp_path / "junk.pth"))
-    torch.save({"weights": torch.ones(1)}, tmp_path / "other.pth")
-    with pytest.raises(CheckpointError, match="holds no 'model' state dict"):
+    torch.save({"weights": [1, 2]}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match=r"other\.pth holds no 'model' state dict.*weights are not tensors"):
         read_checkpoint(str(tmp_path / "other.pth"))
+    torch.save({"epoch": 3, "model": {}}, tmp_path / "empty.pth")
+    with pytest.raises(CheckpointError, match=r"empty\.pth holds no 'model' state dict \(found keys epoch, model\)"):
+        read_checkpoint(str(tmp_path / "empty.pth"))
 
 
 def test_bf16_autocast_trains_and_evaluates(data_root, tmp_path) -> None:
     out = str(tmp_path / "bf16")
     metrics = engine.fit(tiny_config(data_root, out, "train.amp=bf16", "train.max_iters_per_epoch=1"))
-    assert set(STAT_NAMES) <= set(metrics) and read_checkpoint(os.path.join(out, "checkpoint.pth"))["epoch"] == 0
+    assert set(STAT_NAMES) <= set(metrics)
+    assert read_checkpoint(os.path.join(out, "checkpoint.pth")).entries["epoch"] == 0
 
 
 def test_unknown_amp_mode_is_a_config_error(data_root, tmp_path) -> None:

@@ -8,8 +8,8 @@ import torch
 from _viz_utils import one_thread, shapes_image, tiny_config, tiny_model  # noqa: F401
 
 from deformable import recording
+from deformable.data import resized_shape
 from inference.images import prepare_batch
-from training.transforms import resized_shape
 from viz.coords import image_to_canvas, level_to_image, query_at_pixel
 from viz.sampling import query_view, select_detections
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Evaluate a checkpoint on the validation split with the 12 standard COCO metrics.
 
-    python tools/eval.py CONFIG --checkpoint PATH [section.key=value ...]
+    python tools/eval.py [CONFIG] --checkpoint PATH [section.key=value ...]
     torchrun --nproc_per_node=N tools/eval.py CONFIG --checkpoint PATH [section.key=value ...]
 
 Writes ``output_dir/eval.json`` (the metrics) and ``output_dir/detections_<val_split>.json`` (COCO results format:
@@ -19,25 +19,28 @@ import sys
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from models.config import ConfigError, load_config  # noqa: E402
-from training.checkpoint import CheckpointError  # noqa: E402
-from training.data import DatasetError  # noqa: E402
+from deformable.data import DatasetError  # noqa: E402
+from models import config_from_checkpoint, load_config, read_checkpoint  # noqa: E402
+from models.checkpoint import CheckpointError  # noqa: E402
+from models.config import ConfigError  # noqa: E402
+from models.loading import CHECKPOINT_HELP, CONFIG_HELP, split_config_args  # noqa: E402
 from training.engine import evaluate_checkpoint  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", help="the YAML config the checkpoint was trained with")
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint written by tools/train.py")
-    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.root=/path output_dir=runs/x")
+    parser.add_argument("args", nargs="*", metavar="[CONFIG] [section.key=value]", help=CONFIG_HELP)
+    parser.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     args = parser.parse_intermixed_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        config, overrides = split_config_args(args.args)
+        cfg = load_config(config, overrides) if config is not None else None
     except (ConfigError, FileNotFoundError) as exc:
         parser.error(str(exc))
     try:
-        evaluate_checkpoint(cfg, args.checkpoint)
-    except (DatasetError, CheckpointError, ConfigError) as exc:
+        checkpoint = read_checkpoint(args.checkpoint)
+        evaluate_checkpoint(cfg or config_from_checkpoint(checkpoint, overrides), checkpoint)
+    except (DatasetError, CheckpointError, ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

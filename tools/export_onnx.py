@@ -21,7 +21,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from models.config import ConfigError, load_config  # noqa: E402
+from models.config import ConfigError  # noqa: E402
 from models.deploy import (  # noqa: E402
     DEFAULT_OPSET,
     check_onnx,
@@ -31,13 +31,13 @@ from models.deploy import (  # noqa: E402
     onnx_max_difference,
     onnx_session,
 )
+from models.loading import CHECKPOINT_HELP, CONFIG_HELP, config_and_checkpoint, split_config_args  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", help="the YAML config the checkpoint was trained with")
-    parser.add_argument("overrides", nargs="*", help="section.key=value config overrides")
-    parser.add_argument("--checkpoint", help="a checkpoint (dict with a 'model' entry, or a state_dict)")
+    parser.add_argument("args", nargs="*", metavar="[CONFIG] [section.key=value]", help=CONFIG_HELP)
+    parser.add_argument("--checkpoint", help=CHECKPOINT_HELP)
     parser.add_argument("--out", required=True, help="the .onnx file to write")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, >= 18 (default {DEFAULT_OPSET})")
     parser.add_argument(
@@ -66,8 +66,9 @@ def verify(path: str, model, height: int, width: int, atol: float) -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
-        model = load_for_export(cfg, args.checkpoint)
+        config, overrides = split_config_args(args.args)
+        cfg, checkpoint = config_and_checkpoint(config, overrides, args.checkpoint)
+        model = load_for_export(cfg, checkpoint)
     except (ConfigError, FileNotFoundError, ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -20,22 +20,23 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from models.config import ConfigError, load_config  # noqa: E402
+from models.config import ConfigError  # noqa: E402
 from models.deploy import ExportableDetector, example_images, export_program, input_ranges, load_for_export  # noqa: E402
+from models.loading import CHECKPOINT_HELP, CONFIG_HELP, config_and_checkpoint, split_config_args  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", help="the YAML config the checkpoint was trained with")
-    parser.add_argument("overrides", nargs="*", help="section.key=value config overrides")
-    parser.add_argument("--checkpoint", help="a checkpoint (dict with a 'model' entry, or a state_dict)")
+    parser.add_argument("args", nargs="*", metavar="[CONFIG] [section.key=value]", help=CONFIG_HELP)
+    parser.add_argument("--checkpoint", help=CHECKPOINT_HELP)
     parser.add_argument("--out", required=True, help="the .pt2 file to write")
     parser.add_argument(
         "--size", type=int, nargs=2, default=(512, 640), metavar=("H", "W"), help="example image size to trace with"
     )
     args = parser.parse_intermixed_args(argv)
     try:
-        model = load_for_export(load_config(args.config, args.overrides), args.checkpoint)
+        config, overrides = split_config_args(args.args)
+        model = load_for_export(*config_and_checkpoint(config, overrides, args.checkpoint))
     except (ConfigError, FileNotFoundError, ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

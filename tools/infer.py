@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Detect objects in images or folders of images with a trained Deformable DETR.
 
-    python tools/infer.py CONFIG --checkpoint PATH INPUT... [--out DIR] [options] [section.key=value ...]
+    python tools/infer.py [CONFIG] --checkpoint PATH INPUT... [--out DIR] [options] [section.key=value ...]
 
 Writes DIR/<image>.jpg with the detections drawn, DIR/results.json (COCO results format: image_id, category_id,
 bbox [x, y, w, h] in original pixels, score) and DIR/images.json (the image ids). Class names come from the data
@@ -18,26 +18,25 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from inference import ImageError, list_images, resolve_device  # noqa: E402
 from inference.run import run_inference  # noqa: E402
-from models.config import ConfigError, load_config  # noqa: E402
+from models.config import ConfigError  # noqa: E402
+from models.loading import CHECKPOINT_HELP, config_and_checkpoint, split_command_line  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", help="the YAML config the checkpoint was trained with")
-    parser.add_argument("inputs", nargs="+", help="images, folders of images, then section.key=value overrides")
-    parser.add_argument("--checkpoint", required=True, help="a dict with a 'model' entry")
+    parser.add_argument("inputs", nargs="+", help="[CONFIG] images, folders of images, section.key=value overrides")
+    parser.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     parser.add_argument("--out", default="detections", help="output folder (default: detections)")
     parser.add_argument("--score-threshold", type=float, default=0.3)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     args = parser.parse_intermixed_args(argv)
-    overrides = [item for item in args.inputs if "=" in item and not os.path.exists(item)]
-    inputs = [item for item in args.inputs if item not in overrides]
+    config, overrides, inputs = split_command_line(args.inputs)
     try:
-        cfg = load_config(args.config, overrides)
+        cfg, checkpoint = config_and_checkpoint(config, overrides, args.checkpoint)
         paths = list_images(inputs)
         kwargs = dict(score_threshold=args.score_threshold, batch_size=args.batch_size)
-        results = run_inference(cfg, args.checkpoint, paths, args.out, device=resolve_device(args.device), **kwargs)
+        results = run_inference(cfg, checkpoint, paths, args.out, device=resolve_device(args.device), **kwargs)
     except (ConfigError, FileNotFoundError, ImageError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -3,22 +3,23 @@
 
     python tools/make_shapes.py [CONFIG] [section.key=value ...] [--force]
 
-Writes ``data.root`` with ``data.synthetic_*`` from the config (default ``configs/shapes.yaml``). Training does
-this by itself when ``data.synthetic: shapes`` and ``data.root`` is missing.
+Writes ``data.root`` with ``data.synthetic_*`` from the config (default ``configs/shapes.yaml``), and a
+``.deformable-synthetic`` marker file. Training does this by itself when ``data.synthetic: shapes`` and
+``data.root`` is missing. ``--force`` regenerates a folder that this tool generated (it has the marker); a folder
+without the marker is never written into.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout
 
+from deformable.data import make_shapes_from_config  # noqa: E402
 from models.config import ConfigError, load_config  # noqa: E402
-from training.shapes import make_shapes_from_config  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,17 +27,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", nargs="?", default=os.path.join(ROOT, "configs", "shapes.yaml"))
     parser.add_argument("overrides", nargs="*", help="e.g. data.root=data/shapes data.synthetic_train_images=500")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--force", action="store_true", help="delete data.root first if it exists")
+    parser.add_argument("--force", action="store_true", help="regenerate data.root if this tool generated it")
     args = parser.parse_intermixed_args(argv)
     try:
         data = load_config(args.config, args.overrides).data
     except (ConfigError, FileNotFoundError) as exc:
         parser.error(str(exc))
-    if os.path.exists(data.root):
-        if not args.force:
-            parser.error(f"{data.root} already exists; pass --force to generate it again")
-        shutil.rmtree(data.root)
-    make_shapes_from_config(data, seed=args.seed)
+    try:
+        make_shapes_from_config(data, seed=args.seed, replace=args.force)
+    except FileExistsError as exc:
+        parser.error(str(exc))
     print(f"wrote {data.synthetic_train_images} + {data.synthetic_val_images} images to {data.root}")
     return 0
 

@@ -22,9 +22,9 @@ import sys
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
+from deformable.data import DatasetError  # noqa: E402
+from models.checkpoint import CheckpointError  # noqa: E402
 from models.config import ConfigError, load_config  # noqa: E402
-from training.checkpoint import CheckpointError  # noqa: E402
-from training.data import DatasetError  # noqa: E402
 from training.engine import fit  # noqa: E402
 
 

@@ -2,7 +2,7 @@
 """Draw where Deformable DETR looks: reference points, sampling points coloured by level (or head) with size and
 opacity growing with the attention weight, and the detected boxes (the paper's figure).
 
-    python tools/visualize.py CONFIG --image IMG --out OUT.png [--checkpoint PATH] [options] [section.key=value ...]
+    python tools/visualize.py [CONFIG] --image IMG --out OUT.png [--checkpoint PATH] [options] [section.key=value ...]
 
 Decoder view (default): the top-k detections and the sampling points of a decoder layer's cross-attention.
 Encoder view (--pixel X,Y): where the encoder query at that pixel samples. With offset_mode cope, the count
@@ -20,17 +20,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import cv2  # noqa: E402
 
 from inference import ImageError, class_names, load_detector, read_image, resolve_device  # noqa: E402
-from models.config import ConfigError, load_config  # noqa: E402
+from models.config import ConfigError  # noqa: E402
+from models.loading import CHECKPOINT_HELP, CONFIG_HELP, config_and_checkpoint, split_config_args  # noqa: E402
 from viz.figure import decoder_figure, encoder_figure, run_recorded  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", help="the YAML config the checkpoint was trained with")
-    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.val_size=800")
+    parser.add_argument("args", nargs="*", metavar="[CONFIG] [section.key=value]", help=CONFIG_HELP)
     parser.add_argument("--image", required=True)
     parser.add_argument("--out", required=True, help="output PNG")
-    parser.add_argument("--checkpoint", help="a dict with a 'model' entry; omitted: random weights (debugging)")
+    parser.add_argument("--checkpoint", help=CHECKPOINT_HELP + "; omitted: random weights (debugging)")
     parser.add_argument("--layer", type=int, default=-1, help="decoder (or encoder) layer, negative from the last")
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--score-threshold", type=float, default=0.3)
@@ -54,10 +54,11 @@ def _pixel(text: str) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        config, overrides = split_config_args(args.args)
+        cfg, checkpoint = config_and_checkpoint(config, overrides, args.checkpoint)
         pixel = _pixel(args.pixel) if args.pixel else None
         image = read_image(args.image)
-        model, state = load_detector(cfg, args.checkpoint, resolve_device(args.device))
+        model, state = load_detector(cfg, checkpoint, resolve_device(args.device))
         outputs, records = run_recorded(model, image, cfg.data)
         style = dict(layer=args.layer, color_by=args.color_by, scale=args.scale)
         if pixel is not None:

@@ -10,45 +10,73 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from models import build_detector, load_checkpoint
+from deformable.data import (
+    DetectionDataset,
+    build_dataset,
+    build_loader,
+    check_num_classes,
+    ensure_synthetic,
+    summarise,
+)
+from deformable.data.sizes import resolve_image_size
+from models import build_detector, load_checkpoint, read_checkpoint
+from models.checkpoint import CheckpointError
 from models.config import Config, save_config
+from models.files import remove_stale_temp_files
+from models.loading import check_architecture
 
 from . import distributed
-from .checkpoint import CheckpointError, read_checkpoint, remove_stale_temp_files
-from .data import CocoDataset, build_dataset, build_loader, check_num_classes
 from .distributed import DistEnv
-from .shapes import ensure_synthetic
 
 
 def prepare_output_dir(cfg: Config, env: DistEnv) -> None:
-    """Rank 0 creates ``output_dir``, clears temporary files of a killed run, generates the synthetic data set if
-    asked and writes ``config.yaml``; the other ranks wait for it."""
+    """Rank 0 creates ``output_dir``, clears temporary files of a killed run and generates the synthetic data set
+    if asked (only into a folder it generated itself); the other ranks wait for it."""
     if env.is_main:
         os.makedirs(cfg.output_dir, exist_ok=True)
         remove_stale_temp_files(cfg.output_dir)
         ensure_synthetic(cfg.data)
-        save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
     distributed.barrier()
+
+
+def resolve_data_options(cfg: Config, env: DistEnv) -> Config:
+    """``data.image_size`` resolved from the training split (every rank alike); rank 0 prints the choice."""
+    cfg, why = resolve_image_size(cfg)
+    if why and env.is_main:
+        print(why, flush=True)
+    return cfg
+
+
+def save_resolved_config(cfg: Config, env: DistEnv) -> None:
+    """Rank 0 writes ``output_dir/config.yaml``: the config as run, every ``auto`` resolved."""
+    if env.is_main:
+        save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
 
 
 @dataclass
 class Data:
-    train_set: CocoDataset | None
-    val_set: CocoDataset
+    train_set: DetectionDataset | None
+    val_set: DetectionDataset
     train_loader: DataLoader | None
     val_loader: DataLoader
 
 
 def build_data(cfg: Config, env: DistEnv, train: bool = True) -> Data:
-    """The validation split (and with ``train`` the training split), sharded over ``env``'s processes."""
+    """The validation split (and with ``train`` the training split) of any layout, sharded over ``env``'s
+    processes; rank 0 prints one summary line per split, with a warning when an image holds more objects than
+    ``model.num_queries``."""
     args = dict(num_workers=cfg.data.num_workers, rank=env.rank, world_size=env.world_size, seed=cfg.train.seed)
     val_set = build_dataset(cfg.data, "val")
     val_loader = build_loader(val_set, batch_size=cfg.train.batch_size, train=False, **args)
-    if not train:
-        return Data(None, val_set, None, val_loader)
-    train_set = build_dataset(cfg.data, "train")
-    check_num_classes(train_set, cfg.model.num_classes)
-    train_loader = build_loader(train_set, batch_size=cfg.train.batch_size, train=True, **args)
+    train_set, train_loader = None, None
+    if train:
+        train_set = build_dataset(cfg.data, "train")
+        check_num_classes(train_set, cfg.model.num_classes)
+        train_loader = build_loader(train_set, batch_size=cfg.train.batch_size, train=True, **args)
+    if env.is_main:
+        for dataset in (train_set, val_set):
+            if dataset is not None:
+                print(summarise(dataset, cfg.model.num_queries), flush=True)
     return Data(train_set, val_set, train_loader, val_loader)
 
 
@@ -59,9 +87,14 @@ def build_model(cfg: Config, device: torch.device, from_checkpoint: bool) -> nn.
     return build_detector(cfg).to(device)
 
 
-def finetune_from(model: nn.Module, path: str) -> None:
-    """``train.finetune``: loads ``path``'s weights; class heads of another class count are re-initialised."""
+def finetune_from(model: nn.Module, cfg: Config) -> None:
+    """``train.finetune``: loads the weights of a checkpoint in any format (this project's, the original's, a
+    state_dict, a transformers folder); class heads of another class count are re-initialised, any other
+    difference from ``cfg.model`` is an error naming the override that fixes it."""
+    path = cfg.train.finetune
     try:
-        load_checkpoint(model, read_checkpoint(path))
-    except ValueError as exc:
+        checkpoint = read_checkpoint(path)
+        check_architecture(cfg.model, checkpoint, class_change=True)
+        load_checkpoint(model, checkpoint)
+    except (ValueError, FileNotFoundError) as exc:
         raise CheckpointError(f"train.finetune={path}: {exc}") from exc

@@ -19,26 +19,24 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from models import build_criterion, build_postprocessor
+from deformable.data import resolve_num_classes, set_epoch
+from models import build_criterion, build_postprocessor, load_detector, read_checkpoint
+from models.checkpoint import Checkpoint, CheckpointError, copy_checkpoint, save_checkpoint
 from models.config import Config, ConfigError, TrainConfig, config_to_dict
 
 from . import distributed
-from .build import build_data, build_model, finetune_from, prepare_output_dir
-from .checkpoint import (
-    CheckpointError,
-    copy_checkpoint,
-    load_model_state,
-    read_checkpoint,
-    restore_training_state,
-    resume_path,
-    rng_state,
-    save_checkpoint,
-    training_state,
+from .build import (
+    build_data,
+    build_model,
+    finetune_from,
+    prepare_output_dir,
+    resolve_data_options,
+    save_resolved_config,
 )
 from .coco_eval import coco_metrics, to_coco_results
-from .data import set_epoch
 from .distributed import DistEnv
 from .optim import build_lr_scheduler, build_optimizer
+from .resume import restore_training_state, resume_path, rng_state, training_state
 from .run_log import append_log, epoch_record, format_metrics, truncate_log, write_json
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -197,7 +195,10 @@ def fit(cfg: Config) -> dict[str, float]:
 def _fit(cfg: Config, env: DistEnv) -> dict[str, float]:
     torch.manual_seed(cfg.train.seed + env.rank)
     prepare_output_dir(cfg, env)
+    cfg = resolve_data_options(cfg, env)
     data = build_data(cfg, env)
+    cfg = resolve_num_classes(cfg, data.train_set)
+    save_resolved_config(cfg, env)
     resume = distributed.broadcast(resume_path(cfg.train.resume, cfg.output_dir))  # rank 0 decides for all
     model = build_model(cfg, env.device, from_checkpoint=resume is not None)
     criterion, postprocessor = build_criterion(cfg).to(env.device), build_postprocessor(cfg)
@@ -240,7 +241,8 @@ def _fit(cfg: Config, env: DistEnv) -> dict[str, float]:
             metrics = run_eval()
         rngs = distributed.all_gather(rng_state())  # every rank's, so that each resumes its own stream
         if env.is_main:
-            state = training_state(model, optimizer, scheduler, scaler, epoch, config_to_dict(cfg), rngs)
+            names = {int(i): str(c["name"]) for i, c in data.train_set.coco.cats.items()}
+            state = training_state(model, optimizer, scheduler, scaler, epoch, config_to_dict(cfg), rngs, names)
             _save(state, cfg.output_dir, epoch, cfg.train.checkpoint_every)
             record = epoch_record(epoch, lr, stats, metrics if evaluated else {}, time.time() - began)
             append_log(os.path.join(cfg.output_dir, "log.jsonl"), record)
@@ -272,10 +274,9 @@ def _start_epoch(
                 f"rank {env.rank} cannot see the checkpoint {resume} that rank 0 resumes from: with several nodes, "
                 "output_dir must be on a file system that every node mounts"
             )
-        state = read_checkpoint(resume)
-        start_epoch = restore_training_state(state, resume, model, optimizer, scheduler, scaler, env.rank)
+        start_epoch = restore_training_state(read_checkpoint(resume), model, optimizer, scheduler, scaler, env.rank)
     elif cfg.train.finetune:
-        finetune_from(model, cfg.train.finetune)
+        finetune_from(model, cfg)
     if env.is_main:
         if resume is not None:
             print(f"resuming from {resume} at epoch {start_epoch}", flush=True)
@@ -293,14 +294,16 @@ def _save(state: dict[str, Any], output_dir: str, epoch: int, checkpoint_every: 
         copy_checkpoint(latest, os.path.join(output_dir, f"checkpoint_{epoch:04d}.pth"))
 
 
-def evaluate_checkpoint(cfg: Config, checkpoint: str) -> dict[str, float]:
-    """Evaluates ``checkpoint`` on the validation split; rank 0 prints the 12 COCO metrics and writes
-    ``output_dir/eval.json`` and ``output_dir/detections_<val_split>.json`` (COCO results format)."""
+def evaluate_checkpoint(cfg: Config, checkpoint: str | Checkpoint) -> dict[str, float]:
+    """Evaluates ``checkpoint`` (any format :func:`models.read_checkpoint` reads) on the validation split; rank 0
+    prints the 12 COCO metrics and writes ``output_dir/eval.json`` and ``output_dir/detections_<val_split>.json``
+    (COCO results format)."""
+    if not isinstance(checkpoint, Checkpoint):
+        checkpoint = read_checkpoint(checkpoint)
     env = distributed.init_distributed(cfg.train.device)
     try:
         data = build_data(cfg, env, train=False)
-        model = build_model(cfg, env.device, from_checkpoint=True)
-        load_model_state(model, read_checkpoint(checkpoint)["model"], checkpoint)
+        model = load_detector(cfg, checkpoint)[0].to(env.device)
         metrics, detections = evaluate(
             model,
             build_postprocessor(cfg),
@@ -312,9 +315,10 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str) -> dict[str, float]:
             verbose=env.is_main,
         )
         if env.is_main:
-            summary = {**metrics, "checkpoint": checkpoint, "split": cfg.data.val_split, "images": len(data.val_set)}
+            summary = {"checkpoint": checkpoint.path, "split": data.val_set.split, "images": len(data.val_set)}
+            summary = {**metrics, **summary}
             write_json(os.path.join(cfg.output_dir, "eval.json"), summary)
-            write_json(os.path.join(cfg.output_dir, f"detections_{cfg.data.val_split}.json"), detections)
+            write_json(os.path.join(cfg.output_dir, f"detections_{data.val_set.split}.json"), detections)
         return metrics
     finally:
         distributed.shutdown()

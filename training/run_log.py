@@ -8,7 +8,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from .checkpoint import atomic_write
+from models.files import atomic_write
 
 AP_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 

@@ -6,6 +6,9 @@ circles, axis-aligned squares and triangles (pointing up or down), each in its o
 a random dark or light background with noise. Colour and shape both tell the class, which keeps the task learnable
 by a small model trained from scratch on two CPU cores in minutes. Shapes overlap little, and each box is the tight
 box of the drawn pixels. Generation is deterministic for a given seed.
+
+A generated folder holds a :data:`MARKER` file with the parameters; only folders with it are ever regenerated
+(when the parameters change), and a folder without it is never written into.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from typing import Any
 
 import cv2
@@ -28,6 +32,7 @@ HUES = {
     "triangle": [(50, 80, 225), (190, 60, 200)],
 }  # RGB
 MAX_OVERLAP = 0.2  # intersection over the smaller box
+MARKER = ".deformable-synthetic"  # written into every generated folder: only such folders are ever regenerated
 
 
 def _overlap(a: np.ndarray, b: np.ndarray) -> float:
@@ -129,6 +134,17 @@ def _write_split(root: str, split: str, count: int, image_size: int, max_objects
         json.dump(payload, f)
 
 
+def read_marker(root: str) -> dict[str, Any] | None:
+    """The parameters recorded in ``root``'s :data:`MARKER` file; None when ``root`` has no (readable) marker, i.e.
+    when this module did not generate it."""
+    try:
+        with open(os.path.join(root, MARKER), encoding="utf-8") as f:
+            recorded = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return recorded if isinstance(recorded, dict) else None
+
+
 def make_shapes(
     root: str,
     *,
@@ -139,11 +155,29 @@ def make_shapes(
     seed: int = 0,
     train_split: str = "train2017",
     val_split: str = "val2017",
+    replace: bool = False,
 ) -> None:
-    """Writes the data set into ``root`` (which must not exist), atomically: a sibling temporary folder is filled
-    and then renamed, so an interrupted generation leaves nothing behind."""
-    if os.path.exists(root):
-        raise FileExistsError(f"{root} already exists; delete it to generate the shapes data set again")
+    """Writes the data set into ``root`` with a :data:`MARKER` file recording the parameters, atomically: a sibling
+    temporary folder is filled and then renamed, so an interrupted generation leaves nothing behind.
+
+    ``root`` must not exist, except with ``replace`` when it holds a data set this function generated (it has the
+    marker): that one is swapped for the new one. Any other existing folder is never touched.
+
+    Raises:
+        FileExistsError: ``root`` exists (without ``replace``, or without the marker).
+    """
+    params = {
+        "generator": "deformable.data.shapes",
+        "train_images": train_images,
+        "val_images": val_images,
+        "image_size": image_size,
+        "max_objects": max_objects,
+        "seed": seed,
+        "train_split": train_split,
+        "val_split": val_split,
+    }
+    if os.path.exists(root) and not (replace and read_marker(root) is not None):
+        raise FileExistsError(_refusal(root))
     parent = os.path.dirname(os.path.abspath(root))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.abspath(root))}-")
@@ -151,28 +185,91 @@ def make_shapes(
         os.makedirs(os.path.join(tmp, "annotations"))
         _write_split(tmp, train_split, train_images, image_size, max_objects, seed)
         _write_split(tmp, val_split, val_images, image_size, max_objects, seed)
-        os.rename(tmp, root)
+        with open(os.path.join(tmp, MARKER), "w", encoding="utf-8") as f:
+            json.dump(params, f, indent=1)
+        _move_into_place(tmp, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not os.path.isdir(root):  # another process may have finished the same data set first
+        if replace or not os.path.isdir(root):  # another process may have finished the same data set first
             raise
 
 
-def ensure_synthetic(cfg: DataConfig) -> bool:
+def _refusal(root: str) -> str:
+    """Why ``make_shapes`` does not write into the existing ``root``, and what to do instead."""
+    if read_marker(root) is None:
+        owner, fix = f"was not generated here (it has no {MARKER} file)", "choose another folder"
+    else:
+        owner, fix = "holds a generated shapes data set", "regenerate it with tools/make_shapes.py --force"
+    return (
+        f"{root} already exists and {owner}; the shapes data set is only written into a new folder or over one it "
+        f"generated itself: {fix}"
+    )
+
+
+def _move_into_place(tmp: str, root: str) -> None:
+    """Renames ``tmp`` to ``root``; a generated ``root`` (marker checked by the caller) is moved aside first and
+    removed once the new one is in place."""
+    if not os.path.exists(root):
+        os.rename(tmp, root)
+        return
+    old = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(root)), prefix=".replaced-")
+    aside = os.path.join(old, "data")
+    os.rename(root, aside)
+    os.rename(tmp, root)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _split_names(cfg: DataConfig) -> tuple[str, str]:
+    """The COCO split names the synthetic set is written under (``auto`` -> train2017 / val2017)."""
+    train = "train2017" if cfg.train_split == "auto" else cfg.train_split
+    val = "val2017" if cfg.val_split == "auto" else cfg.val_split
+    return train, val
+
+
+def ensure_synthetic(cfg: DataConfig, seed: int = 0) -> bool:
     """Generates the synthetic data set into ``cfg.root`` when ``cfg.synthetic`` asks for it and the folder is
-    missing. Returns True when it generated. Call it from one process only."""
+    missing, or regenerates it when the folder is one it generated (:data:`MARKER`) with other parameters. A folder
+    without the marker is never touched (a warning says so) and read as it is. Returns True when it generated.
+    Call it from one process only."""
     if cfg.synthetic == "":
         return False
     if cfg.synthetic != "shapes":
         raise ConfigError(f"config key 'data.synthetic' must be '' or 'shapes', got {cfg.synthetic!r}")
-    if os.path.exists(cfg.root):
+    if not os.path.exists(cfg.root):
+        make_shapes_from_config(cfg, seed=seed)
+        return True
+    recorded = read_marker(cfg.root)
+    if recorded is None:
+        warnings.warn(
+            f"data.synthetic=shapes: {cfg.root} exists and was not generated by it (no {MARKER} file), so it is "
+            "left untouched and read as the data set it is",
+            stacklevel=2,
+        )
         return False
-    make_shapes_from_config(cfg)
+    train_split, val_split = _split_names(cfg)
+    wanted = {
+        "train_images": cfg.synthetic_train_images,
+        "val_images": cfg.synthetic_val_images,
+        "image_size": cfg.synthetic_image_size,
+        "max_objects": cfg.synthetic_max_objects,
+        "train_split": train_split,
+        "val_split": val_split,
+    }  # not the seed: tools/make_shapes.py --seed N makes a set that training then uses as it is
+    changed = {key: (recorded.get(key), value) for key, value in wanted.items() if recorded.get(key) != value}
+    if not changed:
+        return False
+    warnings.warn(
+        f"data.synthetic=shapes: regenerating {cfg.root}, which it generated with other parameters "
+        f"({', '.join(f'{key} {old} -> {new}' for key, (old, new) in changed.items())})",
+        stacklevel=2,
+    )
+    make_shapes_from_config(cfg, seed=seed, replace=True)
     return True
 
 
-def make_shapes_from_config(cfg: DataConfig, seed: int = 0) -> None:
+def make_shapes_from_config(cfg: DataConfig, seed: int = 0, replace: bool = False) -> None:
     """``make_shapes`` into ``cfg.root`` with the sizes and split names of ``cfg`` (``data.synthetic_*``)."""
+    train_split, val_split = _split_names(cfg)
     make_shapes(
         cfg.root,
         train_images=cfg.synthetic_train_images,
@@ -180,6 +277,7 @@ def make_shapes_from_config(cfg: DataConfig, seed: int = 0) -> None:
         image_size=cfg.synthetic_image_size,
         max_objects=cfg.synthetic_max_objects,
         seed=seed,
-        train_split=cfg.train_split,
-        val_split=cfg.val_split,
+        train_split=train_split,
+        val_split=val_split,
+        replace=replace,
     )

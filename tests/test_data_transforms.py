@@ -1,21 +1,14 @@
-"""COCO-layout reading, the original's augmentation (boxes stay on their pixels), padding, data errors."""
+"""The original's augmentation (boxes stay on their pixels), crowd/degenerate handling of targets, padding."""
 
 from __future__ import annotations
 
-import json
-import os
-
-import cv2
-import numpy as np
 import pytest
 import torch
 from tiny_training import one_thread  # noqa: F401  (autouse fixture)
 from torchvision import tv_tensors
 
-from models.config import DataConfig
-from training.data import DatasetError, build_dataset, build_loader, coco_target, collate
-from training.shapes import CATEGORIES, ensure_synthetic, make_shapes
-from training.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, resized_shape
+from deformable.data import coco_target, collate
+from deformable.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, resized_shape
 
 COLOURS = {1: (230, 30, 30), 2: (30, 30, 230)}  # label -> RGB of its filled box
 
@@ -138,38 +131,6 @@ def test_coco_target_ignores_crowd_and_drops_degenerate_boxes() -> None:
     assert empty["boxes"].shape == (0, 4) and empty["labels"].shape == (0,)
 
 
-def _write_coco(root: str, images: list[dict], annotations: list[dict], split: str = "val2017") -> None:
-    os.makedirs(os.path.join(root, split), exist_ok=True)
-    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
-    for info in images:
-        picture = np.full((info["height"], info["width"], 3), 90, dtype=np.uint8)
-        cv2.imwrite(os.path.join(root, split, info["file_name"]), picture)
-    payload = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "thing"}]}
-    with open(os.path.join(root, "annotations", f"instances_{split}.json"), "w") as f:
-        json.dump(payload, f)
-
-
-def _data_cfg(root: str, **kwargs) -> DataConfig:
-    return DataConfig(root=root, val_size=64, val_max_size=100, num_workers=0, **kwargs)
-
-
-def test_dataset_reads_images_and_allows_images_without_annotations(tmp_path) -> None:
-    images = [
-        {"id": 1, "file_name": "a.jpg", "height": 40, "width": 60},
-        {"id": 2, "file_name": "b.jpg", "height": 50, "width": 50},
-    ]
-    _write_coco(
-        str(tmp_path), images, [{"id": 1, "image_id": 1, "bbox": [6, 4, 30, 20], "category_id": 1, "iscrowd": 0}]
-    )
-    dataset = build_dataset(_data_cfg(str(tmp_path)), "val")
-    assert len(dataset) == 2
-    image, target = dataset[0]
-    assert image.shape == (3, 64, 96) and target["labels"].tolist() == [1]
-    assert torch.allclose(target["boxes"], torch.tensor([[21 / 60, 14 / 40, 30 / 60, 20 / 40]]))
-    image, target = dataset[1]
-    assert target["boxes"].shape == (0, 4) and target["size"].tolist() == [64, 64]
-
-
 def test_collate_pads_bottom_right_with_a_mask() -> None:
     a = (torch.ones(3, 4, 6), {"labels": torch.tensor([1])})
     b = (torch.ones(3, 5, 3), {"labels": torch.tensor([2])})
@@ -178,90 +139,3 @@ def test_collate_pads_bottom_right_with_a_mask() -> None:
     assert not mask[0, :4, :6].any() and mask[0, 4:].all()
     assert not mask[1, :, :3].any() and mask[1, :, 3:].all()
     assert images[1, :, :, 3:].abs().sum() == 0 and [t["labels"].item() for t in targets] == [1, 2]
-
-
-def test_missing_root_says_where_to_get_coco(tmp_path) -> None:
-    with pytest.raises(DatasetError, match=r"does not exist.*cocodataset.org.*instances_train2017.json"):
-        build_dataset(_data_cfg(str(tmp_path / "nowhere")), "train")
-
-
-def test_missing_annotation_file_is_named(tmp_path) -> None:
-    os.makedirs(tmp_path / "val2017")
-    with pytest.raises(DatasetError, match="instances_val2017.json does not exist"):
-        build_dataset(_data_cfg(str(tmp_path)), "val")
-
-
-def test_malformed_json_is_named(tmp_path) -> None:
-    _write_coco(str(tmp_path), [], [])
-    with open(tmp_path / "annotations" / "instances_val2017.json", "w") as f:
-        f.write('{"images": [ ...')
-    with pytest.raises(DatasetError, match=r"instances_val2017.json is malformed.*cocodataset.org"):
-        build_dataset(_data_cfg(str(tmp_path)), "val")
-
-
-def test_malformed_annotation_is_named(tmp_path) -> None:
-    images = [{"id": 1, "file_name": "a.jpg", "height": 20, "width": 20}]
-    _write_coco(str(tmp_path), images, [{"id": 9, "image_id": 1, "category_id": 1}])
-    with pytest.raises(DatasetError, match=r"malformed: annotation id 9 needs 'bbox'"):
-        build_dataset(_data_cfg(str(tmp_path)), "val")
-
-
-def test_missing_image_is_named(tmp_path) -> None:
-    images = [{"id": 1, "file_name": "a.jpg", "height": 20, "width": 20}]
-    _write_coco(str(tmp_path), images, [])
-    os.remove(tmp_path / "val2017" / "a.jpg")
-    with pytest.raises(DatasetError, match=r"missing from .*val2017.*a\.jpg.*cocodataset.org"):
-        build_dataset(_data_cfg(str(tmp_path)), "val")
-
-
-def test_unreadable_image_is_named(tmp_path) -> None:
-    images = [{"id": 1, "file_name": "a.jpg", "height": 20, "width": 20}]
-    _write_coco(str(tmp_path), images, [])
-    with open(tmp_path / "val2017" / "a.jpg", "wb") as f:
-        f.write(b"not a jpeg at all")
-    dataset = build_dataset(_data_cfg(str(tmp_path)), "val")
-    with pytest.raises(DatasetError, match=r"cannot read image .*a\.jpg \(image id 1\)"):
-        dataset[0]
-
-
-def test_synthetic_hint_says_how_to_regenerate(tmp_path) -> None:
-    with pytest.raises(DatasetError, match="make_shapes"):
-        build_dataset(_data_cfg(str(tmp_path / "x"), synthetic="shapes"), "val")
-
-
-def test_shapes_are_deterministic_and_in_coco_layout(tmp_path) -> None:
-    kwargs = dict(train_images=6, val_images=3, image_size=64, max_objects=3, seed=5)
-    make_shapes(str(tmp_path / "a"), **kwargs)
-    make_shapes(str(tmp_path / "b"), **kwargs)
-    for split in ("train2017", "val2017"):
-        name = f"annotations/instances_{split}.json"
-        a, b = (json.load(open(tmp_path / d / name)) for d in "ab")
-        assert a == b and a["annotations"]
-        assert [c["name"] for c in a["categories"]] == CATEGORIES
-        for info in a["images"]:
-            pixels = [cv2.imread(str(tmp_path / d / split / info["file_name"])) for d in "ab"]
-            assert np.array_equal(*pixels) and pixels[0].shape[:2] == (info["height"], info["width"])
-    cfg = _data_cfg(str(tmp_path / "a"))
-    image, target = build_dataset(cfg, "train")[0]
-    assert image.shape[0] == 3 and len(target["labels"]) >= 1
-
-
-def test_ensure_synthetic_generates_only_when_missing(tmp_path) -> None:
-    cfg = DataConfig(
-        root=str(tmp_path / "s"),
-        synthetic="shapes",
-        synthetic_train_images=2,
-        synthetic_val_images=1,
-        synthetic_image_size=48,
-    )
-    assert ensure_synthetic(cfg) is True
-    assert ensure_synthetic(cfg) is False
-    assert sorted(os.listdir(cfg.root)) == ["annotations", "train2017", "val2017"]
-    assert ensure_synthetic(DataConfig(root=str(tmp_path / "coco"))) is False  # real data is never generated
-
-
-def test_loader_refuses_a_split_smaller_than_a_batch(tmp_path) -> None:
-    make_shapes(str(tmp_path / "s"), train_images=2, val_images=1, image_size=48, max_objects=1)
-    dataset = build_dataset(_data_cfg(str(tmp_path / "s")), "train")
-    with pytest.raises(DatasetError, match="fewer than train.batch_size"):
-        build_loader(dataset, batch_size=4, train=True, num_workers=0, rank=0, world_size=1, seed=0)

@@ -1,0 +1,53 @@
+"""Detection data: reading the COCO, Roboflow COCO, YOLO and VOC layouts into one in-memory COCO dict, the
+original's augmentation, batching, the synthetic shapes set and the summary printed before training.
+
+Conventions: boxes are pixel ``[x, y, w, h]`` in the COCO dicts (``dataset.coco``); after the transforms, targets
+hold ``boxes`` (n, 4) normalised cxcywh and ``labels`` (n,) category ids. Modules: ``layouts`` (detection, split
+names), ``coco`` / ``yolo`` / ``voc`` (the readers), ``split`` (the COCO dict and shared checks), ``dataset``
+(:class:`DetectionDataset`), ``transforms``, ``loader`` (collate, loader, per-epoch seeds), ``shapes`` (the
+synthetic demo set), ``summary``, ``build`` (the builders that read the config).
+"""
+
+from .build import build_dataset, check_num_classes, dataset_class_names, dataset_image_ids, resolve_num_classes
+from .coco import coco_annotation_file
+from .dataset import DetectionDataset, coco_api, coco_target
+from .errors import DatasetError
+from .layouts import LAYOUTS, check_data_root, detect_layout, fix_hint, read_class_names, read_split
+from .loader import build_loader, collate, set_epoch
+from .shapes import CATEGORIES as SHAPES_CATEGORIES
+from .shapes import MARKER, ensure_synthetic, make_shapes, make_shapes_from_config
+from .split import SplitData
+from .summary import max_objects, summarise
+from .transforms import build_transforms, resized_shape
+
+__all__ = [
+    "LAYOUTS",
+    "MARKER",
+    "SHAPES_CATEGORIES",
+    "DatasetError",
+    "DetectionDataset",
+    "SplitData",
+    "build_dataset",
+    "build_loader",
+    "build_transforms",
+    "check_data_root",
+    "check_num_classes",
+    "coco_annotation_file",
+    "coco_api",
+    "coco_target",
+    "collate",
+    "dataset_class_names",
+    "dataset_image_ids",
+    "detect_layout",
+    "ensure_synthetic",
+    "fix_hint",
+    "make_shapes",
+    "make_shapes_from_config",
+    "max_objects",
+    "read_class_names",
+    "read_split",
+    "resized_shape",
+    "resolve_num_classes",
+    "set_epoch",
+    "summarise",
+]

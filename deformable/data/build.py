@@ -1,0 +1,87 @@
+"""The builders that read the configuration: datasets, the class count, class names."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from models.config import Config, ConfigError, DataConfig
+
+from .dataset import DetectionDataset
+from .errors import DatasetError
+from .layouts import read_class_names, read_split
+from .shapes import CATEGORIES as SHAPES_CATEGORIES
+from .transforms import build_transforms
+
+
+def build_dataset(cfg: DataConfig, split: str, transforms: bool = True) -> DetectionDataset:
+    """The ``train`` or ``val`` split of ``cfg.root``, whatever its layout, with the original's transforms for it
+    (``transforms=False``: samples are the uint8 image and its XYXY pixel target, untransformed)."""
+    train = split == "train"
+    pipeline = None
+    if transforms:
+        pipeline = build_transforms(
+            train=train,
+            train_scales=cfg.train_scales,
+            train_max_size=cfg.train_max_size,
+            crop=cfg.crop,
+            crop_scales=cfg.crop_scales,
+            crop_size=cfg.crop_size,
+            val_size=cfg.val_size,
+            val_max_size=cfg.val_max_size,
+            hflip=cfg.hflip,
+        )
+    return DetectionDataset(read_split(cfg, split), pipeline)
+
+
+def check_num_classes(dataset: DetectionDataset, num_classes: int | str) -> None:
+    """Labels are category ids (the original's convention), so every id must be < ``model.num_classes``."""
+    ids = dataset.category_ids()
+    if isinstance(num_classes, int) and ids and max(ids) >= num_classes:
+        raise DatasetError(
+            f"{dataset.source} has category ids up to {max(ids)} but model.num_classes is {num_classes}; "
+            f"set model.num_classes={max(ids) + 1} (or model.num_classes=auto)"
+        )
+
+
+def resolve_num_classes(cfg: Config, train_set: DetectionDataset | None = None) -> Config:
+    """``cfg`` with ``model.num_classes: auto`` replaced by the largest category id of the training data + 1 (labels
+    are category ids); an integer is left as it is. Without ``train_set`` the training split's annotations are read
+    (no image is). Returns a new Config; ``cfg`` is not modified.
+
+    Raises:
+        ConfigError: num_classes is another string. DatasetError: the training data has no category.
+    """
+    value = cfg.model.num_classes
+    if isinstance(value, int):
+        return cfg
+    if value != "auto":
+        raise ConfigError(f"config key 'model.num_classes' must be an integer >= 1 or 'auto', got {value!r}")
+    ids = (train_set or build_dataset(cfg.data, "train", transforms=False)).category_ids()
+    if not ids:
+        raise DatasetError(f"model.num_classes=auto: the training split of {cfg.data.root} lists no category")
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=max(ids) + 1))
+
+
+def dataset_class_names(cfg: DataConfig) -> dict[int, str]:
+    """Category id -> name of the data set ``cfg`` describes, from its annotations alone (the synthetic shapes'
+    names when that set is asked for but not generated yet); empty when none can be read (callers then show
+    numeric ids)."""
+    try:
+        return read_class_names(cfg)
+    except (DatasetError, OSError):
+        if cfg.synthetic == "shapes":
+            return {i + 1: name for i, name in enumerate(SHAPES_CATEGORIES)}
+        return {}
+
+
+def dataset_image_ids(cfg: DataConfig) -> dict[str, int]:
+    """Image file name (without folders) -> image id in the data set ``cfg`` describes (its val split, else its
+    train split), so that detections on those files can be scored against it; empty when neither can be read."""
+    for split in ("val", "train"):
+        try:
+            coco = read_split(cfg, split).coco
+        except (DatasetError, OSError):
+            continue
+        return {os.path.basename(info["file_name"]): int(info["id"]) for info in coco["images"]}
+    return {}

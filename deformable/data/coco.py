@@ -1,0 +1,131 @@
+"""COCO-format annotation files: the COCO layout and Roboflow's COCO export.
+
+COCO: ``root/<split>/`` images and ``root/annotations/instances_<split>.json`` (``data.train_ann`` /
+``data.val_ann`` name another file). Roboflow: ``root/<split>/`` holding the images and ``_annotations.coco.json``,
+splits ``train``, ``valid``, ``test``; Roboflow adds a category (often id 0) that only serves as the others'
+supercategory and has no box: it is dropped, the other ids are kept as given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from .errors import DatasetError
+from .split import SplitData, finish_split, image_size
+
+ROBOFLOW_FILE = "_annotations.coco.json"
+
+
+def coco_annotation_file(root: str, split: str, ann: str = "") -> str:
+    """``ann`` (relative to ``root`` unless absolute) or the default ``root/annotations/instances_<split>.json``."""
+    if ann:
+        return ann if os.path.isabs(ann) else os.path.join(root, ann)
+    return os.path.join(root, "annotations", f"instances_{split}.json")
+
+
+def read_coco_file(ann_file: str, image_root: str, *, layout: str, split: str, hint: str = "") -> SplitData:
+    """Reads one COCO-format annotation file whose ``file_name`` entries are relative to ``image_root``.
+
+    Raises:
+        DatasetError: a missing file or folder, malformed JSON or entries, an unknown category id, a listed image
+            missing from ``image_root``, or no image at all; the message names the file.
+    """
+    suffix = f": {hint}" if hint else ""
+    for path, kind in ((ann_file, "annotation file"), (image_root, "image folder")):
+        if not os.path.exists(path):
+            raise DatasetError(f"{kind} {path} does not exist{suffix}")
+    try:
+        with open(ann_file, encoding="utf-8") as f:
+            payload = json.load(f)
+    except (ValueError, UnicodeDecodeError) as exc:  # json.JSONDecodeError is a ValueError
+        raise DatasetError(f"annotation file {ann_file} is malformed ({type(exc).__name__}: {exc}){suffix}") from exc
+    _check_structure(payload, ann_file)
+    _check_images(payload, image_root, ann_file)
+    if layout == "roboflow":
+        payload["categories"] = drop_unused_supercategories(payload)
+    data = SplitData(layout=layout, split=split, image_root=image_root, coco=payload, source=ann_file)
+    return finish_split(data)
+
+
+def read_categories(ann_file: str, roboflow: bool = False) -> dict[int, str]:
+    """Category id -> name of a COCO-format annotation file, without looking at its images (Roboflow's unused
+    supercategory dropped when ``roboflow``)."""
+    try:
+        with open(ann_file, encoding="utf-8") as f:
+            payload = json.load(f)
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"cannot read annotation file {ann_file}: {exc}") from exc
+    _check_structure(payload, ann_file)
+    categories = drop_unused_supercategories(payload) if roboflow else payload["categories"]
+    return {cat["id"]: str(cat["name"]) for cat in sorted(categories, key=lambda c: c["id"])}
+
+
+def _check_structure(payload: Any, ann_file: str) -> None:
+    """The top level is a dict with ``images``, ``annotations`` and ``categories`` lists of well-formed entries."""
+    if not isinstance(payload, dict):
+        raise DatasetError(f"annotation file {ann_file} is malformed: the top level is not a JSON object")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(payload.get(key), list):
+            raise DatasetError(f"annotation file {ann_file} is malformed: no '{key}' list")
+    for info in payload["images"]:
+        if not isinstance(info, dict) or not isinstance(info.get("file_name"), str) or "id" not in info:
+            raise DatasetError(
+                f"annotation file {ann_file} is malformed: image entry {json.dumps(info)[:200]} needs an 'id' and "
+                "a 'file_name'"
+            )
+    for cat in payload["categories"]:
+        if not isinstance(cat, dict) or not isinstance(cat.get("id"), int) or "name" not in cat:
+            raise DatasetError(
+                f"annotation file {ann_file} is malformed: category {json.dumps(cat)[:200]} needs an integer 'id' "
+                "and a 'name'"
+            )
+    image_ids = {info["id"] for info in payload["images"]}
+    for ann in payload["annotations"]:
+        _check_annotation(ann, image_ids, ann_file)
+
+
+def _check_annotation(ann: Any, image_ids: set, ann_file: str) -> None:
+    bbox = ann.get("bbox") if isinstance(ann, dict) else None
+    ok = (
+        isinstance(bbox, list)
+        and len(bbox) == 4
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)
+        and isinstance(ann.get("category_id"), int)
+        and ann.get("image_id") in image_ids
+        and "id" in ann
+    )
+    if not ok:
+        ident = ann.get("id", "?") if isinstance(ann, dict) else "?"
+        raise DatasetError(
+            f"annotation file {ann_file} is malformed: annotation id {ident} needs an 'id', 'bbox' [x, y, w, h], "
+            f"an integer 'category_id' and a known 'image_id' (got {json.dumps(ann)[:200]})"
+        )
+
+
+def _check_images(payload: dict[str, Any], image_root: str, ann_file: str) -> None:
+    """Every listed image exists; sizes missing from the file are read from the image headers."""
+    present = set(os.listdir(image_root))
+    missing = [
+        info["file_name"]
+        for info in payload["images"]
+        if info["file_name"] not in present and not os.path.isfile(os.path.join(image_root, info["file_name"]))
+    ]
+    if missing:
+        raise DatasetError(
+            f"{len(missing)} image(s) listed in {ann_file} are missing from {image_root}, e.g. "
+            f"{os.path.join(image_root, missing[0])}"
+        )
+    for info in payload["images"]:
+        if not isinstance(info.get("height"), int) or not isinstance(info.get("width"), int):
+            info["height"], info["width"] = image_size(os.path.join(image_root, info["file_name"]))
+
+
+def drop_unused_supercategories(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """The categories minus those without any annotation that are another category's ``supercategory`` (Roboflow's
+    extra category, e.g. id 0 "cells" above "red", "white"); ids are kept as given."""
+    used = {ann["category_id"] for ann in payload["annotations"]}
+    categories = payload["categories"]
+    parents = {cat.get("supercategory") for cat in categories if cat.get("supercategory") != cat["name"]}
+    return [cat for cat in categories if cat["id"] in used or cat["name"] not in parents]

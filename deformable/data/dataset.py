@@ -1,0 +1,114 @@
+"""The detection dataset every layout becomes: images read on demand, targets from the split's COCO dict.
+
+Targets follow the original (ConvertCocoPolysToMask): crowd (and VOC difficult) boxes ignored, boxes clipped to the
+image and degenerate ones dropped, the category id is the label, images without boxes kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms.v2.functional import pil_to_tensor
+
+from .errors import DatasetError
+from .split import SplitData
+
+
+def coco_api(coco: dict[str, Any]) -> COCO:
+    """A pycocotools ``COCO`` over an in-memory dict (what ``COCOeval`` scores against)."""
+    api = COCO()
+    api.dataset = coco
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        api.createIndex()
+    return api
+
+
+class DetectionDataset(Dataset):
+    """One split of any layout. ``dataset[i]`` -> ``(image (3, H, W) float, target)`` after ``transforms``, with
+    target keys ``boxes`` (n, 4) normalised cxcywh, ``labels`` (n,) int64 category ids, ``image_id`` (1,),
+    ``orig_size`` and ``size`` (2,) as (h, w) before / after augmentation.
+
+    ``coco`` is the pycocotools ``COCO`` of the split (boxes xywh pixels); ``ids`` the image ids in index order;
+    ``layout``, ``split``, ``source`` (the file listing the split) and ``image_root`` say where it came from.
+    """
+
+    def __init__(self, data: SplitData, transforms: Callable[..., Any] | None) -> None:
+        self.data = data
+        self.transforms = transforms
+        self.coco = coco_api(data.coco)
+        self.ids = sorted(self.coco.imgs)
+
+    @property
+    def layout(self) -> str:
+        return self.data.layout
+
+    @property
+    def split(self) -> str:
+        return self.data.split
+
+    @property
+    def source(self) -> str:
+        return self.data.source
+
+    @property
+    def image_root(self) -> str:
+        return self.data.image_root
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def category_ids(self) -> list[int]:
+        """The split's category ids, sorted (labels are category ids)."""
+        return sorted(self.coco.cats)
+
+    def class_names(self) -> dict[int, str]:
+        """Category id -> name."""
+        return {cat_id: str(self.coco.cats[cat_id]["name"]) for cat_id in self.category_ids()}
+
+    def image_path(self, image_id: int) -> str:
+        return os.path.join(self.image_root, self.coco.imgs[image_id]["file_name"])
+
+    def load_image(self, image_id: int) -> tv_tensors.Image:
+        """The image (3, H, W) uint8 RGB; an unreadable file is a DatasetError naming it."""
+        path = self.image_path(image_id)
+        try:
+            with Image.open(path) as picture:
+                return tv_tensors.Image(pil_to_tensor(picture.convert("RGB")))
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise DatasetError(f"cannot read image {path} (image id {image_id}): {exc}") from exc
+
+    def __getitem__(self, index: int) -> tuple[Any, dict[str, Any]]:
+        image_id = self.ids[index]
+        image = self.load_image(image_id)
+        annotations = self.coco.imgToAnns.get(image_id, [])
+        target = coco_target(annotations, image_id, height=image.shape[-2], width=image.shape[-1])
+        return (image, target) if self.transforms is None else self.transforms(image, target)
+
+
+def coco_target(annotations: list[dict[str, Any]], image_id: int, height: int, width: int) -> dict[str, Any]:
+    """COCO annotations -> target with ``boxes`` BoundingBoxes (n, 4) XYXY in pixels and ``labels`` (n,) int64.
+
+    Crowd annotations are ignored; boxes are clipped to the image and those with no area dropped (the original).
+    """
+    annotations = [a for a in annotations if not a.get("iscrowd", 0)]
+    boxes = torch.tensor([a["bbox"] for a in annotations], dtype=torch.float32).reshape(-1, 4)
+    boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
+    boxes[:, 0::2].clamp_(min=0, max=width)
+    boxes[:, 1::2].clamp_(min=0, max=height)
+    labels = torch.tensor([a["category_id"] for a in annotations], dtype=torch.int64)
+    keep = (boxes[:, 3] > boxes[:, 1]) & (boxes[:, 2] > boxes[:, 0])
+    return {
+        "boxes": tv_tensors.BoundingBoxes(boxes[keep], format="XYXY", canvas_size=(height, width)),
+        "labels": labels[keep],
+        "image_id": torch.tensor([image_id]),
+        "orig_size": torch.tensor([height, width]),
+    }

@@ -1,0 +1,162 @@
+"""Which layout ``data.root`` holds (``data.format``: auto | coco | roboflow | yolo | voc) and which splits to read.
+
+Split names ``auto`` (the default) pick per layout: COCO ``train2017`` / ``val2017`` (or the one
+``annotations/instances_*train*.json`` / ``*val*``), Roboflow ``train`` / ``valid``, YOLO data.yaml's ``train`` /
+``val``, VOC ``train`` / ``val`` (``trainval`` / ``test`` when those are what ImageSets has).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+from models.config import DataConfig
+
+from .coco import ROBOFLOW_FILE, coco_annotation_file, read_categories, read_coco_file
+from .errors import DatasetError
+from .split import SplitData
+from .voc import read_voc, split_file, voc_class_names
+from .yolo import YAML_FILE, read_data_yaml, read_yolo
+
+LAYOUTS = {
+    "coco": "annotations/instances_<split>.json and a <split>/ image folder (e.g. train2017/, val2017/)",
+    "roboflow": "train/, valid/ (test/) folders, each with its images and _annotations.coco.json",
+    "yolo": "data.yaml (names, train, val) with images/<split>/ and labels/<split>/*.txt",
+    "voc": "JPEGImages/, Annotations/*.xml and ImageSets/Main/<split>.txt",
+}
+COCO_HINT = (
+    "point data.root at a folder in one of the layouts " + ", ".join(LAYOUTS) + "; for COCO 2017 download "
+    "https://cocodataset.org/#download (train2017.zip, val2017.zip, annotations_trainval2017.zip) and unzip them "
+    "into {root} so that {root}/train2017/, {root}/val2017/ and {root}/annotations/instances_train2017.json exist "
+    "(data.synthetic=shapes generates the small demo data set instead)"
+)
+SHAPES_HINT = (
+    "data.synthetic=shapes generates the demo data set there when training starts (tools/train.py), or run "
+    "tools/make_shapes.py CONFIG data.root={root}"
+)
+
+
+def fix_hint(cfg: DataConfig) -> str:
+    """How to get data into ``cfg.root``: the layouts and where COCO comes from, or how to generate the demo set."""
+    return (SHAPES_HINT if cfg.synthetic == "shapes" else COCO_HINT).format(root=cfg.root)
+
+
+def check_data_root(cfg: DataConfig) -> None:
+    """Raises :class:`DatasetError` naming ``cfg.root`` when it does not exist."""
+    if not os.path.exists(cfg.root):
+        raise DatasetError(f"data.root {cfg.root} does not exist: {fix_hint(cfg)}")
+
+
+def _yaml_path(root: str) -> str:
+    return root if os.path.isfile(root) else os.path.join(root, YAML_FILE)
+
+
+def detect_layout(root: str) -> str | None:
+    """The first layout whose files ``root`` has (in the order of :data:`LAYOUTS`), else None."""
+    if os.path.isfile(root):
+        return "yolo" if root.endswith((".yaml", ".yml")) else None
+    if glob.glob(os.path.join(glob.escape(root), "annotations", "instances_*.json")):
+        return "coco"
+    if glob.glob(os.path.join(glob.escape(root), "*", ROBOFLOW_FILE)):
+        return "roboflow"
+    if os.path.isfile(os.path.join(root, YAML_FILE)):
+        return "yolo"
+    if all(os.path.isdir(os.path.join(root, d)) for d in ("JPEGImages", "Annotations")):
+        return "voc"
+    return None
+
+
+def no_match_message(root: str) -> str:
+    """Lists the layouts looked for (and the files each needs) and what the top of ``root`` holds."""
+    names = sorted(os.listdir(root))
+    shown = [n + ("/" if os.path.isdir(os.path.join(root, n)) else "") for n in names[:20]]
+    more = f" and {len(names) - 20} more" if len(names) > 20 else ""
+    needs = "".join(f"\n  {name}: {files}" for name, files in LAYOUTS.items())
+    return (
+        f"data.root {root} matches none of the layouts looked for:{needs}\n"
+        f"found at the top of {root}: {', '.join(shown) or 'nothing'}{more}\n"
+        "point data.root at the folder holding these files, or set data.format to the layout it is in"
+    )
+
+
+def resolve_layout(cfg: DataConfig) -> str:
+    """``cfg.format``, or the detected layout when it is ``auto``."""
+    check_data_root(cfg)
+    if cfg.format != "auto":
+        if cfg.format not in LAYOUTS:
+            raise DatasetError(f"data.format must be auto or one of {', '.join(LAYOUTS)}, got {cfg.format!r}")
+        return cfg.format
+    layout = detect_layout(cfg.root)
+    if layout is None:
+        raise DatasetError(no_match_message(cfg.root))
+    return layout
+
+
+def _coco_split(root: str, train: bool) -> str:
+    preferred, word = ("train2017", "train") if train else ("val2017", "val")
+    files = glob.glob(os.path.join(glob.escape(root), "annotations", "instances_*.json"))
+    splits = sorted(os.path.basename(f)[len("instances_") : -len(".json")] for f in files)
+    matching = [s for s in splits if word in s]
+    return preferred if preferred in splits or len(matching) != 1 else matching[0]
+
+
+def _first_existing(candidates: tuple[str, ...], exists) -> str:
+    return next((name for name in candidates if exists(name)), candidates[0])
+
+
+def resolve_split(cfg: DataConfig, layout: str, which: str) -> str:
+    """The split name to read for ``which`` (``train`` or ``val``): ``data.train_split`` / ``data.val_split``, or
+    the layout's default when that is ``auto``."""
+    train = which == "train"
+    name = cfg.train_split if train else cfg.val_split
+    if name != "auto":
+        return name
+    root = cfg.root
+    if layout == "coco":
+        return _coco_split(root, train)
+    if layout == "roboflow":
+        candidates = ("train",) if train else ("valid", "val", "test")
+        return _first_existing(candidates, lambda s: os.path.isfile(os.path.join(root, s, ROBOFLOW_FILE)))
+    if layout == "voc":
+        candidates = ("train", "trainval") if train else ("val", "test")
+        return _first_existing(candidates, lambda s: os.path.isfile(split_file(root, s)))
+    return "train" if train else "val"
+
+
+def read_split(cfg: DataConfig, which: str) -> SplitData:
+    """The ``train`` or ``val`` split of ``cfg.root`` in whichever layout it is, as a COCO dict (no images read)."""
+    if which not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {which!r}")
+    layout = resolve_layout(cfg)
+    split = resolve_split(cfg, layout, which)
+    if layout in ("coco", "roboflow"):
+        hint = fix_hint(cfg) if layout == "coco" else ""
+        ann_file = _annotation_file(cfg, layout, which)
+        return read_coco_file(ann_file, os.path.join(cfg.root, split), layout=layout, split=split, hint=hint)
+    if layout == "yolo":
+        return read_yolo(_yaml_path(cfg.root), split)
+    class_splits = [resolve_split(cfg, "voc", "train"), resolve_split(cfg, "voc", "val")]
+    return read_voc(cfg.root, split, class_splits)
+
+
+def _annotation_file(cfg: DataConfig, layout: str, which: str) -> str:
+    split = resolve_split(cfg, layout, which)
+    if layout == "roboflow":
+        return os.path.join(cfg.root, split, ROBOFLOW_FILE)
+    return coco_annotation_file(cfg.root, split, cfg.train_ann if which == "train" else cfg.val_ann)
+
+
+def read_class_names(cfg: DataConfig) -> dict[int, str]:
+    """Category id -> name of the data set in ``cfg.root`` from its annotations alone (no image is opened): the
+    val split's file, else the train split's, for COCO and Roboflow; data.yaml's names; the VOC classes."""
+    layout = resolve_layout(cfg)
+    if layout == "yolo":
+        return {index + 1: name for index, name in read_data_yaml(_yaml_path(cfg.root))["names"].items()}
+    if layout == "voc":
+        splits = [resolve_split(cfg, "voc", "train"), resolve_split(cfg, "voc", "val")]
+        return {i: name for i, name in enumerate(voc_class_names(cfg.root, splits), start=1)}
+    files = [_annotation_file(cfg, layout, which) for which in ("val", "train")]
+    existing = [path for path in files if os.path.isfile(path)]
+    if not existing:
+        raise DatasetError(f"neither annotation file exists: {' nor '.join(files)}")
+    return read_categories(existing[0], roboflow=layout == "roboflow")

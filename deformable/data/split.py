@@ -1,0 +1,114 @@
+"""One split of any layout as an in-memory COCO dict, and the checks every layout shares.
+
+The dict is what training, evaluation (pycocotools ``COCO``/``COCOeval``) and inference read:
+
+- ``images``: ``{"id": int, "file_name": str relative to the split's image folder, "height": int, "width": int}``;
+- ``annotations``: ``{"id", "image_id", "category_id": int, "bbox": [x, y, w, h] in pixels (x, y the top-left
+  corner, continuous coordinates: the image spans [0, width] x [0, height]), "area", "iscrowd": 0 | 1}``;
+- ``categories``: ``{"id": int, "name": str}``; the category id is the label the model learns (the original's
+  convention), so ``model.num_classes`` must exceed the largest id.
+
+``iscrowd: 1`` boxes (COCO crowds, VOC ``difficult`` objects) are ignored by training and, as pycocotools does for
+crowds, neither count as ground truth nor as false positives in evaluation.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from .errors import DatasetError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+@dataclass
+class SplitData:
+    """A split read from disk: the COCO dict (module docstring), where its images are and what described it.
+
+    ``clipped`` / ``dropped`` count the boxes that reached outside their image (clipped to it) and those with no
+    area left inside it (removed from the dict); ``notes`` are remarks for the summary.
+    """
+
+    layout: str  # coco | roboflow | yolo | voc
+    split: str  # the split's name in that layout, e.g. val2017, valid, val
+    image_root: str  # file_name of each image is relative to this folder
+    coco: dict[str, Any]
+    source: str  # the file (or folder) that lists the split, named in messages
+    clipped: int = 0
+    dropped: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def image_size(path: str) -> tuple[int, int]:
+    """``(height, width)`` of the image file ``path`` from its header (PIL, no EXIF rotation, as training reads)."""
+    try:
+        with Image.open(path) as picture:
+            width, height = picture.size
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise DatasetError(f"cannot read image {path}: {exc}") from exc
+    return int(height), int(width)
+
+
+def clip_boxes(coco: dict[str, Any]) -> tuple[int, int]:
+    """Clips every ``bbox`` of ``coco`` to its image in place and removes the annotations with no area left.
+
+    ``area`` is set to the clipped box's area where it is missing (layouts without masks). Returns
+    ``(clipped, dropped)``: how many boxes were clipped, how many removed.
+    """
+    sizes = {info["id"]: (info["width"], info["height"]) for info in coco["images"]}
+    kept, clipped, dropped = [], 0, 0
+    for ann in coco["annotations"]:
+        width, height = sizes[ann["image_id"]]
+        x, y, w, h = (float(v) for v in ann["bbox"])
+        x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + w, float(width)), min(y + h, float(height))
+        if x1 <= x0 or y1 <= y0:
+            dropped += 1
+            continue
+        if (x0, y0, x1, y1) != (x, y, x + w, y + h):
+            clipped += 1
+            ann["bbox"] = [x0, y0, x1 - x0, y1 - y0]
+        ann.setdefault("area", (x1 - x0) * (y1 - y0))
+        ann.setdefault("iscrowd", 0)
+        kept.append(ann)
+    coco["annotations"] = kept
+    return clipped, dropped
+
+
+def check_category_ids(coco: dict[str, Any], source: str) -> None:
+    """Every annotation's ``category_id`` must be one of ``coco["categories"]``; the error names ``source``."""
+    known = {cat["id"] for cat in coco["categories"]}
+    for ann in coco["annotations"]:
+        if ann["category_id"] not in known:
+            raise DatasetError(
+                f"{source}: annotation id {ann.get('id', '?')} (image id {ann['image_id']}) has category_id "
+                f"{ann['category_id']}, which is not among the categories {sorted(known)}"
+            )
+
+
+def check_not_empty(data: SplitData) -> None:
+    """A split without images is an error naming the file that lists it."""
+    if not data.coco["images"]:
+        raise DatasetError(f"the {data.layout} split '{data.split}' has no images: {data.source} lists none")
+
+
+def finish_split(data: SplitData) -> SplitData:
+    """The checks and clean-up every layout ends with: categories known, boxes clipped, at least one image."""
+    check_not_empty(data)
+    check_category_ids(data.coco, data.source)
+    data.clipped, data.dropped = clip_boxes(data.coco)
+    return data
+
+
+def list_image_files(folder: str) -> list[str]:
+    """Image files under ``folder`` (recursive, by extension), as sorted paths relative to ``folder``."""
+    found = []
+    for directory, subdirs, names in os.walk(folder):
+        subdirs.sort()
+        for name in names:
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                found.append(os.path.relpath(os.path.join(directory, name), folder))
+    return sorted(found)

@@ -1,0 +1,173 @@
+"""Ultralytics YOLO folders: ``data.yaml``, ``images/<split>/`` and ``labels/<split>/<stem>.txt``.
+
+``data.yaml`` (read with ``yaml.safe_load``) gives ``names`` (a list, or a dict index -> name), and ``train`` /
+``val`` / ``test``: a folder of images, a ``.txt`` file listing image paths, or a list of either. They are relative
+to ``path`` when given (``path`` itself absolute or relative to the yaml's folder), else to the yaml's folder; an
+entry starting with ``../`` that does not exist is also tried without it (Roboflow's YOLO export writes
+``../train/images`` beside the yaml). An image's labels are in the same place with the last ``images`` folder
+replaced by ``labels`` and the extension by ``.txt``; each line is ``class cx cy w h`` normalised to [0, 1] (or
+``class x1 y1 x2 y2 ...``, a polygon, whose enclosing box is used). A missing or empty label file means no object.
+YOLO class ``i`` becomes category id ``i + 1``, so K classes take ids 1..K.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import yaml
+
+from .errors import DatasetError
+from .split import SplitData, finish_split, image_size, list_image_files
+
+YAML_FILE = "data.yaml"
+TOLERANCE = 0.01  # normalised coordinates may stray this far outside [0, 1] (rounding); the box is then clipped
+
+
+def read_data_yaml(path: str) -> dict[str, Any]:
+    """The parsed ``data.yaml``; its ``names`` become ``{class index: name}`` under the key ``names``."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            payload = yaml.safe_load(f)
+    except OSError as exc:
+        raise DatasetError(f"cannot read {path}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise DatasetError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(payload, dict):
+        raise DatasetError(f"{path} must hold a mapping with 'names', 'train' and 'val'")
+    if "names" not in payload:
+        raise DatasetError(f"{path} has no 'names': list the class names, e.g. names: [cat, dog]")
+    payload["names"] = _names(payload["names"], path)
+    if "nc" in payload and payload["nc"] != len(payload["names"]):
+        raise DatasetError(f"{path}: nc is {payload['nc']} but names has {len(payload['names'])} entries")
+    return payload
+
+
+def _names(names: Any, path: str) -> dict[int, str]:
+    if isinstance(names, list):
+        return {i: str(name) for i, name in enumerate(names)}
+    if isinstance(names, dict) and all(isinstance(k, int) and k >= 0 for k in names):
+        return {k: str(names[k]) for k in sorted(names)}
+    raise DatasetError(f"{path}: 'names' must be a list of class names or a mapping index -> name, got {names!r}")
+
+
+def split_base(payload: dict[str, Any], yaml_path: str) -> str:
+    """The folder that ``train`` / ``val`` entries are relative to: ``path`` or the yaml's folder."""
+    folder = os.path.dirname(os.path.abspath(yaml_path))
+    path = payload.get("path")
+    if not path:
+        return folder
+    return str(path) if os.path.isabs(str(path)) else os.path.normpath(os.path.join(folder, str(path)))
+
+
+def _resolve(base: str, entry: str) -> str:
+    path = entry if os.path.isabs(entry) else os.path.normpath(os.path.join(base, entry))
+    if not os.path.exists(path) and entry.startswith("../"):
+        path = os.path.normpath(os.path.join(base, entry[3:]))
+    return path
+
+
+def split_images(payload: dict[str, Any], yaml_path: str, key: str) -> tuple[str, list[str]]:
+    """``(image_root, file names relative to it)`` of the split ``key`` (train, val, test) of ``data.yaml``."""
+    entries = payload.get(key)
+    if not entries:
+        raise DatasetError(f"{yaml_path} has no '{key}' entry (it has: {', '.join(map(str, payload))})")
+    base = split_base(payload, yaml_path)
+    sources = [_resolve(base, str(e)) for e in (entries if isinstance(entries, list) else [entries])]
+    paths: list[str] = []
+    for source in sources:
+        if os.path.isdir(source):
+            paths.extend(os.path.join(source, name) for name in list_image_files(source))
+        elif os.path.isfile(source) and source.endswith(".txt"):
+            paths.extend(_listed_images(source))
+        else:
+            raise DatasetError(f"{yaml_path}: '{key}' points to {source}, which is no folder and no .txt list")
+    root = sources[0] if len(sources) == 1 and os.path.isdir(sources[0]) else base
+    return root, [os.path.relpath(p, root) for p in paths]
+
+
+def _listed_images(list_file: str) -> list[str]:
+    folder = os.path.dirname(list_file)
+    paths = []
+    with open(list_file, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            entry = line.strip()
+            if not entry:
+                continue
+            path = entry if os.path.isabs(entry) else os.path.normpath(os.path.join(folder, entry))
+            if not os.path.isfile(path):
+                raise DatasetError(f"{list_file} line {number}: image {path} does not exist")
+            paths.append(path)
+    return paths
+
+
+def label_path(image_path: str) -> str:
+    """``.../images/<split>/a.jpg`` -> ``.../labels/<split>/a.txt`` (the last ``images`` folder; beside the image
+    when there is none)."""
+    parts = os.path.normpath(image_path).split(os.sep)
+    folders = [i for i, part in enumerate(parts[:-1]) if part == "images"]
+    if folders:
+        parts[folders[-1]] = "labels"
+    return os.path.splitext(os.sep.join(parts))[0] + ".txt"
+
+
+def parse_label_line(line: str, names: dict[int, str], where: str) -> tuple[int, list[float]]:
+    """``class cx cy w h`` (or a polygon ``class x1 y1 ...``) -> ``(class index, [x0, y0, x1, y1] normalised)``.
+
+    ``where`` is ``file line N``, the start of every error message.
+    """
+    fields = line.split()
+    if len(fields) != 5 and (len(fields) < 7 or len(fields) % 2 == 0):
+        raise DatasetError(
+            f"{where}: expected 'class cx cy w h' (5 numbers) or a polygon 'class x1 y1 x2 y2 x3 y3 ...', got "
+            f"{len(fields)} field(s): {line.strip()[:100]!r}"
+        )
+    try:
+        number, values = float(fields[0]), [float(v) for v in fields[1:]]
+    except ValueError:
+        raise DatasetError(f"{where}: not a number in {line.strip()[:100]!r}") from None
+    if not number.is_integer() or int(number) not in names:
+        raise DatasetError(
+            f"{where}: class {fields[0]} is outside the {len(names)} classes of data.yaml's names "
+            f"(indices {min(names)}..{max(names)})"
+        )
+    if any(not -TOLERANCE <= v <= 1 + TOLERANCE for v in values):
+        raise DatasetError(f"{where}: coordinates must be normalised to [0, 1], got {line.strip()[:100]!r}")
+    if len(fields) == 5:
+        cx, cy, w, h = values
+        return int(number), [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
+    xs, ys = values[0::2], values[1::2]
+    return int(number), [min(xs), min(ys), max(xs), max(ys)]
+
+
+def read_labels(path: str, names: dict[int, str]) -> list[tuple[int, list[float]]] | None:
+    """The boxes of one label file, ``None`` when the file does not exist."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    return [parse_label_line(line, names, f"{path} line {n}") for n, line in enumerate(lines, 1) if line.strip()]
+
+
+def read_yolo(yaml_path: str, key: str) -> SplitData:
+    """The split ``key`` of the YOLO data set described by ``yaml_path``, as a COCO dict (pixels xywh)."""
+    payload = read_data_yaml(yaml_path)
+    names = payload["names"]
+    root, files = split_images(payload, yaml_path, key)
+    coco: dict[str, Any] = {"images": [], "annotations": [], "categories": []}
+    coco["categories"] = [{"id": index + 1, "name": name} for index, name in names.items()]
+    found = 0
+    for image_id, name in enumerate(files, start=1):
+        path = os.path.join(root, name)
+        height, width = image_size(path)
+        coco["images"].append({"id": image_id, "file_name": name, "height": height, "width": width})
+        labels = read_labels(label_path(path), names)
+        found += labels is not None
+        for index, (x0, y0, x1, y1) in labels or []:
+            box = [x0 * width, y0 * height, (x1 - x0) * width, (y1 - y0) * height]
+            ann = {"id": len(coco["annotations"]) + 1, "image_id": image_id, "category_id": index + 1, "bbox": box}
+            coco["annotations"].append({**ann, "iscrowd": 0})
+    data = SplitData(layout="yolo", split=key, image_root=root, coco=coco, source=f"{yaml_path} ({key}: {root})")
+    if files and not found:
+        data.notes.append(f"no label file found (looked for e.g. {label_path(os.path.join(root, files[0]))})")
+    return finish_split(data)

@@ -1,0 +1,55 @@
+"""Writing files so that nothing a user saved is ever lost: a write goes to a temporary file beside the target, is
+flushed and fsynced, and then replaces the target with ``os.replace``. A process killed at any moment leaves either
+the previous file or the new one, never a torn one. Every file this project writes (checkpoints, configs, converted
+weights, logs' summaries) goes through :func:`atomic_write`.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import tempfile
+from collections.abc import Callable
+from typing import BinaryIO
+
+TMP_PREFIX = ".tmp-"
+
+
+def fsync_dir(directory: str) -> None:
+    """Makes a rename in ``directory`` durable (POSIX only; elsewhere a no-op)."""
+    if os.name == "posix":
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """Calls ``write(file)`` on a temporary file beside ``path``, fsyncs it and renames it onto ``path``."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=TMP_PREFIX + os.path.basename(path) + ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    fsync_dir(directory)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Writes ``text`` as UTF-8 to ``path`` atomically."""
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def remove_stale_temp_files(directory: str | os.PathLike) -> None:
+    """Deletes the temporary files that a killed writer left in ``directory``."""
+    for path in glob.glob(os.path.join(os.fspath(directory), TMP_PREFIX + "*")):
+        os.unlink(path)

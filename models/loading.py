@@ -1,0 +1,177 @@
+"""A detector from a checkpoint of any format: the config it needs, the check that they agree, the loading.
+
+Every tool that takes ``--checkpoint`` (eval, infer, visualize, both exporters, convert) and ``train.finetune`` go
+through :func:`load_detector`:
+
+    ckpt = read_checkpoint("weights/")                     # any format models.checkpoint reads
+    cfg = resolve_config(None, ["data.root=..."], ckpt)    # no config file: the checkpoint's own
+    model = load_detector(cfg, ckpt)                       # eval mode, on the CPU
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import yaml
+from torch import nn
+
+from .checkpoint import Checkpoint, CheckpointError, read_checkpoint
+from .config import Config, ConfigError, ModelConfig, apply_overrides, apply_values, config_from_dict, load_config
+from .detector import build_detector
+from .weights import load_checkpoint
+
+# Model options that change the state_dict or the outputs; a checkpoint stating another value than the config for
+# any of them cannot be loaded as the config describes. The class count is checked on its own (fine-tuning may
+# change it).
+ARCHITECTURE = (
+    "backbone",
+    "dilation",
+    "position_embedding",
+    "num_feature_levels",
+    "enc_layers",
+    "dec_layers",
+    "dim_feedforward",
+    "hidden_dim",
+    "nheads",
+    "num_queries",
+    "enc_n_points",
+    "dec_n_points",
+    "with_box_refine",
+    "two_stage",
+    "enc_offset_mode",
+    "dec_offset_mode",
+)
+CONFIG_SUFFIXES = (".yaml", ".yml")
+# The tools' help for the positional config and the checkpoint (every tool reads the same formats).
+CONFIG_HELP = "the YAML config (default: the checkpoint's own), then section.key=value overrides"
+CHECKPOINT_HELP = (
+    "this project's checkpoint, an original Deformable-DETR .pth, a state_dict, or a transformers folder "
+    "(config.json + model.safetensors)"
+)
+
+
+def split_command_line(items: Iterable[str]) -> tuple[str | None, list[str], list[str]]:
+    """Splits a tool's positional arguments into ``(config file or None, section.key=value overrides, the rest)``.
+
+    The config is the first item when it ends in ``.yaml``/``.yml``; an override is an item with ``=`` that names
+    no existing file.
+    """
+    items = list(items)
+    config = items.pop(0) if items and items[0].endswith(CONFIG_SUFFIXES) else None
+    overrides = [item for item in items if "=" in item and not os.path.exists(item)]
+    return config, overrides, [item for item in items if item not in overrides]
+
+
+def split_config_args(items: Iterable[str]) -> tuple[str | None, list[str]]:
+    """``(config file or None, overrides)`` of a tool that takes nothing else positional.
+
+    Raises:
+        ConfigError: an item that is neither (the usual slip: ``key value`` or ``key`` without ``=``).
+    """
+    config, overrides, rest = split_command_line(items)
+    if rest:
+        raise ConfigError(f"override '{rest[0]}' must look like section.key=value (a config file, if any, comes first)")
+    return config, overrides
+
+
+def _override(key: str, value: Any) -> str:
+    return f"model.{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+
+
+def architecture_mismatches(model: ModelConfig, options: Mapping[str, Any]) -> list[str]:
+    """One line per architecture option on which ``model`` and a checkpoint's ``options`` disagree, each naming both
+    values and the override that makes the config fit the checkpoint."""
+    lines = []
+    for key in ARCHITECTURE:
+        if key in options and options[key] != getattr(model, key):
+            lines.append(
+                f"{key}: the config says {getattr(model, key)!r}, the checkpoint {options[key]!r} "
+                f"(override: {_override(key, options[key])})"
+            )
+    return lines
+
+
+def check_architecture(model: ModelConfig, checkpoint: Checkpoint, class_change: bool = False) -> None:
+    """Raises :class:`CheckpointError` listing every disagreement between ``model`` and what ``checkpoint`` states;
+    a different class count is one too unless ``class_change`` (fine-tuning re-initialises the class heads)."""
+    lines = architecture_mismatches(model, checkpoint.options)
+    classes = checkpoint.options.get("num_classes")
+    if not class_change and classes is not None and classes != model.num_classes:
+        lines.append(
+            f"num_classes: the config says {model.num_classes!r}, the checkpoint {classes} "
+            f"(override: model.num_classes={classes})"
+        )
+    if lines:
+        raise CheckpointError(
+            f"checkpoint {checkpoint.path} ({checkpoint.format} format) was made for another model than the config "
+            "describes:\n  " + "\n  ".join(lines)
+        )
+
+
+def config_from_checkpoint(checkpoint: Checkpoint, overrides: Iterable[str] = ()) -> Config:
+    """The config a checkpoint states: a project checkpoint's saved config, else the defaults (the original's) with
+    the model options of its ``args`` / ``config.json`` / weights; then ``overrides``. The backbone is never
+    downloaded (the checkpoint holds it)."""
+    if checkpoint.config is not None:
+        try:
+            cfg = config_from_dict(checkpoint.config)
+        except ConfigError as exc:
+            raise CheckpointError(f"checkpoint {checkpoint.path}: its saved config does not fit ({exc})") from exc
+    else:
+        known = {f.name for f in dataclasses.fields(ModelConfig)}
+        cfg = apply_values(Config(), {"model": {k: v for k, v in checkpoint.options.items() if k in known}})
+    cfg.model.pretrained_backbone = False
+    return apply_overrides(cfg, overrides)
+
+
+def resolve_config(config: str | os.PathLike | None, overrides: Iterable[str], checkpoint: Checkpoint | None) -> Config:
+    """``config`` with ``overrides`` when a file is given, else the checkpoint's own config with them.
+
+    Raises:
+        ConfigError: neither a config file nor a checkpoint. FileNotFoundError: no such config file.
+    """
+    if config is not None:
+        return load_config(config, overrides)
+    if checkpoint is None:
+        raise ConfigError("give a config file (e.g. configs/coco.yaml), or a checkpoint to take the config from")
+    return config_from_checkpoint(checkpoint, overrides)
+
+
+def config_and_checkpoint(
+    config: str | os.PathLike | None, overrides: Iterable[str], checkpoint: str | os.PathLike | None
+) -> tuple[Config, Checkpoint | None]:
+    """What a tool needs first: the checkpoint read (any format) and the config, from ``config`` when given, else the
+    checkpoint's own; ``overrides`` on top either way."""
+    read = read_checkpoint(checkpoint) if checkpoint is not None else None
+    return resolve_config(config, overrides, read), read
+
+
+def load_detector(
+    cfg: Config, checkpoint: str | os.PathLike | Checkpoint | None, class_change: bool = False
+) -> tuple[nn.Module, Checkpoint | None]:
+    """The detector of ``cfg.model`` in eval mode on the CPU with the weights of ``checkpoint`` (any format).
+
+    Without a checkpoint the weights are random (for testing the tools only). The backbone is never downloaded.
+    With ``class_change`` (``train.finetune``) the class heads may have another class count and are re-initialised;
+    every other difference is an error naming the option and its override.
+
+    Raises:
+        FileNotFoundError: no such checkpoint. CheckpointError: unreadable, or made for another model.
+    """
+    if isinstance(checkpoint, (str, os.PathLike)):
+        checkpoint = read_checkpoint(checkpoint)
+    model_cfg = dataclasses.replace(cfg.model, pretrained_backbone=False)
+    if checkpoint is not None and model_cfg.num_classes == "auto" and "num_classes" in checkpoint.options:
+        model_cfg = dataclasses.replace(model_cfg, num_classes=checkpoint.options["num_classes"])
+    if checkpoint is not None:
+        check_architecture(model_cfg, checkpoint, class_change)
+    model = build_detector(dataclasses.replace(cfg, model=model_cfg))
+    if checkpoint is not None:
+        try:
+            load_checkpoint(model, checkpoint, reinit_class_heads=class_change)
+        except ValueError as exc:
+            raise CheckpointError(f"checkpoint {checkpoint.path}: {exc}") from exc
+    return model.eval(), checkpoint

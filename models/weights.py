@@ -1,0 +1,177 @@
+"""Putting weights into a detector: the one strict loader, with class heads re-initialised for another class count.
+
+Reading files (every format) is :mod:`models.checkpoint`'s; this module takes what it read, or a state_dict.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .checkpoint import Checkpoint, read_checkpoint, state_dict_of
+from .heads import reset_class_head
+
+logger = logging.getLogger(__name__)
+
+# Keys of the class heads, which legitimately differ in shape when fine-tuning on another class count.
+CLASS_HEAD_KEY = re.compile(r"^(transformer\.decoder\.)?class_embed\.\d+\.(weight|bias)$")
+MAX_KEYS_SHOWN = 8
+
+
+@dataclass
+class LoadResult:
+    """What :func:`load_checkpoint` did.
+
+    Attributes:
+        loaded: model keys set from the checkpoint.
+        reinitialised: class-head keys whose checkpoint shape differed; those heads were re-initialised.
+        missing: model keys the checkpoint lacked (only when ``strict=False``).
+        unexpected: checkpoint keys the model lacks, ignored (only when ``strict=False``).
+        mismatched: other keys whose shapes differ, ignored (only when ``strict=False``).
+    """
+
+    loaded: list[str] = field(default_factory=list)
+    reinitialised: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+
+    @property
+    def dropped(self) -> list[str]:
+        """Checkpoint keys that were not used."""
+        return self.reinitialised + self.unexpected + self.mismatched
+
+
+def _state_of(source: str | os.PathLike | Mapping | Checkpoint) -> Mapping[str, torch.Tensor]:
+    """The state_dict in ``source``: a path or :class:`Checkpoint` (read by :func:`models.checkpoint.read_checkpoint`),
+    a dict with a ``model`` entry, or a state_dict."""
+    if isinstance(source, (str, os.PathLike)):
+        source = read_checkpoint(source)
+    if isinstance(source, Checkpoint):
+        return source.model
+    if not isinstance(source, Mapping):
+        raise TypeError(f"a checkpoint must be a path, a Checkpoint or a dict, got {type(source).__name__}")
+    return state_dict_of(source, "the given dict")
+
+
+def _show(keys: list[str]) -> str:
+    shown = ", ".join(keys[:MAX_KEYS_SHOWN])
+    return shown + (f" and {len(keys) - MAX_KEYS_SHOWN} more" if len(keys) > MAX_KEYS_SHOWN else "")
+
+
+def _alias_groups(model: nn.Module) -> list[list[str]]:
+    """Groups of state_dict keys that are the same tensor (shared heads registered under several names)."""
+    groups: dict[tuple[int, int, tuple[int, ...]], list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        groups.setdefault((tensor.data_ptr(), tensor.storage_offset(), tuple(tensor.shape)), []).append(name)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def _check_shared(state: Mapping, groups: list[list[str]]) -> None:
+    """A checkpoint with different values for keys the model shares was made by another architecture."""
+    for group in groups:
+        present = [k for k in group if k in state]
+        first = state[present[0]] if present else None
+        if any(state[k].shape == first.shape and not torch.equal(state[k], first) for k in present[1:]):
+            raise ValueError(
+                f"checkpoint has different values for {_show(present)}, which this model shares; was it trained "
+                f"with another with_box_refine setting?"
+            )
+
+
+def _classify(state: Mapping, own: Mapping, groups: list[list[str]]) -> LoadResult:
+    """Sorts the checkpoint keys into loadable, class heads to re-initialise, unexpected and mismatched; lists the
+    model keys that nothing covers (a key is covered when any of its aliases is)."""
+    result = LoadResult()
+    for key, value in state.items():
+        if key not in own:
+            result.unexpected.append(key)
+        elif value.shape == own[key].shape:
+            result.loaded.append(key)
+        elif CLASS_HEAD_KEY.match(key) and value.dim() == own[key].dim():
+            result.reinitialised.append(key)
+        else:
+            result.mismatched.append(f"{key} (checkpoint {tuple(value.shape)}, model {tuple(own[key].shape)})")
+    covered = set(result.loaded) | set(result.reinitialised)
+    for group in groups:
+        if covered & set(group):
+            covered |= set(group)
+    result.missing = [k for k in own if k not in covered]
+    return result
+
+
+def load_checkpoint(
+    model: nn.Module,
+    source: str | os.PathLike | Mapping | Checkpoint,
+    strict: bool = True,
+    reinit_class_heads: bool = True,
+) -> LoadResult:
+    """Loads weights into ``model``, re-initialising class heads whose class count differs.
+
+    Args:
+        model: the detector.
+        source: a checkpoint path in any format :func:`models.checkpoint.read_checkpoint` reads (this project's, the
+            original's, a state_dict, a transformers folder), what it returned, a dict with a ``model`` entry, or a
+            state_dict.
+        strict: when True (default) any other difference (missing or unexpected keys, other shapes) is an error,
+            so a checkpoint of another architecture is never loaded partially; when False those keys are skipped
+            and reported.
+        reinit_class_heads: when False, class heads of another class count are an error too (evaluation, inference,
+            export and resuming need the checkpoint's own heads).
+
+    Returns:
+        A :class:`LoadResult`; what was dropped is also logged.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: unreadable file or another architecture (the keys named).
+        TypeError: ``source`` is neither a path nor a dict.
+    """
+    state = _state_of(source)
+    groups = _alias_groups(model)
+    _check_shared(state, groups)
+    result = _classify(state, model.state_dict(), groups)
+    if result.reinitialised and not reinit_class_heads:
+        key = result.reinitialised[0]
+        count = state[key].shape[0]
+        raise ValueError(
+            f"the checkpoint's class head {key} has {count} classes, the model {model.state_dict()[key].shape[0]}: "
+            f"set model.num_classes={count}"
+        )
+    if strict and (result.missing or result.unexpected or result.mismatched):
+        raise ValueError(_mismatch_message(result))
+
+    model.load_state_dict({k: state[k] for k in result.loaded}, strict=False)
+    heads = {k.rsplit(".", 1)[0] for k in result.reinitialised}
+    for name in sorted(heads):
+        reset_class_head(model.get_submodule(name))
+    if result.dropped or result.missing:
+        logger.warning(
+            "load_checkpoint: re-initialised %s; ignored %s; missing %s",
+            _show(result.reinitialised) or "nothing",
+            _show(result.unexpected + result.mismatched) or "nothing",
+            _show(result.missing) or "nothing",
+        )
+    return result
+
+
+def _mismatch_message(result: LoadResult) -> str:
+    parts = []
+    if result.mismatched:
+        parts.append(f"shape mismatches: {_show(result.mismatched)}")
+    if result.missing:
+        parts.append(f"{len(result.missing)} keys missing from the checkpoint: {_show(result.missing)}")
+    if result.unexpected:
+        parts.append(f"{len(result.unexpected)} unexpected keys: {_show(result.unexpected)}")
+    if not result.loaded and not result.reinitialised:
+        parts.insert(0, "it shares no key with this detector (not a Deformable DETR state_dict?)")
+    return (
+        "checkpoint does not fit this model (another architecture or config?): "
+        + "; ".join(parts)
+        + ". Only class heads may differ (other class count); pass strict=False to load what fits."
+    )

@@ -1,0 +1,59 @@
+"""``data.image_size``: the short side chosen from the training split's boxes and images, and what follows from it."""
+
+from __future__ import annotations
+
+import pytest
+
+from deformable.data.sizes import auto_image_size, resolve_image_size, sizes_for
+from models.config import ConfigError, load_config
+
+
+def _coco(image_sides: list[tuple[int, int]], box_sides: list[float]) -> dict:
+    """One square box of side ``box_sides[i] * image width`` per image, cycling over the images."""
+    images = [{"id": i + 1, "width": w, "height": h, "file_name": f"{i}.jpg"} for i, (w, h) in enumerate(image_sides)]
+    anns = []
+    for n, side in enumerate(box_sides):
+        image = images[n % len(images)]
+        s = side * (image["width"] * image["height"]) ** 0.5
+        anns.append({"id": n + 1, "image_id": image["id"], "bbox": [0, 0, s, s], "category_id": 1})
+    return {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "a"}]}
+
+
+def test_small_boxes_raise_the_size_up_to_the_images_and_the_budget() -> None:
+    photos = [(1000, 800)] * 10
+    assert auto_image_size(_coco(photos, [0.7] * 20), 256, 640) == 256  # large objects: the floor
+    assert auto_image_size(_coco(photos, [0.1] * 20), 256, 640) == 320  # 32 px / 0.1
+    assert auto_image_size(_coco(photos, [0.02] * 20), 256, 640) == 640  # tiny objects: the budget
+    small = [(300, 200)] * 10
+    assert auto_image_size(_coco(small, [0.02] * 20), 128, 640) == 192  # never above the median short side
+    assert auto_image_size(_coco(photos, []), 256, 640) == 256
+
+
+def test_the_tenth_percentile_box_decides() -> None:
+    sides = [0.5] * 90 + [0.08] * 10 + [0.05] * 5  # 105 boxes: the 10% quantile is 0.08
+    assert auto_image_size(_coco([(1000, 1000)] * 5, sides), 128, 1000) == 416  # 32 / 0.08 = 400 -> 416
+
+
+def test_sizes_follow_the_originals_relations() -> None:
+    assert sizes_for(800) == {
+        "train_scales": [608, 640, 672, 704, 736, 768, 800],
+        "train_max_size": 1333,
+        "crop_scales": [384, 512, 608],
+        "crop_size": [384, 608],
+        "val_size": 800,
+        "val_max_size": 1333,
+    }
+    assert sizes_for(256)["train_scales"] == [192, 224, 256] and sizes_for(256)["val_max_size"] == 427
+
+
+def test_resolve_image_size_from_the_config() -> None:
+    cfg = load_config(None, ["data.image_size=auto", "data.min_image_size=128", "data.max_image_size=512"])
+    resolved, why = resolve_image_size(cfg, _coco([(640, 480)] * 4, [0.1] * 8))
+    assert resolved.data.val_size == 320 and resolved.data.image_size == 0 and cfg.data.image_size == "auto"
+    assert why.startswith("data.image_size=auto -> 320 px (small boxes are 0.10 of the image side")
+    fixed, why = resolve_image_size(load_config(None, ["data.image_size=300"]))
+    assert fixed.data.val_size == 288 and why == "data.image_size=300 -> short side 288 px"
+    unchanged, why = resolve_image_size(load_config(None, []))
+    assert unchanged.data.val_size == 800 and why == ""
+    with pytest.raises(ConfigError, match="'data.image_size' must be 0, 'auto' or a short side >= 32, got 'big'"):
+        resolve_image_size(load_config(None, ["data.image_size=big"]))

@@ -1,0 +1,46 @@
+#!/usr/bin/env python
+"""Convert Deformable DETR weights: any checkpoint format into this project's, or into a transformers folder.
+
+    python tools/convert_checkpoint.py SRC DST [CONFIG] [section.key=value ...]            # -> this project's .pth
+    python tools/convert_checkpoint.py SRC DST --to hf [CONFIG] [section.key=value ...]    # -> transformers folder
+
+SRC may be this project's checkpoint, an original Deformable-DETR .pth (with its ``args``), a bare state_dict, or a
+transformers Deformable DETR folder (``config.json`` + ``model.safetensors`` / ``pytorch_model.bin``). The model
+options come from CONFIG when given, else from SRC itself; the weights are loaded strictly into that detector before
+anything is written, and DST is written atomically. ``--to hf`` writes ``config.json`` + ``model.safetensors``, which
+``transformers.DeformableDetrForObjectDetection.from_pretrained(DST)`` loads with the same outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from models.config import ConfigError  # noqa: E402
+from models.convert import TARGETS, convert_checkpoint  # noqa: E402
+from models.loading import CONFIG_HELP, split_command_line  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", help="the checkpoint to convert (file or transformers folder)")
+    parser.add_argument("destination", help="the .pth file (--to project) or folder (--to hf) to write")
+    parser.add_argument("args", nargs="*", metavar="[CONFIG] [section.key=value]", help=CONFIG_HELP)
+    parser.add_argument("--to", choices=TARGETS, default="project", help="the format to write (default: project)")
+    args = parser.parse_intermixed_args(argv)
+    config, overrides, rest = split_command_line(args.args)
+    if rest:
+        parser.error(f"unexpected arguments {' '.join(rest)} (a config must end in .yaml and come first)")
+    try:
+        print(convert_checkpoint(args.source, args.destination, args.to, config, overrides))
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Resuming a run: the training state a checkpoint holds (optimiser, schedule, scaler, every process's RNG) and how it
+is restored. Reading and writing the files is :mod:`models.checkpoint`'s.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.checkpoint import Checkpoint, CheckpointError
+from models.weights import load_checkpoint
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states, as tensors and plain Python values."""
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+        "numpy_pos": int(np.random.get_state()[2]),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restores what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def resume_path(resume: str, output_dir: str) -> str | None:
+    """``train.resume``: "" -> None; "auto" -> ``output_dir/checkpoint.pth`` when it exists; else the path itself."""
+    if resume == "":
+        return None
+    if resume == "auto":
+        latest = os.path.join(output_dir, "checkpoint.pth")
+        return latest if os.path.isfile(latest) else None
+    return resume
+
+
+def training_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+    epoch: int,
+    config: dict[str, Any],
+    rng: list[dict[str, Any]],
+    class_names: Mapping[int, str] | None = None,
+) -> dict[str, Any]:
+    """The checkpoint dict after ``epoch`` (0-based, completed); ``rng`` holds every process's RNG state and
+    ``class_names`` maps category ids (labels) to names, so that inference can name what it finds."""
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": lr_scheduler.state_dict(),
+        "epoch": epoch,
+        "config": config,
+        "class_names": {int(k): str(v) for k, v in (class_names or {}).items()},
+        "rng": rng,
+    }
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
+    return state
+
+
+def restore_training_state(
+    checkpoint: Checkpoint,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+    rank: int,
+) -> int:
+    """Loads model, optimiser, schedule, scaler and this rank's RNG state; returns the epoch to start from.
+
+    Raises:
+        CheckpointError: the checkpoint holds no training state (not this project's), or does not fit the model.
+    """
+    state, path = checkpoint.entries, checkpoint.path
+    for key in ("optimizer", "lr_scheduler", "epoch"):
+        if key not in state:
+            raise CheckpointError(
+                f"checkpoint {path} ({checkpoint.format} format) has no '{key}' entry, so training cannot resume from "
+                "it; use train.finetune=PATH to start a new run from its weights"
+            )
+    try:
+        load_checkpoint(model, checkpoint, reinit_class_heads=False)
+    except ValueError as exc:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit the configured model ({exc}); resume with the config it was trained with "
+            "(config.yaml beside it)"
+        ) from exc
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {path}: the optimiser state does not fit this model ({exc})") from exc
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if scaler is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
+    rngs = state.get("rng") or []
+    if rank < len(rngs):
+        set_rng_state(rngs[rank])
+    return int(state["epoch"]) + 1
