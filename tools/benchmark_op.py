@@ -14,8 +14,15 @@ uniform in [0, 1] (no locality: the worst case for caches). Attention weights ar
 
 Times: "fwd" is an inference forward (torch.no_grad, inputs that do not require grad); "fwd+bwd" is a forward with
 value, locations and weights requiring grad plus the backward with a fixed random grad_output. Each is the median of
---iters runs after --warmup runs, timed with time.perf_counter (with torch.cuda.synchronize before and after on a
-GPU).
+--iters runs after --warmup runs (default 10 after 2 on a CPU, 30 after 5 on a GPU):
+- cpu: each run timed with time.perf_counter.
+- cuda: each run timed with a pair of CUDA events around it, the runs queued back to back; before each run a 256 MiB
+  buffer is overwritten (outside the events), so that the inputs are not already in the GPU's L2 cache.
+
+Memory floor (cuda rows only): the bytes the call must move (value, locations and weights read, output written; for
+fwd+bwd also grad_output read, the inputs read again and their gradients written: tools/_bench_floor.py says exactly
+what is counted) over the device-to-device copy bandwidth measured at the start of the run (1 GiB copied, read +
+write). "floor us" is that time in microseconds, "x floor" the measured time over it.
 
 Extra memory: the peak memory above what was allocated before the call (inputs and, for fwd+bwd, grad_output),
 measured separately from the timing:
@@ -44,7 +51,12 @@ from collections.abc import Callable
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(TOOLS))
+if TOOLS not in sys.path:
+    sys.path.append(TOOLS)  # _bench_floor, also when this file is imported by path
+
+import _bench_floor  # noqa: E402
 
 from deformable import _extension, ms_deform_attn, ms_deform_attn_pytorch  # noqa: E402
 
@@ -53,6 +65,8 @@ HEADS, CHANNELS, POINTS = 8, 32, 4
 DECODER_QUERIES = 300
 OFFSET_STD_PX = 2.0
 MB = 1e6
+L2_FLUSH_BYTES = 256 << 20  # above any GPU's L2 (H100/H200: 50-60 MB)
+DEFAULT_ITERS = {"cpu": (10, 2), "cuda": (30, 5)}  # (timed runs, warm-up runs)
 
 Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -120,10 +134,29 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _cuda_times_ms(
+    fn: Callable, inputs: Inputs, backward: bool, grad_output: torch.Tensor | None, iters: int
+) -> list[float]:
+    """CUDA-event times of ``iters`` calls queued back to back, each after an L2 flush outside its events."""
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=inputs[0].device)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+    for start, end in events:
+        flush.fill_(1)
+        start.record()
+        _run(fn, inputs, backward, grad_output)
+        end.record()
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) for start, end in events]
+
+
 def time_ms(fn: Callable, inputs: Inputs, backward: bool, iters: int, warmup: int) -> float:
-    """Median wall time of one call in milliseconds."""
+    """Median time of one call in milliseconds: CUDA events on a GPU, wall time on a CPU (see the docstring)."""
     device = str(inputs[0].device)
     grad_output = _grad_output(inputs) if backward else None
+    if device.startswith("cuda"):
+        for _ in range(warmup):
+            _run(fn, inputs, backward, grad_output)
+        return statistics.median(_cuda_times_ms(fn, inputs, backward, grad_output, iters))
     times = []
     for i in range(warmup + iters):
         _sync(device)
@@ -180,17 +213,37 @@ def cpu_extra_mb(config: dict) -> dict[str, float] | None:
 PATHS: dict[str, Callable[..., torch.Tensor]] = {"native": ms_deform_attn, "pytorch": ms_deform_attn_pytorch}
 
 
-def machine_lines(devices: list[str], threads: int) -> list[str]:
+def machine_info(devices: list[str], threads: int, bandwidth: float | None) -> dict[str, str | int | float | None]:
+    """The machine, the build and the command, as written at the top of the output and into the JSON."""
     cpu = platform.processor() or platform.machine()
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    lines = [f"- CPU: {cpu}, {os.cpu_count()} logical cores, {threads} torch threads"]
-    if any(d.startswith("cuda") for d in devices):
-        lines.append(f"- GPU: {torch.cuda.get_device_name()}")
+    gpu = torch.cuda.get_device_name() if any(d.startswith("cuda") for d in devices) else None
     build = _extension.build_info() if _extension.extension_loaded() else f"not loaded ({_extension.LOAD_ERROR})"
-    lines += [f"- torch {torch.__version__}, deformable._C built for: {build}"]
-    lines.append(f"- command: `{shlex.join([os.path.basename(sys.executable), *sys.argv])}`")
+    return {
+        "cpu": cpu,
+        "logical_cores": os.cpu_count(),
+        "threads": threads,
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "build": build,
+        "copy_bandwidth_gbs": None if bandwidth is None else bandwidth / 1e9,
+        "command": shlex.join([os.path.basename(sys.executable), *sys.argv]),
+    }
+
+
+def machine_lines(info: dict) -> list[str]:
+    lines = [f"- CPU: {info['cpu']}, {info['logical_cores']} logical cores, {info['threads']} torch threads"]
+    if info["gpu"]:
+        lines.append(f"- GPU: {info['gpu']} (CUDA {info['cuda']})")
+    if info["copy_bandwidth_gbs"] is not None:
+        lines.append(
+            f"- GPU copy bandwidth: {info['copy_bandwidth_gbs']:.0f} GB/s (1 GiB device to device, read + write)"
+        )
+    lines += [f"- torch {info['torch']}, deformable._C built for: {info['build']}"]
+    lines.append(f"- command: `{info['command']}`")
     return lines
 
 
@@ -198,39 +251,94 @@ def _fmt(x: float | None, digits: int = 1) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-def measure(args: argparse.Namespace, path: str, inputs: Inputs, config: dict) -> tuple[float, float, dict | None]:
-    """(fwd ms, fwd+bwd ms, {"fwd": MB, "fwd+bwd": MB} or None) of one path on one configuration."""
+def _iters(args: argparse.Namespace, device: str) -> tuple[int, int]:
+    """(timed runs, warm-up runs) on ``device``: the command line's, else the device's defaults."""
+    iters, warmup = DEFAULT_ITERS["cuda" if device.startswith("cuda") else "cpu"]
+    return (iters if args.iters is None else args.iters), (warmup if args.warmup is None else args.warmup)
+
+
+def measure(args: argparse.Namespace, path: str, inputs: Inputs, config: dict) -> dict[str, float | None]:
+    """``fwd_ms``, ``fwd_bwd_ms``, ``fwd_extra_mb``, ``fwd_bwd_extra_mb`` (None: not measured) of one path."""
     fn = PATHS[path]
-    fwd = time_ms(fn, inputs, False, args.iters, args.warmup)
-    both = time_ms(fn, inputs, True, args.iters, args.warmup)
+    iters, warmup = _iters(args, str(inputs[0].device))
+    result: dict[str, float | None] = {
+        "fwd_ms": time_ms(fn, inputs, False, iters, warmup),
+        "fwd_bwd_ms": time_ms(fn, inputs, True, iters, warmup),
+    }
     memory = None
     if args.memory and inputs[0].is_cuda:
         memory = {"fwd": cuda_extra_mb(fn, inputs, False), "fwd+bwd": cuda_extra_mb(fn, inputs, True)}
     elif args.memory:
         memory = cpu_extra_mb(dict(config, path=path, threads=args.threads))
-    return fwd, both, memory
+    result["fwd_extra_mb"] = None if memory is None else memory["fwd"]
+    result["fwd_bwd_extra_mb"] = None if memory is None else memory["fwd+bwd"]
+    return result
+
+
+def floor_fields(inputs: Inputs, bandwidth: float) -> dict[str, float]:
+    """Bytes and floor times of one configuration (tools/_bench_floor.py), for the measured ``bandwidth`` (B/s)."""
+    size = _bench_floor.OpSize.of(inputs[0], inputs[3])
+    fields: dict[str, float] = {}
+    for key, backward in (("fwd", False), ("fwd_bwd", True)):
+        nbytes = _bench_floor.op_bytes(size, inputs[0].dtype, inputs[3].dtype, backward)
+        fields[f"{key}_bytes"] = nbytes
+        fields[f"{key}_floor_ms"] = _bench_floor.floor_ms(nbytes, bandwidth)
+    return fields
 
 
 def benchmark_case(
-    args: argparse.Namespace, device: str, dtype: str, shape: str, batch: int, locations: str
-) -> list[str]:
-    """Table rows (one per path) of one configuration."""
+    args: argparse.Namespace, device: str, dtype: str, shape: str, batch: int, locations: str,
+    bandwidth: float | None = None,
+) -> list[dict]:  # fmt: skip
+    """The records (one per path) of one configuration; with ``bandwidth`` (cuda) also the floor and the ratios."""
     inputs = make_inputs(shape, batch, locations, getattr(torch, dtype), device)
     config = {"shape": shape, "batch": batch, "locations": locations, "dtype": dtype}
     paths = ["native"] + ([] if args.skip_pytorch else ["pytorch"])
     results = {path: measure(args, path, inputs, config) for path in paths}
-    native_label = "native" if _extension.native_supports(device.split(":")[0]) else "native (fell back)"
-    rows = []
-    for path, (fwd, both, memory) in results.items():
-        speedup = ("-", "-")
+    native_supported = _extension.native_supports(device.split(":")[0])
+    floor = floor_fields(inputs, bandwidth) if bandwidth is not None and device.startswith("cuda") else {}
+    records = []
+    for path, result in results.items():
+        record = dict(config, device=device, path=path, **result)
+        record["iters"], record["warmup"] = _iters(args, device)
+        record["timer"] = "cuda events" if device.startswith("cuda") else "perf_counter"
+        record["label"] = path if path == "pytorch" or native_supported else "native (fell back)"
+        record["speedup_fwd"] = record["speedup_fwd_bwd"] = None
         if path == "native" and "pytorch" in results:
-            speedup = (f"{results['pytorch'][0] / fwd:.1f}x", f"{results['pytorch'][1] / both:.1f}x")
-        mem = (None, None) if memory is None else (memory["fwd"], memory["fwd+bwd"])
-        label = native_label if path == "native" else path
-        cells = [device, dtype, shape, str(batch), locations, label, _fmt(fwd, 2), _fmt(both, 2), _fmt(mem[0]),
-                 _fmt(mem[1]), *speedup]  # fmt: skip
-        rows.append("| " + " | ".join(cells) + " |")
-    return rows
+            record["speedup_fwd"] = results["pytorch"]["fwd_ms"] / result["fwd_ms"]
+            record["speedup_fwd_bwd"] = results["pytorch"]["fwd_bwd_ms"] / result["fwd_bwd_ms"]
+        if floor:
+            record.update(floor)
+            record["fwd_x_floor"] = result["fwd_ms"] / floor["fwd_floor_ms"]
+            record["fwd_bwd_x_floor"] = result["fwd_bwd_ms"] / floor["fwd_bwd_floor_ms"]
+        records.append(record)
+    return records
+
+
+HEADER = ["device", "dtype", "shape", "batch", "locations", "path", "fwd ms", "fwd+bwd ms", "fwd extra MB",
+          "fwd+bwd extra MB", "speed-up fwd", "speed-up fwd+bwd"]  # fmt: skip
+FLOOR_HEADER = ["fwd floor us", "fwd x floor", "fwd+bwd floor us", "fwd+bwd x floor"]
+
+
+def format_row(record: dict, floor_columns: bool) -> str:
+    """One markdown table row; times in ms with 3 decimals on a GPU (2 on a CPU), floors in microseconds."""
+    digits = 3 if record["device"].startswith("cuda") else 2
+    speedup = [_fmt(record[k]) + "x" if record[k] is not None else "-" for k in ("speedup_fwd", "speedup_fwd_bwd")]
+    cells = [record["device"], record["dtype"], record["shape"], str(record["batch"]), record["locations"],
+             record["label"], _fmt(record["fwd_ms"], digits), _fmt(record["fwd_bwd_ms"], digits),
+             _fmt(record["fwd_extra_mb"]), _fmt(record["fwd_bwd_extra_mb"]), *speedup]  # fmt: skip
+    if floor_columns:
+        for key in ("fwd", "fwd_bwd"):
+            floor_ms = record.get(f"{key}_floor_ms")
+            ratio = record.get(f"{key}_x_floor")
+            cells += [_fmt(None if floor_ms is None else 1e3 * floor_ms), "-" if ratio is None else f"{ratio:.1f}x"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def write_json(path: str, info: dict, records: list[dict]) -> None:
+    """The machine and every record so far (rewritten after each configuration, so an interrupted run leaves some)."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"machine": info, "records": records}, f, indent=1)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -241,13 +349,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--dtypes", default=None, help="comma-separated (default: float32 on cpu, float32,bfloat16 on cuda)"
     )
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    parser.add_argument("--iters", type=int, default=10, help="timed runs; the median is reported (default 10)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed runs first (default 2)")
+    parser.add_argument(
+        "--iters", type=int, default=None, help="timed runs; the median is reported (default 10 on cpu, 30 on cuda)"
+    )
+    parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 2 on cpu, 5 on cuda)")
     parser.add_argument("--batch", default="1,2", help="comma-separated batch sizes (default 1,2)")
     parser.add_argument("--shapes", default="encoder,decoder", help="comma-separated: encoder, decoder")
     parser.add_argument("--locations", default="realistic,uniform", help="comma-separated: realistic, uniform")
     parser.add_argument("--skip-pytorch", action="store_true", help="time the native op only (no speed-up column)")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the extra-memory columns")
+    parser.add_argument("--json", metavar="PATH", help="also write the machine and every row to this JSON file")
     parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -261,21 +372,28 @@ def main(argv: list[str] | None = None) -> None:
         print("note: DEFORMABLE_BACKEND was set and is ignored here: the table names the path of each row\n")
     torch.set_num_threads(args.threads)
     devices = args.device.split(",")
-    if any(d.startswith("cuda") for d in devices) and not torch.cuda.is_available():
+    on_gpu = any(d.startswith("cuda") for d in devices)
+    if on_gpu and not torch.cuda.is_available():
         sys.exit("benchmark_op.py: --device cuda asked for, but torch sees no CUDA device")
-    print("\n".join(machine_lines(devices, args.threads)) + "\n")
-    header = ["device", "dtype", "shape", "batch", "locations", "path", "fwd ms", "fwd+bwd ms", "fwd extra MB",
-              "fwd+bwd extra MB", "speed-up fwd", "speed-up fwd+bwd"]  # fmt: skip
+    bandwidth = _bench_floor.copy_bandwidth(next(d for d in devices if d.startswith("cuda"))) if on_gpu else None
+    info = machine_info(devices, args.threads, bandwidth)
+    print("\n".join(machine_lines(info)) + "\n")
+    header = HEADER + (FLOOR_HEADER if on_gpu else [])
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header), flush=True)
+    records: list[dict] = []
     for device in devices:
         dtypes = args.dtypes or ("float32,bfloat16" if device.startswith("cuda") else "float32")
         for dtype in dtypes.split(","):
             for shape in args.shapes.split(","):
                 for batch in (int(b) for b in args.batch.split(",")):
                     for locations in args.locations.split(","):
-                        for row in benchmark_case(args, device, dtype, shape, batch, locations):
-                            print(row, flush=True)
+                        case = benchmark_case(args, device, dtype, shape, batch, locations, bandwidth)
+                        for record in case:
+                            print(format_row(record, on_gpu), flush=True)
+                        records += case
+                        if args.json:
+                            write_json(args.json, info, records)
 
 
 if __name__ == "__main__":
