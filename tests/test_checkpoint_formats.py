@@ -228,3 +228,51 @@ def test_corrupt_truncated_and_foreign_files_are_named(run, tmp_path) -> None:
     with pytest.raises(CheckpointError, match=r"checkpoint .*fake\.pth: checkpoint does not fit .*shares no key"):
         torch.save({"model": {"encoder.weight": torch.ones(2)}, "epoch": 1}, tmp_path / "fake.pth")
         load_detector(cfg, tmp_path / "fake.pth")
+
+
+@pytest.fixture(scope="module")
+def hf_folder(run) -> tuple[str, torch.nn.Module]:
+    """A transformers folder (config.json + model.safetensors, id2label) of a tiny 3-level model with random
+    weights, written by models.hf_format.write_hf, and that model."""
+    from models.hf_format import write_hf
+
+    cfg = load_config(SHAPES_CONFIG, tiny_overrides(run["data"], run["out"], "model.num_feature_levels=3"))
+    torch.manual_seed(3)
+    model = build_detector(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    folder = os.path.join(run["root"], "hf")
+    write_hf(folder, model.state_dict(), cfg.model, {1: "circle", 2: "square", 3: "triangle"})
+    return folder, model.eval()
+
+
+def test_a_transformers_folder_in_every_tool(run, hf_folder, tmp_path, capsys) -> None:
+    folder, model = hf_folder
+    checkpoint = read_checkpoint(folder)
+    assert checkpoint.format == "hf" and checkpoint.class_names == {1: "circle", 2: "square", 3: "triangle"}
+    data = [f"data.root={run['data']}", "train.device=cpu", *SMALL_IMAGES]
+    assert load_tool("eval").main(["--checkpoint", folder, *data, f"output_dir={tmp_path}"]) == 0
+    image = os.path.join(run["data"], "val2017", sorted(os.listdir(os.path.join(run["data"], "val2017")))[0])
+    argv = ["--checkpoint", folder, image, "--out", str(tmp_path / "infer"), "--score-threshold", "0", *SMALL_IMAGES]
+    assert load_tool("infer").main(argv) == 0, capsys.readouterr().err
+    with open(tmp_path / "infer" / "results.json") as f:
+        assert {r["category_id"] for r in json.load(f)} <= {0, 1, 2, 3}
+    out = str(tmp_path / "v.png")
+    assert load_tool("visualize").main(["--checkpoint", folder, "--image", image, "--out", out, *SMALL_IMAGES]) == 0
+    pt2 = str(tmp_path / "m.pt2")
+    assert load_tool("export_torch").main(["--checkpoint", folder, "--out", pt2, "--size", "64", "80"]) == 0
+
+
+def test_convert_a_transformers_folder_and_back(hf_folder, tmp_path, capsys) -> None:
+    folder, model = hf_folder
+    tool = load_tool("convert_checkpoint")
+    project, again = str(tmp_path / "p.pth"), str(tmp_path / "hf_again")
+    assert tool.main([folder, project]) == 0 and tool.main([project, again, "--to", "hf"]) == 0, capsys.readouterr()
+    expected = _outputs(model)
+    for path in (project, again):
+        checkpoint = read_checkpoint(path)
+        assert checkpoint.class_names == {1: "circle", 2: "square", 3: "triangle"}
+        got = _outputs(load_detector(config_from_checkpoint(checkpoint), checkpoint)[0])
+        torch.testing.assert_close(got["pred_logits"], expected["pred_logits"], rtol=0, atol=0)
+        torch.testing.assert_close(got["pred_boxes"], expected["pred_boxes"], rtol=0, atol=0)

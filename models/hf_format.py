@@ -1,0 +1,374 @@
+"""Hugging Face transformers Deformable DETR folders (``config.json`` + ``model.safetensors`` / ``pytorch_model.bin``):
+reading them as the original's state_dict and model options, and writing them from ours.
+
+The hub's official models (``SenseTime/deformable-detr``, ``-with-box-refine``, ``-with-box-refine-two-stage``,
+``-single-scale``) use a timm ResNet-50 (``use_timm_backbone: true``), whose parameter names and architecture are
+torchvision's. Key names are mapped by :mod:`models.hf_names`; this module handles files and ``config.json``.
+
+    state, hf_config = read_hf("deformable-detr/")           # original key names, parsed config.json
+    overrides = model_overrides_from_hf(hf_config)           # {"two_stage": False, "num_queries": 300, ...}
+    write_hf("out/", model.state_dict(), cfg.model, class_names)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .checkpoint import CheckpointError, options_from_weights
+from .config import ModelConfig
+from .files import atomic_write, atomic_write_text, fsync_dir
+from .hf_names import backbone_from_hf, hf_backbone, hf_to_original, learned_position_prefix, original_to_hf
+
+CONFIG_NAME = "config.json"
+WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")  # in order of preference
+MODEL_TYPE = "deformable_detr"
+ARCHITECTURE = "DeformableDetrForObjectDetection"
+# transformers' DeformableDetrConfig defaults (4.x and 5.x agree), for config.json files that omit a key.
+HF_DEFAULTS: dict[str, Any] = {
+    "d_model": 256,
+    "encoder_layers": 6,
+    "decoder_layers": 6,
+    "encoder_attention_heads": 8,
+    "decoder_attention_heads": 8,
+    "encoder_ffn_dim": 1024,
+    "decoder_ffn_dim": 1024,
+    "num_queries": 300,
+    "two_stage_num_proposals": 300,
+    "num_feature_levels": 4,
+    "encoder_n_points": 4,
+    "decoder_n_points": 4,
+    "with_box_refine": False,
+    "two_stage": False,
+    "position_embedding_type": "sine",
+    "dropout": 0.1,
+    "auxiliary_loss": False,
+    "activation_function": "relu",
+    "num_channels": 3,
+}
+HF_NUM_LABELS_DEFAULT = 2  # what transformers builds when config.json has neither num_labels nor id2label
+
+
+def _weights_in(folder: str) -> str | None:
+    for name in WEIGHT_NAMES:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def is_hf_source(path: str | os.PathLike) -> bool:
+    """True for a folder holding ``config.json`` and ``model.safetensors`` or ``pytorch_model.bin``, or for such a
+    weights file with ``config.json`` beside it."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return os.path.isfile(os.path.join(path, CONFIG_NAME)) and _weights_in(path) is not None
+    folder, name = os.path.split(os.path.abspath(path))
+    return name in WEIGHT_NAMES and os.path.isfile(path) and os.path.isfile(os.path.join(folder, CONFIG_NAME))
+
+
+def _locate(path: str) -> tuple[str, str]:
+    """``(config.json, weights file)`` of a folder or a weights file; FileNotFoundError naming what is missing."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist (expected a transformers Deformable DETR folder)")
+    if os.path.isdir(path):
+        weights = _weights_in(path)
+        if weights is None:
+            raise FileNotFoundError(
+                f"{path} has no {' or '.join(WEIGHT_NAMES)} (expected a transformers Deformable DETR folder: "
+                f"{CONFIG_NAME} + weights)"
+            )
+        folder = path
+    else:
+        folder, weights = os.path.dirname(os.path.abspath(path)), path
+    config = os.path.join(folder, CONFIG_NAME)
+    if not os.path.isfile(config):
+        raise FileNotFoundError(f"{config} not found: a transformers weights file needs its {CONFIG_NAME} beside it")
+    return config, weights
+
+
+def _read_config(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is not readable JSON ({exc}); expected a transformers config.json") from exc
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(config).__name__}, expected a transformers config object")
+    if config.get("model_type") != MODEL_TYPE:
+        raise CheckpointError(
+            f"{path} describes model_type {config.get('model_type')!r}, expected {MODEL_TYPE!r} "
+            f"(a transformers Deformable DETR)"
+        )
+    return config
+
+
+def _read_weights(path: str) -> dict[str, torch.Tensor]:
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path, device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torn headers, bad zip, unpickling refusals all mean "not a usable weights file"
+        raise CheckpointError(
+            f"{path} is corrupt or not a weights file ({type(exc).__name__}: {str(exc)[:300]}); expected transformers "
+            f"Deformable DETR weights"
+        ) from exc
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} holds no state_dict of tensors; expected transformers Deformable DETR weights")
+    return dict(state)
+
+
+def read_hf(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """Reads a transformers Deformable DETR folder (or its weights file) as the original's state_dict.
+
+    Args:
+        path: a folder with ``config.json`` and ``model.safetensors`` (preferred) or ``pytorch_model.bin``, or one
+            of those files with ``config.json`` beside it.
+
+    Returns:
+        ``(state_dict, config)``: tensors on the CPU under the original's key names (see
+        :func:`models.hf_names.hf_to_original`), and the parsed ``config.json``. transformers saves a tied head
+        under one of its names; the others are absent, and the strict loader counts a head covered by any alias.
+
+    Raises:
+        FileNotFoundError: no such path, no weights file, or no ``config.json``.
+        CheckpointError (a ValueError): unreadable JSON, another ``model_type``, a backbone this project cannot
+            build, a corrupt weights file, or a key with no counterpart (named with the file).
+    """
+    config_path, weights_path = _locate(os.fspath(path))
+    config = _read_config(config_path)
+    try:
+        model_overrides_from_hf(config)  # an unsupported backbone makes the keys meaningless: say so first
+    except ValueError as exc:
+        raise CheckpointError(f"{config_path}: {exc}") from exc
+    state = _read_weights(weights_path)
+    try:
+        return hf_to_original(state, weights_path), config
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from exc
+
+
+def _check_supported(hf_config: Mapping[str, Any]) -> None:
+    activation = hf_config.get("activation_function", HF_DEFAULTS["activation_function"])
+    if activation != "relu":
+        raise ValueError(f"config.json's activation_function {activation!r} is not supported (the original uses relu)")
+    channels = hf_config.get("num_channels", HF_DEFAULTS["num_channels"])
+    if channels != 3:
+        raise ValueError(f"config.json's num_channels {channels} is not supported (RGB images, 3 channels)")
+    if hf_config.get("model_type", MODEL_TYPE) != MODEL_TYPE:
+        raise ValueError(f"config.json's model_type is {hf_config.get('model_type')!r}, expected {MODEL_TYPE!r}")
+
+
+def _same(hf_config: Mapping[str, Any], encoder_key: str, decoder_key: str, field: str) -> Any:
+    """One value the original uses for both encoder and decoder; different values cannot be represented."""
+    enc = hf_config.get(encoder_key, HF_DEFAULTS[encoder_key])
+    dec = hf_config.get(decoder_key, HF_DEFAULTS[decoder_key])
+    if enc != dec:
+        raise ValueError(
+            f"config.json has {encoder_key}={enc} but {decoder_key}={dec}; this project's model.{field} is one "
+            f"value for both"
+        )
+    return enc
+
+
+def _num_labels(hf_config: Mapping[str, Any]) -> int:
+    if "num_labels" in hf_config:
+        return int(hf_config["num_labels"])
+    id2label = hf_config.get("id2label")
+    return len(id2label) if isinstance(id2label, Mapping) and id2label else HF_NUM_LABELS_DEFAULT
+
+
+def model_overrides_from_hf(hf_config: Mapping[str, Any]) -> dict[str, object]:
+    """``ModelConfig`` field -> value that a transformers ``config.json`` describes (its defaults where it omits a
+    key); ``pretrained_backbone`` is False (the weights hold the backbone), offsets are linear.
+
+    Raises:
+        ValueError: a backbone that is not timm's, different encoder/decoder heads or feed-forward widths, another
+            activation than relu, or another position embedding than sine/learned.
+    """
+    _check_supported(hf_config)
+
+    def get(key: str) -> Any:
+        return hf_config.get(key, HF_DEFAULTS[key])
+
+    position = get("position_embedding_type")
+    if position not in ("sine", "learned"):
+        raise ValueError(f"config.json's position_embedding_type {position!r} is not supported (sine or learned)")
+    two_stage = bool(get("two_stage"))
+    return {
+        "backbone": backbone_from_hf(hf_config),
+        "dilation": bool(hf_config.get("dilation") or False),
+        "position_embedding": position,
+        "num_feature_levels": int(get("num_feature_levels")),
+        "enc_layers": int(get("encoder_layers")),
+        "dec_layers": int(get("decoder_layers")),
+        "dim_feedforward": int(_same(hf_config, "encoder_ffn_dim", "decoder_ffn_dim", "dim_feedforward")),
+        "hidden_dim": int(get("d_model")),
+        "dropout": float(get("dropout")),
+        "nheads": int(_same(hf_config, "encoder_attention_heads", "decoder_attention_heads", "nheads")),
+        # two-stage: transformers keeps two_stage_num_proposals queries and ignores num_queries (the original: both
+        # are num_queries).
+        "num_queries": int(get("two_stage_num_proposals") if two_stage else get("num_queries")),
+        "enc_n_points": int(get("encoder_n_points")),
+        "dec_n_points": int(get("decoder_n_points")),
+        "with_box_refine": bool(get("with_box_refine")),
+        "two_stage": two_stage,
+        "num_classes": _num_labels(hf_config),
+        "pretrained_backbone": False,
+        "enc_offset_mode": "linear",
+        "dec_offset_mode": "linear",
+    }
+
+
+def _is_generic_label(label_id: int, name: str) -> bool:
+    return name == f"LABEL_{label_id}" or name == "N/A"
+
+
+def class_names_from_hf(hf_config: Mapping[str, Any]) -> dict[int, str]:
+    """Category id -> name from ``id2label``, without transformers' placeholders (``LABEL_<id>``, and the ``N/A``
+    of unused COCO ids); empty when nothing else is there."""
+    id2label = hf_config.get("id2label")
+    if not isinstance(id2label, Mapping):
+        return {}
+    names = {int(k): str(v) for k, v in id2label.items()}
+    return {k: v for k, v in sorted(names.items()) if not _is_generic_label(k, v)}
+
+
+def _check_writable(model_cfg: ModelConfig) -> None:
+    """Configurations transformers' Deformable DETR cannot build the same way."""
+    if (model_cfg.enc_offset_mode, model_cfg.dec_offset_mode) != ("linear", "linear"):
+        raise ValueError(
+            f"offset modes {model_cfg.enc_offset_mode!r}/{model_cfg.dec_offset_mode!r} cannot be written for "
+            f"transformers, which has linear sampling offsets only"
+        )
+    if model_cfg.num_feature_levels == 2:
+        raise ValueError(
+            "num_feature_levels=2 cannot be written for transformers: it takes three backbone maps whenever "
+            "num_feature_levels > 1, this model two"
+        )
+    if model_cfg.two_stage and not model_cfg.with_box_refine:
+        raise ValueError("two_stage without with_box_refine cannot be written for transformers (it requires both)")
+
+
+def _hf_config(model_cfg: ModelConfig, class_names: Mapping[int, str] | None) -> dict[str, Any]:
+    """config.json in the hub's layout (``use_timm_backbone`` + ``backbone``, which transformers 4.x and 5.x read)."""
+    names = dict(class_names or {})
+    extra = sorted(k for k in names if not 0 <= k < model_cfg.num_classes)
+    if extra:
+        raise ValueError(f"class ids {extra} are outside the model's {model_cfg.num_classes} classes")
+    # Unnamed ids keep transformers' placeholder, so label2id stays one-to-one.
+    id2label = {i: names.get(i, f"LABEL_{i}") for i in range(model_cfg.num_classes)}
+    options = {
+        "d_model": model_cfg.hidden_dim,
+        "encoder_layers": model_cfg.enc_layers,
+        "decoder_layers": model_cfg.dec_layers,
+        "encoder_attention_heads": model_cfg.nheads,
+        "decoder_attention_heads": model_cfg.nheads,
+        "encoder_ffn_dim": model_cfg.dim_feedforward,
+        "decoder_ffn_dim": model_cfg.dim_feedforward,
+        "num_queries": model_cfg.num_queries,
+        "two_stage_num_proposals": model_cfg.num_queries,
+        "num_feature_levels": model_cfg.num_feature_levels,
+        "encoder_n_points": model_cfg.enc_n_points,
+        "decoder_n_points": model_cfg.dec_n_points,
+        "with_box_refine": model_cfg.with_box_refine,
+        "two_stage": model_cfg.two_stage,
+        "position_embedding_type": model_cfg.position_embedding,
+        "dilation": model_cfg.dilation,
+        "dropout": model_cfg.dropout,
+        "auxiliary_loss": model_cfg.aux_loss,
+        "activation_function": "relu",
+        "num_channels": 3,
+    }
+    backbone = {
+        "use_timm_backbone": True,
+        "backbone": hf_backbone(model_cfg.backbone),
+        "use_pretrained_backbone": False,
+    }
+    labels = {"id2label": {str(k): v for k, v in id2label.items()}, "label2id": {v: k for k, v in id2label.items()}}
+    try:
+        from transformers import DeformableDetrConfig
+    except ImportError:
+        return {"model_type": MODEL_TYPE, "architectures": [ARCHITECTURE], **options, **backbone, **labels}
+    config = DeformableDetrConfig(**options, **backbone, id2label=id2label, architectures=[ARCHITECTURE]).to_dict()
+    config.pop("backbone_config", None)  # 5.x derives it from use_timm_backbone + backbone; 4.x refuses both
+    return {**config, **backbone, **labels}
+
+
+def _check_weights(state: Mapping[str, torch.Tensor], model_cfg: ModelConfig) -> None:
+    """The state_dict must be the model the config describes (config.json is written from the config)."""
+    shown = options_from_weights(state)
+    lines = [
+        f"{k}: config {getattr(model_cfg, k)!r}, weights {v!r}" for k, v in shown.items() if getattr(model_cfg, k) != v
+    ]
+    refine = any(k.startswith("transformer.decoder.bbox_embed.") for k in state)
+    if refine != model_cfg.with_box_refine:
+        lines.append(f"with_box_refine: config {model_cfg.with_box_refine!r}, weights {refine!r}")
+    if lines:
+        raise ValueError("the state_dict does not fit the model config: " + "; ".join(lines))
+
+
+def write_hf(
+    folder: str | os.PathLike,
+    state_dict: Mapping[str, torch.Tensor],
+    model_cfg: ModelConfig,
+    class_names: Mapping[int, str] | None = None,
+) -> None:
+    """Writes a transformers Deformable DETR folder: ``config.json`` and ``model.safetensors``.
+
+    ``DeformableDetrForObjectDetection.from_pretrained(folder)`` then predicts what our detector predicts. A new
+    folder appears complete or not at all (written beside it, then renamed); in an existing folder each file is
+    replaced atomically.
+
+    Args:
+        folder: the output folder.
+        state_dict: the detector's state_dict, the original's key names (aliases may share storage).
+        model_cfg: the detector's config; it must describe ``state_dict``.
+        class_names: category id -> name for ``id2label`` (unnamed ids get ``LABEL_<id>``).
+
+    Raises:
+        ValueError: a backbone transformers does not build (not a ResNet or timm model), options it cannot express
+            (CoPE offsets, 2 feature levels, two-stage without box refinement), a state_dict that does not fit
+            ``model_cfg``, or a key with no transformers counterpart.
+    """
+    _check_writable(model_cfg)
+    _check_weights(state_dict, model_cfg)
+    config = _hf_config(model_cfg, class_names)
+    hf_state = original_to_hf(state_dict, learned_position_prefix())
+    # safetensors refuses tensors sharing storage (tied heads, the q/k/v views of in_proj): store each one alone.
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in hf_state.items()}
+    from safetensors.torch import save
+
+    weights = save(tensors, metadata={"format": "pt"})  # transformers refuses safetensors files without "format"
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    _write_folder(os.path.abspath(os.fspath(folder)), weights, text)
+
+
+def _write_folder(folder: str, weights: bytes, config_text: str) -> None:
+    """Weights first, config.json last: a folder is recognised only once its config.json is there."""
+    if os.path.isdir(folder):
+        atomic_write(os.path.join(folder, WEIGHT_NAMES[0]), lambda f: f.write(weights))
+        atomic_write_text(os.path.join(folder, CONFIG_NAME), config_text)
+        return
+    if os.path.exists(folder):
+        raise ValueError(f"{folder} exists and is not a folder")
+    parent = os.path.dirname(folder)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(folder)}.")
+    try:
+        atomic_write(os.path.join(tmp, WEIGHT_NAMES[0]), lambda f: f.write(weights))
+        atomic_write_text(os.path.join(tmp, CONFIG_NAME), config_text)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(parent)
