@@ -1,4 +1,9 @@
-"""Multi-scale deformable attention: a native CPU/CUDA op with a pure-PyTorch fallback, and ``MSDeformAttn``."""
+"""Multi-scale deformable attention: a native CPU/CUDA op with a pure-PyTorch fallback, and ``MSDeformAttn``.
+
+Importing ``deformable`` loads the op and the module only. The detector is the top-level package ``models``; the
+layers above it are subpackages imported by name: ``deformable.data``, ``deformable.training``,
+``deformable.inference`` and ``deformable.viz`` (README, "Architecture").
+"""
 
 from ._extension import native_available
 from .backend import backend as backend

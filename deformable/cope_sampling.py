@@ -109,12 +109,12 @@ class CoPESampling(nn.Module):
     head, and ``density_j = g_j * valid_j / sigmoid(gate_bias_init)`` (``valid_j`` 0 at padded keys). The reference
     point's own pixel has density 1 (offsets under half a count stay in it, as pixel offsets would).
 
-    Why this parametrisation (measured with ``tools/cope_counting.py``, see the report): the zero gate query makes
-    every gate ``sigmoid(gate_bias_init)`` at initialisation, so every density is exactly 1 and a fresh module
-    samples where the plain one does; the gates start half open (``gate_bias_init = 0``), where the sigmoid is
-    steepest (open gates at start stall on pixel-like solutions); a temperature of 1/4 on RMS-normalised keys
-    lets the gates separate before the offsets settle; and there is no floor on the density, since any floor is a
-    count that drifts with distance out of distribution.
+    Why this parametrisation (measured with ``tools/experiments/cope_counting.py``; BENCHMARKS.md, CoPE offsets):
+    the zero gate query makes every gate ``sigmoid(gate_bias_init)`` at initialisation, so every density is exactly
+    1 and a fresh module samples where the plain one does; the gates start half open (``gate_bias_init = 0``), where
+    the sigmoid is steepest (open gates at start stall on pixel-like solutions); a temperature of 1/4 on
+    RMS-normalised keys lets the gates separate before the offsets settle; and there is no floor on the density,
+    since any floor is a count that drifts with distance out of distribution.
 
     Units: with 2-d reference points ``u`` is in counts, one count per pixel at the initial gate level (a fully
     open key counts ``1 / sigmoid(gate_bias_init)`` = 2, a closed one 0). With 4-d boxes ``u`` is scaled as the

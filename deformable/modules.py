@@ -21,8 +21,8 @@ class MSDeformAttn(nn.Module):
 
     Parameters (state_dict keys): ``sampling_offsets`` Linear(d_model, M*L*P*2), ``attention_weights``
     Linear(d_model, M*L*P), ``value_proj`` and ``output_proj`` Linear(d_model, d_model). ``offset_mode="cope"`` adds
-    ``cope.*`` (:class:`~deformable.cope_sampling.CoPESampling`: ``gate_query``, ``gate_key``, ``gate_bias``,
-    ``mix_logit``) and nothing else.
+    ``cope.*`` (:class:`~deformable.cope_sampling.CoPESampling`: ``gate_query``, ``gate_key``, ``gate_bias``) and
+    nothing else.
 
     Args:
         d_model: hidden size C; must be divisible by ``n_heads``.

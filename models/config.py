@@ -1,7 +1,8 @@
 """Typed configuration: dataclasses with the original's defaults, YAML files, ``section.key=value`` overrides.
 
 The sections mirror what they build: ``model`` -> ``build_detector``, ``loss`` -> ``build_criterion`` (matcher
-costs and loss weights), ``data`` -> the data sets, ``train`` -> the optimiser, schedule and loop.
+costs and loss weights), ``training_queries`` -> ``build_query_aids`` (training-only extra queries), ``data`` -> the
+data sets, ``train`` -> the optimiser, schedule and loop.
 """
 
 from __future__ import annotations
@@ -65,6 +66,20 @@ class LossConfig:
     giou_loss_coef: float = 2.0
     focal_alpha: float = 0.25
     num_select: int = 100  # post-processing top-k
+    # IoU-aware classification (varifocal loss, Zhang et al. VarifocalNet 2021, as RT-DETR trains): a matched
+    # prediction's class target is the IoU of its box with its target's, not 1; on every loss term alike.
+    iou_aware: bool = False
+
+
+@dataclass
+class TrainingQueriesConfig:
+    """Training-only extra decoder queries (``models.training_queries.build_query_aids`` -> ``QueryAids``); their
+    parameters are not the detector's, a trained checkpoint is a plain detector. All off: the original's recipe."""
+
+    dn_groups: int = 0  # denoising groups of noised ground truth (DN-DETR; the paper uses 5); 0: off
+    dn_label_noise: float = 0.2  # probability that a denoising query's label is another class (DN-DETR's 0.2)
+    dn_box_noise: float = 0.4  # centre shift up to this x half the size, size x [1 - this, 1 + this] (DN-DETR's)
+    query_groups: int = 1  # query groups, each matched one-to-one on its own (Group DETR); 1: off; not two-stage
 
 
 @dataclass
@@ -124,6 +139,7 @@ class TrainConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    training_queries: TrainingQueriesConfig = field(default_factory=TrainingQueriesConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output_dir: str = "runs/coco"
@@ -221,26 +237,62 @@ def _nest(path: list[str], value: Any) -> dict[str, Any]:
     return nested
 
 
+BASE_KEY = "_base_"
+
+
 def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = ()) -> Config:
     """Reads a YAML config (``None``: the defaults) and applies ``section.key=value`` overrides in order.
 
+    A file may start from another: ``_base_: coco.yaml`` (a path relative to the including file) reads that file
+    first, then this file's keys on top, section by section (a list replaces the base's list); bases may have
+    bases. So the order is: the dataclass defaults < the base (and its bases) < the file < the overrides.
+
     Raises:
-        FileNotFoundError: the file does not exist.
-        ConfigError: malformed YAML, an unknown key (named), or a value of the wrong type (named).
+        FileNotFoundError: the file, or a base it names, does not exist.
+        ConfigError: malformed YAML, a ``_base_`` cycle (the files named), an unknown key (named), or a value of
+            the wrong type (named).
     """
     cfg = Config()
     if path is not None:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"config file not found: {path}")
-        with open(path, encoding="utf-8") as f:
-            try:
-                data = yaml.safe_load(f) or {}
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
-        _apply(cfg, _normalise_floats(data))
+        _apply(cfg, _normalise_floats(read_config_file(path)))
     return apply_overrides(cfg, overrides)
+
+
+def read_config_file(path: str | os.PathLike, _chain: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The mapping a YAML config file states, its ``_base_`` files merged underneath (see :func:`load_config`)."""
+    real = os.path.realpath(path)
+    if real in _chain:
+        cycle = " -> ".join([*_chain[_chain.index(real) :], real])
+        raise ConfigError(f"config files include each other through {BASE_KEY}: {cycle}")
+    if not os.path.isfile(path):
+        included = f" (the {BASE_KEY} of {_chain[-1]})" if _chain else ""
+        raise FileNotFoundError(f"config file not found: {path}{included}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    data = dict(data)
+    base = data.pop(BASE_KEY, None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"config file {path}: {BASE_KEY} must be a file name, got {base!r}")
+    base_path = os.path.join(os.path.dirname(os.path.abspath(path)), base)
+    return _merge(read_config_file(base_path, (*_chain, real)), data)
+
+
+def _merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``: mappings merged key by key, anything else (lists included) replaced."""
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:

@@ -1,5 +1,5 @@
-"""The set criterion: Hungarian matching, then sigmoid focal, L1 and GIoU losses on every decoder layer (and the
-two-stage encoder proposals), weighted and summed."""
+"""The set criterion: Hungarian matching, then sigmoid focal (or varifocal), L1 and GIoU losses on every decoder
+layer (and the two-stage encoder proposals, and the training-only extra queries), weighted and summed."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
-from torchvision.ops import generalized_box_iou, sigmoid_focal_loss
+from torchvision.ops import box_iou, generalized_box_iou, sigmoid_focal_loss
 
 from .box_ops import box_cxcywh_to_xyxy
 from .config import Config
 from .matcher import HungarianMatcher, build_matcher
+from .training_queries import ExtraLayout
 
 LOSS_NAMES = ("loss_ce", "loss_bbox", "loss_giou")
 
@@ -21,6 +22,25 @@ def _matched(indices: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Te
     batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
     src_idx = torch.cat([src for src, _ in indices])
     return batch_idx, src_idx
+
+
+def varifocal_loss(logits: torch.Tensor, score: torch.Tensor, alpha: float = 0.75, gamma: float = 2.0) -> torch.Tensor:
+    """Varifocal loss (VarifocalNet, Zhang et al. 2021), elementwise.
+
+    ``score`` is the soft target: the IoU of a matched prediction's box at its class, 0 elsewhere. Positives
+    (``score > 0``) get the binary cross-entropy against ``score`` weighted by ``score``; negatives get
+    ``-alpha * p**gamma * log(1 - p)``, the focal loss of a negative when ``alpha = 1 - focal_alpha``.
+
+    Args:
+        logits: ``(..., K)`` class logits.
+        score: ``(..., K)`` targets in [0, 1] (no gradient).
+
+    Returns:
+        ``(..., K)`` loss.
+    """
+    prob = logits.sigmoid()
+    weight = torch.where(score > 0, score, alpha * prob.pow(gamma))
+    return F.binary_cross_entropy_with_logits(logits, score, reduction="none") * weight
 
 
 def average_num_boxes(targets: list[dict], device: torch.device) -> float:
@@ -38,37 +58,59 @@ class SetCriterion(nn.Module):
 
     For each set of predictions (final, ``aux_outputs`` i -> suffix ``_i``, ``enc_outputs`` -> ``_enc`` matched
     against class-agnostic targets) it matches predictions to targets and computes
-    - ``loss_ce``: sigmoid focal loss summed over queries and classes / num_boxes;
+    - ``loss_ce``: sigmoid focal loss (varifocal with ``iou_aware``) summed over queries and classes / num_boxes;
     - ``loss_bbox``: L1 of matched normalised cxcywh boxes / num_boxes;
     - ``loss_giou``: (1 - GIoU) of matched boxes / num_boxes,
-    where num_boxes is the number of targets averaged over processes.
+    where num_boxes is the number of targets averaged over processes. Training-only extra queries
+    (``extra_outputs``, see :mod:`models.training_queries`) add, per decoder layer (suffix ``_i`` but the last):
+    ``_dn`` for the denoising queries, each compared with the target it is a noised copy of (no matching), over
+    num_boxes * dn_groups; ``_g{k}`` for one-to-many group k (1-based), matched on its own.
 
     Args:
         num_classes: class logits per prediction.
         matcher: the Hungarian matcher.
         weight_dict: weight of each base loss name (``loss_ce``, ``loss_bbox``, ``loss_giou``).
         focal_alpha: alpha of the focal loss (gamma is 2).
+        iou_aware: varifocal classification: a matched prediction's target is its box's IoU with its target
+            (detached) instead of 1; negatives weighted ``(1 - focal_alpha) * p**2`` as in the focal loss.
     """
 
     def __init__(
-        self, num_classes: int, matcher: HungarianMatcher, weight_dict: dict[str, float], focal_alpha: float = 0.25
+        self,
+        num_classes: int,
+        matcher: HungarianMatcher,
+        weight_dict: dict[str, float],
+        focal_alpha: float = 0.25,
+        iou_aware: bool = False,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.matcher = matcher
         self.weight_dict = dict(weight_dict)
         self.focal_alpha = focal_alpha
+        self.iou_aware = iou_aware
 
     def loss_labels(self, outputs: dict, targets: list[dict], indices: list, num_boxes: float) -> torch.Tensor:
-        """Sigmoid focal loss against one-hot targets (unmatched predictions: all zeros)."""
+        """Sigmoid focal loss against one-hot targets (unmatched predictions: all zeros), or varifocal."""
+        logits = outputs["pred_logits"]  # (B, Q, K)
+        loss = self._class_loss(outputs, targets, indices)
+        # The original's normalisation: mean over queries, sum, / num_boxes, * Q.
+        return loss.mean(1).sum() / num_boxes * logits.shape[1]
+
+    def _class_loss(self, outputs: dict, targets: list[dict], indices: list) -> torch.Tensor:
+        """``(B, Q, K)`` elementwise focal loss against one-hot targets, or varifocal against IoU targets."""
         logits = outputs["pred_logits"]  # (B, Q, K)
         batch_idx, query_idx = (i.to(logits.device) for i in _matched(indices))
         onehot = torch.zeros_like(logits)
         classes = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices, strict=True)]).to(logits.device)
-        onehot[batch_idx, query_idx, classes] = 1.0
-        loss = sigmoid_focal_loss(logits, onehot, alpha=self.focal_alpha, gamma=2.0, reduction="none")
-        # The original's normalisation: mean over queries, sum, / num_boxes, * Q.
-        return loss.mean(1).sum() / num_boxes * logits.shape[1]
+        if not self.iou_aware:
+            onehot[batch_idx, query_idx, classes] = 1.0
+            return sigmoid_focal_loss(logits, onehot, alpha=self.focal_alpha, gamma=2.0, reduction="none")
+        src_boxes = outputs["pred_boxes"][batch_idx, query_idx].detach()
+        tgt_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices, strict=True)]).to(src_boxes)
+        iou = torch.diag(box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(tgt_boxes)))
+        onehot[batch_idx, query_idx, classes] = iou.clamp(min=0).to(onehot.dtype)
+        return varifocal_loss(logits, onehot, alpha=1 - self.focal_alpha, gamma=2.0)
 
     def loss_boxes(
         self, outputs: dict, targets: list[dict], indices: list, num_boxes: float
@@ -88,17 +130,49 @@ class SetCriterion(nn.Module):
         raw = {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
         return {name + suffix: value * self.weight_dict[name] for name, value in raw.items()}
 
+    def _denoising_losses(
+        self, outputs: dict, targets: list[dict], layout: ExtraLayout, num_boxes: float, suffix: str
+    ) -> dict[str, torch.Tensor]:
+        """Losses of the denoising slots ``outputs`` (``(B, dn_groups * dn_slots, ...)``): each valid slot against
+        the target it copies, padded slots left out, normalised by num_boxes * dn_groups (one copy's worth)."""
+        counts = [len(t["labels"]) for t in targets]
+        indices = layout.dn_indices(counts)
+        norm = num_boxes * layout.dn_groups
+        valid = layout.dn_valid(counts, outputs["pred_logits"].device)
+        loss_ce = (self._class_loss(outputs, targets, indices) * valid[..., None]).sum() / norm
+        loss_bbox, loss_giou = self.loss_boxes(outputs, targets, indices, norm)
+        raw = {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
+        return {name + suffix: value * self.weight_dict[name] for name, value in raw.items()}
+
+    def _extra_losses(self, outputs: dict, targets: list[dict], num_boxes: float) -> dict[str, torch.Tensor]:
+        """``_dn`` and ``_g{k}`` losses of every layer of ``outputs["extra_outputs"]`` (see the class docstring)."""
+        if "extra_layout" not in outputs:
+            raise ValueError("outputs has 'extra_outputs' but no 'extra_layout' saying which extra query is which")
+        layout: ExtraLayout = outputs["extra_layout"]
+        layers = outputs["extra_outputs"]
+        losses: dict[str, torch.Tensor] = {}
+        for i, out in enumerate(layers):
+            layer = "" if i == len(layers) - 1 else f"_{i}"
+            if layout.num_dn > 0:
+                dn = {k: v[:, : layout.num_dn] for k, v in out.items()}
+                losses.update(self._denoising_losses(dn, targets, layout, num_boxes, f"_dn{layer}"))
+            for k in range(layout.query_groups):
+                group = {key: v[:, layout.group_slice(k)] for key, v in out.items()}
+                losses.update(self._losses(group, targets, num_boxes, f"_g{k + 1}{layer}"))
+        return losses
+
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
         """Computes the weighted losses.
 
         Args:
-            outputs: the detector's output dict (``pred_logits``, ``pred_boxes``, optional ``aux_outputs`` and
-                ``enc_outputs``).
+            outputs: the detector's output dict (``pred_logits``, ``pred_boxes``, optional ``aux_outputs``,
+                ``enc_outputs``, and ``extra_outputs`` with ``extra_layout``).
             targets: one dict per image with ``labels (n,)`` int64 and ``boxes (n, 4)`` normalised cxcywh.
 
         Returns:
             ``loss_ce``, ``loss_bbox``, ``loss_giou``, the same with ``_0`` .. ``_{dec_layers-2}`` for the auxiliary
-            outputs and ``_enc`` for the two-stage proposals, each multiplied by its weight, and ``loss``, their sum.
+            outputs, ``_enc`` for the two-stage proposals, ``_dn[_i]`` and ``_g{k}[_i]`` for the extra queries, each
+            multiplied by its weight, and ``loss``, their sum.
         """
         _check_targets(targets, outputs["pred_logits"].shape[0], self.num_classes)
         num_boxes = average_num_boxes(targets, outputs["pred_logits"].device)
@@ -108,6 +182,8 @@ class SetCriterion(nn.Module):
         if "enc_outputs" in outputs:
             binary_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
             losses.update(self._losses(outputs["enc_outputs"], binary_targets, num_boxes, "_enc"))
+        if "extra_outputs" in outputs:
+            losses.update(self._extra_losses(outputs, targets, num_boxes))
         losses["loss"] = sum(losses.values())
         return losses
 
@@ -128,10 +204,16 @@ def _check_targets(targets: list[dict], batch_size: int, num_classes: int) -> No
 
 
 def build_criterion(cfg: Config) -> SetCriterion:
-    """``cfg.loss``: matcher costs, cls/bbox/giou_loss_coef, focal_alpha; ``cfg.model.num_classes``."""
+    """``cfg.loss``: matcher costs, cls/bbox/giou_loss_coef, focal_alpha, iou_aware; ``cfg.model.num_classes``."""
     weight_dict = {
         "loss_ce": cfg.loss.cls_loss_coef,
         "loss_bbox": cfg.loss.bbox_loss_coef,
         "loss_giou": cfg.loss.giou_loss_coef,
     }
-    return SetCriterion(cfg.model.num_classes, build_matcher(cfg), weight_dict, focal_alpha=cfg.loss.focal_alpha)
+    return SetCriterion(
+        cfg.model.num_classes,
+        build_matcher(cfg),
+        weight_dict,
+        focal_alpha=cfg.loss.focal_alpha,
+        iou_aware=cfg.loss.iou_aware,
+    )

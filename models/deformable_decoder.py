@@ -49,11 +49,13 @@ class DeformableDecoderLayer(nn.Module):
         spatial_shapes: torch.Tensor,
         level_start_index: torch.Tensor,
         src_padding_mask: torch.Tensor | None = None,
+        self_attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``tgt``, ``query_pos``: ``(B, Q, C)``; reference_points ``(B, Q, L, 2 or 4)``; src ``(B, S, C)``;
-        src_padding_mask ``(B, S)`` -> ``(B, Q, C)``."""
+        src_padding_mask ``(B, S)``; self_attn_mask ``(Q, Q)`` or ``(B * n_heads, Q, Q)`` bool, True where query i
+        may not attend to query j (None: all attend to all) -> ``(B, Q, C)``."""
         q = k = tgt + query_pos
-        tgt2 = self.self_attn(q, k, tgt, need_weights=False)[0]
+        tgt2 = self.self_attn(q, k, tgt, attn_mask=self_attn_mask, need_weights=False)[0]
         tgt = self.norm2(tgt + self.dropout2(tgt2))
         tgt2 = self.cross_attn(
             tgt + query_pos, reference_points, src, spatial_shapes, level_start_index, src_padding_mask
@@ -87,6 +89,7 @@ class DeformableDecoder(nn.Module):
         valid_ratios: torch.Tensor,
         query_pos: torch.Tensor,
         src_padding_mask: torch.Tensor | None = None,
+        self_attn_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decodes the queries.
 
@@ -98,6 +101,8 @@ class DeformableDecoder(nn.Module):
             valid_ratios: ``(B, L, 2)`` ``(w, h)`` unpadded fraction per level.
             query_pos: ``(B, Q, C)``.
             src_padding_mask: ``(B, S)`` bool, True at padding.
+            self_attn_mask: ``(Q, Q)`` or ``(B * n_heads, Q, Q)`` bool, True where query i may not attend to
+                query j in self-attention (training-only extra queries); None: no mask.
 
         Returns:
             ``(hs, references)``: ``(num_layers, B, Q, C)`` outputs of each layer and ``(num_layers, B, Q, 2 or 4)``
@@ -109,7 +114,14 @@ class DeformableDecoder(nn.Module):
             scale = valid_ratios if reference_points.shape[-1] == 2 else torch.cat([valid_ratios, valid_ratios], -1)
             reference_points_input = reference_points[:, :, None] * scale[:, None]  # (B, Q, L, 2 or 4)
             output = layer(
-                output, query_pos, reference_points_input, src, spatial_shapes, level_start_index, src_padding_mask
+                output,
+                query_pos,
+                reference_points_input,
+                src,
+                spatial_shapes,
+                level_start_index,
+                src_padding_mask,
+                self_attn_mask,
             )
             if self.bbox_embed is not None:
                 reference_points = refine_boxes(self.bbox_embed[lid](output), reference_points).detach()

@@ -4,6 +4,7 @@ two-stage proposals from the encoder) and decodes them."""
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -13,6 +14,9 @@ from deformable import MSDeformAttn
 from .config import Config
 from .deformable_decoder import DeformableDecoder, DeformableDecoderLayer
 from .deformable_encoder import DeformableEncoder, DeformableEncoderLayer, encoder_reference_points
+
+if TYPE_CHECKING:
+    from .training_queries import ExtraQueries
 
 PROPOSAL_BASE_SIZE = 0.05  # two-stage proposal width/height at level 0, doubled per level
 PROPOSAL_VALID_RANGE = (0.01, 0.99)
@@ -155,6 +159,7 @@ class DeformableTransformer(nn.Module):
         pos_embeds: list[torch.Tensor],
         query_embed: torch.Tensor | None = None,
         enc_heads: tuple[nn.Module, nn.Module] | None = None,
+        extra: ExtraQueries | None = None,
     ) -> dict[str, torch.Tensor]:
         """Runs the encoder and the decoder.
 
@@ -164,11 +169,14 @@ class DeformableTransformer(nn.Module):
             pos_embeds: per level ``(B, C, H_l, W_l)`` position encodings.
             query_embed: ``(Q, 2C)`` learned queries, split into ``(query_pos, tgt)``; None in two-stage.
             enc_heads: two-stage only: the ``(class_head, box_head)`` scoring the encoder proposals.
+            extra: training-only queries appended after the Q matching ones (after the two-stage top-k), decoded
+                under ``extra.attn_mask``; None: the original's decoder.
 
         Returns:
             dict with ``hs (num_dec_layers, B, Q, C)``, ``init_reference (B, Q, 2 or 4)``, ``inter_references
             (num_dec_layers, B, Q, 2 or 4)`` (references in [0, 1] relative to the valid image region), and in
-            two-stage ``enc_outputs_class (B, S, num_classes)`` and ``enc_outputs_coord_unact (B, S, 4)``.
+            two-stage ``enc_outputs_class (B, S, num_classes)`` and ``enc_outputs_coord_unact (B, S, 4)``. With
+            ``extra`` the query axis holds Q + E queries, the matching ones first.
         """
         src, mask, pos, shapes = self._flatten(srcs, masks, pos_embeds)
         # torch.tensor, not as_tensor: traced with dynamic shapes (torch.export, ONNX), it builds the tensor from the
@@ -192,9 +200,21 @@ class DeformableTransformer(nn.Module):
             query_pos = query_pos.unsqueeze(0).expand(src.shape[0], -1, -1)
             tgt = tgt.unsqueeze(0).expand(src.shape[0], -1, -1)
             reference_points = self.reference_points(query_pos).sigmoid()
+        self_attn_mask = None
+        if extra is not None:
+            query_pos, tgt, reference_points = _append_extra(query_pos, tgt, reference_points, extra)
+            self_attn_mask = extra.self_attn_mask(self.decoder.layers[0].self_attn.num_heads)
         out["init_reference"] = reference_points
         out["hs"], out["inter_references"] = self.decoder(
-            tgt, reference_points, memory, spatial_shapes, level_start_index, valid_ratios, query_pos, mask
+            tgt,
+            reference_points,
+            memory,
+            spatial_shapes,
+            level_start_index,
+            valid_ratios,
+            query_pos,
+            mask,
+            self_attn_mask,
         )
         return out
 
@@ -247,6 +267,32 @@ class DeformableTransformer(nn.Module):
         query = self.pos_trans_norm(self.pos_trans(proposal_pos_embed(topk_coords, self.d_model // 2)))
         query_pos, tgt = torch.split(query, self.d_model, dim=2)
         return query_pos, tgt, topk_coords.sigmoid()
+
+
+def _append_extra(
+    query_pos: torch.Tensor, tgt: torch.Tensor, reference_points: torch.Tensor, extra: ExtraQueries
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The matching queries ``(B, Q, C)``, ``(B, Q, C)``, ``(B, Q, 2 or 4)`` followed by the extra ones."""
+    b, q, c = tgt.shape
+    e = extra.tgt.shape[1]
+    expected = {"tgt": (b, e, c), "query_pos": (b, e, c), "reference_points": (b, e, reference_points.shape[-1])}
+    for name, shape in expected.items():
+        if tuple(getattr(extra, name).shape) != shape:
+            raise ValueError(
+                f"extra queries: {name} must be {shape} (batch, extra queries, and the matching queries' "
+                f"{'width' if name != 'reference_points' else 'reference dimension'}), got "
+                f"{tuple(getattr(extra, name).shape)}"
+            )
+    if tuple(extra.attn_mask.shape) != (q + e, q + e):
+        raise ValueError(
+            f"extra queries: attn_mask must be {(q + e, q + e)} for {q} matching and {e} extra queries, got "
+            f"{tuple(extra.attn_mask.shape)} (were the aids built for another num_queries?)"
+        )
+    return (
+        torch.cat([query_pos, extra.query_pos.to(query_pos.dtype)], 1),
+        torch.cat([tgt, extra.tgt.to(tgt.dtype)], 1),
+        torch.cat([reference_points, extra.reference_points.to(reference_points.dtype)], 1),
+    )
 
 
 def build_transformer(cfg: Config) -> DeformableTransformer:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -10,6 +12,9 @@ from .box_ops import inverse_sigmoid
 from .config import Config
 from .deformable_transformer import DeformableTransformer, build_transformer
 from .heads import make_heads
+
+if TYPE_CHECKING:
+    from .training_queries import ExtraQueries
 
 
 def input_projections(num_channels: list[int], hidden_dim: int, num_feature_levels: int) -> nn.ModuleList:
@@ -88,12 +93,16 @@ class DeformableDETR(nn.Module):
         self.input_proj = input_projections(backbone.num_channels, hidden_dim, num_feature_levels)
         self.backbone = backbone
 
-    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
+    def forward(
+        self, images: torch.Tensor, mask: torch.Tensor | None = None, extra: ExtraQueries | None = None
+    ) -> dict:
         """Detects objects.
 
         Args:
             images: ``(B, 3, H, W)`` float, normalised (ImageNet mean/std), zero where padded.
             mask: ``(B, H, W)`` bool, True at padding; None: no padding.
+            extra: training only: E extra queries (``models.training_queries.QueryAids.make``) decoded after the
+                matching ones, which never attend to them; None (inference): the original's detector.
 
         Returns:
             dict with
@@ -104,13 +113,31 @@ class DeformableDETR(nn.Module):
               decoder layers first.
             - ``enc_outputs`` (two-stage): dict with ``pred_logits (B, S, num_classes)`` and ``pred_boxes (B, S, 4)``,
               the proposal of every encoder position (S = sum of the levels' H_l * W_l).
+            - with ``extra`` only: ``extra_outputs``, a list (every decoder layer with aux_loss, else the last one;
+              the last layer last) of dicts with ``pred_logits (B, E, num_classes)`` and ``pred_boxes (B, E, 4)``
+              of the extra queries, and ``extra_layout`` (``extra.layout``); the keys above keep the matching
+              queries only.
         """
         mask = self._check_inputs(images, mask)
         srcs, masks, pos = self._levels(images, mask)
         enc_heads = (self.class_embed[-1], self.bbox_embed[-1]) if self.two_stage else None
         query_embed = None if self.two_stage else self.query_embed.weight
-        t = self.transformer(srcs, masks, pos, query_embed, enc_heads)
+        t = self.transformer(srcs, masks, pos, query_embed, enc_heads, extra=extra)
+        classes, boxes = self._predictions(t)
+        if extra is None:
+            return self._outputs(classes, boxes, t)
+        num_matching = t["hs"].shape[2] - extra.layout.num_extra
+        layers = range(len(classes)) if self.aux_loss else [len(classes) - 1]
+        extra_outputs = [
+            {"pred_logits": classes[i][:, num_matching:], "pred_boxes": boxes[i][:, num_matching:]} for i in layers
+        ]
+        classes = [c[:, :num_matching] for c in classes]
+        boxes = [b[:, :num_matching] for b in boxes]
+        return {**self._outputs(classes, boxes, t), "extra_outputs": extra_outputs, "extra_layout": extra.layout}
 
+    def _predictions(self, t: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per decoder layer ``(B, Q, num_classes)`` class logits and ``(B, Q, 4)`` boxes from the transformer's
+        outputs, each layer's boxes relative to its input reference."""
         classes, boxes = [], []
         for lvl in range(t["hs"].shape[0]):
             reference = t["init_reference"] if lvl == 0 else t["inter_references"][lvl - 1]
@@ -122,7 +149,10 @@ class DeformableDETR(nn.Module):
                 coord = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
             classes.append(self.class_embed[lvl](t["hs"][lvl]))
             boxes.append(coord.sigmoid())
+        return classes, boxes
 
+    def _outputs(self, classes: list[torch.Tensor], boxes: list[torch.Tensor], t: dict[str, torch.Tensor]) -> dict:
+        """``pred_logits``, ``pred_boxes``, ``aux_outputs`` and ``enc_outputs`` (see :meth:`forward`)."""
         out = {"pred_logits": classes[-1], "pred_boxes": boxes[-1]}
         if self.aux_loss:
             out["aux_outputs"] = [

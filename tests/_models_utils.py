@@ -1,8 +1,7 @@
-"""Shared helpers of the tests/test_models_*.py files (small configs, one thread, targets)."""
+"""Shared helpers of the tests/test_models_*.py files (small configs, targets)."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from models import load_config
@@ -25,15 +24,6 @@ VARIANTS = {
     "box_refine": ["model.with_box_refine=true"],
     "two_stage": ["model.with_box_refine=true", "model.two_stage=true"],
 }
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: far faster than two on a shared 2-core machine, and deterministic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_config(*overrides: str) -> Config:

@@ -18,22 +18,6 @@ requires_native = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True)
-def default_backend(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests run on the native path unless they choose otherwise, whatever the caller's environment says."""
-    monkeypatch.delenv("DEFORMABLE_BACKEND", raising=False)
-
-
-@pytest.fixture(params=["native", "pytorch"], name="backend")
-def backend_fixture(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Runs a test on both paths of ``deformable.ms_deform_attn``; the PyTorch one via ``DEFORMABLE_BACKEND``."""
-    if request.param == "native" and not _extension.extension_loaded():
-        pytest.skip(f"deformable._C is not built: {_extension.LOAD_ERROR}")
-    if request.param == "pytorch":
-        monkeypatch.setenv("DEFORMABLE_BACKEND", "pytorch")
-    return request.param
-
-
 Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 

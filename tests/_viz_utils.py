@@ -1,20 +1,15 @@
-"""Shared by tests/test_viz_*.py and tests/test_infer.py: a tiny detector config, small images on disk, one thread."""
+"""Shared by tests/test_viz_*.py and tests/test_infer.py: a tiny detector config, small images on disk."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
-from types import ModuleType
 
 import cv2
 import numpy as np
-import pytest
 import torch
 
 from models import build_detector, load_config
 from models.config import Config, config_to_dict
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # resnet18, 32 channels, 2 levels, 1 encoder + 2 decoder layers, 5 queries; images resized to 64 (longest <= 96).
 TINY = [
@@ -32,15 +27,6 @@ TINY = [
     "data.val_max_size=96",
     "data.root=/nonexistent/data",
 ]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: far faster than two on a shared 2-core machine, and deterministic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_config(*overrides: str) -> Config:
@@ -81,10 +67,3 @@ def tool_argv_config(tmp_path) -> list[str]:
         f.write("{}\n")
     return [path, *TINY]
 
-
-def load_tool(name: str) -> ModuleType:
-    """Imports ``tools/<name>.py`` as a module (its ``main(argv)`` is what the command line runs)."""
-    spec = importlib.util.spec_from_file_location(f"viz_tool_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module

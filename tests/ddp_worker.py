@@ -9,12 +9,10 @@ from __future__ import annotations
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from models.config import load_config  # noqa: E402
-from training import engine  # noqa: E402
+from deformable.training import engine
+from models.config import load_config
 
 
 def main() -> None:

@@ -10,12 +10,15 @@ import os
 
 import pytest
 import torch
-from tiny_training import SHAPES_CONFIG, TINY_MODEL, load_tool, one_thread, tiny_overrides  # noqa: F401
+from _repo import load_tool
+from tiny_training import SHAPES_CONFIG, TINY_MODEL, tiny_overrides
 
 from models import build_detector, config_from_checkpoint, load_detector, read_checkpoint
 from models.checkpoint import CheckpointError, options_from_weights
 from models.config import load_config
 from models.loading import architecture_mismatches, split_command_line
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY_ARGS = dict(
     backbone="resnet18",

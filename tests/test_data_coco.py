@@ -9,10 +9,11 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from tiny_training import one_thread  # noqa: F401  (autouse fixture)
 
 from deformable.data import DatasetError, build_dataset
 from models.config import DataConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _write_coco(root: str, images: list[dict], annotations: list[dict], split: str = "val2017") -> None:

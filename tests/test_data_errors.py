@@ -9,10 +9,11 @@ import re
 import pytest
 import yaml
 from _data_utils import CLASSES, write_coco, write_roboflow, write_voc, write_yolo
-from tiny_training import one_thread  # noqa: F401  (autouse fixture)
 
 from deformable.data import DatasetError, build_dataset
 from models.config import DataConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _build(root: str, split: str = "val", **kwargs):

@@ -7,11 +7,12 @@ import os
 
 import pytest
 from _data_utils import SPLITS, voc_xml, write_voc, write_yolo
-from tiny_training import one_thread  # noqa: F401  (autouse fixture)
 
 from deformable.data import build_dataset
+from deformable.data.coco_eval import coco_metrics
 from models.config import DataConfig
-from training.coco_eval import coco_metrics
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _perfect(dataset) -> list[dict]:

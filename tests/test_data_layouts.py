@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 from _data_utils import CLASSES, SPLITS, WRITERS, voc_xml, write_image, write_voc, write_yolo
-from tiny_training import ROOT, one_thread  # noqa: F401  (autouse fixture)
+from _repo import SHARED, path_from_env
 
 from deformable.data import (
     DatasetError,
@@ -21,7 +21,8 @@ from deformable.data import (
 )
 from models.config import DataConfig
 
-RACCOON = os.environ.get("DEFORMABLE_RACCOON", os.path.join(ROOT, "..", "shared", "data", "raccoon"))
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SPLIT_NAMES = {  # what split names auto picks per layout
     "coco": ("train2017", "val2017"),
     "roboflow": ("train", "valid"),
@@ -177,9 +178,8 @@ def test_yolo_image_without_label_file_has_no_object(tmp_path) -> None:
 
 @pytest.fixture(scope="module")
 def raccoon() -> str:
-    if not os.path.isdir(RACCOON):
-        pytest.skip(f"the raccoon data set is not at {RACCOON} (set DEFORMABLE_RACCOON to its folder)")
-    return RACCOON
+    default = os.path.join(SHARED, "data", "raccoon")
+    return path_from_env("DEFORMABLE_RACCOON", "the raccoon data set's folder (Pascal VOC layout)", "dir", default)
 
 
 def test_raccoon_reads_in_place(raccoon: str) -> None:

@@ -9,7 +9,7 @@ import warnings
 import cv2
 import numpy as np
 import pytest
-from tiny_training import ROOT, load_tool, one_thread  # noqa: F401  (one_thread: autouse fixture)
+from _repo import config_path, load_tool
 
 from deformable.data import (
     MARKER,
@@ -21,6 +21,8 @@ from deformable.data import (
     make_shapes,
 )
 from models.config import DataConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data_cfg(root: str, **kwargs) -> DataConfig:
@@ -88,7 +90,7 @@ def test_a_folder_without_the_marker_is_never_touched(tmp_path) -> None:
 
 def test_make_shapes_tool_force_replaces_only_generated_folders(tmp_path, capsys) -> None:
     tool = load_tool("make_shapes")
-    config = os.path.join(ROOT, "configs", "shapes.yaml")
+    config = config_path("shapes.yaml")
     args = [config, "data.synthetic_train_images=2", "data.synthetic_val_images=1"]
     root = tmp_path / "s"
     assert tool.main([*args, f"data.root={root}"]) == 0

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 from _data_utils import write_coco, write_roboflow, write_voc, write_yolo
-from tiny_training import ROOT, one_thread  # noqa: F401  (autouse fixture)
+from _repo import config_path
 
 from deformable.data import build_dataset, max_objects, resolve_num_classes, summarise
 from models.config import Config, ConfigError, DataConfig, ModelConfig, load_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_summary_line_counts_and_sizes(tmp_path) -> None:
@@ -58,5 +58,5 @@ def test_num_classes_accepts_an_integer_or_auto_only() -> None:
     for bad in ("model.num_classes=many", "model.num_classes=0", "model.num_classes=true"):
         with pytest.raises(ConfigError, match="config key 'model.num_classes'"):
             load_config(None, [bad])
-    assert load_config(os.path.join(ROOT, "configs", "coco.yaml")).model.num_classes == 91
+    assert load_config(config_path("coco.yaml")).model.num_classes == 91
     assert load_config(None).data.train_split == "auto" and load_config(None).data.format == "auto"

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_training import one_thread  # noqa: F401  (autouse fixture)
 from torchvision import tv_tensors
 
 from deformable.data import coco_target, collate
 from deformable.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, resized_shape
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 COLOURS = {1: (230, 30, 30), 2: (30, 30, 230)}  # label -> RGB of its filled box
 

@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 from _models_utils import perturb
+from _repo import config_path, load_tool
 
 import deformable
 from deformable import _extension
@@ -24,8 +25,9 @@ from models.deploy import (
     onnx_session,
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "configs", "coco.yaml")
+# One intra-op thread for the whole module (conftest.py): the exports below are shared by its tests.
+pytestmark = pytest.mark.usefixtures("one_thread")
+CONFIG = config_path("coco.yaml")
 # 4 levels (3 backbone maps + 1 extra stride-2 level), the smallest widths, one layer each.
 TINY = [
     "model.backbone=resnet18",
@@ -43,23 +45,6 @@ EXPORT_SIZE = (96, 128)  # traced with batch 2 at this size; the runs below use 
 RUN_SHAPES = {"batch1-128x96": (1, 128, 96), "batch3-80x160": (3, 80, 160), "batch1-odd-101x75": (1, 101, 75)}
 ONNX_MISSING = [name for name in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(name) is None]
 requires_onnx = pytest.mark.skipif(bool(ONNX_MISSING), reason=f"{ONNX_MISSING} not installed (pip install '.[export]')")
-
-
-def load_tool(name: str):
-    """Imports ``tools/<name>.py`` (its ``main(argv)`` is what the command line runs)."""
-    spec = importlib.util.spec_from_file_location(f"export_tool_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: far faster than two on a shared 2-core machine (module-wide: the exports are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

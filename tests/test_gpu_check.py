@@ -1,9 +1,9 @@
 """tools/gpu_check.sh and its helpers, without a GPU: the script's argument handling (the only way it is run here),
-the memory floor of tools/_bench_floor.py on hand-counted bytes, and tools/gpu_report.py on fixture files."""
+the memory floor of tools/benchmarks/_bench_floor.py on hand-counted bytes, and tools/benchmarks/gpu_report.py on
+fixture files."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -11,26 +11,16 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
+from _repo import load_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tools" / "gpu_check.sh"
 
-
-def _tool(name: str) -> ModuleType:
-    """Imports ``tools/<name>.py`` by path."""
-    spec = importlib.util.spec_from_file_location(f"gpu_check_tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-floor = _tool("_bench_floor")
-report = _tool("gpu_report")
+floor = load_tool("benchmarks/_bench_floor")
+report = load_tool("benchmarks/gpu_report")
 
 
 def _script(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -141,7 +131,7 @@ def test_floor_ms():
 
 
 def test_benchmark_op_floor_fields_and_rows():
-    bench = _tool("benchmark_op")
+    bench = load_tool("benchmarks/benchmark_op")
     inputs = (torch.empty(2, 10, 2, 4, dtype=torch.bfloat16), None, None, torch.empty(2, 3, 2, 2, 3, 2), None)
     fields = bench.floor_fields(inputs, 1e9)
     assert fields["fwd_bytes"] == 1280 and fields["fwd_bwd_bytes"] == 3744
@@ -278,5 +268,6 @@ def test_report_main_writes_report_md(tmp_path):
 
 def test_report_runs_as_a_command(tmp_path):
     _write_fixtures(tmp_path, [], [])
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_report.py"), str(tmp_path)], timeout=60)
+    command = [sys.executable, str(ROOT / "tools" / "benchmarks" / "gpu_report.py"), str(tmp_path)]
+    result = subprocess.run(command, timeout=60)
     assert result.returncode == 0 and (tmp_path / "report.md").is_file()

@@ -8,20 +8,14 @@ import warnings
 
 import pytest
 import torch
-from _viz_utils import (  # noqa: F401
-    load_tool,
-    one_thread,
-    shapes_image,
-    tiny_config,
-    tiny_model,
-    tool_argv_config,
-    write_checkpoint,
-    write_image,
-)
+from _repo import load_tool
+from _viz_utils import shapes_image, tiny_config, tiny_model, tool_argv_config, write_checkpoint, write_image
 
-from inference import class_names, list_images, load_detector
-from inference.images import ImageError
-from inference.run import run_inference
+from deformable.inference import class_names, list_images, load_detector
+from deformable.inference.images import ImageError
+from deformable.inference.run import run_inference
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 infer = load_tool("infer")
 

@@ -7,9 +7,11 @@ import math
 
 import pytest
 import torch
-from _models_utils import one_thread, perturb, tiny_config  # noqa: F401
+from _models_utils import perturb, tiny_config
 
 from models import build_detector, load_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _models_utils import one_thread, tiny_config  # noqa: F401
+from _models_utils import tiny_config
 
 from models import build_criterion, build_detector, build_postprocessor
 from models.config import ConfigError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

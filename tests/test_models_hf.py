@@ -12,7 +12,6 @@ import os
 
 import pytest
 import torch
-from _models_utils import one_thread  # noqa: F401  (autouse: one intra-op thread)
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
@@ -29,7 +28,8 @@ from models.hf_format import (
 from models.hf_names import hf_to_original, hf_to_original_key, original_to_hf, original_to_hf_key
 from models.loading import architecture_mismatches
 
-REFERENCE = "/work/shared/reference/official_state_dict_keys.json"
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 VARIANTS = ["coco.yaml", "coco_single_scale.yaml", "coco_box_refine.yaml", "coco_two_stage.yaml"]
 TOL = 1e-4
@@ -239,11 +239,8 @@ def test_base_model_keys_without_prefix() -> None:
 # -- names ----------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not os.path.isfile(REFERENCE), reason=f"{REFERENCE} not available")
-def test_official_keys_round_trip_through_names() -> None:
-    with open(REFERENCE, encoding="utf-8") as f:
-        official = json.load(f)
-    for variant in official.values():
+def test_official_keys_round_trip_through_names(official_keys) -> None:
+    for variant in official_keys.values():
         shapes = {k: torch.zeros(v) for k, v in variant["state_dict"].items()}
         hf = original_to_hf(shapes)
         assert not any(k.endswith("in_proj_weight") for k in hf)

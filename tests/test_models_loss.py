@@ -7,13 +7,15 @@ import math
 
 import pytest
 import torch
-from _models_utils import one_thread, tiny_config  # noqa: F401
+from _models_utils import tiny_config
 from torchvision.ops import box_convert, generalized_box_iou
 
 import models.criterion as criterion_module
 from models import build_criterion, build_postprocessor
 from models.matcher import HungarianMatcher
 from models.postprocess import PostProcess
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _random_boxes(n: int, generator: torch.Generator) -> torch.Tensor:

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _models_utils import VARIANTS, one_thread, perturb, tiny_config  # noqa: F401
+from _models_utils import VARIANTS, perturb, tiny_config
 
 from models import build_detector
 from models.deformable_encoder import encoder_reference_points
 from models.deformable_transformer import DeformableTransformer, encoder_proposals, valid_ratio
 from models.heads import make_heads
 from models.position_encoding import PositionEmbeddingSine
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 VALID = [(8, 12), (4, 6), (2, 3)]
 PADDED = [(11, 13), (5, 9), (3, 3)]

@@ -17,16 +17,18 @@ import types
 
 import pytest
 import torch
-from _models_utils import one_thread  # noqa: F401  (autouse fixture)
 
 import deformable
 from models import build_criterion, build_detector, build_postprocessor, load_config
 
 ORIGINAL = os.environ.get("DEFORMABLE_DETR_ORIGINAL", "")
-pytestmark = pytest.mark.skipif(
-    not os.path.isfile(os.path.join(ORIGINAL, "models", "deformable_detr.py")),
-    reason="set DEFORMABLE_DETR_ORIGINAL to a checkout of fundamentalvision/Deformable-DETR",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not os.path.isfile(os.path.join(ORIGINAL, "models", "deformable_detr.py")),
+        reason="set DEFORMABLE_DETR_ORIGINAL to a checkout of fundamentalvision/Deformable-DETR",
+    ),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 VARIANTS = {
     "single_scale": ["model.num_feature_levels=1"],

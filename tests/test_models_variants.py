@@ -6,9 +6,11 @@ import re
 
 import pytest
 import torch
-from _models_utils import VARIANTS, one_thread, padded_batch, perturb, sample_targets, tiny_config  # noqa: F401
+from _models_utils import VARIANTS, padded_batch, perturb, sample_targets, tiny_config
 
 from models import build_criterion, build_detector, build_postprocessor
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 FROZEN = re.compile(r"^backbone\.0\.body\.(conv1|layer1)\.")  # the stem and layer1 (FrozenBatchNorm has no params)
 BOX_HIDDEN = re.compile(r"bbox_embed\.\d+\.layers\.[01]\.")

@@ -11,13 +11,7 @@ import warnings
 
 import pytest
 import torch
-from _ops_utils import (  # noqa: F401  (default_backend: fixture)
-    default_backend,
-    output_and_grads,
-    random_grad,
-    requires_native,
-    sample_inputs,
-)
+from _ops_utils import output_and_grads, random_grad, requires_native, sample_inputs
 
 import deformable
 from deformable import MSDeformAttn, _extension, ms_deform_attn, ms_deform_attn_pytorch, ops

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _ops_utils import (  # noqa: F401  (default_backend: fixture)
+from _ops_utils import (
     HALF_TYPES,
     assert_close_scaled,
-    default_backend,
     noncontiguous,
     output_and_grads,
     random_grad,

@@ -5,12 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _ops_utils import (  # noqa: F401  (backend_fixture, default_backend: fixtures)
-    backend_fixture,
-    default_backend,
-    requires_native,
-    sample_inputs,
-)
+from _ops_utils import requires_native, sample_inputs
 
 from deformable import ms_deform_attn, ms_deform_attn_pytorch
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from _ops_utils import default_backend, level_tensors  # noqa: F401  (default_backend: fixture)
+from _ops_utils import level_tensors
 
 from deformable import MSDeformAttn, ms_deform_attn
 from deformable import modules as modules_module

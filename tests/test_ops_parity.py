@@ -7,12 +7,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from _ops_utils import (  # noqa: F401  (backend_fixture, default_backend: fixtures)
+from _ops_utils import (
     HALF_TYPES,
     SHAPES,
     assert_close_scaled,
-    backend_fixture,
-    default_backend,
     noncontiguous,
     output_and_grads,
     random_grad,

@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 
 import pytest
-from tiny_training import ROOT, SHAPES_CONFIG, load_tool, one_thread  # noqa: F401  (one_thread: autouse fixture)
+from _repo import config_path, load_tool
+from tiny_training import SHAPES_CONFIG
 
 from models.config import load_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 train_tool = load_tool("train")
 eval_tool = load_tool("eval")
@@ -59,7 +62,7 @@ def test_overrides_apply_in_order_over_the_yaml() -> None:
 
 
 def test_coco_config_is_the_original_recipe() -> None:
-    cfg = load_config(os.path.join(ROOT, "configs", "coco.yaml"))
+    cfg = load_config(config_path("coco.yaml"))
     t = cfg.train
     assert (t.lr, t.lr_backbone, t.lr_linear_proj_mult, t.weight_decay) == (2e-4, 2e-5, 0.1, 1e-4)
     assert (t.epochs, t.lr_drop, t.clip_max_norm, t.batch_size) == (50, 40, 0.1, 2)

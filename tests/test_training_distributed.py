@@ -9,7 +9,8 @@ import sys
 
 import pytest
 import torch
-from tiny_training import ROOT, SHAPES_CONFIG, tiny_overrides
+from _repo import ROOT
+from tiny_training import SHAPES_CONFIG, tiny_overrides
 
 from models.checkpoint import read_checkpoint
 

@@ -8,15 +8,18 @@ import os
 import pytest
 import torch
 import yaml
-from tiny_training import load_tool, one_thread, tiny_config, tiny_overrides  # noqa: F401  (one_thread: autouse fixture)
+from _repo import load_tool
+from tiny_training import tiny_config, tiny_overrides
 
+from deformable.data.coco_eval import STAT_NAMES
+from deformable.training import engine, resume
+from deformable.training.optim import build_lr_scheduler, build_optimizer
 from models import build_detector, checkpoint
 from models.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from models.config import ConfigError, config_to_dict, load_config
 from models.files import TMP_PREFIX
-from training import engine, resume
-from training.coco_eval import STAT_NAMES
-from training.optim import build_lr_scheduler, build_optimizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 train_tool = load_tool("train")
 eval_tool = load_tool("eval")

@@ -1,17 +1,19 @@
-"""viz.coords and the preparation of images: resize and padding undone, back to original image pixels."""
+"""deformable.viz.coords and the preparation of images: resize and padding undone, back to original image pixels."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from _viz_utils import one_thread, shapes_image, tiny_config, tiny_model  # noqa: F401
+from _viz_utils import shapes_image, tiny_config, tiny_model
 
 from deformable import recording
 from deformable.data import resized_shape
-from inference.images import prepare_batch
-from viz.coords import image_to_canvas, level_to_image, query_at_pixel
-from viz.sampling import query_view, select_detections
+from deformable.inference.images import prepare_batch
+from deformable.viz.coords import image_to_canvas, level_to_image, query_at_pixel
+from deformable.viz.sampling import query_view, select_detections
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_level_to_image_unpadded_and_padded() -> None:

@@ -1,4 +1,4 @@
-"""viz.draw and viz.sampling.render: marks land on the expected pixels of a blank image."""
+"""deformable.viz.draw and deformable.viz.sampling.render: marks land on the expected pixels of a blank image."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from viz import draw
-from viz.sampling import QueryView, render, select_detections
+from deformable.viz import draw
+from deformable.viz.sampling import QueryView, render, select_detections
 
 RED, GREEN = (0, 0, 255), (0, 255, 0)
 

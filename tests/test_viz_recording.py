@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _viz_utils import one_thread, tiny_model  # noqa: F401
+from _viz_utils import tiny_model
 
 import deformable
 import deformable.modules
 from deformable import MSDeformAttn, cope_line_densities, recording
 from deformable.cope_sampling import contextual_offsets_to_pixels
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 NAMES = ["transformer.encoder.layers.0.self_attn", "transformer.decoder.layers.0.cross_attn"]
 NAMES.append("transformer.decoder.layers.1.cross_attn")

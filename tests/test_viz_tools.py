@@ -8,16 +8,10 @@ import warnings
 
 import cv2
 import pytest
-from _viz_utils import (  # noqa: F401
-    load_tool,
-    one_thread,
-    shapes_image,
-    tiny_config,
-    tiny_model,
-    tool_argv_config,
-    write_checkpoint,
-    write_image,
-)
+from _repo import load_tool
+from _viz_utils import shapes_image, tiny_config, tiny_model, tool_argv_config, write_checkpoint, write_image
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 visualize = load_tool("visualize")
 plot_log = load_tool("plot_log")
@@ -110,7 +104,7 @@ def test_plot_log(tmp_path, capsys) -> None:
     figure = cv2.imread(out)
     assert figure.shape == (340, 3 * 520 + 2 * 8, 3)  # losses, learning rate, AP
     assert plot_log.main([str(tmp_path), "--out", out]) == 0  # the run folder works too
-    from viz.curves import chart_groups
+    from deformable.viz.curves import chart_groups
 
     groups = {title: set(series) for title, series, _ in chart_groups([json.loads(r) for r in records])}
     assert groups == {"losses": {"train_loss", "train_loss_ce"}, "learning rate": {"lr"}, "COCO AP": {"AP", "AP50"}}

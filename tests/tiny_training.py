@@ -1,19 +1,12 @@
-"""Shared by the training tests: a tiny model and data set on top of configs/shapes.yaml, and the tools."""
+"""Shared by the training tests: a tiny model and data set on top of configs/shapes.yaml."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-from collections.abc import Iterator
-from types import ModuleType
-
-import pytest
-import torch
+from _repo import config_path
 
 from models.config import Config, load_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHAPES_CONFIG = os.path.join(ROOT, "configs", "shapes.yaml")
+SHAPES_CONFIG = config_path("shapes.yaml")
 
 TINY_MODEL = [
     "model.backbone=resnet18",
@@ -59,19 +52,3 @@ def tiny_overrides(data_root: str, output_dir: str, *extra: str) -> list[str]:
 def tiny_config(data_root: str, output_dir: str, *extra: str) -> Config:
     return load_config(SHAPES_CONFIG, tiny_overrides(data_root, output_dir, *extra))
 
-
-def load_tool(name: str) -> ModuleType:
-    """Imports ``tools/<name>.py`` as a module (its ``main(argv)`` is what the command line runs)."""
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread, and a shared 2-core machine makes two threads much slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -14,14 +14,11 @@ anything is written, and DST is written atomically. ``--to hf`` writes ``config.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-
-from models.config import ConfigError  # noqa: E402
-from models.convert import TARGETS, convert_checkpoint  # noqa: E402
-from models.loading import CONFIG_HELP, split_command_line  # noqa: E402
+from models.config import ConfigError
+from models.convert import TARGETS, convert_checkpoint
+from models.loading import CONFIG_HELP, split_command_line
 
 
 def main(argv: list[str] | None = None) -> int:

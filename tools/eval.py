@@ -17,14 +17,13 @@ import sys
 # Idle OpenMP threads sleep instead of spinning: on a CPU shared with other processes, spinning threads wait
 # for cores those processes hold and make two threads several times slower than one.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from deformable.data import DatasetError  # noqa: E402
-from models import config_from_checkpoint, load_config, read_checkpoint  # noqa: E402
-from models.checkpoint import CheckpointError  # noqa: E402
-from models.config import ConfigError  # noqa: E402
-from models.loading import CHECKPOINT_HELP, CONFIG_HELP, split_config_args  # noqa: E402
-from training.engine import evaluate_checkpoint  # noqa: E402
+from deformable.data import DatasetError
+from deformable.training.engine import evaluate_checkpoint
+from models import config_from_checkpoint, load_config, read_checkpoint
+from models.checkpoint import CheckpointError
+from models.config import ConfigError
+from models.loading import CHECKPOINT_HELP, CONFIG_HELP, split_config_args
 
 
 def main(argv: list[str] | None = None) -> int:

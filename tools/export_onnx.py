@@ -19,10 +19,8 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-
-from models.config import ConfigError  # noqa: E402
-from models.deploy import (  # noqa: E402
+from models.config import ConfigError
+from models.deploy import (
     DEFAULT_OPSET,
     check_onnx,
     example_images,
@@ -31,7 +29,7 @@ from models.deploy import (  # noqa: E402
     onnx_max_difference,
     onnx_session,
 )
-from models.loading import CHECKPOINT_HELP, CONFIG_HELP, config_and_checkpoint, split_config_args  # noqa: E402
+from models.loading import CHECKPOINT_HELP, CONFIG_HELP, config_and_checkpoint, split_config_args
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

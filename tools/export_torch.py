@@ -12,17 +12,14 @@ registered. Without ``--checkpoint`` the weights are random (for testing the pip
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-
-from models.config import ConfigError  # noqa: E402
-from models.deploy import ExportableDetector, example_images, export_program, input_ranges, load_for_export  # noqa: E402
-from models.loading import CHECKPOINT_HELP, CONFIG_HELP, config_and_checkpoint, split_config_args  # noqa: E402
+from models.config import ConfigError
+from models.deploy import ExportableDetector, example_images, export_program, input_ranges, load_for_export
+from models.loading import CHECKPOINT_HELP, CONFIG_HELP, config_and_checkpoint, split_config_args
 
 
 def main(argv: list[str] | None = None) -> int:

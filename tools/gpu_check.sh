@@ -5,8 +5,8 @@
 #
 #   tools/gpu_check.sh OUTDIR [WHEELDIR]
 #
-# OUTDIR gets these 8 files and nothing else: report.md (tools/gpu_report.py), steps.tsv (each step's status and
-# seconds), build.log, tests.log, bench.log, bench_op.json, bench_detector.json, train.log.
+# OUTDIR gets these 8 files and nothing else: report.md (tools/benchmarks/gpu_report.py), steps.tsv (each step's
+# status and seconds), build.log, tests.log, bench.log, bench_op.json, bench_detector.json, train.log.
 # WHEELDIR: wheels installed first with pip --target /tmp/site, which goes on PYTHONPATH (pycocotools for training).
 #
 # Each step runs under `timeout`, with its own limit cut to what is left of GPU_CHECK_BUDGET (default 465 s); a
@@ -47,6 +47,8 @@ if ! mkdir -p "$1"; then
 fi
 OUTDIR=$(cd "$1" && pwd)
 cd "$(dirname "$0")/.." || exit 2 # the repository root
+# The tools import the package from this checkout even before (or without) the editable install of step b.
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 PYTHON=${PYTHON:-python3}
 BUDGET=${GPU_CHECK_BUDGET:-465}
@@ -163,13 +165,13 @@ run_step tests_marked 45 "$TESTS_LOG" "0 5" "pytest -m cuda, outside test_ops_cu
   "$PYTHON" -m pytest -q -rfE -p no:cacheprovider -m cuda --ignore=tests/test_ops_cuda.py
 
 # d. The op on the encoder shape: native vs PyTorch, fp32 and bf16, CUDA events, against the memory floor.
-run_step bench_op 60 "$BENCH_LOG" 0 "tools/benchmark_op.py --device cuda, encoder shape" -- \
-  "$PYTHON" tools/benchmark_op.py --device cuda --shapes encoder --batch 1,2 --dtypes float32,bfloat16 \
+run_step bench_op 60 "$BENCH_LOG" 0 "tools/benchmarks/benchmark_op.py --device cuda, encoder shape" -- \
+  "$PYTHON" tools/benchmarks/benchmark_op.py --device cuda --shapes encoder --batch 1,2 --dtypes float32,bfloat16 \
   --locations realistic,uniform --iters 30 --warmup 5 --json "$OUTDIR/bench_op.json"
 
 # e. The detector: ours (native, PyTorch path) and transformers', training at batch 2 and inference at batch 1.
-run_step bench_detector 120 "$BENCH_LOG" 0 "tools/benchmark_detector.py, configs/coco.yaml" -- \
-  "$PYTHON" tools/benchmark_detector.py --config configs/coco.yaml --devices cuda \
+run_step bench_detector 120 "$BENCH_LOG" 0 "tools/benchmarks/benchmark_detector.py, configs/coco.yaml" -- \
+  "$PYTHON" tools/benchmarks/benchmark_detector.py --config configs/coco.yaml --devices cuda \
   --backends native,transformers,pytorch --amp none,bf16 --train-shape 2x800x1333 --infer-shapes 1x800x1333 \
   --iters 10 --warmup 3 --no-shares --json "$OUTDIR/bench_detector.json"
 
@@ -184,12 +186,13 @@ if [ -f "$TRAIN_DIR/log.jsonl" ]; then
 fi
 
 # The report, from the files above; a plain one from steps.tsv if the generator itself fails.
-if ! timeout 60 "$PYTHON" tools/gpu_report.py "$OUTDIR" --train-log "$TRAIN_DIR/log.jsonl" >>"$BENCH_LOG" 2>&1; then
+if ! timeout 60 "$PYTHON" tools/benchmarks/gpu_report.py "$OUTDIR" --train-log "$TRAIN_DIR/log.jsonl" \
+  >>"$BENCH_LOG" 2>&1; then
   FAILED=1
   {
     echo "# GPU check"
     echo
-    echo "tools/gpu_report.py failed (see the end of bench.log); the steps as recorded:"
+    echo "tools/benchmarks/gpu_report.py failed (see the end of bench.log); the steps as recorded:"
     echo
     echo '```'
     cat "$STEPS"

@@ -11,15 +11,13 @@ set of the checkpoint's saved config (or CONFIG) when its annotation file is fou
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-
-from inference import ImageError, list_images, resolve_device  # noqa: E402
-from inference.run import run_inference  # noqa: E402
-from models.config import ConfigError  # noqa: E402
-from models.loading import CHECKPOINT_HELP, config_and_checkpoint, split_command_line  # noqa: E402
+from deformable.inference import ImageError, list_images, resolve_device
+from deformable.inference.run import run_inference
+from deformable.viz.detections import draw_detections
+from models.config import ConfigError
+from models.loading import CHECKPOINT_HELP, config_and_checkpoint, split_command_line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg, checkpoint = config_and_checkpoint(config, overrides, args.checkpoint)
         paths = list_images(inputs)
         kwargs = dict(score_threshold=args.score_threshold, batch_size=args.batch_size)
-        results = run_inference(cfg, checkpoint, paths, args.out, device=resolve_device(args.device), **kwargs)
+        device = resolve_device(args.device)
+        results = run_inference(cfg, checkpoint, paths, args.out, device=device, draw=draw_detections, **kwargs)
     except (ConfigError, FileNotFoundError, ImageError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

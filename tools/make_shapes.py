@@ -15,11 +15,10 @@ import argparse
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # run from a checkout
+from deformable.data import make_shapes_from_config
+from models.config import ConfigError, load_config
 
-from deformable.data import make_shapes_from_config  # noqa: E402
-from models.config import ConfigError, load_config  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout: configs/ beside tools/
 
 
 def main(argv: list[str] | None = None) -> int:

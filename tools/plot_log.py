@@ -12,11 +12,9 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+import cv2
 
-import cv2  # noqa: E402
-
-from viz.curves import LogError, plot_curves, read_log  # noqa: E402
+from deformable.viz.curves import LogError, plot_curves, read_log
 
 
 def main(argv: list[str] | None = None) -> int:

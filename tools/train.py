@@ -20,12 +20,11 @@ import sys
 # Idle OpenMP threads sleep instead of spinning: on a CPU shared with other processes, spinning threads wait
 # for cores those processes hold and make two threads several times slower than one.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from deformable.data import DatasetError  # noqa: E402
-from models.checkpoint import CheckpointError  # noqa: E402
-from models.config import ConfigError, load_config  # noqa: E402
-from training.engine import fit  # noqa: E402
+from deformable.data import DatasetError
+from deformable.training.engine import fit
+from models.checkpoint import CheckpointError
+from models.config import ConfigError, load_config
 
 
 def main(argv: list[str] | None = None) -> int:

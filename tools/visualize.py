@@ -15,14 +15,12 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+import cv2
 
-import cv2  # noqa: E402
-
-from inference import ImageError, class_names, load_detector, read_image, resolve_device  # noqa: E402
-from models.config import ConfigError  # noqa: E402
-from models.loading import CHECKPOINT_HELP, CONFIG_HELP, config_and_checkpoint, split_config_args  # noqa: E402
-from viz.figure import decoder_figure, encoder_figure, run_recorded  # noqa: E402
+from deformable.inference import ImageError, class_names, load_detector, read_image, resolve_device
+from deformable.viz.figure import decoder_figure, encoder_figure, run_recorded
+from models.config import ConfigError
+from models.loading import CHECKPOINT_HELP, CONFIG_HELP, config_and_checkpoint, split_config_args
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -1,12 +1,12 @@
 """Writes ``report.md`` of a ``tools/gpu_check.sh`` run from the files its steps left in OUTDIR.
 
-    python tools/gpu_report.py OUTDIR [--train-log PATH/log.jsonl]
+    python tools/benchmarks/gpu_report.py OUTDIR [--train-log PATH/log.jsonl]
 
 Reads (each may be missing: the report then says "not run" where it needs it):
 - ``steps.tsv``: one line per step, ``step<TAB>name<TAB>status<TAB>rc<TAB>seconds<TAB>limit<TAB>what``, status one of
   pass, fail, timeout, skipped; and ``info<TAB>key<TAB>value`` lines about the machine.
-- ``bench_op.json``: ``tools/benchmark_op.py --json`` (records with the memory floor on cuda).
-- ``bench_detector.json``: ``tools/benchmark_detector.py --json``.
+- ``bench_op.json``: ``tools/benchmarks/benchmark_op.py --json`` (records with the memory floor on cuda).
+- ``bench_detector.json``: ``tools/benchmarks/benchmark_detector.py --json``.
 - ``tests.log``: the pytest runs, each after a ``### step NAME: COMMAND`` line.
 - the demo training's ``log.jsonl`` (``--train-log``).
 
@@ -31,8 +31,9 @@ DETECTOR_SPEEDUP = 2.0
 PRECISIONS = (("float32", "none", "fp32"), ("bfloat16", "bf16", "bf16"))  # (op dtype, detector amp, name)
 OP_NOTE = [
     "Floor: the bytes the call must move (inputs read and output written; for fwd+bwd also grad_output read, the",
-    "inputs read again and their gradients written: tools/_bench_floor.py) at the measured copy bandwidth. Each call",
-    "timed with CUDA events after the L2 cache was flushed; median of the timed calls (tools/benchmark_op.py).",
+    "inputs read again and their gradients written: tools/benchmarks/_bench_floor.py) at the measured copy bandwidth.",
+    "Each call timed with CUDA events after the L2 cache was flushed; median of the timed calls",
+    "(tools/benchmarks/benchmark_op.py).",
 ]
 NO_ROWS = "No measurements (see bench.log)."
 SUMMARY = re.compile(r"^=*\s*((\d+ \w+|no tests \w+)[^=]*? in [\d.]+s[^=]*?)\s*=*$")  # pytest's last line

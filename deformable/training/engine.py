@@ -20,20 +20,23 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from deformable.data import resolve_num_classes, set_epoch
+from deformable.data.coco_eval import coco_metrics, to_coco_results
 from models import build_criterion, build_postprocessor, load_detector, read_checkpoint
 from models.checkpoint import Checkpoint, CheckpointError, copy_checkpoint, save_checkpoint
 from models.config import Config, ConfigError, TrainConfig, config_to_dict
+from models.training_queries import TrainingDetector
 
 from . import distributed
 from .build import (
+    Data,
     build_data,
     build_model,
+    build_trainee,
     finetune_from,
     prepare_output_dir,
     resolve_data_options,
     save_resolved_config,
 )
-from .coco_eval import coco_metrics, to_coco_results
 from .distributed import DistEnv
 from .optim import build_lr_scheduler, build_optimizer
 from .resume import restore_training_state, resume_path, rng_state, training_state
@@ -84,7 +87,8 @@ def train_one_epoch(
     (``loss`` is the weighted sum) and ``grad_norm``, averaged over processes.
 
     Batches are ``(images (B, 3, H, W), mask (B, H, W) True = padding, targets)``; ``criterion(outputs, targets)``
-    returns weighted loss terms and ``loss``. Raises FloatingPointError when the loss is not finite.
+    returns weighted loss terms and ``loss``. ``model`` is a detector, or a ``TrainingDetector`` (its training-only
+    queries are made from the targets), possibly in DDP. Raises FloatingPointError when the loss is not finite.
     """
     model.train()
     criterion.train()
@@ -95,9 +99,10 @@ def train_one_epoch(
         if step >= total:
             break
         images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+        targets = to_device(targets, device)
         with autocast(amp, device):
-            outputs = model(images, mask)
-        losses = criterion(to_float(outputs), to_device(targets, device))
+            outputs = _forward(model, images, mask, targets)
+        losses = criterion(to_float(outputs), targets)
         loss = losses["loss"]
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {step}: {_items(losses)}")
@@ -110,6 +115,14 @@ def train_one_epoch(
     bar.close()
     means = {key: value / max(total, 1) for key, value in sums.items()}
     return distributed.reduce_mean(means, device)
+
+
+def _forward(model: nn.Module, images: torch.Tensor, mask: torch.Tensor, targets: list[dict]) -> dict:
+    """A ``TrainingDetector`` (DDP-wrapped or not) takes the targets, a bare detector does not."""
+    inner = model.module if isinstance(model, DistributedDataParallel) else model
+    if isinstance(inner, TrainingDetector):
+        return model(images, mask, targets)
+    return model(images, mask)
 
 
 def _items(losses: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -201,22 +214,23 @@ def _fit(cfg: Config, env: DistEnv) -> dict[str, float]:
     save_resolved_config(cfg, env)
     resume = distributed.broadcast(resume_path(cfg.train.resume, cfg.output_dir))  # rank 0 decides for all
     model = build_model(cfg, env.device, from_checkpoint=resume is not None)
+    trainee = build_trainee(cfg, model)  # the detector and its training-only query aids (if any)
     criterion, postprocessor = build_criterion(cfg).to(env.device), build_postprocessor(cfg)
-    optimizer = build_optimizer(model, cfg.train)
+    optimizer = build_optimizer(trainee, cfg.train)
     scheduler = build_lr_scheduler(optimizer, cfg.train)
     scaler = torch.amp.GradScaler(env.device.type) if cfg.train.amp == "fp16" else None
-    start_epoch = _start_epoch(cfg, env, resume, model, optimizer, scheduler, scaler)
+    start_epoch = _start_epoch(cfg, env, resume, trainee, optimizer, scheduler, scaler)
     if env.is_main:
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(
-            f"training {cfg.output_dir}: {len(data.train_set)} train / {len(data.val_set)} val images, "
-            f"{trainable:,} trainable parameters, {env.world_size} process(es) on {env.device}, "
-            f"epochs {start_epoch}..{cfg.train.epochs - 1}",
-            flush=True,
-        )
-    train_model = model
+        print(_run_summary(cfg, env, data, trainee, start_epoch), flush=True)
+    train_model: nn.Module = trainee
     if env.distributed:
-        train_model = DistributedDataParallel(model, device_ids=[env.device] if env.device.type == "cuda" else None)
+        train_model = DistributedDataParallel(
+            trainee,
+            device_ids=[env.device] if env.device.type == "cuda" else None,
+            # Denoising queries are as many as the rank's largest image has targets: none when its batch has no
+            # target, which leaves the denoising parameters out of that rank's graph.
+            find_unused_parameters=trainee.aids is not None and trainee.aids.dn_groups > 0,
+        )
     step_args = dict(
         device=env.device,
         clip_max_norm=cfg.train.clip_max_norm,
@@ -242,13 +256,27 @@ def _fit(cfg: Config, env: DistEnv) -> dict[str, float]:
         rngs = distributed.all_gather(rng_state())  # every rank's, so that each resumes its own stream
         if env.is_main:
             names = {int(i): str(c["name"]) for i, c in data.train_set.coco.cats.items()}
-            state = training_state(model, optimizer, scheduler, scaler, epoch, config_to_dict(cfg), rngs, names)
+            state = training_state(
+                model, optimizer, scheduler, scaler, epoch, config_to_dict(cfg), rngs, names, aids=trainee.aids
+            )
             _save(state, cfg.output_dir, epoch, cfg.train.checkpoint_every)
             record = epoch_record(epoch, lr, stats, metrics if evaluated else {}, time.time() - began)
             append_log(os.path.join(cfg.output_dir, "log.jsonl"), record)
     if env.is_main:
         print(format_metrics(metrics), flush=True)
     return metrics
+
+
+def _run_summary(cfg: Config, env: DistEnv, data: Data, trainee: TrainingDetector, start_epoch: int) -> str:
+    trainable = sum(p.numel() for p in trainee.detector.parameters() if p.requires_grad)
+    aids = ""
+    if trainee.aids is not None:
+        aids = f" (+ {sum(p.numel() for p in trainee.aids.parameters()):,} of training-only queries)"
+    return (
+        f"training {cfg.output_dir}: {len(data.train_set)} train / {len(data.val_set)} val images, "
+        f"{trainable:,} trainable parameters{aids}, {env.world_size} process(es) on {env.device}, "
+        f"epochs {start_epoch}..{cfg.train.epochs - 1}"
+    )
 
 
 def _evaluates_after(epoch: int, train: TrainConfig) -> bool:
@@ -260,13 +288,14 @@ def _start_epoch(
     cfg: Config,
     env: DistEnv,
     resume: str | None,
-    model: nn.Module,
+    trainee: TrainingDetector,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler | None,
 ) -> int:
-    """Restores a checkpoint to resume from, or loads ``train.finetune`` weights; trims ``log.jsonl`` to the epochs
-    before the one training starts at (all of it for a fresh run)."""
+    """Restores a checkpoint to resume from (the query aids too), or loads ``train.finetune`` weights into the
+    detector (the aids start afresh); trims ``log.jsonl`` to the epochs before the one training starts at (all of it
+    for a fresh run)."""
     start_epoch = 0
     if resume is not None:
         if env.rank != 0 and not os.path.isfile(resume):
@@ -274,9 +303,11 @@ def _start_epoch(
                 f"rank {env.rank} cannot see the checkpoint {resume} that rank 0 resumes from: with several nodes, "
                 "output_dir must be on a file system that every node mounts"
             )
-        start_epoch = restore_training_state(read_checkpoint(resume), model, optimizer, scheduler, scaler, env.rank)
+        start_epoch = restore_training_state(
+            read_checkpoint(resume), trainee.detector, optimizer, scheduler, scaler, env.rank, trainee.aids
+        )
     elif cfg.train.finetune:
-        finetune_from(model, cfg)
+        finetune_from(trainee.detector, cfg)
     if env.is_main:
         if resume is not None:
             print(f"resuming from {resume} at epoch {start_epoch}", flush=True)

@@ -1,5 +1,5 @@
-"""Resuming a run: the training state a checkpoint holds (optimiser, schedule, scaler, every process's RNG) and how it
-is restored. Reading and writing the files is :mod:`models.checkpoint`'s.
+"""Resuming a run: the training state a checkpoint holds (optimiser, schedule, scaler, every process's RNG, the
+training-only query aids) and how it is restored. Reading and writing the files is :mod:`models.checkpoint`'s.
 """
 
 from __future__ import annotations
@@ -58,9 +58,12 @@ def training_state(
     config: dict[str, Any],
     rng: list[dict[str, Any]],
     class_names: Mapping[int, str] | None = None,
+    aids: nn.Module | None = None,
 ) -> dict[str, Any]:
     """The checkpoint dict after ``epoch`` (0-based, completed); ``rng`` holds every process's RNG state and
-    ``class_names`` maps category ids (labels) to names, so that inference can name what it finds."""
+    ``class_names`` maps category ids (labels) to names, so that inference can name what it finds. ``model`` is the
+    detector's own state_dict; the training-only query ``aids`` (``models.training_queries.QueryAids``), when
+    given, go to a separate ``query_aids`` entry that only resuming reads."""
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -72,6 +75,8 @@ def training_state(
     }
     if scaler is not None:
         state["scaler"] = scaler.state_dict()
+    if aids is not None:
+        state["query_aids"] = aids.state_dict()
     return state
 
 
@@ -82,11 +87,15 @@ def restore_training_state(
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler | None,
     rank: int,
+    aids: nn.Module | None = None,
 ) -> int:
-    """Loads model, optimiser, schedule, scaler and this rank's RNG state; returns the epoch to start from.
+    """Loads model, query aids, optimiser, schedule, scaler and this rank's RNG state; returns the epoch to start
+    from.
 
     Raises:
-        CheckpointError: the checkpoint holds no training state (not this project's), or does not fit the model.
+        CheckpointError: the checkpoint holds no training state (not this project's), does not fit the model, or
+            was trained with other training-only query options (its ``query_aids`` entry, or none, against
+            ``aids``).
     """
     state, path = checkpoint.entries, checkpoint.path
     for key in ("optimizer", "lr_scheduler", "epoch"):
@@ -102,6 +111,7 @@ def restore_training_state(
             f"checkpoint {path} does not fit the configured model ({exc}); resume with the config it was trained with "
             "(config.yaml beside it)"
         ) from exc
+    _restore_aids(checkpoint, aids)
     try:
         optimizer.load_state_dict(state["optimizer"])
     except ValueError as exc:
@@ -113,3 +123,28 @@ def restore_training_state(
     if rank < len(rngs):
         set_rng_state(rngs[rank])
     return int(state["epoch"]) + 1
+
+
+def _restore_aids(checkpoint: Checkpoint, aids: nn.Module | None) -> None:
+    """Loads the ``query_aids`` entry into ``aids`` exactly; both must be there, or neither."""
+    saved, path = checkpoint.entries.get("query_aids"), checkpoint.path
+    if saved is None and aids is None:
+        return
+    if aids is None:
+        raise CheckpointError(
+            f"checkpoint {path} was trained with training-only queries (its config.yaml sets training_queries.*) "
+            "but this run has them off: resume with the same training_queries options"
+        )
+    if saved is None:
+        raise CheckpointError(
+            f"checkpoint {path} has no 'query_aids' entry: it was trained without training-only queries, so a run "
+            "with training_queries options on cannot resume from it; resume with them off, or start a new run "
+            "from its weights with train.finetune=PATH"
+        )
+    try:
+        aids.load_state_dict(saved, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"checkpoint {path}: its query_aids do not fit the training_queries options ({exc}); resume with the "
+            "config it was trained with (config.yaml beside it)"
+        ) from exc

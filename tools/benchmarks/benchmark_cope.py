@@ -4,24 +4,20 @@ Times the whole module (projections, sampling locations, the op) forward, and fo
 markdown table with the cope / linear ratio (and peak memory on CUDA). The op path is whatever
 ``deformable.ms_deform_attn`` picks (native kernel or the PyTorch fallback); the table says which.
 
-    python tools/benchmark_cope.py --device cuda
-    python tools/benchmark_cope.py --device cpu --repeats 3 --batch 1
+    python tools/benchmarks/benchmark_cope.py --device cuda
+    python tools/benchmarks/benchmark_cope.py --device cpu --repeats 3 --batch 1
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import os
-import sys
-import time
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+import torch
 
-import torch  # noqa: E402
-
-from deformable import MSDeformAttn, native_available  # noqa: E402
+from deformable import MSDeformAttn, native_available
+from deformable.benchmarking import machine_info, machine_lines, set_threads, time_calls
 
 # Four levels of an 800x1333 image at strides 8-64: S = 22223 positions.
 LEVELS = ((100, 167), (50, 84), (25, 42), (13, 21))
@@ -40,22 +36,6 @@ def inputs(batch: int, len_q: int, ref_dim: int, device: torch.device, dtype: to
         ref[..., 2:] = ref[..., 2:] * 0.3 + 0.02
     mask = torch.zeros(batch, s, dtype=torch.bool)
     return query, ref.to(device, dtype), value, shapes, starts, mask.to(device)
-
-
-def timed(fn, device: torch.device, repeats: int, warmup: int) -> float:
-    """Median seconds of ``fn()``."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def measure(mode: str, args: argparse.Namespace, len_q: int, ref_dim: int, backward: bool) -> tuple[float, float]:
@@ -79,7 +59,7 @@ def measure(mode: str, args: argparse.Namespace, len_q: int, ref_dim: int, backw
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    ms = timed(step, device, args.repeats, args.warmup) * 1e3
+    ms = time_calls(step, device=device, iters=args.repeats, warmup=args.warmup).median_ms
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
     return ms, peak
 
@@ -93,13 +73,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     warnings.filterwarnings("ignore", message="deformable: the native extension")
 
     s = sum(h * w for h, w in LEVELS)
     cases = [("encoder", s, 2), ("decoder", 300, 4)]
     op_path = "native" if native_available() else "pytorch"
+    print("\n".join(machine_lines(machine_info([args.device]))) + "\n")
     print(
         f"device {args.device}, {args.dtype}, batch {args.batch}, levels {LEVELS} (S = {s}), d_model 256, "
         f"8 heads x 4 points, op path {op_path}, median of {args.repeats}"

@@ -8,26 +8,22 @@ and closed on background: one fixed offset per k, whatever the gaps. The model i
 level, 2 heads x 4 points) plus a linear read-out; it trains on gaps drawn from ``--gaps`` and is evaluated on
 those and on wider, unseen gaps (``--ood-gaps``). ``--variant`` trains the ablations of the cope parametrisation.
 
-    python tools/cope_counting.py --seeds 0 1 2 --steps 1500
+    python tools/experiments/cope_counting.py --seeds 0 1 2 --steps 1500
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 import warnings
 from dataclasses import dataclass
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+import torch
+from torch import nn
+from torch.nn import functional as F
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
-
-from deformable import MSDeformAttn  # noqa: E402
-from deformable.cope_sampling import CoPESampling  # noqa: E402
+from deformable import MSDeformAttn
+from deformable.cope_sampling import CoPESampling
 
 # Ablations of the cope parametrisation (all start at the plain module's sampling locations).
 VARIANTS = {

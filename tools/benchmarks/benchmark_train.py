@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 """Training throughput (images/s) of the demo config and of the COCO config, on synthetic batches.
 
-    python tools/benchmark_train.py [--device auto|cpu|cuda] [--iters N] [--warmup N] [--amp none|bf16|fp16]
+    python tools/benchmarks/benchmark_train.py [--device auto|cpu|cuda] [--iters N] [--warmup N] [--amp none|bf16|fp16]
 
-Runs ``training.engine.train_one_epoch`` (forward, loss, backward, clipping, AdamW step) on random images with a
-few random boxes: the demo at its batch size and largest training scale, COCO at batch 2 and 800 x 1066 (a 480 x
-640 image resized to the shorter side 800). No data set or pretrained weights are needed.
+Runs ``deformable.training.engine.train_one_epoch`` (forward, loss, backward, clipping, AdamW step) on random images
+with a few random boxes: the demo at its batch size and largest training scale, COCO at batch 2 and 800 x 1066 (a
+480 x 640 image resized to the shorter side 800). No data set or pretrained weights are needed. Each step is timed on
+its own (``deformable.benchmarking.time_calls``); images/s is the batch size over the mean step time.
 """
 
 from __future__ import annotations
@@ -13,20 +14,20 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 # As in tools/train.py: idle OpenMP threads sleep instead of spinning (shared CPUs), so the numbers match training.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # run from a checkout
 
-import torch  # noqa: E402
+import torch
 
-from models import build_criterion, build_detector  # noqa: E402
-from models.config import Config, load_config  # noqa: E402
-from training.distributed import resolve_device  # noqa: E402
-from training.engine import train_one_epoch  # noqa: E402
-from training.optim import build_optimizer  # noqa: E402
+from deformable.benchmarking import machine_info, machine_lines, time_calls
+from deformable.training.engine import train_one_epoch
+from deformable.training.optim import build_optimizer
+from models import build_criterion, build_detector
+from models.config import Config, load_config
+from models.device import resolve_device
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout: configs/
 
 
 def synthetic_batches(
@@ -58,14 +59,13 @@ def benchmark(cfg: Config, batch_size: int, height: int, width: int, args: argpa
     batches = synthetic_batches(args.warmup + args.iters, batch_size, height, width, cfg.model.num_classes)
     kwargs = dict(device=device, epoch=0, clip_max_norm=cfg.train.clip_max_norm, amp=args.amp, show_progress=False)
     kwargs["scaler"] = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
-    train_one_epoch(model, criterion, batches[: args.warmup], optimizer, **kwargs)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    began = time.perf_counter()
-    train_one_epoch(model, criterion, batches[args.warmup :], optimizer, **kwargs)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return args.iters * batch_size / (time.perf_counter() - began)
+    batch_iter = iter(batches)
+
+    def step() -> None:
+        train_one_epoch(model, criterion, [next(batch_iter)], optimizer, **kwargs)
+
+    seconds = time_calls(step, device=device, iters=args.iters, warmup=args.warmup).mean_ms / 1e3
+    return batch_size / seconds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
     parser.add_argument("--only", choices=["demo", "coco"], help="run one of the two")
     args = parser.parse_args(argv)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {resolve_device(args.device)}")
+    device = resolve_device(args.device)
+    print("\n".join(machine_lines(machine_info([device]))))
+    print(f"- device {device}, {args.iters} timed steps after {args.warmup} warm-up steps\n")
     runs = []
     if args.only in (None, "demo"):
         demo = load_config(os.path.join(ROOT, "configs", "shapes.yaml"))

@@ -1,10 +1,10 @@
 """Benchmarks Deformable DETR (R50 multi-scale by default): a training step and inference, per device and per
 multi-scale deformable attention backend, with the time share of backbone, encoder, decoder and loss.
 
-    python tools/benchmark_detector.py --iters 10 --threads 8
-    python tools/benchmark_detector.py --devices cuda --backends native,pytorch
-    python tools/benchmark_detector.py --devices cuda --backends native,pytorch,transformers --amp none,bf16 \\
-        --train-shape 2x800x1333 --infer-shapes 1x800x1333 --no-shares --json detector.json
+    python tools/benchmarks/benchmark_detector.py --iters 10 --threads 8
+    python tools/benchmarks/benchmark_detector.py --devices cuda --backends native,pytorch
+    python tools/benchmarks/benchmark_detector.py --devices cuda --backends native,pytorch,transformers \\
+        --amp none,bf16 --train-shape 2x800x1333 --infer-shapes 1x800x1333 --no-shares --json detector.json
 
 Backends: "native" is the compiled op (the PyTorch path when the extension or its kernel for the device is missing;
 the table says so), "pytorch" sets ``DEFORMABLE_BACKEND=pytorch``, which the op reads on every call. "transformers"
@@ -17,46 +17,39 @@ defaults (they change no work). It runs its own PyTorch path of the op unless it
 kernel (the table's label says "transformers" either way; without network access there is none).
 
 Precision: ``--amp bf16`` (or fp16) runs each forward under ``torch.autocast``; ours then computes the loss on float32
-outputs, as ``training.engine`` does, transformers its whole forward (loss included) under autocast. The table's
-phase says "train bf16" for such rows.
+outputs, as ``deformable.training.engine`` does (its ``autocast`` and ``to_float``), transformers its whole forward
+(loss included) under autocast. The table's phase says "train bf16" for such rows.
 
-The total is timed without instrumentation (wall time per step, the device synchronised before and after the timed
-steps). The shares come from a second, instrumented run (skipped with --no-shares): forward and backward hooks on the
-backbone (with position encoding), the encoder and the decoder synchronise the device and time each module's forward
-and backward; "loss" is our criterion's forward (matching included; inside "other" for transformers); "other" is the
-rest (input projections, heads, query preparation, the loss backward, the optimiser step). transformers' training
-rows have no shares: its modules return output objects, and backward hooks see only tensors and tuples of them.
+The total is timed without instrumentation: the mean time per step of the timed steps, each step timed on its own by
+``deformable.benchmarking.time_calls`` (wall time on a CPU, CUDA events on a GPU). The shares come from a second,
+instrumented run (skipped with --no-shares): forward and backward hooks on the backbone (with position encoding), the
+encoder and the decoder synchronise the device and time each module's forward and backward; "loss" is our criterion's
+forward (matching included; inside "other" for transformers); "other" is the rest (input projections, heads, query
+preparation, the loss backward, the optimiser step). transformers' training rows have no shares: its modules return
+output objects, and backward hooks see only tensors and tuples of them.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from deformable import _extension
+from deformable.benchmarking import machine_info, machine_lines, set_threads, synchronize, time_calls
+from deformable.training.engine import AMP_DTYPES, autocast, to_float
+from models import build_criterion, build_detector, load_config
+from models.config import Config
 
-from deformable import _extension  # noqa: E402
-from models import build_criterion, build_detector, load_config  # noqa: E402
-from models.config import Config  # noqa: E402
-
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout: configs/
 PARTS = ("backbone", "encoder", "decoder", "loss")
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 Shape = tuple[int, int, int]  # (batch, height, width)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class PartTimer:
@@ -76,11 +69,11 @@ class PartTimer:
             ]
 
     def start(self, name: str) -> None:
-        _sync(self.device)
+        synchronize(self.device)
         self._start[name] = time.perf_counter()
 
     def stop(self, name: str) -> None:
-        _sync(self.device)
+        synchronize(self.device)
         self.seconds[name] += time.perf_counter() - self._start.pop(name)
 
     def remove(self) -> None:
@@ -97,21 +90,6 @@ def _targets(batch: int, num_classes: int, device: torch.device, generator: torc
         labels = torch.randint(1, num_classes, (6,), generator=generator)
         targets.append({"labels": labels.to(device), "boxes": torch.cat([centre, size], -1).to(device)})
     return targets
-
-
-def _autocast(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
-    return contextlib.nullcontext() if amp == "none" else torch.autocast(device.type, dtype=AMP_DTYPES[amp])
-
-
-def _to_float(tree: Any) -> Any:
-    """Floating tensors in nested dicts and lists cast to float32 (the loss runs in float32, as in training)."""
-    if isinstance(tree, torch.Tensor):
-        return tree.float() if tree.is_floating_point() else tree
-    if isinstance(tree, dict):
-        return {k: _to_float(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_to_float(v) for v in tree)
-    return tree
 
 
 def build_transformers_detector(cfg: Config) -> nn.Module:
@@ -168,7 +146,7 @@ def make_step(
         model.eval()
 
         def infer(timer: PartTimer | None = None) -> None:
-            with torch.no_grad(), _autocast(amp, device):
+            with torch.no_grad(), autocast(amp, device):
                 if backend == "transformers":
                     model(pixel_values=images)
                 else:
@@ -181,14 +159,14 @@ def make_step(
 
     def train(timer: PartTimer | None = None) -> None:
         if backend == "transformers":
-            with _autocast(amp, device):
+            with autocast(amp, device):
                 loss = model(pixel_values=images, labels=labels).loss
         else:
-            with _autocast(amp, device):
+            with autocast(amp, device):
                 outputs = model(images)
             if timer:
                 timer.start("loss")
-            loss = criterion(_to_float(outputs), targets)["loss"]
+            loss = criterion(to_float(outputs), targets)["loss"]
             if timer:
                 timer.stop("loss")
         optimizer.zero_grad(set_to_none=True)
@@ -199,15 +177,8 @@ def make_step(
 
 
 def _run(step: Callable[[], None], iters: int, warmup: int, device: torch.device) -> float:
-    """Seconds per call of ``step`` after ``warmup`` calls."""
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(iters):
-        step()
-    _sync(device)
-    return (time.perf_counter() - start) / iters
+    """Mean seconds per call of ``step`` over ``iters`` timed calls after ``warmup`` calls."""
+    return time_calls(step, device=device, iters=iters, warmup=warmup).mean_ms / 1e3
 
 
 def benchmark(
@@ -291,7 +262,7 @@ def _models(cfg: Config, backends: list[str], device: torch.device) -> dict[str,
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/coco.yaml")
+    parser.add_argument("--config", default=os.path.join(ROOT, "configs", "coco.yaml"), help="(default: coco.yaml)")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
@@ -316,10 +287,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     backends = args.backends.split(",")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {args.iters} iterations")
+    info = machine_info(args.devices.split(","))
+    print("\n".join(machine_lines(info)))
+    print(f"- {args.iters} timed iterations after {args.warmup} warm-up iterations, their mean\n")
     print("| device | backend | phase | batch x H x W | ms / iter | " + " | ".join(PARTS) + " | other |")
     print("|---" * (6 + len(PARTS)) + "|", flush=True)
     records = []
@@ -341,7 +313,7 @@ def main(argv: list[str] | None = None) -> None:
                     records.append(record)
                     if args.json:
                         with open(args.json, "w", encoding="utf-8") as f:
-                            json.dump({"torch": torch.__version__, "records": records}, f, indent=1)
+                            json.dump({"torch": torch.__version__, "machine": info, "records": records}, f, indent=1)
         _set_backend("native")
         del models
         if device.type == "cuda":

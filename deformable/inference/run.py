@@ -1,23 +1,27 @@
-"""Detection over image files: batches with padding, annotated images and a COCO-format results file."""
+"""Detection over image files: batches with padding, a COCO-format results file and, with a drawing function passed
+in (:func:`deformable.viz.detections.draw_detections`, a layer above this one), annotated images."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import cv2
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from deformable.data import dataset_image_ids
+from deformable.data.coco_eval import to_coco_results
 from models import build_postprocessor
 from models.config import Config
-from training.coco_eval import to_coco_results
-from viz.detections import draw_detections
 
 from .images import prepare_batch, read_image
 from .predictor import class_names, detect, load_detector
+
+# (image (H, W, 3) RGB, one result: scores (k,), labels (k,), boxes (k, 4) xyxy pixels, id -> name) -> BGR image
+DrawDetections = Callable[[np.ndarray, Mapping[str, torch.Tensor], Mapping[int, str]], np.ndarray]
 
 
 def image_ids(paths: Sequence[str], cfg: Config) -> dict[str, int]:
@@ -52,10 +56,12 @@ def run_inference(
     batch_size: int = 1,
     device: torch.device,
     show_progress: bool = True,
+    draw: DrawDetections | None = None,
 ) -> list[dict]:
-    """Detects on ``paths`` and writes ``out_dir/<stem>.jpg`` (detections >= ``score_threshold`` drawn),
-    ``out_dir/results.json`` (COCO results: ``image_id``, ``category_id``, ``bbox`` xywh, ``score``) and
-    ``out_dir/images.json`` (COCO ``images`` entries: ``id``, ``file_name``, ``height``, ``width``).
+    """Detects on ``paths`` and writes ``out_dir/results.json`` (COCO results of the detections >= ``score_threshold``:
+    ``image_id``, ``category_id``, ``bbox`` xywh, ``score``), ``out_dir/images.json`` (COCO ``images`` entries: ``id``,
+    ``file_name``, ``height``, ``width``) and, with ``draw``, ``out_dir/<stem>.jpg``: the image ``draw`` returns for
+    those detections (``tools/infer.py`` passes :func:`deformable.viz.detections.draw_detections`).
 
     Returns the results list.
     """
@@ -75,7 +81,8 @@ def run_inference(
         _, detections = detect(model, postprocessor, *prepare_batch(pictures, cfg.data), sizes)
         for path, picture, found in zip(batch, pictures, detections, strict=True):
             kept = _above(found, score_threshold)
-            cv2.imwrite(os.path.join(out_dir, files[path]), draw_detections(picture, kept, names))
+            if draw is not None:
+                cv2.imwrite(os.path.join(out_dir, files[path]), draw(picture, kept, names))
             results += to_coco_results(ids[path], kept, sorted(names) or None)
             images.append({"id": ids[path], "file_name": path, "height": picture.shape[0], "width": picture.shape[1]})
         bar.update(len(batch))

@@ -24,6 +24,7 @@ from models.checkpoint import CheckpointError
 from models.config import Config, save_config
 from models.files import remove_stale_temp_files
 from models.loading import check_architecture
+from models.training_queries import TrainingDetector, build_query_aids
 
 from . import distributed
 from .distributed import DistEnv
@@ -85,6 +86,15 @@ def build_model(cfg: Config, device: torch.device, from_checkpoint: bool) -> nn.
     if from_checkpoint:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained_backbone=False))
     return build_detector(cfg).to(device)
+
+
+def build_trainee(cfg: Config, detector: nn.Module) -> TrainingDetector:
+    """What the loop trains: the detector with its training-only query aids (``cfg.training_queries``; none when
+    every option is off, and the trainee is the detector alone), the aids on the detector's device."""
+    aids = build_query_aids(cfg)
+    if aids is not None:
+        aids = aids.to(next(detector.parameters()).device)
+    return TrainingDetector(detector, aids)
 
 
 def finetune_from(model: nn.Module, cfg: Config) -> None:

@@ -1,5 +1,5 @@
 """The memory floor of ``ms_deform_attn`` on a GPU: the fewest bytes one call must move through device memory, over
-the copy bandwidth measured on that GPU. ``tools/benchmark_op.py`` prints it beside each CUDA time.
+the copy bandwidth measured on that GPU. ``tools/benchmarks/benchmark_op.py`` prints it beside each CUDA time.
 
 Sizes: N batch, S = sum of H_l * W_l over the levels, Lq queries, M heads, D channels per head, L levels, P points.
 Each tensor is counted once, at its own element size:
@@ -23,15 +23,18 @@ buffer of a half-precision backward, and autograd's own work between forward and
 kernel beats: measured / floor says how far a kernel is from moving each byte once at copy speed.
 
 Bandwidth: :func:`copy_bandwidth` copies one large buffer (1 GiB, far above any GPU's L2) device to device, timed with
-CUDA events, and counts ``2 * bytes`` per copy (a copy reads and writes each byte); the median of the timed copies.
+CUDA events (:func:`deformable.benchmarking.time_calls`), and counts ``2 * bytes`` per copy (a copy reads and writes
+each byte); the median of the timed copies.
 """
 
 from __future__ import annotations
 
-import statistics
+import functools
 from dataclasses import dataclass
 
 import torch
+
+from deformable.benchmarking import time_calls
 
 GIB = 1 << 30
 
@@ -87,15 +90,8 @@ def copy_bandwidth(device: str = "cuda", nbytes: int = GIB, iters: int = 20, war
     """Device-to-device copy bandwidth in bytes per second, read + write: ``2 * nbytes`` over the median copy time."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()  # not zeros: nothing special to copy
     dst = torch.empty_like(src)
-    for _ in range(warmup):
-        dst.copy_(src)
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-    for start, end in events:
-        start.record()
-        dst.copy_(src)
-        end.record()
-    torch.cuda.synchronize()
-    seconds = statistics.median(start.elapsed_time(end) for start, end in events) / 1e3
-    del src, dst
+    copy = functools.partial(dst.copy_, src)
+    seconds = time_calls(copy, device=device, iters=iters, warmup=warmup).median_ms / 1e3
+    del src, dst, copy
     torch.cuda.empty_cache()
     return 2 * nbytes / seconds

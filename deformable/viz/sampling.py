@@ -3,7 +3,7 @@ level or head with size and opacity growing with the attention weight, the detec
 ``offset_mode="cope"`` the count density along the reference point's row and column as strips.
 
 Everything comes from a :class:`deformable.SamplingRecord` (what the model sampled) mapped to original image
-pixels with :mod:`viz.coords`.
+pixels with :mod:`deformable.viz.coords`.
 """
 
 from __future__ import annotations

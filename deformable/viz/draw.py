@@ -1,7 +1,7 @@
 """OpenCV drawing primitives on BGR uint8 canvases, sub-pixel exact (``cv2`` fixed-point ``shift``).
 
 Coordinates given to these functions are canvas pixel-centre coordinates (pixel i has centre i), as
-:func:`viz.coords.image_to_canvas` returns them.
+:func:`deformable.viz.coords.image_to_canvas` returns them.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from deformable import MSDeformAttn, SamplingRecord, cope_line_densities, recording
-from inference.images import prepare_batch
+from deformable.inference.images import prepare_batch
 from models.config import DataConfig
 
 from . import draw

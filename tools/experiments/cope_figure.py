@@ -1,5 +1,5 @@
 """Draws docs/cope_gates.png: a row of gates and where contextual offsets land, from a model trained on the
-counting task of ``tools/cope_counting.py`` (the default 1500 steps, about a minute on a CPU).
+counting task of ``tools/experiments/cope_counting.py`` (the default 1500 steps, about a minute on a CPU).
 
 Two panels, a row with the trained marker gaps and a row with wider, unseen gaps, each showing top to bottom: the
 image row (markers coloured by class, the reference pixel crossed) with head 0's sampling points for the queries
@@ -7,24 +7,21 @@ k = 1, 2, 3 (filled dots; open circles where the same offsets would land as pixe
 head 0 along the row (its gates, scaled so that a half-open gate is 1); the cumulative count with the offsets ``u``
 as ticks at the reference and lines to where each lands.
 
-    python tools/cope_figure.py --out docs/cope_gates.png
+    python tools/experiments/cope_figure.py --out docs/cope_gates.png
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+import cv2
+import numpy as np
+import torch
+from cope_counting import Task, make_batch, train  # beside this file: the script's folder is on sys.path
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from cope_counting import Task, make_batch, train  # noqa: E402
-
-from deformable.cope_sampling import contextual_offsets_to_pixels  # noqa: E402
+from deformable.cope_sampling import contextual_offsets_to_pixels
 
 CELL, MARGIN = 14, 50
 K_COLOURS = [(40, 40, 220), (30, 160, 30), (200, 90, 20)]  # BGR for k = 1, 2, 3

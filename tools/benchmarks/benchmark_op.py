@@ -1,8 +1,8 @@
 """Benchmarks the multi-scale deformable attention op: the native kernel against the PyTorch (grid_sample) path.
 
-    python tools/benchmark_op.py                                  # cpu (and cuda when present), both shapes
-    python tools/benchmark_op.py --shapes decoder --iters 3       # a quick check
-    python tools/benchmark_op.py --device cuda --dtypes float32,bfloat16 --iters 50
+    python tools/benchmarks/benchmark_op.py                                  # cpu (and cuda when present), both shapes
+    python tools/benchmarks/benchmark_op.py --shapes decoder --iters 3       # a quick check
+    python tools/benchmarks/benchmark_op.py --device cuda --dtypes float32,bfloat16 --iters 50
 
 Shapes (Deformable DETR at 800x1333): "encoder" has levels (100,167), (50,84), (25,42), (13,21), so S = Lq = 22223,
 with M = 8 heads, D = 32 channels, L = 4 levels, P = 4 points; "decoder" has the same value and Lq = 300.
@@ -14,14 +14,15 @@ uniform in [0, 1] (no locality: the worst case for caches). Attention weights ar
 
 Times: "fwd" is an inference forward (torch.no_grad, inputs that do not require grad); "fwd+bwd" is a forward with
 value, locations and weights requiring grad plus the backward with a fixed random grad_output. Each is the median of
---iters runs after --warmup runs (default 10 after 2 on a CPU, 30 after 5 on a GPU):
+--iters runs after --warmup runs (default 10 after 2 on a CPU, 30 after 5 on a GPU), timed by
+``deformable.benchmarking.time_calls``:
 - cpu: each run timed with time.perf_counter.
 - cuda: each run timed with a pair of CUDA events around it, the runs queued back to back; before each run a 256 MiB
   buffer is overwritten (outside the events), so that the inputs are not already in the GPU's L2 cache.
 
 Memory floor (cuda rows only): the bytes the call must move (value, locations and weights read, output written; for
-fwd+bwd also grad_output read, the inputs read again and their gradients written: tools/_bench_floor.py says exactly
-what is counted) over the device-to-device copy bandwidth measured at the start of the run (1 GiB copied, read +
+fwd+bwd also grad_output read, the inputs read again and their gradients written: tools/benchmarks/_bench_floor.py says
+exactly what is counted) over the device-to-device copy bandwidth measured at the start of the run (1 GiB copied, read +
 write). "floor us" is that time in microseconds, "x floor" the measured time over it.
 
 Extra memory: the peak memory above what was allocated before the call (inputs and, for fwd+bwd, grad_output),
@@ -41,24 +42,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import shlex
-import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 
+import _bench_floor  # beside this file: the script's folder is on sys.path
 import torch
 
-TOOLS = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(TOOLS))
-if TOOLS not in sys.path:
-    sys.path.append(TOOLS)  # _bench_floor, also when this file is imported by path
-
-import _bench_floor  # noqa: E402
-
-from deformable import _extension, ms_deform_attn, ms_deform_attn_pytorch  # noqa: E402
+from deformable import _extension, ms_deform_attn, ms_deform_attn_pytorch
+from deformable.benchmarking import machine_info, machine_lines, set_threads, time_calls
 
 ENCODER_LEVELS = ((100, 167), (50, 84), (25, 42), (13, 21))
 HEADS, CHANNELS, POINTS = 8, 32, 4
@@ -129,43 +121,20 @@ def _grad_output(inputs: Inputs) -> torch.Tensor:
     return torch.randn(shape, generator=gen).to(value.device, value.dtype)
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _cuda_times_ms(
-    fn: Callable, inputs: Inputs, backward: bool, grad_output: torch.Tensor | None, iters: int
-) -> list[float]:
-    """CUDA-event times of ``iters`` calls queued back to back, each after an L2 flush outside its events."""
-    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=inputs[0].device)
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-    for start, end in events:
-        flush.fill_(1)
-        start.record()
-        _run(fn, inputs, backward, grad_output)
-        end.record()
-    torch.cuda.synchronize()
-    return [start.elapsed_time(end) for start, end in events]
-
-
 def time_ms(fn: Callable, inputs: Inputs, backward: bool, iters: int, warmup: int) -> float:
-    """Median time of one call in milliseconds: CUDA events on a GPU, wall time on a CPU (see the docstring)."""
-    device = str(inputs[0].device)
+    """Median time of one call in milliseconds: CUDA events on a GPU, each call after an L2 flush outside its events;
+    wall time on a CPU (see the docstring)."""
+    device = inputs[0].device
     grad_output = _grad_output(inputs) if backward else None
-    if device.startswith("cuda"):
-        for _ in range(warmup):
-            _run(fn, inputs, backward, grad_output)
-        return statistics.median(_cuda_times_ms(fn, inputs, backward, grad_output, iters))
-    times = []
-    for i in range(warmup + iters):
-        _sync(device)
-        start = time.perf_counter()
-        _run(fn, inputs, backward, grad_output)
-        _sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device) if device.type == "cuda" else None
+    timing = time_calls(
+        lambda: _run(fn, inputs, backward, grad_output),
+        device=device,
+        iters=iters,
+        warmup=warmup,
+        before=None if flush is None else lambda: flush.fill_(1),
+    )
+    return timing.median_ms
 
 
 def cuda_extra_mb(fn: Callable, inputs: Inputs, backward: bool) -> float:
@@ -213,37 +182,19 @@ def cpu_extra_mb(config: dict) -> dict[str, float] | None:
 PATHS: dict[str, Callable[..., torch.Tensor]] = {"native": ms_deform_attn, "pytorch": ms_deform_attn_pytorch}
 
 
-def machine_info(devices: list[str], threads: int, bandwidth: float | None) -> dict[str, str | int | float | None]:
-    """The machine, the build and the command, as written at the top of the output and into the JSON."""
-    cpu = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    gpu = torch.cuda.get_device_name() if any(d.startswith("cuda") for d in devices) else None
-    build = _extension.build_info() if _extension.extension_loaded() else f"not loaded ({_extension.LOAD_ERROR})"
-    return {
-        "cpu": cpu,
-        "logical_cores": os.cpu_count(),
-        "threads": threads,
-        "gpu": gpu,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "build": build,
-        "copy_bandwidth_gbs": None if bandwidth is None else bandwidth / 1e9,
-        "command": shlex.join([os.path.basename(sys.executable), *sys.argv]),
-    }
+def op_machine_info(devices: list[str], bandwidth: float | None) -> dict[str, str | int | float | None]:
+    """The machine, the build and the command (:func:`deformable.benchmarking.machine_info`) and the measured GPU copy
+    bandwidth, as written at the top of the output and into the JSON."""
+    info = machine_info(devices)
+    info["copy_bandwidth_gbs"] = None if bandwidth is None else bandwidth / 1e9
+    return info
 
 
-def machine_lines(info: dict) -> list[str]:
-    lines = [f"- CPU: {info['cpu']}, {info['logical_cores']} logical cores, {info['threads']} torch threads"]
-    if info["gpu"]:
-        lines.append(f"- GPU: {info['gpu']} (CUDA {info['cuda']})")
-    if info["copy_bandwidth_gbs"] is not None:
-        lines.append(
-            f"- GPU copy bandwidth: {info['copy_bandwidth_gbs']:.0f} GB/s (1 GiB device to device, read + write)"
-        )
-    lines += [f"- torch {info['torch']}, deformable._C built for: {info['build']}"]
-    lines.append(f"- command: `{info['command']}`")
+def op_machine_lines(info: dict) -> list[str]:
+    lines = machine_lines(info)
+    if info["copy_bandwidth_gbs"] is not None:  # after the GPU, before the torch and command lines
+        gbs = info["copy_bandwidth_gbs"]
+        lines.insert(-2, f"- GPU copy bandwidth: {gbs:.0f} GB/s (1 GiB device to device, read + write)")
     return lines
 
 
@@ -276,7 +227,7 @@ def measure(args: argparse.Namespace, path: str, inputs: Inputs, config: dict) -
 
 
 def floor_fields(inputs: Inputs, bandwidth: float) -> dict[str, float]:
-    """Bytes and floor times of one configuration (tools/_bench_floor.py), for the measured ``bandwidth`` (B/s)."""
+    """Bytes and floor times of one configuration (``_bench_floor``), for the measured ``bandwidth`` (bytes/s)."""
     size = _bench_floor.OpSize.of(inputs[0], inputs[3])
     fields: dict[str, float] = {}
     for key, backward in (("fwd", False), ("fwd_bwd", True)):
@@ -370,14 +321,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     if os.environ.pop("DEFORMABLE_BACKEND", None) is not None:
         print("note: DEFORMABLE_BACKEND was set and is ignored here: the table names the path of each row\n")
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     devices = args.device.split(",")
     on_gpu = any(d.startswith("cuda") for d in devices)
     if on_gpu and not torch.cuda.is_available():
         sys.exit("benchmark_op.py: --device cuda asked for, but torch sees no CUDA device")
     bandwidth = _bench_floor.copy_bandwidth(next(d for d in devices if d.startswith("cuda"))) if on_gpu else None
-    info = machine_info(devices, args.threads, bandwidth)
-    print("\n".join(machine_lines(info)) + "\n")
+    info = op_machine_info(devices, bandwidth)
+    print("\n".join(op_machine_lines(info)) + "\n")
     header = HEADER + (FLOOR_HEADER if on_gpu else [])
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header), flush=True)

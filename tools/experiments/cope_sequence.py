@@ -9,26 +9,22 @@ on the answer only, the error on 1000 fresh programs. Scaled down to train in mi
 program), so the default weights are 1 / 3 / 3: 3 resets and 6 increments per program (the paper's 512-statement
 programs: 5.5 and 25), in 35 tokens instead of 325.
 
-    python tools/cope_sequence.py --vars 1 3 --pos rel cope --seeds 0
-    python tools/cope_sequence.py --weights 1 50 7 --max-statements 32   # the paper's weights
+    python tools/experiments/cope_sequence.py --vars 1 3 --pos rel cope --seeds 0
+    python tools/experiments/cope_sequence.py --weights 1 50 7 --max-statements 32   # the paper's weights
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import os
 import random
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+import torch
+from torch import nn
+from torch.nn import functional as F
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
-
-from deformable.cope import CoPE  # noqa: E402
+from deformable.cope import CoPE
 
 MAX_VALUE = 10
 OP_WEIGHTS = {"set": 1, "pass": 50, "inc": 7}

@@ -1,4 +1,8 @@
-"""COCO bbox evaluation with pycocotools: detections in the results format and the 12 standard metrics."""
+"""COCO bbox evaluation with pycocotools: detections in the results format and the 12 standard metrics.
+
+Here, below training and inference, because both write COCO results (``tools/eval.py`` scores them, ``tools/infer.py``
+writes ``results.json``).
+"""
 
 from __future__ import annotations
 

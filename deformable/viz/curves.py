@@ -1,5 +1,5 @@
-"""Training curves from ``log.jsonl`` (one JSON object per epoch, written by :mod:`training.engine`): the loss
-terms, the learning rate and the COCO AP metrics against the epoch, as line charts drawn with OpenCV."""
+"""Training curves from ``log.jsonl`` (one JSON object per epoch, written by :mod:`deformable.training.engine`):
+the loss terms, the learning rate and the COCO AP metrics against the epoch, as line charts drawn with OpenCV."""
 
 from __future__ import annotations
 

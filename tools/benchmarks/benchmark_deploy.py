@@ -2,13 +2,14 @@
 """Inference latency of the deployment paths: PyTorch eager (native op), torch.compile and onnxruntime, on the CPU
 and, when there is one, the GPU. Prints a Markdown report (machine, threads, command, table).
 
-    python tools/benchmark_deploy.py --threads 8
-    python tools/benchmark_deploy.py --paths eager,compile --cases shapes --iters 50
+    python tools/benchmarks/benchmark_deploy.py --threads 8
+    python tools/benchmarks/benchmark_deploy.py --paths eager,compile --cases shapes --iters 50
 
 Cases: ``shapes`` (configs/shapes.yaml, the demo) and ``coco`` (configs/coco.yaml, R50, 300 queries) at a small
 size, batch 1, random weights (latency does not depend on them). ``compile`` is ``torch.compile`` with inductor
-(its compile time is reported apart); ``onnx`` exports with tools/export_onnx.py's function (minutes for coco) and
-runs onnxruntime with the CPU, or the CUDA execution provider when onnxruntime-gpu is installed.
+(its compile time is reported apart); ``onnx`` exports with ``models.deploy.export_onnx`` as tools/export_onnx.py
+does (minutes for coco) and runs onnxruntime with the CPU, or the CUDA execution provider when onnxruntime-gpu is
+installed. Times: :func:`deformable.benchmarking.time_calls`.
 """
 
 from __future__ import annotations
@@ -18,56 +19,22 @@ import contextlib
 import functools
 import io
 import os
-import platform
-import statistics
-import sys
 import tempfile
-import time
 import warnings
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+from deformable.benchmarking import machine_info, machine_lines, set_threads, time_calls, time_once
+from models.config import load_config
+from models.deploy import ExportableDetector, example_images, export_onnx, load_for_export
 
-from deformable import _extension  # noqa: E402
-from models.config import load_config  # noqa: E402
-from models.deploy import ExportableDetector, example_images, export_onnx, load_for_export  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout: configs/
 CASES = {  # name: (config, (height, width))
     "shapes": (os.path.join(ROOT, "configs", "shapes.yaml"), (144, 192)),
     "coco": (os.path.join(ROOT, "configs", "coco.yaml"), (512, 512)),
 }
 PATHS = ("eager", "compile", "onnx")
 LABELS = {"eager": "eager (native op)", "compile": "torch.compile (inductor)", "onnx": "onnxruntime"}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time(step, device: torch.device, iters: int, warmup: int) -> tuple[float, float]:
-    """Median and 90th percentile milliseconds of ``step()`` after ``warmup`` calls."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(iters):
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    times.sort()
-    return statistics.median(times), times[min(len(times) - 1, int(0.9 * len(times)))]
-
-
-def _first_call_seconds(step, device: torch.device) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    step()
-    _sync(device)
-    return time.perf_counter() - start
 
 
 def _onnx_step(path: str, images: torch.Tensor, device: torch.device, threads: int):
@@ -94,10 +61,9 @@ def bench_case(name: str, devices: list[torch.device], args: argparse.Namespace)
     with tempfile.TemporaryDirectory() as folder, torch.inference_mode():
         onnx_path, export_seconds = os.path.join(folder, "model.onnx"), 0.0
         if "onnx" in args.paths:  # once, on the CPU, for every device
-            start = time.perf_counter()
             with contextlib.redirect_stdout(io.StringIO()):  # the exporter's progress lines
-                export_onnx(model.detector, onnx_path, example_images(2, height, width))
-            export_seconds = time.perf_counter() - start
+                export = functools.partial(export_onnx, model.detector, onnx_path, example_images(2, height, width))
+                export_seconds = time_once(export)
         for device in devices:
             model.to(device)
             images = example_images(1, height, width).to(device)
@@ -107,29 +73,18 @@ def bench_case(name: str, devices: list[torch.device], args: argparse.Namespace)
                     step = functools.partial(model, images)
                 elif path == "compile":
                     step = functools.partial(torch.compile(model), images)
-                    setup = _first_call_seconds(step, device)
+                    setup = time_once(step, device)
                 else:
                     step = _onnx_step(onnx_path, images, device, args.threads)
                     setup = export_seconds
                 if step is None:
                     rows.append(f"| {name} | {device.type} | onnxruntime | no {device.type} provider | | | |")
                     continue
-                median, p90 = _time(step, device, args.iters, args.warmup)
+                timing = time_calls(step, device=device, iters=args.iters, warmup=args.warmup)
+                median, p90 = timing.median_ms, timing.percentile_ms(0.9)
                 cells = [name, device.type, LABELS[path], f"1x{height}x{width}", f"{median:.1f}", f"{p90:.1f}"]
                 rows.append("| " + " | ".join(cells) + f" | {setup:.0f} |")
     return rows
-
-
-def machine(devices: list[torch.device]) -> str:
-    cpu = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = f"{names[0]} ({len(names)} logical CPUs)" if names else cpu
-    parts = [f"CPU {cpu}"]
-    if any(d.type == "cuda" for d in devices):
-        parts.append(f"GPU {torch.cuda.get_device_name()}")
-    return "; ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -142,21 +97,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args(argv)
     args.paths = args.paths.split(",")
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     devices = [torch.device(d) for d in args.devices.split(",") if d == "cpu" or torch.cuda.is_available()]
     try:
         import onnxruntime
 
-        versions = f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}"
+        versions = f"onnxruntime {onnxruntime.__version__}"
     except ImportError:
-        versions = f"torch {torch.__version__}, no onnxruntime (pip install '.[export]')"
+        versions = "no onnxruntime (pip install '.[export]')"
         args.paths = [p for p in args.paths if p != "onnx"]
 
     print("## Deployment latency\n")
-    print(f"- machine: {machine(devices)}")
-    print(f"- {versions}; native op: {_extension.build_info() or 'not built (PyTorch path)'}")
+    print("\n".join(machine_lines(machine_info(devices))))
+    print(f"- {versions}")
     print(f"- threads: {args.threads} (torch intra-op and onnxruntime intra-op); batch 1, random weights, fp32")
-    print(f"- command: `python {' '.join(sys.argv)}`")
     print(
         f"- ms: median and 90th percentile of {args.iters} calls after {args.warmup} warm-up calls; setup s: "
         "torch.compile's first call, or the ONNX export\n"

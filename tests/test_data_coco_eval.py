@@ -8,9 +8,10 @@ import io
 import pytest
 import torch
 from pycocotools.coco import COCO
-from tiny_training import one_thread  # noqa: F401  (autouse fixture)
 
-from training.coco_eval import STAT_NAMES, coco_metrics, to_coco_results
+from deformable.data.coco_eval import STAT_NAMES, coco_metrics, to_coco_results
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ground_truth() -> COCO:

@@ -1,0 +1,7 @@
+"""Training and evaluation of Deformable DETR on the data sets of :mod:`deformable.data` (COCO, Roboflow, YOLO, VOC).
+
+``engine`` (the loop: train_one_epoch, evaluate, fit), ``build`` (run setup: data, model, output folder),
+``resume`` (the training state a checkpoint holds), ``distributed``, ``optim`` and ``run_log`` (log.jsonl,
+eval.json). COCO evaluation is :mod:`deformable.data.coco_eval`; checkpoints are :mod:`models.checkpoint`. The tools
+in ``tools/`` are the entry points.
+"""

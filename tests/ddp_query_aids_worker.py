@@ -1,0 +1,28 @@
+"""Run by tests/test_training_query_aids.py under torchrun: trains like tools/train.py, then saves this rank's
+final detector and aids parameters to ``PARAMS_DIR/rank<r>.pth`` so the test can compare the ranks.
+
+    torchrun --nproc_per_node=2 tests/ddp_query_aids_worker.py PARAMS_DIR CONFIG [section.key=value ...]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from deformable.training import engine
+from models.config import load_config
+
+
+def main() -> None:
+    params_dir, config, *overrides = sys.argv[1:]
+    built = []
+    build_trainee = engine.build_trainee
+    engine.build_trainee = lambda *args, **kwargs: built.append(build_trainee(*args, **kwargs)) or built[-1]
+    engine.fit(load_config(config, overrides))
+    torch.save(built[0].state_dict(), os.path.join(params_dir, f"rank{os.environ['RANK']}.pth"))
+
+
+if __name__ == "__main__":
+    main()
