@@ -170,9 +170,13 @@ def test_both_exporters(run, tmp_path, capsys) -> None:
     assert "onnx.checker: ok" in capsys.readouterr().out
 
 
-def test_finetune_from_an_original_checkpoint_with_another_class_count(run, tmp_path, caplog) -> None:
+def test_finetune_from_an_original_checkpoint_with_another_class_count(run, tmp_path, caplog, monkeypatch) -> None:
+    def no_download(*args, **kwargs):
+        raise AssertionError("fine-tuning downloaded backbone weights that the checkpoint overwrites")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
     out = str(tmp_path / "ft")
-    extra = ("model.num_classes=7", f"train.finetune={run['original']}")
+    extra = ("model.num_classes=7", f"train.finetune={run['original']}", "model.pretrained_backbone=true")
     argv = [SHAPES_CONFIG, *tiny_overrides(run["data"], out, *extra)]
     assert load_tool("train").main([*argv, "train.eval_every=0"]) == 0
     assert "class_embed" in caplog.text  # the re-initialised heads are reported

@@ -213,7 +213,7 @@ def _fit(cfg: Config, env: DistEnv) -> dict[str, float]:
     cfg = resolve_num_classes(cfg, data.train_set)
     save_resolved_config(cfg, env)
     resume = distributed.broadcast(resume_path(cfg.train.resume, cfg.output_dir))  # rank 0 decides for all
-    model = build_model(cfg, env.device, from_checkpoint=resume is not None)
+    model = build_model(cfg, env.device, from_checkpoint=resume is not None or bool(cfg.train.finetune))
     trainee = build_trainee(cfg, model)  # the detector and its training-only query aids (if any)
     criterion, postprocessor = build_criterion(cfg).to(env.device), build_postprocessor(cfg)
     optimizer = build_optimizer(trainee, cfg.train)
