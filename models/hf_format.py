@@ -259,7 +259,7 @@ def _check_writable(model_cfg: ModelConfig) -> None:
         raise ValueError("two_stage without with_box_refine cannot be written for transformers (it requires both)")
 
 
-def _hf_config(model_cfg: ModelConfig, class_names: Mapping[int, str] | None) -> dict[str, Any]:
+def hf_config(model_cfg: ModelConfig, class_names: Mapping[int, str] | None) -> dict[str, Any]:
     """config.json in the hub's layout (``use_timm_backbone`` + ``backbone``, which transformers 4.x and 5.x read)."""
     names = dict(class_names or {})
     extra = sorted(k for k in names if not 0 <= k < model_cfg.num_classes)
@@ -342,7 +342,7 @@ def write_hf(
     """
     _check_writable(model_cfg)
     _check_weights(state_dict, model_cfg)
-    config = _hf_config(model_cfg, class_names)
+    config = hf_config(model_cfg, class_names)
     hf_state = original_to_hf(state_dict, learned_position_prefix())
     # safetensors refuses tensors sharing storage (tied heads, the q/k/v views of in_proj): store each one alone.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in hf_state.items()}

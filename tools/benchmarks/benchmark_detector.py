@@ -96,34 +96,13 @@ def build_transformers_detector(cfg: Config) -> nn.Module:
     """transformers' ``DeformableDetrForObjectDetection`` with ``cfg.model``'s sizes and random weights (docstring)."""
     from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection
 
-    m = cfg.model
-    config = DeformableDetrConfig(
-        use_timm_backbone=True,
-        backbone=m.backbone.removeprefix("timm/"),
-        use_pretrained_backbone=False,
-        dilation=m.dilation,
-        num_labels=m.num_classes,
-        num_queries=m.num_queries,
-        num_feature_levels=m.num_feature_levels,
-        d_model=m.hidden_dim,
-        encoder_layers=m.enc_layers,
-        decoder_layers=m.dec_layers,
-        encoder_ffn_dim=m.dim_feedforward,
-        decoder_ffn_dim=m.dim_feedforward,
-        encoder_attention_heads=m.nheads,
-        decoder_attention_heads=m.nheads,
-        encoder_n_points=m.enc_n_points,
-        decoder_n_points=m.dec_n_points,
-        dropout=m.dropout,
-        position_embedding_type=m.position_embedding,
-        with_box_refine=m.with_box_refine,
-        two_stage=m.two_stage,
-        auxiliary_loss=m.aux_loss,
-        focal_alpha=cfg.loss.focal_alpha,
-    )
+    from models.hf_format import hf_config
+
+    # The same mapping write_hf uses for config.json; transformers' own loss weights and matcher costs stay.
+    config = DeformableDetrConfig.from_dict({**hf_config(cfg.model, None), "focal_alpha": cfg.loss.focal_alpha})
     model = DeformableDetrForObjectDetection(config)
     for name, parameter in model.model.backbone.named_parameters():
-        if not any(layer in name for layer in ("layer2", "layer3", "layer4")) or not m.train_backbone:
+        if not any(layer in name for layer in ("layer2", "layer3", "layer4")) or not cfg.model.train_backbone:
             parameter.requires_grad_(False)
     return model
 
