@@ -16,6 +16,15 @@ from .ops import ms_deform_attn
 OFFSET_MODES = ("linear", "cope")
 
 
+def valid_ratio(mask: torch.Tensor) -> torch.Tensor:
+    """``(B, H, W)`` bool padding mask (True at padding) -> ``(B, 2)`` fraction ``(w, h)`` of unpadded columns and
+    rows: the factor by which reference points normalised to the image are scaled into a padded level's map."""
+    _, h, w = mask.shape
+    valid_h = torch.sum(~mask[:, :, 0], 1)
+    valid_w = torch.sum(~mask[:, 0, :], 1)
+    return torch.stack([valid_w.float() / w, valid_h.float() / h], -1)
+
+
 class MSDeformAttn(nn.Module):
     """Multi-scale deformable attention (Zhu et al., 2021) with the original's parameters and initialisation.
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .cope_sampling import CoPESampling
-from .modules import MSDeformAttn
+from .modules import MSDeformAttn, valid_ratio
 from .reference import spatial_shape_list
 
 _FORWARD = inspect.signature(MSDeformAttn.forward)
@@ -63,10 +63,7 @@ class SamplingRecord:
         mask = self.padding_mask if self.padding_mask is not None else torch.zeros(n, s, dtype=torch.bool)
         ratios = []
         for (h, w), start in zip(spatial_shape_list(self.spatial_shapes), self.level_start_index.tolist(), strict=True):
-            level = mask[:, start : start + h * w].view(n, h, w)
-            valid_w = (~level[:, 0, :]).sum(1).float() / w
-            valid_h = (~level[:, :, 0]).sum(1).float() / h
-            ratios.append(torch.stack([valid_w, valid_h], -1).cpu())
+            ratios.append(valid_ratio(mask[:, start : start + h * w].view(n, h, w)).cpu())
         return torch.stack(ratios, 1)
 
 

@@ -10,10 +10,12 @@ import torch
 from torch import nn
 
 from deformable import MSDeformAttn
+from deformable.modules import valid_ratio
 
 from .config import Config
 from .deformable_decoder import DeformableDecoder, DeformableDecoderLayer
 from .deformable_encoder import DeformableEncoder, DeformableEncoderLayer, encoder_reference_points
+from .position_encoding import sine_encoding
 
 if TYPE_CHECKING:
     from .training_queries import ExtraQueries
@@ -22,21 +24,10 @@ PROPOSAL_BASE_SIZE = 0.05  # two-stage proposal width/height at level 0, doubled
 PROPOSAL_VALID_RANGE = (0.01, 0.99)
 
 
-def valid_ratio(mask: torch.Tensor) -> torch.Tensor:
-    """``(B, H, W)`` bool padding mask -> ``(B, 2)`` fraction ``(w, h)`` of unpadded columns and rows."""
-    _, h, w = mask.shape
-    valid_h = torch.sum(~mask[:, :, 0], 1)
-    valid_w = torch.sum(~mask[:, 0, :], 1)
-    return torch.stack([valid_w.float() / w, valid_h.float() / h], -1)
-
-
 def proposal_pos_embed(proposals: torch.Tensor, num_pos_feats: int = 128, temperature: float = 10000.0) -> torch.Tensor:
     """Sine embedding of proposal boxes: ``(B, Q, 4)`` in inverse-sigmoid space -> ``(B, Q, 4 * num_pos_feats)``,
     per coordinate sin on even and cos on odd frequencies interleaved."""
-    dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=proposals.device)
-    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_pos_feats)
-    pos = proposals.sigmoid()[:, :, :, None] * (2 * math.pi) / dim_t  # (B, Q, 4, F)
-    return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=4).flatten(2)
+    return sine_encoding(proposals.sigmoid() * (2 * math.pi), num_pos_feats, temperature).flatten(2)  # (B, Q, 4F)
 
 
 def encoder_proposals(

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from .backbone import Joiner, build_backbone, resize_mask
-from .box_ops import inverse_sigmoid
 from .config import Config
+from .deformable_decoder import refine_boxes
 from .deformable_transformer import DeformableTransformer, build_transformer
 from .heads import make_heads
 
@@ -141,14 +141,8 @@ class DeformableDETR(nn.Module):
         classes, boxes = [], []
         for lvl in range(t["hs"].shape[0]):
             reference = t["init_reference"] if lvl == 0 else t["inter_references"][lvl - 1]
-            reference = inverse_sigmoid(reference)
-            delta = self.bbox_embed[lvl](t["hs"][lvl])
-            if reference.shape[-1] == 4:
-                coord = delta + reference
-            else:
-                coord = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
             classes.append(self.class_embed[lvl](t["hs"][lvl]))
-            boxes.append(coord.sigmoid())
+            boxes.append(refine_boxes(self.bbox_embed[lvl](t["hs"][lvl]), reference))
         return classes, boxes
 
     def _outputs(self, classes: list[torch.Tensor], boxes: list[torch.Tensor], t: dict[str, torch.Tensor]) -> dict:

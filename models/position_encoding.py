@@ -53,15 +53,21 @@ class PositionEmbeddingSine(nn.Module):
             y_embed = (y_embed - 0.5) / (y_embed[:, -1:, :] + eps) * self.scale
             x_embed = (x_embed - 0.5) / (x_embed[:, :, -1:] + eps) * self.scale
 
-        dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=x.device)
-        dim_t = self.temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / self.num_pos_feats)
-        pos_x = _interleave_sin_cos(x_embed[:, :, :, None] / dim_t)  # (B, H, W, F)
-        pos_y = _interleave_sin_cos(y_embed[:, :, :, None] / dim_t)
+        pos_x = sine_encoding(x_embed, self.num_pos_feats, self.temperature)  # (B, H, W, F)
+        pos_y = sine_encoding(y_embed, self.num_pos_feats, self.temperature)
         return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
 
 
-def _interleave_sin_cos(angles: torch.Tensor) -> torch.Tensor:
-    """``(..., F)`` angles -> ``(..., F)`` with sin of the even and cos of the odd entries, interleaved."""
+def sine_encoding(positions: torch.Tensor, num_pos_feats: int, temperature: float = 10000.0) -> torch.Tensor:
+    """The transformer's sine encoding of scalar positions (in radians): ``(...)`` -> ``(..., num_pos_feats)`` float32.
+
+    Feature ``2i`` is ``sin(p / T^(2i/F))`` and ``2i + 1`` is ``cos(p / T^(2i/F))`` (sin and cos of one frequency
+    interleaved), ``T`` the temperature and ``F`` ``num_pos_feats``. Used for the feature map's pixel positions
+    (:class:`PositionEmbeddingSine`) and for the two-stage proposals and denoising boxes (``proposal_pos_embed``).
+    """
+    dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=positions.device)
+    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_pos_feats)
+    angles = positions[..., None] / dim_t
     return torch.stack((angles[..., 0::2].sin(), angles[..., 1::2].cos()), dim=-1).flatten(-2)
 
 

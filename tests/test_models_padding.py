@@ -12,9 +12,10 @@ import pytest
 import torch
 from _models_utils import VARIANTS, perturb, tiny_config
 
+from deformable.modules import valid_ratio
 from models import build_detector
 from models.deformable_encoder import encoder_reference_points
-from models.deformable_transformer import DeformableTransformer, encoder_proposals, valid_ratio
+from models.deformable_transformer import DeformableTransformer, encoder_proposals
 from models.heads import make_heads
 from models.position_encoding import PositionEmbeddingSine
 

@@ -7,6 +7,7 @@
 // reduce the location and weight gradients of a point with warp shuffles and store them without atomics. D that is
 // not a multiple of the chunk size (or misaligned data) takes a one-channel-per-thread path.
 
+#include "../bilinear.h"
 #include "../ms_deform_attn.h"
 
 #include <ATen/Context.h>
@@ -53,15 +54,6 @@ struct LaunchShape {
   int64_t chunks;         // threads of a group that own channels: ceil(D / channels per thread)
   int log2_lanes;         // a group spans 2^log2_lanes consecutive threads
 };
-
-template <typename T>
-__device__ __forceinline__ T floor_op(T x) {
-  if constexpr (std::is_same_v<T, double>) {
-    return ::floor(x);
-  } else {
-    return ::floorf(x);
-  }
-}
 
 // Batch and head of a group. Integer division by a runtime value is far cheaper in 32 bits, and the 64-bit form is
 // only needed for more than 2^32 groups.
@@ -145,7 +137,7 @@ __device__ __forceinline__ void atomic_add_channels(opmath_t* dst, const opmath_
   }
 }
 
-// The four bilinear corners of a sampling point, in the order (top, left), (top, right), (bottom, left),
+// The four bilinear corners of a sampling point (weights 0 outside the map), in the order (top, left), (top, right), (bottom, left),
 // (bottom, right). Offsets are in elements from the level's first pixel of the thread's head and chunk.
 template <typename T>
 struct Corners {
@@ -156,33 +148,24 @@ struct Corners {
   T frac_w;  // w_im - floor(w_im)
 };
 
-// Bilinear sampling with align_corners=False and zero padding (as F.grid_sample). Returns false when the point
-// cannot touch the map; then no corner may be read. Requires height, width >= 1 and height * width < 2^31.
+// The corners of a sampling point (../bilinear.h: align_corners=False, zero padding, as F.grid_sample) as element
+// offsets for this thread. Returns false when the point cannot touch the map; then no corner may be read. Requires
+// height, width >= 1 and height * width < 2^31.
 template <typename T>
 __device__ __forceinline__ bool locate(T x, T y, int height, int width, int64_t pixel_stride, Corners<T>& c) {
-  const T w_im = x * static_cast<T>(width) - static_cast<T>(0.5);
-  const T h_im = y * static_cast<T>(height) - static_cast<T>(0.5);
-  // NaN fails every comparison, so NaN and +-inf locations are skipped; the bounds keep floor() in int range.
-  if (!(h_im > T(-1) && w_im > T(-1) && h_im < static_cast<T>(height) && w_im < static_cast<T>(width))) {
-    return false;
+  const BilinearPoint<T> p = bilinear_point(x, y, static_cast<T>(height), static_cast<T>(width));
+  if (p.in_map == T(0)) {
+    return false;  // also NaN and +-inf; otherwise the floors are in [-1, H - 1] and [-1, W - 1], in int range
   }
-  const T h_floor = floor_op(h_im);
-  const T w_floor = floor_op(w_im);
-  const int h0 = static_cast<int>(h_floor);  // in [-1, height - 1]
-  const int w0 = static_cast<int>(w_floor);  // in [-1, width - 1]
-  c.frac_h = h_im - h_floor;
-  c.frac_w = w_im - w_floor;
-  const T rest_h = T(1) - c.frac_h;
-  const T rest_w = T(1) - c.frac_w;
-  const bool top = h0 >= 0, bottom = h0 + 1 < height, left = w0 >= 0, right = w0 + 1 < width;
-  c.inside[0] = top && left;
-  c.inside[1] = top && right;
-  c.inside[2] = bottom && left;
-  c.inside[3] = bottom && right;
-  c.weight[0] = rest_h * rest_w;
-  c.weight[1] = rest_h * c.frac_w;
-  c.weight[2] = c.frac_h * rest_w;
-  c.weight[3] = c.frac_h * c.frac_w;
+  const int h0 = static_cast<int>(p.h_low);
+  const int w0 = static_cast<int>(p.w_low);
+  c.frac_h = p.frac_h;
+  c.frac_w = p.frac_w;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    c.inside[k] = p.inside[k] != T(0);
+    c.weight[k] = p.weight[k];
+  }
   const int64_t top_left = static_cast<int64_t>(h0 * width + w0) * pixel_stride;  // |h0*W + w0| <= H*W
   const int64_t row_stride = static_cast<int64_t>(width) * pixel_stride;
   c.offset[0] = top_left;
@@ -310,13 +293,12 @@ __device__ __forceinline__ void point_backward(const scalar_t* __restrict__ leve
       atomic_add_channels<CPT>(level_grad + c.offset[k], grad_out, attn * c.weight[k]);
     }
   }
-  grads[0] = c.weight[0] * dots[0] + c.weight[1] * dots[1] + c.weight[2] * dots[2] + c.weight[3] * dots[3];
-  // d(bilinear)/d(w_im) and d/d(h_im), times W and H because w_im = x * W - 0.5 and h_im = y * H - 0.5.
-  const opmath_t rest_h = opmath_t(1) - c.frac_h, rest_w = opmath_t(1) - c.frac_w;
-  grads[1] = attn * static_cast<opmath_t>(level.width) *
-             (rest_h * (dots[1] - dots[0]) + c.frac_h * (dots[3] - dots[2]));
-  grads[2] = attn * static_cast<opmath_t>(level.height) *
-             (rest_w * (dots[2] - dots[0]) + c.frac_w * (dots[3] - dots[1]));
+  const PointGrads<opmath_t> g =
+      bilinear_point_grads(c.weight[0], c.weight[1], c.weight[2], c.weight[3], c.frac_h, c.frac_w, dots[0], dots[1],
+                           dots[2], dots[3], attn, static_cast<opmath_t>(level.height), static_cast<opmath_t>(level.width));
+  grads[0] = g.weight;
+  grads[1] = g.x;
+  grads[2] = g.y;
 }
 
 // Sums over the lanes of a group (lanes a power of two up to 32, groups aligned to it). Every lane of the warp must

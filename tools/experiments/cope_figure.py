@@ -42,12 +42,11 @@ def head_row(model, tokens, ks, ref, row: int):
     offsets = attn.sampling_offsets(query).view(n, len_q, attn.n_heads, 1, attn.n_points, 2)
     w, k_max = model.task.width, model.task.max_k
     cope = attn.cope
-    keys = cope.gate_key(value).view(n, -1, attn.n_heads, cope.gate_dim)
-    keys = keys * torch.rsqrt(keys.square().mean(-1, keepdim=True) + 1e-6)
-    line_keys = keys.view(n, model.task.height, w, attn.n_heads, -1)[0, row, :, 0]  # (W, G)
-    q = cope.gate_query(query).view(n, len_q, attn.n_heads, 2, -1)[0, row * k_max : (row + 1) * k_max, 0, 0]
-    gates = torch.sigmoid(q @ line_keys.T * cope.logit_scale + cope.gate_bias[0, 0, 0])  # (K, W)
-    density = gates * cope.count_scale
+    # The module's own gate code: keys as map rows, then the density along `row` for the K queries of that row.
+    (_, _, rows, _, _, _) = cope._lines(cope.gate_keys(value, torch.float32), None, [(model.task.height, w)])[0]
+    queries = cope.gate_query(query).view(n, len_q, attn.n_heads, 2, -1)[:, row * k_max : (row + 1) * k_max]
+    index = torch.full(queries.shape[:2], row)
+    density = cope._density(queries[:, :, :, 0], rows, None, index, model.task.height, 0, 0)[0, :, 0]  # (K, W)
     ref_col = int(ref[0, row * k_max, 0, 0] * w)
     density[:, ref_col] = 1.0
     e_ref = ref[0, row * k_max : (row + 1) * k_max, 0, :1] * w  # (K, 1)
