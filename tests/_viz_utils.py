@@ -66,4 +66,3 @@ def tool_argv_config(tmp_path) -> list[str]:
     with open(path, "w") as f:
         f.write("{}\n")
     return [path, *TINY]
-

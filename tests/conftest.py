@@ -7,6 +7,8 @@
 - ``default_backend`` (every test): ``DEFORMABLE_BACKEND`` unset, so tests run on the native path unless they choose
   otherwise, whatever the caller's environment says; ``backend``: runs a test on both paths of
   ``deformable.ms_deform_attn`` (native, and PyTorch through ``DEFORMABLE_BACKEND``).
+- ``shapes_root``: a folder for the synthetic shapes data set, shared by the whole session; the first training run
+  that names it as ``data.root`` generates the data there (``data.synthetic=shapes`` and the folder missing).
 - ``official_keys``: the official checkpoint's state_dict keys and shapes, from the JSON file that
   ``DEFORMABLE_OFFICIAL_KEYS`` names; the test is skipped, saying so, when it is not set.
 
@@ -46,6 +48,11 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     if request.param == "pytorch":
         monkeypatch.setenv("DEFORMABLE_BACKEND", "pytorch")
     return request.param
+
+
+@pytest.fixture(scope="session")
+def shapes_root(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tmp_path_factory.mktemp("data") / "shapes")
 
 
 @pytest.fixture(scope="module")

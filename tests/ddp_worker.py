@@ -1,5 +1,6 @@
-"""Run by tests/test_training_distributed.py under torchrun: trains like tools/train.py, then saves this rank's
-final parameters to ``PARAMS_DIR/rank<r>.pth`` so the test can compare the ranks.
+"""Run by the torchrun tests (test_training_distributed.py, test_training_query_aids.py): trains like
+tools/train.py, then saves this rank's final trainee parameters (``detector.*`` and, with training-only query aids,
+``aids.*``) to ``PARAMS_DIR/rank<r>.pth`` so the test can compare the ranks.
 
     torchrun --nproc_per_node=2 tests/ddp_worker.py PARAMS_DIR CONFIG [section.key=value ...]
 """
@@ -18,8 +19,8 @@ from models.config import load_config
 def main() -> None:
     params_dir, config, *overrides = sys.argv[1:]
     built = []
-    build_model = engine.build_model
-    engine.build_model = lambda *args, **kwargs: built.append(build_model(*args, **kwargs)) or built[-1]
+    build_trainee = engine.build_trainee
+    engine.build_trainee = lambda *args, **kwargs: built.append(build_trainee(*args, **kwargs)) or built[-1]
     engine.fit(load_config(config, overrides))
     torch.save(built[0].state_dict(), os.path.join(params_dir, f"rank{os.environ['RANK']}.pth"))
 

@@ -41,7 +41,7 @@ def test_torchrun_two_cpu_processes(tmp_path) -> None:
     assert state.entries["epoch"] == 1 and len(state.entries["rng"]) == 2
     for key, value in ranks[0].items():
         assert torch.equal(ranks[1][key], value), key
-        assert torch.equal(state.model[key], value), key
+        assert torch.equal(state.model[key.removeprefix("detector.")], value), key
     # 8 training images, 2 processes x batch 2: 2 steps per epoch and process, Adam counts 2 epochs x 2 steps
     assert {int(s["step"]) for s in state.entries["optimizer"]["state"].values()} == {4}
     assert sorted(os.listdir(out)) == ["checkpoint.pth", "config.yaml", "log.jsonl"]

@@ -27,21 +27,16 @@ train_tool = load_tool("train")
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("data") / "shapes")
-
-
-@pytest.fixture(scope="module")
-def trained(data_root, tmp_path_factory) -> str:
+def trained(shapes_root, tmp_path_factory) -> str:
     """A 1-epoch, 2-iteration run through tools/train.py with every option on."""
     out = str(tmp_path_factory.mktemp("run"))
-    assert train_tool.main([SHAPES_CONFIG, *tiny_overrides(data_root, out, *OPTIONS)]) == 0
+    assert train_tool.main([SHAPES_CONFIG, *tiny_overrides(shapes_root, out, *OPTIONS)]) == 0
     return out
 
 
-def test_checkpoint_trained_with_the_options_is_a_plain_detector(trained, data_root) -> None:
+def test_checkpoint_trained_with_the_options_is_a_plain_detector(trained, shapes_root) -> None:
     checkpoint = read_checkpoint(os.path.join(trained, "checkpoint.pth"))
-    plain_cfg = tiny_config(data_root, trained)  # the options off: the detector a user loads
+    plain_cfg = tiny_config(shapes_root, trained)  # the options off: the detector a user loads
     assert set(checkpoint.model) == set(build_detector(plain_cfg).state_dict())
     aids = checkpoint.entries["query_aids"]
     assert {key.split(".")[0] for key in aids} == {"label_embed", "box_pos", "group_embed", "group_reference_points"}
@@ -55,11 +50,11 @@ def test_checkpoint_trained_with_the_options_is_a_plain_detector(trained, data_r
     assert all(f'"train_{name}"' in record_keys for name in ("loss_ce_dn", "loss_bbox_g1", "loss_giou_dn_0"))
 
 
-def test_resume_restores_the_aids_exactly(data_root, tmp_path) -> None:
+def test_resume_restores_the_aids_exactly(shapes_root, tmp_path) -> None:
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    engine.fit(tiny_config(data_root, straight, *OPTIONS, *QUICK, "train.epochs=2"))
-    engine.fit(tiny_config(data_root, resumed, *OPTIONS, *QUICK, "train.epochs=1"))
-    engine.fit(tiny_config(data_root, resumed, *OPTIONS, *QUICK, "train.epochs=2", "train.resume=auto"))
+    engine.fit(tiny_config(shapes_root, straight, *OPTIONS, *QUICK, "train.epochs=2"))
+    engine.fit(tiny_config(shapes_root, resumed, *OPTIONS, *QUICK, "train.epochs=1"))
+    engine.fit(tiny_config(shapes_root, resumed, *OPTIONS, *QUICK, "train.epochs=2", "train.resume=auto"))
     a, b = (read_checkpoint(os.path.join(out, "checkpoint.pth")) for out in (straight, resumed))
     assert a.entries["epoch"] == b.entries["epoch"] == 1
     for key, value in a.entries["query_aids"].items():
@@ -81,8 +76,8 @@ def _trainee_state(cfg, tmp_path) -> tuple[str, dict]:
     return path, {k: v.clone() for k, v in trainee.aids.state_dict().items()}
 
 
-def test_restore_puts_back_the_aids_and_refuses_other_options(data_root, tmp_path) -> None:
-    cfg = tiny_config(data_root, str(tmp_path), *OPTIONS)
+def test_restore_puts_back_the_aids_and_refuses_other_options(shapes_root, tmp_path) -> None:
+    cfg = tiny_config(shapes_root, str(tmp_path), *OPTIONS)
     path, saved = _trainee_state(cfg, tmp_path)
     fresh = build_trainee(cfg, build_detector(cfg))
     optimizer = build_optimizer(fresh, cfg.train)
@@ -91,7 +86,7 @@ def test_restore_puts_back_the_aids_and_refuses_other_options(data_root, tmp_pat
     for key, value in saved.items():
         assert torch.equal(fresh.aids.state_dict()[key], value), key
 
-    plain_cfg = tiny_config(data_root, str(tmp_path))
+    plain_cfg = tiny_config(shapes_root, str(tmp_path))
     plain = build_trainee(plain_cfg, build_detector(plain_cfg))
     assert plain.aids is None
     optimizer = build_optimizer(plain, plain_cfg.train)
@@ -113,9 +108,9 @@ def test_restore_puts_back_the_aids_and_refuses_other_options(data_root, tmp_pat
     [["train.amp=bf16"], ["model.dec_offset_mode=cope", "model.with_box_refine=true"]],
     ids=["amp_bf16", "cope"],
 )
-def test_a_training_step_with_the_options(data_root, tmp_path, extra) -> None:
+def test_a_training_step_with_the_options(shapes_root, tmp_path, extra) -> None:
     out = str(tmp_path / "run")
-    engine.fit(tiny_config(data_root, out, *OPTIONS, *QUICK, *extra, "train.max_iters_per_epoch=1"))
+    engine.fit(tiny_config(shapes_root, out, *OPTIONS, *QUICK, *extra, "train.max_iters_per_epoch=1"))
     checkpoint = read_checkpoint(os.path.join(out, "checkpoint.pth"))
     assert "query_aids" in checkpoint.entries
     assert all(torch.isfinite(v).all() for v in checkpoint.model.values() if v.is_floating_point())
@@ -126,11 +121,11 @@ def test_a_training_step_with_the_options(data_root, tmp_path, extra) -> None:
 def test_torchrun_two_cpu_processes_with_the_options(tmp_path) -> None:
     """Denoising makes as many queries as the rank's largest image has targets, so the ranks' graphs differ; the
     detector and the aids must still end equal on both ranks."""
-    data_root, out, params = str(tmp_path / "shapes"), str(tmp_path / "run"), tmp_path / "params"
+    shapes_root, out, params = str(tmp_path / "shapes"), str(tmp_path / "run"), tmp_path / "params"
     params.mkdir()
-    overrides = tiny_overrides(data_root, out, *OPTIONS, *QUICK, "train.epochs=1", "train.max_iters_per_epoch=2")
+    overrides = tiny_overrides(shapes_root, out, *OPTIONS, *QUICK, "train.epochs=1", "train.max_iters_per_epoch=2")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    command += [os.path.join(ROOT, "tests", "ddp_query_aids_worker.py"), str(params), SHAPES_CONFIG, *overrides]
+    command += [os.path.join(ROOT, "tests", "ddp_worker.py"), str(params), SHAPES_CONFIG, *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -26,16 +26,10 @@ eval_tool = load_tool("eval")
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> str:
-    """Generated on first use by the first run (data.synthetic=shapes and the folder missing)."""
-    return str(tmp_path_factory.mktemp("data") / "shapes")
-
-
-@pytest.fixture(scope="module")
-def trained(data_root, tmp_path_factory) -> str:
+def trained(shapes_root, tmp_path_factory) -> str:
     """Output folder of a 1-epoch, 2-iteration run through tools/train.py."""
     out = str(tmp_path_factory.mktemp("run"))
-    assert train_tool.main([os.path.join("configs", "shapes.yaml"), *tiny_overrides(data_root, out)]) == 0
+    assert train_tool.main([os.path.join("configs", "shapes.yaml"), *tiny_overrides(shapes_root, out)]) == 0
     return out
 
 
@@ -44,12 +38,12 @@ def _log(out: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def test_train_writes_checkpoint_config_and_log(trained, data_root, capsys) -> None:
-    assert sorted(os.listdir(data_root)) == [".deformable-synthetic", "annotations", "train2017", "val2017"]
+def test_train_writes_checkpoint_config_and_log(trained, shapes_root, capsys) -> None:
+    assert sorted(os.listdir(shapes_root)) == [".deformable-synthetic", "annotations", "train2017", "val2017"]
     state = torch.load(os.path.join(trained, "checkpoint.pth"), map_location="cpu", weights_only=True)
     assert {"model", "optimizer", "lr_scheduler", "epoch", "config", "rng"} <= set(state)
     assert state["epoch"] == 0
-    cfg = tiny_config(data_root, trained)
+    cfg = tiny_config(shapes_root, trained)
     assert state["config"] == config_to_dict(cfg)
     with open(os.path.join(trained, "config.yaml")) as f:
         assert yaml.safe_load(f) == config_to_dict(cfg)
@@ -61,20 +55,20 @@ def test_train_writes_checkpoint_config_and_log(trained, data_root, capsys) -> N
     assert [name for name in os.listdir(trained) if name.startswith(".")] == []
 
 
-def test_param_groups_follow_the_recipe(data_root, tmp_path) -> None:
-    cfg = tiny_config(data_root, str(tmp_path))
+def test_param_groups_follow_the_recipe(shapes_root, tmp_path) -> None:
+    cfg = tiny_config(shapes_root, str(tmp_path))
     optimizer = build_optimizer(build_detector(cfg), cfg.train)
     lrs = {group["name"]: group["lr"] for group in optimizer.param_groups}
     assert lrs == {"default": cfg.train.lr, "backbone": cfg.train.lr_backbone, "linear_proj": cfg.train.lr * 0.1}
     assert all(group["weight_decay"] == cfg.train.weight_decay for group in optimizer.param_groups)
 
 
-def test_resume_continues_like_an_uninterrupted_run(data_root, tmp_path) -> None:
+def test_resume_continues_like_an_uninterrupted_run(shapes_root, tmp_path) -> None:
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    engine.fit(tiny_config(data_root, straight, "train.epochs=2", "train.checkpoint_every=1", "train.eval_every=0"))
-    engine.fit(tiny_config(data_root, resumed, "train.epochs=1", "train.eval_every=0"))
+    engine.fit(tiny_config(shapes_root, straight, "train.epochs=2", "train.checkpoint_every=1", "train.eval_every=0"))
+    engine.fit(tiny_config(shapes_root, resumed, "train.epochs=1", "train.eval_every=0"))
     first = read_checkpoint(os.path.join(resumed, "checkpoint.pth"))
-    engine.fit(tiny_config(data_root, resumed, "train.epochs=2", "train.eval_every=0", "train.resume=auto"))
+    engine.fit(tiny_config(shapes_root, resumed, "train.epochs=2", "train.eval_every=0", "train.resume=auto"))
     a, b = (read_checkpoint(os.path.join(out, "checkpoint.pth")) for out in (straight, resumed))
     assert a.entries["epoch"] == b.entries["epoch"] == 1 and first.entries["epoch"] == 0
     for key, value in a.model.items():
@@ -91,8 +85,8 @@ def test_resume_continues_like_an_uninterrupted_run(data_root, tmp_path) -> None
     ]
 
 
-def test_restore_puts_back_the_optimizer_state(data_root, tmp_path) -> None:
-    cfg = tiny_config(data_root, str(tmp_path))
+def test_restore_puts_back_the_optimizer_state(shapes_root, tmp_path) -> None:
+    cfg = tiny_config(shapes_root, str(tmp_path))
     model = build_detector(cfg)
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_lr_scheduler(optimizer, cfg.train)
@@ -134,7 +128,7 @@ def test_interrupted_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch) 
     assert os.listdir(tmp_path) == ["checkpoint.pth"]
 
 
-def test_run_killed_while_saving_resumes_to_a_valid_model(data_root, tmp_path, monkeypatch) -> None:
+def test_run_killed_while_saving_resumes_to_a_valid_model(shapes_root, tmp_path, monkeypatch) -> None:
     out = str(tmp_path / "run")
     calls = {"n": 0}
     real_save = checkpoint.save_checkpoint
@@ -149,29 +143,29 @@ def test_run_killed_while_saving_resumes_to_a_valid_model(data_root, tmp_path, m
 
     monkeypatch.setattr(engine, "save_checkpoint", dies_on_second_save)
     with pytest.raises(KeyboardInterrupt):
-        engine.fit(tiny_config(data_root, out, "train.epochs=2", "train.eval_every=0"))
+        engine.fit(tiny_config(shapes_root, out, "train.epochs=2", "train.eval_every=0"))
     monkeypatch.undo()
     assert read_checkpoint(os.path.join(out, "checkpoint.pth")).entries["epoch"] == 0
     with open(os.path.join(out, "log.jsonl"), "a") as f:
         f.write('{"epoch": 1, "lr"')  # a log line cut short by the kill
-    engine.fit(tiny_config(data_root, out, "train.epochs=2", "train.eval_every=0", "train.resume=auto"))
+    engine.fit(tiny_config(shapes_root, out, "train.epochs=2", "train.eval_every=0", "train.resume=auto"))
     assert read_checkpoint(os.path.join(out, "checkpoint.pth")).entries["epoch"] == 1
     assert [r["epoch"] for r in _log(out)] == [0, 1]
     assert not [name for name in os.listdir(out) if name.startswith(".")]
 
 
-def test_finetune_from_another_class_count(trained, data_root, tmp_path, caplog) -> None:
+def test_finetune_from_another_class_count(trained, shapes_root, tmp_path, caplog) -> None:
     ckpt = os.path.join(trained, "checkpoint.pth")
     out = str(tmp_path / "ft")
-    engine.fit(tiny_config(data_root, out, "model.num_classes=7", f"train.finetune={ckpt}", "train.eval_every=0"))
+    engine.fit(tiny_config(shapes_root, out, "model.num_classes=7", f"train.finetune={ckpt}", "train.eval_every=0"))
     assert "class_embed" in caplog.text  # models.load_checkpoint reports the re-initialised heads
     state = read_checkpoint(os.path.join(out, "checkpoint.pth"))
     assert state.model["class_embed.0.weight"].shape[0] == 7
 
 
-def test_eval_tool_writes_metrics_and_coco_results(trained, data_root, capsys) -> None:
+def test_eval_tool_writes_metrics_and_coco_results(trained, shapes_root, capsys) -> None:
     ckpt = os.path.join(trained, "checkpoint.pth")
-    overrides = tiny_overrides(data_root, trained)
+    overrides = tiny_overrides(shapes_root, trained)
     assert eval_tool.main([os.path.join("configs", "shapes.yaml"), "--checkpoint", ckpt, *overrides]) == 0
     printed = capsys.readouterr().out
     assert printed.count("Average Precision") == 6 and printed.count("Average Recall") == 6
@@ -180,7 +174,7 @@ def test_eval_tool_writes_metrics_and_coco_results(trained, data_root, capsys) -
     assert set(STAT_NAMES) <= set(metrics)
     with open(os.path.join(trained, "detections_val2017.json")) as f:
         detections = json.load(f)
-    with open(os.path.join(data_root, "annotations", "instances_val2017.json")) as f:
+    with open(os.path.join(shapes_root, "annotations", "instances_val2017.json")) as f:
         gt = json.load(f)
     sizes = {image["id"]: (image["width"], image["height"]) for image in gt["images"]}
     assert {d["image_id"] for d in detections} == set(sizes)
@@ -191,18 +185,20 @@ def test_eval_tool_writes_metrics_and_coco_results(trained, data_root, capsys) -
         assert -0.01 <= x and -0.01 <= y and w >= 0 and h >= 0 and x + w <= width + 0.01 and y + h <= height + 0.01
 
 
-def test_eval_rejects_a_corrupt_checkpoint(trained, data_root, tmp_path, capsys) -> None:
+def test_eval_rejects_a_corrupt_checkpoint(trained, shapes_root, tmp_path, capsys) -> None:
     bad = tmp_path / "corrupt.pth"
     with open(os.path.join(trained, "checkpoint.pth"), "rb") as f:
         bad.write_bytes(f.read()[:5000])  # truncated
-    code = eval_tool.main(["configs/shapes.yaml", "--checkpoint", str(bad), *tiny_overrides(data_root, str(tmp_path))])
+    code = eval_tool.main(
+        ["configs/shapes.yaml", "--checkpoint", str(bad), *tiny_overrides(shapes_root, str(tmp_path))]
+    )
     assert code == 1
     assert f"checkpoint {bad} is corrupt" in capsys.readouterr().err
 
 
-def test_eval_rejects_another_architecture(trained, data_root, tmp_path, capsys) -> None:
+def test_eval_rejects_another_architecture(trained, shapes_root, tmp_path, capsys) -> None:
     ckpt = os.path.join(trained, "checkpoint.pth")
-    overrides = tiny_overrides(data_root, str(tmp_path), "model.hidden_dim=64", "model.dec_layers=1")
+    overrides = tiny_overrides(shapes_root, str(tmp_path), "model.hidden_dim=64", "model.dec_layers=1")
     assert eval_tool.main(["configs/shapes.yaml", "--checkpoint", ckpt, *overrides]) == 1
     err = capsys.readouterr().err
     assert "was made for another model than the config describes" in err and ckpt in err
@@ -224,13 +220,13 @@ def test_read_checkpoint_errors(tmp_path) -> None:
         read_checkpoint(str(tmp_path / "empty.pth"))
 
 
-def test_bf16_autocast_trains_and_evaluates(data_root, tmp_path) -> None:
+def test_bf16_autocast_trains_and_evaluates(shapes_root, tmp_path) -> None:
     out = str(tmp_path / "bf16")
-    metrics = engine.fit(tiny_config(data_root, out, "train.amp=bf16", "train.max_iters_per_epoch=1"))
+    metrics = engine.fit(tiny_config(shapes_root, out, "train.amp=bf16", "train.max_iters_per_epoch=1"))
     assert set(STAT_NAMES) <= set(metrics)
     assert read_checkpoint(os.path.join(out, "checkpoint.pth")).entries["epoch"] == 0
 
 
-def test_unknown_amp_mode_is_a_config_error(data_root, tmp_path) -> None:
+def test_unknown_amp_mode_is_a_config_error(shapes_root, tmp_path) -> None:
     with pytest.raises(ConfigError, match="train.amp"):
-        engine.fit(tiny_config(data_root, str(tmp_path), "train.amp=fp8"))
+        engine.fit(tiny_config(shapes_root, str(tmp_path), "train.amp=fp8"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -93,3 +94,13 @@ def test_legend_and_tile() -> None:
     assert tuple(panel[panel.shape[0] // 2, 13]) == RED or (panel == RED).all(-1).any()
     grid = draw.tile([np.zeros((10, 20, 3), np.uint8)] * 3, columns=2, gap=4)
     assert grid.shape == (24, 44, 3)
+
+
+def test_save_image_creates_the_folder_and_names_a_path_it_cannot_write(tmp_path) -> None:
+    image = np.zeros((4, 6, 3), np.uint8)
+    image[1, 2] = (10, 20, 30)
+    path = tmp_path / "new" / "figure.png"
+    draw.save_image(str(path), image)
+    assert np.array_equal(cv2.imread(str(path)), image)
+    with pytest.raises(OSError, match=r"could not write .*figure\.unknown"):
+        draw.save_image(str(tmp_path / "figure.unknown"), image)

@@ -51,4 +51,3 @@ def tiny_overrides(data_root: str, output_dir: str, *extra: str) -> list[str]:
 
 def tiny_config(data_root: str, output_dir: str, *extra: str) -> Config:
     return load_config(SHAPES_CONFIG, tiny_overrides(data_root, output_dir, *extra))
-

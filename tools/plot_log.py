@@ -12,9 +12,8 @@ import argparse
 import os
 import sys
 
-import cv2
-
 from deformable.viz.curves import LogError, plot_curves, read_log
+from deformable.viz.draw import save_image
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,9 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     except LogError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    if not cv2.imwrite(args.out, figure):
-        print(f"error: could not write {args.out} (a .png path in a writable folder?)", file=sys.stderr)
+    try:
+        save_image(args.out, figure)
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"wrote {args.out}")
     return 0

@@ -12,12 +12,10 @@ density along the reference point's row and column is drawn as strips. Without -
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-import cv2
-
 from deformable.inference import ImageError, class_names, load_detector, read_image, resolve_device
+from deformable.viz.draw import save_image
 from deformable.viz.figure import decoder_figure, encoder_figure, run_recorded
 from models.config import ConfigError
 from models.loading import CHECKPOINT_HELP, CONFIG_HELP, config_and_checkpoint, split_config_args
@@ -67,9 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ImageError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    if not cv2.imwrite(args.out, figure):
-        print(f"error: could not write {args.out} (a .png path in a writable folder?)", file=sys.stderr)
+    try:
+        save_image(args.out, figure)
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"wrote {args.out}")
     return 0

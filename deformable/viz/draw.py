@@ -6,6 +6,7 @@ Coordinates given to these functions are canvas pixel-centre coordinates (pixel 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import cv2
@@ -162,3 +163,18 @@ def tile(panels: Sequence[np.ndarray], columns: int, gap: int = 8) -> np.ndarray
             with_gaps.append(np.full((gap, r.shape[1], 3), 255, dtype=np.uint8))
         with_gaps.append(r)
     return stack(with_gaps, axis=0)
+
+
+def save_image(path: str, image: np.ndarray) -> None:
+    """Writes a BGR ``(H, W, 3)`` uint8 image to ``path`` (format from the extension), creating its folder.
+
+    Raises:
+        OSError: naming the path when OpenCV cannot write it (no such format, or the folder is not writable).
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+        written = cv2.imwrite(path, image)
+    except cv2.error as exc:  # an extension OpenCV has no writer for
+        raise OSError(f"could not write {path}: {exc.err} (use .png or .jpg)") from exc
+    if not written:
+        raise OSError(f"could not write {path} (a .png or .jpg path in a writable folder?)")
