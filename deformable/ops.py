@@ -71,25 +71,19 @@ def ms_deform_attn(
     )
 
 
-def _check_fake_devices(*tensors: torch.Tensor) -> None:
-    # A meta tensor among real ones routes the call to the fake kernel, which must not return garbage.
-    devices = {t.device for t in tensors}
-    if len(devices) > 1:
-        raise ValueError(f"ms_deform_attn: inputs are on different devices ({', '.join(sorted(map(str, devices)))})")
-
-
 def _register() -> None:
     """Fake kernels and autograd for the native op (needs the loaded extension)."""
 
     @torch.library.register_fake("deformable::ms_deform_attn")
     def _forward_fake(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-        _check_fake_devices(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        # A meta tensor among real ones also routes the call here: the same checks, so it cannot return garbage.
+        check_shapes(value, sampling_locations, attention_weights, spatial_shapes, level_start_index)
         n, _, m, d = value.shape
         return value.new_empty((n, sampling_locations.shape[1], m * d))
 
     @torch.library.register_fake("deformable::ms_deform_attn_backward")
     def _backward_fake(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-        _check_fake_devices(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        check_shapes(value, sampling_locations, attention_weights, spatial_shapes, level_start_index)
         # The kernels return fresh contiguous tensors whatever the input strides.
         return (
             value.new_empty(value.shape),

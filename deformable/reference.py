@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .validation import check_shapes
+from .validation import check_levels, check_shapes
 
 SpatialShapes = torch.Tensor | Sequence[Sequence[int]]
 
@@ -47,19 +47,9 @@ def ms_deform_attn_pytorch(
     shapes = spatial_shape_list(spatial_shapes)
     n, s, m, d = value.shape
     _, lq, _, n_levels, n_points, _ = sampling_locations.shape
-    if len(shapes) != n_levels:
-        raise ValueError(
-            f"ms_deform_attn: spatial_shapes describes {len(shapes)} levels, sampling_locations has {n_levels}"
-        )
-    # Symbolic sizes: checks and branches on their values would fix the graph to the traced image size.
+    check_levels(shapes, s, n_levels)
+    # Symbolic sizes: branches on their values would fix the graph to the traced image size.
     symbolic = any(isinstance(size, torch.SymInt) for hw in shapes for size in hw)
-    if not symbolic and any(h < 0 or w < 0 for h, w in shapes):
-        raise ValueError(f"ms_deform_attn: spatial_shapes {shapes} has a negative size")
-    if not isinstance(s, torch.SymInt) and sum(h * w for h, w in shapes) != s:
-        raise ValueError(
-            f"ms_deform_attn: spatial_shapes sum to {sum(h * w for h, w in shapes)} positions (sum of H*W) "
-            f"but value has S = {s} positions"
-        )
     if n == 0 or lq == 0:
         # Empty, but still connected to the inputs so that backward works.
         link = value.sum() + sampling_locations.sum() + attention_weights.sum()

@@ -1,4 +1,9 @@
-"""Shape checks shared by both paths; they read only metadata, so they are free under torch.compile."""
+"""The op's argument checks on the Python side: ``check_shapes`` (both paths, the fake kernels; metadata only, so
+free under torch.compile) and ``check_levels`` (the PyTorch path, which reads the level sizes anyway).
+
+The native kernels check the same in C++ (``csrc/ms_deform_attn.cpp``), as a guard for direct ``torch.ops.deformable``
+calls, which skip these; the C++ side also validates ``level_start_index`` against the level sizes.
+"""
 
 from __future__ import annotations
 
@@ -57,3 +62,22 @@ def check_shapes(
     if len({t.device for t in named.values()}) > 1:
         where = ", ".join(f"{name} {t.device}" for name, t in named.items())
         raise ValueError(f"ms_deform_attn: inputs are on different devices ({where})")
+
+
+def check_levels(shapes: list[tuple[int, int]], spatial: int, levels: int) -> None:
+    """Raises ValueError unless ``shapes`` (``(H_l, W_l)`` per level, ints or SymInts) describes ``levels`` levels of
+    non-negative size that sum to ``spatial`` positions. Symbolic sizes are not checked by value (a check would fix
+    the traced graph to one image size)."""
+    if len(shapes) != levels:
+        raise ValueError(
+            f"ms_deform_attn: spatial_shapes describes {len(shapes)} levels, sampling_locations has {levels}"
+        )
+    if any(isinstance(size, torch.SymInt) for hw in shapes for size in hw):
+        return
+    if any(h < 0 or w < 0 for h, w in shapes):
+        raise ValueError(f"ms_deform_attn: spatial_shapes {shapes} has a negative size")
+    if not isinstance(spatial, torch.SymInt) and sum(h * w for h, w in shapes) != spatial:
+        raise ValueError(
+            f"ms_deform_attn: spatial_shapes sum to {sum(h * w for h, w in shapes)} positions (sum of H*W) "
+            f"but value has S = {spatial} positions"
+        )

@@ -125,6 +125,7 @@ struct GradOutputs {
   opmath_t* locations;  // (N, Lq, M, L, P, 2)
   opmath_t* weights;    // (N, Lq, M, L, P)
 };
+
 // where[k][i]: the element offset of corner k of block slot i from the head's value pointer, for value rows
 // `stride` elements apart; `outside` for a corner outside the map (see Inputs::outside_offset).
 template <typename opmath_t>
