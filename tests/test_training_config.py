@@ -77,6 +77,16 @@ def test_coco_config_is_the_original_recipe() -> None:
         1333,
     )
     assert cfg.model.num_classes == 91 and cfg.data.synthetic == ""
+    q = cfg.training_queries
+    assert (q.dn_groups, q.query_groups, cfg.loss.iou_aware) == (0, 1, False)
+
+
+@pytest.mark.parametrize("name", ["custom.yaml", "shapes.yaml"])
+def test_small_data_recipes_train_with_denoising_only(name: str) -> None:
+    """The ablation's choice (BENCHMARKS.md, "Training-only queries"): denoising on, the other two options off."""
+    cfg = load_config(config_path(name))
+    q = cfg.training_queries
+    assert (q.dn_groups, q.query_groups, cfg.loss.iou_aware) == (5, 1, False)
 
 
 def test_make_shapes_tool(tmp_path, capsys) -> None:

@@ -42,6 +42,7 @@ TINY_TRAIN = [
     "train.eval_every=1",
     "train.checkpoint_every=0",
     "train.device=cpu",
+    "training_queries.dn_groups=0",  # the plain path; shapes.yaml's denoising is tested with its options
 ]
 
 
