@@ -8,7 +8,15 @@ and closed on background: one fixed offset per k, whatever the gaps. The model i
 level, 2 heads x 4 points) plus a linear read-out; it trains on gaps drawn from ``--gaps`` and is evaluated on
 those and on wider, unseen gaps (``--ood-gaps``). ``--variant`` trains the ablations of the cope parametrisation.
 
+``--probe`` picks one of the fixed variants of the task in :data:`PROBES` (chosen before any tuning of the cope
+module against them, to check that a result on the default task carries over): ``points-2`` (2 heads x 2 points),
+``heads-8-adamw`` (8 heads x 4 points, d_model 64, AdamW lr 1e-3 weight decay 0.05, batch 64) and
+``two-levels-noisy`` (a second level, the token map average-pooled by 2 along x; Gaussian noise of std 0.3 on every
+token embedding; gaps 3-6, OOD gaps 7-14; k up to 4 on 96-pixel rows). ``--heads``, ``--points``, ``--d-model``,
+``--lr``, ``--batch``, ``--gaps`` and ``--ood-gaps`` override the probe's value when given.
+
     python tools/experiments/cope_counting.py --seeds 0 1 2 --steps 1500
+    python tools/experiments/cope_counting.py --seeds 0 1 2 --steps 1500 --probe two-levels-noisy
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from __future__ import annotations
 import argparse
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -56,13 +64,51 @@ class Task:
     ref_range: tuple[int, int] = (4, 12)  # reference x in [a, b)
 
 
+@dataclass
+class Probe:
+    """One fixed setting of the counting experiment: the task, the model and how it trains."""
+
+    task: Task = field(default_factory=Task)
+    d_model: int = 32
+    heads: int = 2
+    points: int = 4
+    levels: int = 1  # level 0 the token map; level 1 (if 2) the token embeddings average-pooled by 2 along x
+    noise: float = 0.0  # std of Gaussian noise added to every token embedding, in training and evaluation
+    optimizer: str = "adam"  # "adam" or "adamw"
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    batch: int = 32
+    gaps: tuple[int, int] = (2, 5)  # training gaps between markers, inclusive
+    ood_gaps: tuple[int, int] = (6, 12)
+
+
+# Fixed before the cope module is tuned against them; "default" is the task the tables in BENCHMARKS.md measure.
+PROBES = {
+    "default": Probe(),
+    "points-2": Probe(points=2),
+    "heads-8-adamw": Probe(d_model=64, heads=8, optimizer="adamw", lr=1e-3, weight_decay=0.05, batch=64),
+    # k up to 4 at OOD gap 14 reaches 11 + 4 * 14 = 67 < 96: the k-th marker is always on the map.
+    "two-levels-noisy": Probe(task=Task(width=96, max_k=4), levels=2, noise=0.3, gaps=(3, 6), ood_gaps=(7, 14)),
+}
+
+
 def make_batch(task: Task, batch: int, gaps: tuple[int, int], generator: torch.Generator):
     """Images ``(B, H, W)`` of tokens (0 background, 1..C marker class), queries and targets.
 
     Returns:
         tokens ``(B, H*W)``, ks ``(B, H*K)`` in 1..K, reference points ``(B, H*K, 1, 2)``, targets ``(B, H*K)``.
+
+    Raises:
+        ValueError: if the K-th marker right of the reference could fall off the map (at the largest reference x and
+            gap), where a target would name a marker that is not in the image.
     """
     h, w, k_max = task.height, task.width, task.max_k
+    furthest = task.ref_range[1] - 1 + k_max * gaps[1]
+    if furthest >= w:
+        raise ValueError(
+            f"make_batch: the {k_max}-th marker right of a reference in {task.ref_range} at gaps {gaps} can be at x "
+            f"{furthest}, off a map of width {w}; narrow ref_range or gaps, or widen the map"
+        )
     rows = batch * h
     ref_x = torch.randint(task.ref_range[0], task.ref_range[1], (rows,), generator=generator)
     n_gaps = w // gaps[0] + 1
@@ -92,44 +138,90 @@ class CountingModel(nn.Module):
         n_heads: int = 2,
         n_points: int = 4,
         variant: str = "default",
+        n_levels: int = 1,
+        noise: float = 0.0,
     ):
         super().__init__()
+        if n_levels not in (1, 2):
+            raise ValueError(f"CountingModel: n_levels must be 1 or 2, got {n_levels}")
+        if n_levels == 2 and task.width % 2:
+            raise ValueError(f"CountingModel: two levels pool x by 2 and need an even width, got {task.width}")
         self.task = task
+        self.n_levels = n_levels
+        self.noise = noise
         self.tokens = nn.Embedding(task.classes + 1, d_model)
         self.queries = nn.Embedding(task.max_k + 1, d_model)
-        self.attn = MSDeformAttn(d_model, 1, n_heads, n_points, offset_mode=offset_mode)
+        self.attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, offset_mode=offset_mode)
         if offset_mode == "cope" and variant != "default":
             sampling = FloorSampling if variant == "floor" else CoPESampling
-            self.attn.cope = sampling(d_model, 1, n_heads, n_points, **VARIANTS[variant])
+            self.attn.cope = sampling(d_model, n_levels, n_heads, n_points, **VARIANTS[variant])
         self.readout = nn.Linear(d_model, task.classes)
-        self.register_buffer("shapes", torch.tensor([[task.height, task.width]]))
-        self.register_buffer("starts", torch.tensor([0]))
+        shapes = [[task.height, task.width], [task.height, task.width // 2]][:n_levels]
+        self.register_buffer("shapes", torch.tensor(shapes))
+        self.register_buffer("starts", torch.tensor([0, task.height * task.width][:n_levels]))
 
-    def forward(self, tokens: torch.Tensor, ks: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-        out = self.attn(self.queries(ks), ref, self.tokens(tokens), self.shapes, self.starts)
+    def reference_points(self, ref: torch.Tensor) -> torch.Tensor:
+        """``(B, Lq, 1, 2)`` from :func:`make_batch` -> ``(B, Lq, L, 2)``: the same normalised point on every level."""
+        return ref.expand(-1, -1, self.n_levels, -1)
+
+    def values(self, tokens: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Token embeddings (plus noise) ``(B, H*W, C)``, then level 1 (if any): them averaged over pairs along x."""
+        embedded = self.tokens(tokens)
+        if self.noise > 0:
+            noise = torch.randn(embedded.shape, generator=generator, dtype=embedded.dtype)
+            embedded = embedded + self.noise * noise.to(embedded.device)
+        if self.n_levels == 1:
+            return embedded
+        b, _, c = embedded.shape
+        h, w = self.task.height, self.task.width
+        pooled = embedded.view(b, h, w // 2, 2, c).mean(3).reshape(b, h * (w // 2), c)
+        return torch.cat([embedded, pooled], 1)
+
+    def forward(
+        self, tokens: torch.Tensor, ks: torch.Tensor, ref: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """``generator`` draws the embedding noise (if any; the global RNG without one)."""
+        values = self.values(tokens, generator)
+        out = self.attn(self.queries(ks), self.reference_points(ref), values, self.shapes, self.starts)
         return self.readout(out)  # (B, Lq, classes)
 
 
 @torch.no_grad()
 def accuracy(model: CountingModel, gaps: tuple[int, int], samples: int, seed: int) -> float:
     generator = torch.Generator().manual_seed(seed)
+    noise = torch.Generator().manual_seed(seed + 1)  # apart, so the batches are the same with or without noise
     correct = total = 0
     for _ in range(max(1, samples // 256)):
         tokens, ks, ref, targets = make_batch(model.task, 256, gaps, generator)
-        correct += (model(tokens, ks, ref).argmax(-1) == targets).sum().item()
+        correct += (model(tokens, ks, ref, noise).argmax(-1) == targets).sum().item()
         total += targets.numel()
     return correct / total
 
 
 def train(task: Task, offset_mode: str, seed: int, args: argparse.Namespace) -> CountingModel:
+    """Trains on ``args`` (d_model, heads, points, lr, steps, batch, gaps, variant; and, defaulting to the default
+    probe's when absent, levels, noise, optimizer, weight_decay)."""
+    base = PROBES["default"]
+    levels = getattr(args, "levels", base.levels)
+    noise = getattr(args, "noise", base.noise)
+    optimizer_name = getattr(args, "optimizer", base.optimizer)
+    weight_decay = getattr(args, "weight_decay", base.weight_decay)
+    variant = getattr(args, "variant", "default")
     torch.manual_seed(seed)
-    model = CountingModel(task, offset_mode, args.d_model, args.heads, args.points, args.variant)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    model = CountingModel(task, offset_mode, args.d_model, args.heads, args.points, variant, levels, noise)
+    if optimizer_name == "adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=weight_decay)
+    elif optimizer_name == "adamw":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"train: optimizer must be 'adam' or 'adamw', got {optimizer_name!r}")
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.steps, pct_start=0.1)
     generator = torch.Generator().manual_seed(1000 + seed)
+    noise_generator = torch.Generator().manual_seed(2000 + seed)
     for _ in range(args.steps):
         tokens, ks, ref, targets = make_batch(task, args.batch, args.gaps, generator)
-        loss = F.cross_entropy(model(tokens, ks, ref).flatten(0, 1), targets.flatten())
+        logits = model(tokens, ks, ref, noise_generator)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -142,25 +234,37 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--modes", nargs="+", default=["linear", "cope"])
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--d-model", type=int, default=32)
-    parser.add_argument("--heads", type=int, default=2)
-    parser.add_argument("--points", type=int, default=4)
+    parser.add_argument("--probe", choices=list(PROBES), default="default", help="fixed task/model/optimiser setting")
+    # These default to the probe's value; given, they override it.
+    parser.add_argument("--batch", type=int, default=None, help="default: the probe's (32)")
+    parser.add_argument("--lr", type=float, default=None, help="default: the probe's (3e-3)")
+    parser.add_argument("--d-model", type=int, default=None, help="default: the probe's (32)")
+    parser.add_argument("--heads", type=int, default=None, help="default: the probe's (2)")
+    parser.add_argument("--points", type=int, default=None, help="default: the probe's (4)")
     parser.add_argument("--variant", choices=list(VARIANTS), default="default", help="cope ablation")
-    parser.add_argument("--gaps", type=int, nargs=2, default=[2, 5], help="training gaps between markers, inclusive")
-    parser.add_argument("--ood-gaps", type=int, nargs=2, default=[6, 12])
+    parser.add_argument(
+        "--gaps", type=int, nargs=2, default=None, help="training gaps between markers, inclusive (default 2 5)"
+    )
+    parser.add_argument("--ood-gaps", type=int, nargs=2, default=None, help="default: the probe's (6 12)")
     parser.add_argument("--eval-samples", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    probe = PROBES[args.probe]
+    for name in ("batch", "lr", "d_model", "heads", "points", "gaps", "ood_gaps"):
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(probe, name))
     args.gaps, args.ood_gaps = tuple(args.gaps), tuple(args.ood_gaps)
+    args.levels, args.noise = probe.levels, probe.noise
+    args.optimizer, args.weight_decay = probe.optimizer, probe.weight_decay
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="deformable: the native extension")
-    task = Task()
+    task = probe.task
 
     print(
-        f"gaps {args.gaps} (train), {args.ood_gaps} (OOD); {args.steps} steps, batch {args.batch}, lr {args.lr}, "
-        f"{args.heads} heads x {args.points} points, cope variant {args.variant}"
+        f"probe {args.probe}: {task}, d_model {args.d_model}, {args.heads} heads x {args.points} points, "
+        f"{args.levels} level(s), embedding noise {args.noise}, {args.optimizer} lr {args.lr} weight decay "
+        f"{args.weight_decay}, batch {args.batch}; gaps {args.gaps} (train), {args.ood_gaps} (OOD); "
+        f"{args.steps} steps, cope variant {args.variant}"
     )
     print("| mode | seed | in-dist acc | OOD acc | train s |")
     print("|---|---|---|---|---|")

@@ -1,0 +1,147 @@
+"""tools/experiments/cope_counting.py's fixed probes (``--probe``): each differs from the default task only as stated,
+its batches never target a marker off the map, and a few steps of training give a model with the right logits."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import pytest
+import torch
+from _repo import load_tool
+
+counting = load_tool("experiments/cope_counting")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROBE_NAMES = ["points-2", "heads-8-adamw", "two-levels-noisy"]
+
+
+def differences(probe) -> dict:
+    """The fields in which ``probe`` differs from the default probe (the task compared field by field)."""
+    default = counting.PROBES["default"]
+    out = {}
+    for f in dataclasses.fields(probe):
+        mine, theirs = getattr(probe, f.name), getattr(default, f.name)
+        if f.name == "task":
+            out.update({f"task.{k}": v for k, v in dataclasses.asdict(mine).items() if v != getattr(theirs, k)})
+        elif mine != theirs:
+            out[f.name] = mine
+    return out
+
+
+def test_the_default_probe_is_the_task_the_tables_measure() -> None:
+    default = counting.PROBES["default"]
+    assert default.task == counting.Task() == counting.Task(4, 64, 8, 3, (4, 12))
+    assert (default.d_model, default.heads, default.points, default.levels, default.noise) == (32, 2, 4, 1, 0.0)
+    assert (default.optimizer, default.lr, default.weight_decay, default.batch) == ("adam", 3e-3, 0.0, 32)
+    assert (default.gaps, default.ood_gaps) == ((2, 5), (6, 12))
+
+
+def test_probes_differ_from_the_default_as_stated() -> None:
+    assert set(counting.PROBES) == {"default", *PROBE_NAMES}
+    assert differences(counting.PROBES["points-2"]) == {"points": 2}
+    assert differences(counting.PROBES["heads-8-adamw"]) == {
+        "d_model": 64,
+        "heads": 8,
+        "optimizer": "adamw",
+        "lr": 1e-3,
+        "weight_decay": 0.05,
+        "batch": 64,
+    }
+    assert differences(counting.PROBES["two-levels-noisy"]) == {
+        "task.width": 96,
+        "task.max_k": 4,
+        "levels": 2,
+        "noise": 0.3,
+        "gaps": (3, 6),
+        "ood_gaps": (7, 14),
+    }
+
+
+@pytest.mark.parametrize("name", ["default", *PROBE_NAMES])
+def test_batches_never_target_a_marker_off_the_map(name: str) -> None:
+    probe = counting.PROBES[name]
+    task = probe.task
+    h, w, k_max = task.height, task.width, task.max_k
+    # Worst case: the last reference column with every gap at the largest OOD gap.
+    assert task.ref_range[1] - 1 + k_max * probe.ood_gaps[1] <= w - 1
+    generator = torch.Generator().manual_seed(0)
+    for gaps in (probe.gaps, probe.ood_gaps, (probe.ood_gaps[1], probe.ood_gaps[1])):
+        tokens, ks, ref, targets = counting.make_batch(task, 16, gaps, generator)
+        assert tokens.shape == (16, h * w) and targets.shape == ks.shape == (16, h * k_max)
+        assert ref.shape == (16, h * k_max, 1, 2)
+        assert targets.min() >= 0 and targets.max() <= task.classes - 1
+        image = tokens.view(16, h, w)
+        ref_x = (ref[:, ::k_max, 0, 0] * w).floor().long()  # (B, H)
+        for b in range(16):
+            for row in range(h):
+                assert image[b, row, ref_x[b, row]] == 0  # the query sits on background
+                right = image[b, row, ref_x[b, row] + 1 :]
+                markers = right[right > 0]
+                assert len(markers) >= k_max  # the K-th marker is on the map...
+                assert torch.equal(markers[:k_max] - 1, targets[b, row * k_max : (row + 1) * k_max])  # ...and named
+
+
+def test_make_batch_refuses_gaps_that_push_the_kth_marker_off_the_map() -> None:
+    task = counting.Task(width=96, max_k=4)
+    counting.make_batch(task, 2, (14, 14), torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="off a map of width 64"):
+        counting.make_batch(counting.Task(max_k=4), 2, (7, 14), torch.Generator().manual_seed(0))
+
+
+def probe_args(probe, steps: int) -> argparse.Namespace:
+    fields = ("d_model", "heads", "points", "lr", "batch", "gaps", "levels", "noise", "optimizer", "weight_decay")
+    args = argparse.Namespace(**{name: getattr(probe, name) for name in fields})
+    args.steps, args.variant = steps, "default"
+    return args
+
+
+@pytest.mark.parametrize("name", PROBE_NAMES)
+def test_a_few_training_steps_per_probe_give_logits_per_query(name: str) -> None:
+    probe = counting.PROBES[name]
+    model = counting.train(probe.task, "linear", 0, probe_args(probe, steps=5))
+    assert model.attn.n_heads == probe.heads and model.attn.n_points == probe.points
+    assert model.attn.n_levels == probe.levels and model.attn.d_model == probe.d_model
+    assert model.noise == probe.noise
+    tokens, ks, ref, _ = counting.make_batch(probe.task, 3, probe.ood_gaps, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = model(tokens, ks, ref, torch.Generator().manual_seed(2))
+    assert logits.shape == (3, probe.task.height * probe.task.max_k, probe.task.classes)
+    assert torch.isfinite(logits).all()
+
+
+def test_train_takes_the_figure_scripts_arguments() -> None:
+    """cope_figure.py passes a Namespace without the probe's levels, noise or optimiser: the default's apply."""
+    args = argparse.Namespace(d_model=32, heads=2, points=4, lr=3e-3, steps=2, batch=4, gaps=(2, 5), variant="default")
+    model = counting.train(counting.Task(), "linear", 0, args)
+    assert model.attn.n_levels == 1 and model.noise == 0.0
+
+
+def test_the_two_level_model_samples_both_levels_with_deterministic_noise() -> None:
+    probe = counting.PROBES["two-levels-noisy"]
+    task = probe.task
+    model = counting.CountingModel(task, "linear", n_levels=2, noise=probe.noise)
+    tokens, ks, ref, _ = counting.make_batch(task, 2, probe.gaps, torch.Generator().manual_seed(0))
+    refs = model.reference_points(ref)
+    assert refs.shape == (2, task.height * task.max_k, 2, 2)
+    assert torch.equal(refs[:, :, 0], refs[:, :, 1])
+    assert model.shapes.tolist() == [[task.height, task.width], [task.height, task.width // 2]]
+    assert model.starts.tolist() == [0, task.height * task.width]
+
+    seen = {}
+    model.attn.register_forward_pre_hook(lambda _, inputs: seen.update(ref=inputs[1], values=inputs[2]))
+    with torch.no_grad():
+        a = model(tokens, ks, ref, torch.Generator().manual_seed(5))
+        b = model(tokens, ks, ref, torch.Generator().manual_seed(5))
+        c = model(tokens, ks, ref, torch.Generator().manual_seed(6))
+    assert seen["ref"].shape[2] == 2
+    assert seen["values"].shape == (2, task.height * task.width * 3 // 2, 32)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # Level 1 is level 0 (the noisy embeddings) averaged over pairs of columns.
+    level0 = seen["values"][:, : task.height * task.width].view(2, task.height, task.width, 32)
+    level1 = seen["values"][:, task.height * task.width :].view(2, task.height, task.width // 2, 32)
+    assert torch.allclose(level1, (level0[:, :, 0::2] + level0[:, :, 1::2]) / 2)
+    clean = counting.CountingModel(task, "linear", n_levels=2)
+    clean.load_state_dict(model.state_dict())
+    noise = seen["values"][:, : task.height * task.width] - clean.values(tokens)[:, : task.height * task.width]
+    assert 0.2 < noise.std().item() < 0.4
