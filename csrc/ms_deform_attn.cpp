@@ -1,4 +1,5 @@
-// Schemas of the deformable ops (declared once, here) and their shared input validation.
+// Schemas of the deformable ops (declared once, here) and the input validation of ms_deform_attn (cope_locate's is
+// in cope_locate.cpp).
 // Kernels live in cpu/ and cuda/ and register themselves with TORCH_LIBRARY_IMPL.
 
 #include "ms_deform_attn.h"
@@ -135,6 +136,10 @@ TORCH_LIBRARY(deformable, m) {
   m.def(
       "ms_deform_attn_backward(Tensor grad_output, Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
       "Tensor sampling_locations, Tensor attention_weights) -> (Tensor, Tensor, Tensor)");
+  m.def("cope_locate(Tensor edges, Tensor lines, Tensor ref, Tensor offsets, Tensor mix) -> Tensor");
+  m.def(
+      "cope_locate_backward(Tensor grad_output, Tensor edges, Tensor lines, Tensor ref, Tensor offsets, "
+      "Tensor mix) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("build_info() -> str", &build_info);
 }
 

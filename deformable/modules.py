@@ -30,8 +30,8 @@ class MSDeformAttn(nn.Module):
 
     Parameters (state_dict keys): ``sampling_offsets`` Linear(d_model, M*L*P*2), ``attention_weights``
     Linear(d_model, M*L*P), ``value_proj`` and ``output_proj`` Linear(d_model, d_model). ``offset_mode="cope"`` adds
-    ``cope.*`` (:class:`~deformable.cope_sampling.CoPESampling`: ``gate_query``, ``gate_key``, ``gate_bias``) and
-    nothing else.
+    ``cope.*`` (:class:`~deformable.cope_sampling.CoPESampling`: ``gate_key``, ``gate_query``, ``gate_bias``,
+    ``channel_mix``) and nothing else.
 
     Args:
         d_model: hidden size C; must be divisible by ``n_heads``.
@@ -41,7 +41,8 @@ class MSDeformAttn(nn.Module):
         offset_mode: ``"linear"`` (the original: offsets in pixels of the level, or box fractions) or ``"cope"``
             (offsets in contextual counts along the row and column through the reference point, see
             :mod:`deformable.cope_sampling`).
-        cope_gate_dim: channels per head of the gate queries and keys (``"cope"`` only).
+        cope_gate_dim: channels per head of the gate keys (``"cope"`` only).
+        cope_channels: counting channels per head that each query mixes (``"cope"`` only).
     """
 
     def __init__(
@@ -52,6 +53,7 @@ class MSDeformAttn(nn.Module):
         n_points: int = 4,
         offset_mode: str = "linear",
         cope_gate_dim: int = 8,
+        cope_channels: int = 2,
     ) -> None:
         super().__init__()
         if d_model % n_heads != 0:
@@ -78,7 +80,11 @@ class MSDeformAttn(nn.Module):
         self.output_proj = nn.Linear(d_model, d_model)
         self._reset_parameters()
         # Built after the original parameters so that linear mode draws the same random numbers.
-        self.cope = CoPESampling(d_model, n_levels, n_heads, n_points, cope_gate_dim) if offset_mode == "cope" else None
+        self.cope = (
+            CoPESampling(d_model, n_levels, n_heads, n_points, channels=cope_channels, gate_dim=cope_gate_dim)
+            if offset_mode == "cope"
+            else None
+        )
 
     def _reset_parameters(self) -> None:
         # Head m starts sampling along angle 2*pi*m/M, point i at distance i+1 (max-norm 1 direction).

@@ -19,7 +19,8 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def _use_native(value: torch.Tensor) -> bool:
+def use_native(value: torch.Tensor) -> bool:
+    """True when the compiled op should run for a tensor on ``value``'s device (warns once when it cannot)."""
     if _extension.forced_pytorch():
         return False
     if not _extension.extension_loaded():
@@ -63,7 +64,7 @@ def ms_deform_attn(
         the value projection produced.
     """
     check_shapes(value, sampling_locations, attention_weights, spatial_shapes, level_start_index)
-    if not _use_native(value):
+    if not use_native(value):
         return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     coord = torch.float64 if value.dtype == torch.float64 else torch.float32
     return torch.ops.deformable.ms_deform_attn(

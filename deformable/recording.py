@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -119,9 +118,10 @@ def cope_line_densities(
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The count density along the row and the column through one query's reference point, per level.
 
-    Evaluated by the module's own gate code (``CoPESampling._density``) on the recorded inputs
-    (``offset_mode="cope"`` only). Its cumulative sum from the reference point is the contextual coordinate the
-    offsets count in (inside the module the reference's own pixel then counts 1; that is not applied here).
+    Evaluated by the module's own gate code (``CoPESampling.line_densities``) on the recorded inputs
+    (``offset_mode="cope"`` only): the counting channels' densities weighted by the query's mix. Its cumulative sum
+    from the reference point is the contextual coordinate the offsets count in (exactly so with one channel; with
+    several the module mixes the channels' landing points).
 
     Returns:
         Per level ``(row (M, W_l), column (M, H_l))``: the density of every pixel of the line, 0 at padding.
@@ -132,20 +132,11 @@ def cope_line_densities(
             f"cope_line_densities needs an MSDeformAttn with offset_mode='cope', got {module.offset_mode!r}"
         )
     b, q = batch_index, query_index
-    dtype = torch.float64 if record.query.dtype == torch.float64 else torch.float32
-    m, g = cope.n_heads, cope.gate_dim
-    shapes = spatial_shape_list(record.spatial_shapes)
-    keys = cope.gate_keys(record.input_flatten[b : b + 1], dtype)
-    mask = record.padding_mask
-    valid = None if mask is None else (~mask[b : b + 1]).to(dtype)
-    lines = cope._lines(keys, valid, shapes)
-    queries = cope.gate_query(record.query[b : b + 1, q : q + 1]).to(dtype).view(1, 1, m, 2, g)
-    out = []
-    for lvl, (h, w, rows, cols, v_rows, v_cols) in enumerate(lines):
-        ref = record.reference_points[b, q, lvl].to(dtype)
-        row = torch.tensor([[min(max(math.floor(float(ref[1]) * h), 0), h - 1)]], device=ref.device)
-        col = torch.tensor([[min(max(math.floor(float(ref[0]) * w), 0), w - 1)]], device=ref.device)
-        along_row = cope._density(queries[:, :, :, 0], rows, v_rows, row, h, lvl, 0)  # (1, 1, M, W)
-        along_col = cope._density(queries[:, :, :, 1], cols, v_cols, col, w, lvl, 1)  # (1, 1, M, H)
-        out.append((along_row[0, 0], along_col[0, 0]))
-    return out
+    mask = None if record.padding_mask is None else record.padding_mask[b : b + 1]
+    return cope.line_densities(
+        record.query[b, q : q + 1],
+        record.reference_points[b, q],
+        record.input_flatten[b : b + 1],
+        record.spatial_shapes,
+        mask,
+    )

@@ -25,7 +25,7 @@ from _repo import ROOT
 # directly in deformable/ are listed one by one, so that a new one has to be placed.
 LAYERS: tuple[tuple[str, int, tuple[str, ...]], ...] = (
     ("op", 0, ("deformable._C", "deformable._extension", "deformable.backend", "deformable.reference",
-               "deformable.validation", "deformable.ops", "deformable.benchmarking")),
+               "deformable.validation", "deformable.ops", "deformable.cope_locate", "deformable.benchmarking")),
     ("module", 1, ("deformable", "deformable.__main__", "deformable.modules", "deformable.cope",
                    "deformable.cope_sampling", "deformable.recording")),
     ("detector", 2, ("models.*",)),

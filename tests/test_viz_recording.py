@@ -9,7 +9,8 @@ from _viz_utils import tiny_model
 import deformable
 import deformable.modules
 from deformable import MSDeformAttn, cope_line_densities, recording
-from deformable.cope_sampling import contextual_offsets_to_pixels
+from deformable.cope_locate import cope_locate
+from deformable.cope_sampling import cumulative_counts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -84,7 +85,8 @@ def test_recording_a_bare_module_with_keyword_arguments() -> None:
 
 def test_cope_line_densities_reproduce_the_recorded_locations() -> None:
     torch.manual_seed(0)
-    attn = MSDeformAttn(d_model=16, n_levels=2, n_heads=2, n_points=3, offset_mode="cope")
+    # One counting channel: the mixed density is then exactly the one the points are placed on.
+    attn = MSDeformAttn(d_model=16, n_levels=2, n_heads=2, n_points=3, offset_mode="cope", cope_channels=1)
     with torch.no_grad():
         for p in attn.parameters():
             p.add_(torch.randn_like(p) * 0.5)  # gates and offsets away from their initial values
@@ -102,11 +104,9 @@ def test_cope_line_densities_reproduce_the_recorded_locations() -> None:
         assert row_density.shape == (2, w) and col_density.shape == (2, h)
         ref = record.reference_points[0, query_index, lvl]
         for axis, (density, size) in enumerate(((row_density, w), (col_density, h))):
-            own = min(int(ref[axis] * size), size - 1)
-            density = density.clone()
-            density[:, own] = 1.0  # as the module does: the reference's own pixel counts 1
             u = record.sampling_offsets[0, query_index, :, lvl, :, axis]  # (M, P)
-            edge = contextual_offsets_to_pixels(density, (ref[axis] * size).expand(2, 1), u)
+            lines, one = torch.arange(2)[:, None], torch.ones(2, 1)
+            edge = cope_locate(cumulative_counts(density), lines, (ref[axis] * size).expand(2), u, one)
             expected = record.sampling_locations[0, query_index, :, lvl, :, axis]
             torch.testing.assert_close(edge / size, expected, atol=1e-5, rtol=1e-5)
     assert float(densities[0][1][:, 5].abs().max()) == 0.0  # padded pixels count nothing

@@ -45,7 +45,7 @@ def measure(mode: str, args: argparse.Namespace, len_q: int, ref_dim: int, backw
     module = MSDeformAttn(256, len(LEVELS), 8, 4, offset_mode=mode).to(device, dtype)
     with torch.no_grad():  # spread the gates so that the cope path does real work
         if module.cope is not None:
-            module.cope.gate_query.weight.normal_(std=0.05)
+            module.cope.gate_query.normal_(std=0.02)
     query, ref, value, shapes, starts, mask = inputs(args.batch, len_q, ref_dim, device, dtype)
     if backward:
         query.requires_grad_(True)

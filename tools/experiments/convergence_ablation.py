@@ -13,7 +13,9 @@ drops after three quarters of it, evaluation once at the end) and ``data.root`` 
 is ``tools/train.py CONFIG`` in a subprocess with ``train.seed``, the epochs and the option's overrides; its AP and
 AP50 are the last evaluation in its ``log.jsonl``, its minutes the wall time of the subprocess (data loading,
 training and the final evaluation). Runs already in ``OUT/results.jsonl`` are skipped, so a killed ablation resumes
-where it stopped. Options (``--options``, default all): see OPTIONS.
+where it stopped. Options (``--options``, default the five of issue 19): see OPTIONS; ``enc_cope`` / ``dec_cope`` /
+``cope`` compare CoPE offsets with the linear ones (``none``). ``--set KEY=VALUE ...`` adds overrides to every run
+(e.g. ``data.hflip=false`` where a flip would change the labels).
 """
 
 from __future__ import annotations
@@ -31,7 +33,12 @@ OPTIONS = {
     "groups": ["training_queries.query_groups=3"],
     "iou_aware": ["loss.iou_aware=true"],
     "all": ["training_queries.dn_groups=5", "training_queries.query_groups=3", "loss.iou_aware=true"],
+    # CoPE offsets (issue 17), against "none" (linear offsets): not part of the default set.
+    "enc_cope": ["model.enc_offset_mode=cope"],
+    "dec_cope": ["model.dec_offset_mode=cope"],
+    "cope": ["model.enc_offset_mode=cope", "model.dec_offset_mode=cope"],
 }
+DEFAULT_OPTIONS = ["none", "denoising", "groups", "iou_aware", "all"]
 TRAIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
 
 
@@ -53,12 +60,14 @@ def last_evaluation(log_path: str) -> dict:
     return evaluated[-1]
 
 
-def run_one(out: str, data: tuple[str, str, int, str | None], option: str, seed: int) -> dict:
+def run_one(
+    out: str, data: tuple[str, str, int, str | None], option: str, seed: int, extra: tuple[str, ...] = ()
+) -> dict:
     name, config, epochs, root = data
     run_dir = os.path.join(out, f"{name}_{option}_s{seed}")
     overrides = [f"output_dir={run_dir}", f"train.seed={seed}", f"train.epochs={epochs}"]
     overrides += [f"train.lr_drop={max(1, round(0.75 * epochs))}", f"train.eval_every={epochs}"]
-    overrides += ["train.checkpoint_every=0", *OPTIONS[option]]
+    overrides += ["train.checkpoint_every=0", *extra, *OPTIONS[option]]
     if root is not None:
         overrides.append(f"data.root={root}")
     command = [sys.executable, TRAIN, config, *overrides]
@@ -94,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder for the runs and results.jsonl")
     parser.add_argument("--data", action="append", default=[], help="NAME=CONFIG:EPOCHS[:ROOT] (repeatable)")
-    parser.add_argument("--options", nargs="+", default=list(OPTIONS), choices=list(OPTIONS))
+    parser.add_argument("--options", nargs="+", default=DEFAULT_OPTIONS, choices=list(OPTIONS))
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="overrides for every run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--table", action="store_true", help="print the table of results.jsonl and stop")
     args = parser.parse_args(argv)
@@ -116,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                 for option in args.options:
                     if (data[0], option, seed) in done:
                         continue
-                    result = run_one(args.out, data, option, seed)
+                    result = run_one(args.out, data, option, seed, tuple(args.set))
                     print(json.dumps(result), flush=True)
                     results.append(result)
                     with open(results_path, "a", encoding="utf-8") as f:

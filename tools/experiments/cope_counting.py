@@ -36,7 +36,10 @@ from deformable.cope_sampling import CoPESampling
 # Ablations of the cope parametrisation (all start at the plain module's sampling locations).
 VARIANTS = {
     "default": {},
-    "temperature-1": {"gate_temperature": 1.0},  # gate logits q.k/sqrt(G), as in the paper's code
+    "temperature-0.25": {"gate_temperature": 0.25},  # the per-pair formulation's default
+    "temperature-1": {"gate_temperature": 1.0},
+    "channels-1": {"channels": 1},  # one counting channel: no choice for the query
+    "channels-4": {"channels": 4},
     "open-init": {"gate_bias_init": 3.0},  # gates start open (0.95)
     "closed-init": {"gate_bias_init": -3.0},  # gates start closed (0.05)
     "floor": {},  # density (1 - a) + a * density, a = sigmoid(learned), a = 0.5 at start: a residual mix
@@ -44,15 +47,16 @@ VARIANTS = {
 
 
 class FloorSampling(CoPESampling):
-    """The "floor" ablation: a learned per head/level/axis mix of pixel units and contextual units."""
+    """The "floor" ablation: a learned per head/level/channel mix of pixel units and contextual units."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.mix_logit = nn.Parameter(torch.zeros(self.n_heads, self.n_levels, 2))
+        self.mix_logit = nn.Parameter(torch.zeros(self.n_heads, self.n_levels, self.channels))
 
-    def _density(self, queries, keys, valid, index, n_lines, lvl, axis):
-        mix = torch.sigmoid(self.mix_logit[:, lvl, axis, None]).to(queries.dtype)
-        return (1 - mix) + mix * super()._density(queries, keys, valid, index, n_lines, lvl, axis)
+    def densities(self, input_flatten, shapes, padding_mask, dtype):
+        out = super().densities(input_flatten, shapes, padding_mask, dtype)
+        mix = torch.sigmoid(self.mix_logit).to(dtype)  # (M, L, R)
+        return [(1 - mix[:, lvl]) + mix[:, lvl] * density for lvl, density in enumerate(out)]
 
 
 @dataclass

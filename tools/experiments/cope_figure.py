@@ -21,8 +21,6 @@ import numpy as np
 import torch
 from cope_counting import Task, make_batch, train  # beside this file: the script's folder is on sys.path
 
-from deformable.cope_sampling import contextual_offsets_to_pixels
-
 CELL, MARGIN = 14, 50
 K_COLOURS = [(40, 40, 220), (30, 160, 30), (200, 90, 20)]  # BGR for k = 1, 2, 3
 
@@ -42,16 +40,14 @@ def head_row(model, tokens, ks, ref, row: int):
     offsets = attn.sampling_offsets(query).view(n, len_q, attn.n_heads, 1, attn.n_points, 2)
     w, k_max = model.task.width, model.task.max_k
     cope = attn.cope
-    # The module's own gate code: keys as map rows, then the density along `row` for the K queries of that row.
-    (_, _, rows, _, _, _) = cope._lines(cope.gate_keys(value, torch.float32), None, [(model.task.height, w)])[0]
-    queries = cope.gate_query(query).view(n, len_q, attn.n_heads, 2, -1)[:, row * k_max : (row + 1) * k_max]
-    index = torch.full(queries.shape[:2], row)
-    density = cope._density(queries[:, :, :, 0], rows, None, index, model.task.height, 0, 0)[0, :, 0]  # (K, W)
-    ref_col = int(ref[0, row * k_max, 0, 0] * w)
-    density[:, ref_col] = 1.0
+    picked = range(row * k_max, (row + 1) * k_max)  # the K queries of that row
+    # The module's own code: each query's mixed density along its row (head 0), and where its points land.
+    density = torch.stack(
+        [cope.line_densities(query[0, q : q + 1], ref[0, q], value[:1], model.shapes)[0][0][0] for q in picked]
+    )  # (K, W)
+    landing = cope(query, ref, offsets, value, model.shapes)[0, row * k_max : (row + 1) * k_max, 0, 0, :, 0] * w
     e_ref = ref[0, row * k_max : (row + 1) * k_max, 0, :1] * w  # (K, 1)
     u = offsets[0, row * k_max : (row + 1) * k_max, 0, 0, :, 0]  # (K, P)
-    landing = contextual_offsets_to_pixels(density, e_ref, u)
     return density.numpy(), u.numpy(), landing.numpy(), e_ref[:, 0].numpy()
 
 
