@@ -137,3 +137,21 @@ def test_export_search_finds_the_same_segments() -> None:
     edges, index, ref, offsets, _ = sample_inputs(seed=3)
     t = ref[:, None, None] + offsets[:, None, :] * torch.tensor([1.0, 2.0], dtype=torch.float64)[None, :, None]
     torch.testing.assert_close(_segments(edges, index, t), _search(edges, index, t))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_matches_the_cpu_reference(dtype: torch.dtype) -> None:
+    inputs = [t.to(dtype) if t.is_floating_point() else t for t in sample_inputs(rows=300, width=40, seed=4)]
+    cpu = [t.clone().requires_grad_() if t.is_floating_point() else t for t in inputs]
+    gpu = [t.cuda().requires_grad_() if t.is_floating_point() else t.cuda() for t in inputs]
+    expected, got = cope_locate_pytorch(*cpu), cope_locate(*gpu)
+    tol = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-10}
+    torch.testing.assert_close(got.cpu(), expected, **tol)
+    weight = torch.randn(expected.shape, dtype=dtype)
+    floating = [i for i, t in enumerate(cpu) if t.is_floating_point()]
+    grads_cpu = torch.autograd.grad((expected * weight).sum(), [cpu[i] for i in floating])
+    grads_gpu = torch.autograd.grad((got * weight.cuda()).sum(), [gpu[i] for i in floating])
+    for a, b in zip(grads_gpu, grads_cpu, strict=True):
+        torch.testing.assert_close(a.cpu(), b, **tol)

@@ -1,17 +1,20 @@
 """Overhead of ``MSDeformAttn(offset_mode="cope")`` over ``"linear"`` at Deformable DETR encoder and decoder shapes.
 
 Times the whole module (projections, sampling locations, the op) forward, and forward + backward, and prints a
-markdown table with the cope / linear ratio (and peak memory on CUDA). The op path is whatever
-``deformable.ms_deform_attn`` picks (native kernel or the PyTorch fallback); the table says which.
+markdown table with the cope / linear ratio and peak memory (on CUDA the allocator's peak; on CPU with ``--isolate``
+the peak resident memory of a process running that configuration alone, above its module and inputs). The op path
+is whatever ``deformable.ms_deform_attn`` picks (native kernel or the PyTorch fallback); the table says which.
 
     python tools/benchmarks/benchmark_cope.py --device cuda
-    python tools/benchmarks/benchmark_cope.py --device cpu --repeats 3 --batch 1
+    python tools/benchmarks/benchmark_cope.py --device cpu --repeats 3 --batch 1 --threads 2 --isolate
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import multiprocessing
+import resource
 import warnings
 
 import torch
@@ -59,9 +62,27 @@ def measure(mode: str, args: argparse.Namespace, len_q: int, ref_dim: int, backw
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     ms = time_calls(step, device=device, iters=args.repeats, warmup=args.warmup).median_ms
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+    elif args.isolate:  # the process's high-water mark above what the module and inputs already held (Linux: KiB)
+        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+    else:
+        peak = float("nan")
     return ms, peak
+
+
+def measure_isolated(mode: str, args: argparse.Namespace, len_q: int, ref_dim: int, backward: bool):
+    """:func:`measure` in a fresh process, so that its peak resident memory is this configuration's alone."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_child, (mode, args, len_q, ref_dim, backward))
+
+
+def _child(mode: str, args: argparse.Namespace, len_q: int, ref_dim: int, backward: bool):
+    set_threads(args.threads)
+    warnings.filterwarnings("ignore", message="deformable: the native extension")
+    return measure(mode, args, len_q, ref_dim, backward)
 
 
 def main() -> None:
@@ -72,6 +93,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument(
+        "--isolate",
+        action="store_true",
+        help="CPU: each configuration in its own process; the peak columns are then its peak resident memory above "
+        "the module and inputs",
+    )
     args = parser.parse_args()
     set_threads(args.threads)
     warnings.filterwarnings("ignore", message="deformable: the native extension")
@@ -88,8 +115,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for name, len_q, ref_dim in cases:
         for backward in (False, True):
-            lin_ms, lin_mem = measure("linear", args, len_q, ref_dim, backward)
-            cope_ms, cope_mem = measure("cope", args, len_q, ref_dim, backward)
+            run = measure_isolated if args.isolate else measure
+            lin_ms, lin_mem = run("linear", args, len_q, ref_dim, backward)
+            cope_ms, cope_mem = run("cope", args, len_q, ref_dim, backward)
             label = f"{name} (Lq {len_q}, {ref_dim}-d refs)"
             pass_name = "fwd+bwd" if backward else "fwd"
             print(
