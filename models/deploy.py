@@ -77,6 +77,13 @@ def dynamic_shapes() -> dict[str, dict[int, object]]:
     return {"images": {0: torch.export.Dim("batch", min=1), 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}}
 
 
+def fixed_size(model: nn.Module) -> bool:
+    """True when ``model`` exports only at the traced input size: it has CoPE offsets (``offset_mode="cope"``),
+    whose per-level line counts are not yet traceable with symbolic sizes (a data-dependent guard on the level
+    sizes)."""
+    return any(getattr(m, "offset_mode", "linear") == "cope" for m in model.modules())
+
+
 def export_program(model: nn.Module, images: torch.Tensor) -> torch.export.ExportedProgram:
     """``torch.export`` of ``ExportableDetector(model)`` with the native op (through its fake kernel) where built.
 
@@ -85,11 +92,13 @@ def export_program(model: nn.Module, images: torch.Tensor) -> torch.export.Expor
         images: ``(B, 3, H, W)`` example input, ``B >= 2``.
 
     Returns:
-        An ExportedProgram with dynamic batch, height and width; ``program.module()(images)`` returns
-        ``(pred_logits, pred_boxes)``; save it with ``torch.export.save``.
+        An ExportedProgram with dynamic batch, height and width (all three fixed to ``images``' for a model with
+        CoPE offsets, see :func:`fixed_size`); ``program.module()(images)`` returns ``(pred_logits, pred_boxes)``;
+        save it with ``torch.export.save``.
     """
+    dynamic = None if fixed_size(model) else dynamic_shapes()
     with torch.no_grad():
-        return torch.export.export(ExportableDetector(model), (images,), dynamic_shapes=dynamic_shapes())
+        return torch.export.export(ExportableDetector(model), (images,), dynamic_shapes=dynamic)
 
 
 def input_ranges(program: torch.export.ExportedProgram) -> dict[str, tuple[int, int | float]]:
@@ -110,7 +119,8 @@ def export_onnx(
     """Writes ``ExportableDetector(model)`` to ONNX with the dynamo exporter, the attention through its PyTorch path.
 
     Input ``images (batch, 3, height, width)``, outputs ``pred_logits`` and ``pred_boxes``, all three sizes
-    symbolic. Weights go into the file (a ``.data`` file beside it only above 2 GB).
+    symbolic (fixed to ``images``' for a model with CoPE offsets, see :func:`fixed_size`). Weights go into the file
+    (a ``.data`` file beside it only above 2 GB).
 
     Args:
         model: the detector, in eval mode.
@@ -141,7 +151,7 @@ def export_onnx(
             input_names=INPUT_NAMES,
             output_names=OUTPUT_NAMES,
             opset_version=opset,
-            dynamic_shapes={"images": axes},
+            dynamic_shapes=None if fixed_size(model) else {"images": axes},
             dynamo=True,
             verbose=False,
         )

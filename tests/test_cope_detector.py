@@ -8,7 +8,7 @@ import torch
 import deformable
 from deformable import MSDeformAttn
 from models import build_detector, load_config
-from models.deploy import ExportableDetector, onnx_session
+from models.deploy import ExportableDetector, export_program, fixed_size, input_ranges, onnx_session
 
 TINY = [
     "model.pretrained_backbone=false",
@@ -72,3 +72,14 @@ def test_cope_detector_exports_to_onnx_at_a_fixed_size(tmp_path):
     got = session.run(None, {session.get_inputs()[0].name: images.numpy()})
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(torch.from_numpy(g), e, rtol=1e-4, atol=1e-4)
+
+
+def test_cope_detector_exports_with_torch_export_at_its_traced_size():
+    model = _cope_detector().detector
+    assert fixed_size(model) and not fixed_size(build_detector(load_config("configs/shapes.yaml", TINY[:-2])))
+    images = torch.rand(2, 3, 96, 128, generator=torch.Generator().manual_seed(2))
+    program = export_program(model, images)
+    assert input_ranges(program) == {}  # no symbolic size: batch, height and width are the traced ones
+    with torch.no_grad():
+        for g, e in zip(program.module()(images), ExportableDetector(model)(images), strict=True):
+            torch.testing.assert_close(g, e)

@@ -18,7 +18,14 @@ import time
 import torch
 
 from models.config import ConfigError
-from models.deploy import ExportableDetector, example_images, export_program, input_ranges, load_for_export
+from models.deploy import (
+    ExportableDetector,
+    example_images,
+    export_program,
+    fixed_size,
+    input_ranges,
+    load_for_export,
+)
 from models.loading import CHECKPOINT_HELP, CONFIG_HELP, config_and_checkpoint, split_config_args
 
 
@@ -44,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     ranges = ", ".join(f"{name} {lo}..{hi}" for name, (lo, hi) in input_ranges(loaded).items())
     print(f"wrote {args.out} in {time.perf_counter() - start:.0f} s; accepted sizes: {ranges}")
 
-    images = example_images(1, height + 32, width + 64, seed=1)
+    shape = (2, height, width) if fixed_size(model) else (1, height + 32, width + 64)  # CoPE: its traced size only
+    images = example_images(*shape, seed=1)
     with torch.no_grad():
         got = loaded.module()(images)
         expected = ExportableDetector(model)(images)
