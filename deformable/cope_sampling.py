@@ -172,7 +172,9 @@ class CoPESampling(nn.Module):
         """``(N, Lq, M, 2, R)``: each query's weights of the counting channels per head and axis (sum 1)."""
         n, len_q, _ = query.shape
         logits = self.channel_mix(query).to(dtype).view(n, len_q, self.n_heads, 2, self.channels)
-        return logits.softmax(-1)
+        # The softmax written out: torch.softmax over a last dimension of 2 is about 3x slower on CPU.
+        weights = (logits - logits.detach().amax(-1, keepdim=True)).exp()
+        return weights / weights.sum(-1, keepdim=True)
 
     def _axis(
         self,
