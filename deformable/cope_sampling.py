@@ -143,7 +143,10 @@ class CoPESampling(nn.Module):
         mix = self.mix_weights(query, coord)  # (N, Lq, M, 2, R)
         reference_points = reference_points.to(coord)
         offsets = offsets.to(coord)
-        return torch.stack([self._axis(axis, density, shapes, reference_points, offsets, mix) for axis in (0, 1)], -1)
+        locations = offsets.new_empty(offsets.shape)  # filled level by level and axis by axis: no stacking passes
+        for axis in (0, 1):
+            self._axis(axis, density, shapes, reference_points, offsets, mix, locations)
+        return locations
 
     def densities(
         self,
@@ -184,12 +187,13 @@ class CoPESampling(nn.Module):
         reference_points: torch.Tensor,
         offsets: torch.Tensor,
         mix: torch.Tensor,
-    ) -> torch.Tensor:
-        """Normalised coordinates ``(N, Lq, M, L, P)`` along x (``axis`` 0, rows) or y (1, columns)."""
+        locations: torch.Tensor,
+    ) -> None:
+        """Writes the normalised coordinates along x (``axis`` 0, rows) or y (1, columns) into
+        ``locations[..., axis]`` ``(N, Lq, M, L, P)``."""
         n, len_q = reference_points.shape[:2]
         m, r = self.n_heads, self.channels
         weights = mix[:, :, :, axis].reshape(-1, r)  # (N*Lq*M, R)
-        per_level = []
         for lvl, (h, w) in enumerate(shapes):
             size, n_lines = (w, h) if axis == 0 else (h, w)
             # The lines of this axis, (N, H, M, R, W) for x and (N, W, M, R, H) for y, as (lines, size).
@@ -204,8 +208,7 @@ class CoPESampling(nn.Module):
                 u = u * (ref[..., 2 + axis] * (size / (2 * self.n_points)))[:, :, None, None]
             edge = (ref[..., axis] * size)[:, :, None].expand(-1, -1, m)  # (N, Lq, M)
             located = cope_locate(edges, lines.view(-1, r), edge.reshape(-1), u.reshape(-1, u.shape[-1]), weights)
-            per_level.append(located.view(u.shape) / size)
-        return torch.stack(per_level, 3)
+            locations[:, :, :, lvl, :, axis] = located.view(u.shape) / size
 
     @torch.no_grad()
     def line_densities(
