@@ -1,4 +1,5 @@
-"""COCO-format annotation files: the COCO layout and Roboflow's COCO export.
+"""COCO-format annotation files: the COCO layout and Roboflow's COCO export (read), and one split written in the
+COCO layout (:func:`write_coco_split`, for the synthetic data sets).
 
 COCO: ``root/<split>/`` images and ``root/annotations/instances_<split>.json`` (``data.train_ann`` /
 ``data.val_ann`` name another file). Roboflow: ``root/<split>/`` holding the images and ``_annotations.coco.json``,
@@ -10,7 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Sequence
 from typing import Any
+
+import cv2
+import numpy as np
 
 from .errors import DatasetError
 from .split import SplitData, finish_split, image_size
@@ -129,3 +134,41 @@ def drop_unused_supercategories(payload: dict[str, Any]) -> list[dict[str, Any]]
     categories = payload["categories"]
     parents = {cat.get("supercategory") for cat in categories if cat.get("supercategory") != cat["name"]}
     return [cat for cat in categories if cat["id"] in used or cat["name"] not in parents]
+
+
+def write_coco_split(
+    root: str,
+    split: str,
+    samples: Iterable[tuple[np.ndarray, list[tuple[int, Sequence[float]]]]],
+    class_names: Sequence[str],
+    supercategory: str,
+    description: str,
+) -> list[int]:
+    """Writes one split in the COCO layout the readers detect: ``root/<split>2017/NNNNNN.jpg`` (JPEG quality 92)
+    and ``root/annotations/instances_<split>2017.json``.
+
+    Args:
+        samples: ``(image, objects)`` per image: a BGR ``uint8 (H, W, 3)`` array and ``(label, (x0, y0, x1, y1))``
+            boxes in pixels, labels 1-based indices into ``class_names`` (the category ids).
+
+    Returns:
+        The number of objects per class.
+    """
+    folder = os.path.join(root, f"{split}2017")
+    os.makedirs(folder)
+    images, annotations = [], []
+    per_class = [0] * len(class_names)
+    for i, (image, objects) in enumerate(samples):
+        name = f"{i:06d}.jpg"
+        cv2.imwrite(os.path.join(folder, name), image, [cv2.IMWRITE_JPEG_QUALITY, 92])
+        images.append({"id": i + 1, "file_name": name, "height": image.shape[0], "width": image.shape[1]})
+        for label, (x0, y0, x1, y1) in objects:
+            per_class[label - 1] += 1
+            box = {"bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0}
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": label, **box})
+    categories = [{"id": i + 1, "name": n, "supercategory": supercategory} for i, n in enumerate(class_names)]
+    payload = {"info": {"description": description}, "images": images, "annotations": annotations}
+    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+    with open(os.path.join(root, "annotations", f"instances_{split}2017.json"), "w", encoding="utf-8") as f:
+        json.dump({**payload, "categories": categories}, f)
+    return per_class

@@ -18,12 +18,13 @@ exists and is not empty.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 import cv2
 import numpy as np
+
+from deformable.data.coco import write_coco_split
 
 CLASSES = ["A", "E", "K", "R", "S", "X", "Z", "3"]
 DISTRACTORS = ["o", "+", "#", "%"]
@@ -125,31 +126,8 @@ def make_image(rng: np.random.Generator) -> tuple[np.ndarray, list[tuple[int, li
 
 def write_split(root: str, split: str, count: int, rng: np.random.Generator) -> int:
     """Writes ``count`` images of one split and its COCO annotation file; returns the number of objects."""
-    folder = os.path.join(root, f"{split}2017")
-    os.makedirs(folder)
-    images, annotations = [], []
-    for i in range(count):
-        image, objects = make_image(rng)
-        name = f"{i:06d}.jpg"
-        cv2.imwrite(os.path.join(folder, name), image, [cv2.IMWRITE_JPEG_QUALITY, 92])
-        images.append({"id": i + 1, "file_name": name, "height": image.shape[0], "width": image.shape[1]})
-        for label, (x0, y0, x1, y1) in objects:
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": i + 1,
-                    "category_id": label,
-                    "bbox": [x0, y0, x1 - x0, y1 - y0],
-                    "area": (x1 - x0) * (y1 - y0),
-                    "iscrowd": 0,
-                }
-            )
-    categories = [{"id": i + 1, "name": name, "supercategory": "glyph"} for i, name in enumerate(CLASSES)]
-    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
-    path = os.path.join(root, "annotations", f"instances_{split}2017.json")
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
-    return len(annotations)
+    samples = (make_image(rng) for _ in range(count))
+    return sum(write_coco_split(root, split, samples, CLASSES, "glyph", "synthetic clutter"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,13 +29,14 @@ own random stream, so the val set does not depend on ``--train``). Refuses a fol
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from itertools import pairwise
 
 import cv2
 import numpy as np
+
+from deformable.data.coco import write_coco_split
 
 CLASSES = ["1st", "2nd", "3rd", "later"]
 SHAPES = ["circle", "square", "triangle"]
@@ -114,39 +115,8 @@ def make_image(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[tu
 def write_split(root: str, split: str, count: int, size: int, seed: int) -> list[int]:
     """Writes ``count`` images of one split and its COCO annotation file; returns the number of objects per class."""
     rng = np.random.default_rng([seed, 0 if split == "train" else 1])
-    folder = os.path.join(root, f"{split}2017")
-    os.makedirs(folder)
-    images, annotations = [], []
-    per_class = [0] * len(CLASSES)
-    for i in range(count):
-        image, objects = make_image(rng, size)
-        name = f"{i:06d}.jpg"
-        cv2.imwrite(os.path.join(folder, name), image, [cv2.IMWRITE_JPEG_QUALITY, 92])
-        images.append({"id": i + 1, "file_name": name, "height": image.shape[0], "width": image.shape[1]})
-        for label, (x0, y0, x1, y1) in objects:
-            per_class[label - 1] += 1
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": i + 1,
-                    "category_id": label,
-                    "bbox": [x0, y0, x1 - x0, y1 - y0],
-                    "area": (x1 - x0) * (y1 - y0),
-                    "iscrowd": 0,
-                }
-            )
-    categories = [{"id": i + 1, "name": name, "supercategory": "ordinal"} for i, name in enumerate(CLASSES)]
-    payload = {
-        "info": {"description": f"synthetic ordinal rows, seed {seed}, {size} px"},
-        "images": images,
-        "annotations": annotations,
-        "categories": categories,
-    }
-    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
-    path = os.path.join(root, "annotations", f"instances_{split}2017.json")
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(payload, f)
-    return per_class
+    samples = (make_image(rng, size) for _ in range(count))
+    return write_coco_split(root, split, samples, CLASSES, "ordinal", f"synthetic ordinal rows, seed {seed}, {size} px")
 
 
 def main(argv: list[str] | None = None) -> int:
