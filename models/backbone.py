@@ -1,4 +1,5 @@
-"""Backbones: torchvision ResNets with frozen BatchNorm (the original's) and timm ``features_only`` models.
+"""Backbones: torchvision ResNets with frozen BatchNorm (the original's) or GroupNorm (from scratch), and timm
+``features_only`` models.
 
 A backbone returns its feature maps finest first, each with the image padding mask resized to it. ``Joiner`` pairs
 it with a position encoding; its state_dict keys are ``0.body.*`` (the network) and ``1.*`` (the encoding), the
@@ -92,23 +93,48 @@ def _freeze(module: nn.Module, trainable_prefixes: tuple[str, ...] | None) -> No
 
 
 def resnet_backbone(
-    name: str, num_levels: int, dilation: bool = False, pretrained: bool = False, train_backbone: bool = True
+    name: str,
+    num_levels: int,
+    dilation: bool = False,
+    pretrained: bool = False,
+    train_backbone: bool = True,
+    norm: str = "frozen_bn",
 ) -> Backbone:
-    """A torchvision ResNet with FrozenBatchNorm2d; stem and layer1 frozen (everything when not ``train_backbone``).
+    """A torchvision ResNet returning its last ``num_levels`` stages.
 
     Args:
         name: resnet18 | resnet34 | resnet50 | resnet101.
         num_levels: how many of layer2..layer4 to return, the last ones (1: layer4 only).
         dilation: DC5, dilate layer4 instead of striding it (its stride becomes 16).
         pretrained: load the ImageNet weights the original used (``IMAGENET1K_V1``).
+        train_backbone: False freezes every parameter.
+        norm: ``frozen_bn``, the original's: FrozenBatchNorm2d, stem and layer1 frozen (the rule for pretrained
+            weights); ``gn``: GroupNorm with 32 groups, every layer trained and each residual branch's last norm
+            zero-initialised, the recipe for training from random weights (He et al., Rethinking ImageNet
+            Pre-training, 2019; Goyal et al. 2017), where frozen statistics would leave the network unnormalised.
     """
     if dilation and name in ("resnet18", "resnet34"):
         raise ValueError(f"model.dilation (DC5) needs bottleneck blocks: use resnet50/resnet101, not {name}")
+    if norm == "gn" and pretrained:
+        raise ValueError(
+            "model.backbone_norm=gn trains the backbone from random weights; the ImageNet weights are BatchNorm "
+            "weights: use model.backbone_norm=frozen_bn with model.pretrained_backbone=true"
+        )
     weights = getattr(torchvision.models, RESNET_WEIGHTS[name]).IMAGENET1K_V1 if pretrained else None
-    net = getattr(torchvision.models, name)(
-        weights=weights, replace_stride_with_dilation=[False, False, dilation], norm_layer=FrozenBatchNorm2d
-    )
-    _freeze(net, ("layer2", "layer3", "layer4") if train_backbone else None)
+    if norm == "gn":
+        net = getattr(torchvision.models, name)(
+            weights=None,
+            replace_stride_with_dilation=[False, False, dilation],
+            norm_layer=lambda channels: nn.GroupNorm(32, channels),
+            zero_init_residual=True,
+        )
+        trainable: tuple[str, ...] | None = ("",) if train_backbone else None
+    else:
+        net = getattr(torchvision.models, name)(
+            weights=weights, replace_stride_with_dilation=[False, False, dilation], norm_layer=FrozenBatchNorm2d
+        )
+        trainable = ("layer2", "layer3", "layer4") if train_backbone else None
+    _freeze(net, trainable)
     layers = ["layer2", "layer3", "layer4"][-num_levels:]
     strides = [8, 16, 16 if dilation else 32][-num_levels:]
     body = IntermediateLayerGetter(net, return_layers={layer: str(i) for i, layer in enumerate(layers)})
@@ -147,14 +173,19 @@ def backbone_levels(num_feature_levels: int) -> int:
 
 
 def build_backbone(cfg: Config) -> Joiner:
-    """Reads ``cfg.model``: backbone, dilation, num_feature_levels, pretrained_backbone, train_backbone and
-    position_embedding."""
+    """Reads ``cfg.model``: backbone, dilation, num_feature_levels, pretrained_backbone, train_backbone,
+    backbone_norm and position_embedding."""
     m = cfg.model
     num_levels = backbone_levels(m.num_feature_levels)
     args = dict(dilation=m.dilation, pretrained=m.pretrained_backbone, train_backbone=m.train_backbone)
     if m.backbone in RESNET_CHANNELS:
-        backbone = resnet_backbone(m.backbone, num_levels, **args)
+        backbone = resnet_backbone(m.backbone, num_levels, norm=m.backbone_norm, **args)
     elif m.backbone.startswith("timm/") and len(m.backbone) > len("timm/"):
+        if m.backbone_norm != "frozen_bn":
+            raise ValueError(
+                f"model.backbone_norm={m.backbone_norm} is built for the torchvision ResNets only; timm backbones "
+                f"({m.backbone}) keep their frozen BatchNorm: use model.backbone_norm=frozen_bn"
+            )
         backbone = timm_backbone(m.backbone[len("timm/") :], num_levels, **args)
     else:
         raise ValueError(

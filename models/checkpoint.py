@@ -183,7 +183,7 @@ def _from_dict(content: Any, path: str) -> Checkpoint:
 
 def options_from_weights(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """The ``ModelConfig`` fields that a state_dict's keys and shapes show: class count, width, queries, levels,
-    layer counts, feed-forward width and two-stage."""
+    layer counts, feed-forward width, two-stage and a ResNet backbone's norm."""
     options: dict[str, Any] = {}
     if "class_embed.0.bias" in state:
         options["num_classes"] = int(state["class_embed.0.bias"].shape[0])
@@ -198,6 +198,8 @@ def options_from_weights(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     if "transformer.encoder.layers.0.linear1.weight" in state:
         options["dim_feedforward"] = int(state["transformer.encoder.layers.0.linear1.weight"].shape[0])
     options["two_stage"] = "transformer.enc_output.weight" in state
+    if "backbone.0.body.bn1.weight" in state:  # a ResNet's stem norm: frozen BatchNorm has statistics, GroupNorm none
+        options["backbone_norm"] = "frozen_bn" if "backbone.0.body.bn1.running_mean" in state else "gn"
     return options
 
 

@@ -19,6 +19,8 @@ import yaml
 
 from .files import atomic_write_text
 
+BACKBONE_NORMS = ("frozen_bn", "gn")
+
 
 @dataclass
 class ModelConfig:
@@ -43,10 +45,17 @@ class ModelConfig:
     num_classes: int | str = 91  # category id is the label (the original's convention): 91 for COCO; "auto": max id + 1
     pretrained_backbone: bool = True
     train_backbone: bool = True  # False freezes the whole backbone (the original: lr_backbone == 0)
+    # frozen_bn: the original's FrozenBatchNorm, stem and first stage frozen (for ImageNet or checkpoint weights);
+    # gn: GroupNorm(32) trained with every layer, for a ResNet trained from random weights (He et al. 2019)
+    backbone_norm: str = "frozen_bn"
     enc_offset_mode: str = "linear"  # linear | cope (deformable.MSDeformAttn offset_mode)
     dec_offset_mode: str = "linear"
 
     def __setattr__(self, name: str, value: Any) -> None:
+        if name == "backbone_norm" and value not in BACKBONE_NORMS:
+            raise ConfigError(
+                f"config key 'model.backbone_norm' must be one of {', '.join(BACKBONE_NORMS)}, got {value!r}"
+            )
         if name == "num_classes" and not (
             (isinstance(value, int) and not isinstance(value, bool) and value >= 1) or value == "auto"
         ):

@@ -224,6 +224,7 @@ def model_overrides_from_hf(hf_config: Mapping[str, Any]) -> dict[str, object]:
         "two_stage": two_stage,
         "num_classes": _num_labels(hf_config),
         "pretrained_backbone": False,
+        "backbone_norm": "frozen_bn",
         "enc_offset_mode": "linear",
         "dec_offset_mode": "linear",
     }
@@ -249,6 +250,11 @@ def _check_writable(model_cfg: ModelConfig) -> None:
         raise ValueError(
             f"offset modes {model_cfg.enc_offset_mode!r}/{model_cfg.dec_offset_mode!r} cannot be written for "
             f"transformers, which has linear sampling offsets only"
+        )
+    if model_cfg.backbone_norm != "frozen_bn":
+        raise ValueError(
+            f"backbone_norm={model_cfg.backbone_norm!r} cannot be written for transformers, whose backbones have "
+            "frozen BatchNorm only"
         )
     if model_cfg.num_feature_levels == 2:
         raise ValueError(

@@ -28,6 +28,7 @@ from .weights import load_checkpoint
 # change it).
 ARCHITECTURE = (
     "backbone",
+    "backbone_norm",
     "dilation",
     "position_embedding",
     "num_feature_levels",

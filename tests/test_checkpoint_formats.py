@@ -81,6 +81,7 @@ def test_each_format_reads_with_what_it_states(run) -> None:
         "dec_layers": 2,
         "dim_feedforward": 64,
         "two_stage": False,
+        "backbone_norm": "frozen_bn",
     }
     for checkpoint in (project, original, bare):
         assert checkpoint.model.keys() == project.model.keys()
