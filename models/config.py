@@ -134,6 +134,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     lr_drop: int = 40
     clip_max_norm: float = 0.1
+    # exponential moving average of the weights, evaluated and saved as the model (deformable.training.ema); 0: off
+    ema_decay: float = 0.0
     eval_every: int = 1
     checkpoint_every: int = 5  # also keep checkpoint_<epoch>.pth every this many epochs (0: never)
     resume: str = ""  # "", "auto" (latest in output_dir) or a checkpoint path

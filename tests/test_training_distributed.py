@@ -17,10 +17,18 @@ from models.checkpoint import read_checkpoint
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_torchrun_two_cpu_processes(tmp_path) -> None:
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_torchrun_two_cpu_processes(tmp_path, ema_decay) -> None:
     data_root, out, params = str(tmp_path / "shapes"), str(tmp_path / "run"), tmp_path / "params"
     params.mkdir()
-    overrides = tiny_overrides(data_root, out, "train.epochs=2", "train.max_iters_per_epoch=0", "train.eval_every=0")
+    overrides = tiny_overrides(
+        data_root,
+        out,
+        "train.epochs=2",
+        "train.max_iters_per_epoch=0",
+        "train.eval_every=0",
+        f"train.ema_decay={ema_decay}",
+    )
     command = [
         sys.executable,
         "-m",
@@ -39,9 +47,16 @@ def test_torchrun_two_cpu_processes(tmp_path) -> None:
     ranks = [torch.load(params / f"rank{r}.pth", weights_only=True) for r in range(2)]
     state = read_checkpoint(os.path.join(out, "checkpoint.pth"))
     assert state.entries["epoch"] == 1 and len(state.entries["rng"]) == 2
+    trained = state.model if ema_decay == 0 else state.entries["training_weights"]
     for key, value in ranks[0].items():
         assert torch.equal(ranks[1][key], value), key
-        assert torch.equal(state.model[key.removeprefix("detector.")], value), key
+        assert torch.equal(trained[key.removeprefix("detector.")], value), key
+    if ema_decay > 0:  # every rank averages the same weights; the checkpoint's model is that average
+        averages = [torch.load(params / f"ema{r}.pth", weights_only=True) for r in range(2)]
+        assert state.entries["ema_updates"] == 4
+        for key, value in averages[0].items():
+            assert torch.equal(averages[1][key], value), key
+            assert torch.equal(state.model[key], value), key
     # 8 training images, 2 processes x batch 2: 2 steps per epoch and process, Adam counts 2 epochs x 2 steps
     assert {int(s["step"]) for s in state.entries["optimizer"]["state"].values()} == {4}
     assert sorted(os.listdir(out)) == ["checkpoint.pth", "config.yaml", "log.jsonl"]

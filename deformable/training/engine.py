@@ -16,6 +16,7 @@ import torch
 from pycocotools.coco import COCO
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -38,6 +39,7 @@ from .build import (
     save_resolved_config,
 )
 from .distributed import DistEnv
+from .ema import build_ema
 from .optim import build_lr_scheduler, build_optimizer
 from .resume import restore_training_state, resume_path, rng_state, training_state
 from .run_log import append_log, epoch_record, format_metrics, truncate_log, write_json
@@ -82,9 +84,11 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     max_iters: int = 0,
     show_progress: bool = True,
+    ema: AveragedModel | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader`` (at most ``max_iters`` batches when > 0); returns the mean of every loss term
-    (``loss`` is the weighted sum) and ``grad_norm``, averaged over processes.
+    (``loss`` is the weighted sum) and ``grad_norm``, averaged over processes. ``ema``, the detector's weight
+    average (:mod:`.ema`), takes in every optimiser step.
 
     Batches are ``(images (B, 3, H, W), mask (B, H, W) True = padding, targets)``; ``criterion(outputs, targets)``
     returns weighted loss terms and ``loss``. ``model`` is a detector, or a ``TrainingDetector`` (its training-only
@@ -108,6 +112,8 @@ def train_one_epoch(
             raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {step}: {_items(losses)}")
         optimizer.zero_grad(set_to_none=True)
         grad_norm = _backward_step(loss, model, optimizer, scaler, clip_max_norm)
+        if ema is not None:
+            ema.update_parameters(_detector(model))
         for key, value in {**_items(losses), "grad_norm": grad_norm}.items():
             sums[key] = sums.get(key, 0.0) + value
         bar.set_postfix(loss=f"{sums['loss'] / (step + 1):.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
@@ -123,6 +129,12 @@ def _forward(model: nn.Module, images: torch.Tensor, mask: torch.Tensor, targets
     if isinstance(inner, TrainingDetector):
         return model(images, mask, targets)
     return model(images, mask)
+
+
+def _detector(model: nn.Module) -> nn.Module:
+    """The detector inside a ``TrainingDetector`` and/or DDP wrapper."""
+    inner = model.module if isinstance(model, DistributedDataParallel) else model
+    return inner.detector if isinstance(inner, TrainingDetector) else inner
 
 
 def _items(losses: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -215,11 +227,12 @@ def _fit(cfg: Config, env: DistEnv) -> dict[str, float]:
     resume = distributed.broadcast(resume_path(cfg.train.resume, cfg.output_dir))  # rank 0 decides for all
     model = build_model(cfg, env.device, from_checkpoint=resume is not None or bool(cfg.train.finetune))
     trainee = build_trainee(cfg, model)  # the detector and its training-only query aids (if any)
+    ema = build_ema(model, cfg.train.ema_decay)  # the weights' moving average (None: off), evaluated and saved
     criterion, postprocessor = build_criterion(cfg).to(env.device), build_postprocessor(cfg)
     optimizer = build_optimizer(trainee, cfg.train)
     scheduler = build_lr_scheduler(optimizer, cfg.train)
     scaler = torch.amp.GradScaler(env.device.type) if cfg.train.amp == "fp16" else None
-    start_epoch = _start_epoch(cfg, env, resume, trainee, optimizer, scheduler, scaler)
+    start_epoch = _start_epoch(cfg, env, resume, trainee, optimizer, scheduler, scaler, ema)
     if env.is_main:
         print(_run_summary(cfg, env, data, trainee, start_epoch), flush=True)
     train_model: nn.Module = trainee
@@ -238,11 +251,13 @@ def _fit(cfg: Config, env: DistEnv) -> dict[str, float]:
         scaler=scaler,
         max_iters=cfg.train.max_iters_per_epoch,
         show_progress=env.is_main,
+        ema=ema,
     )
     eval_args = dict(device=env.device, amp=cfg.train.amp, show_progress=env.is_main)
 
     def run_eval() -> dict[str, float]:
-        return evaluate(model, postprocessor, data.val_loader, data.val_set.coco, **eval_args)[0]
+        evaluated_model = model if ema is None else ema.module
+        return evaluate(evaluated_model, postprocessor, data.val_loader, data.val_set.coco, **eval_args)[0]
 
     metrics = run_eval() if start_epoch >= cfg.train.epochs else {}  # a finished run: report what it reached
     for epoch in range(start_epoch, cfg.train.epochs):
@@ -257,7 +272,7 @@ def _fit(cfg: Config, env: DistEnv) -> dict[str, float]:
         if env.is_main:
             names = {int(i): str(c["name"]) for i, c in data.train_set.coco.cats.items()}
             state = training_state(
-                model, optimizer, scheduler, scaler, epoch, config_to_dict(cfg), rngs, names, aids=trainee.aids
+                model, optimizer, scheduler, scaler, epoch, config_to_dict(cfg), rngs, names, trainee.aids, ema
             )
             _save(state, cfg.output_dir, epoch, cfg.train.checkpoint_every)
             record = epoch_record(epoch, lr, stats, metrics if evaluated else {}, time.time() - began)
@@ -292,10 +307,11 @@ def _start_epoch(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler | None,
+    ema: AveragedModel | None,
 ) -> int:
-    """Restores a checkpoint to resume from (the query aids too), or loads ``train.finetune`` weights into the
-    detector (the aids start afresh); trims ``log.jsonl`` to the epochs before the one training starts at (all of it
-    for a fresh run)."""
+    """Restores a checkpoint to resume from (the query aids and the weight average too), or loads
+    ``train.finetune`` weights into the detector (the aids start afresh, the average from those weights); trims
+    ``log.jsonl`` to the epochs before the one training starts at (all of it for a fresh run)."""
     start_epoch = 0
     if resume is not None:
         if env.rank != 0 and not os.path.isfile(resume):
@@ -304,10 +320,12 @@ def _start_epoch(
                 "output_dir must be on a file system that every node mounts"
             )
         start_epoch = restore_training_state(
-            read_checkpoint(resume), trainee.detector, optimizer, scheduler, scaler, env.rank, trainee.aids
+            read_checkpoint(resume), trainee.detector, optimizer, scheduler, scaler, env.rank, trainee.aids, ema
         )
     elif cfg.train.finetune:
         finetune_from(trainee.detector, cfg)
+        if ema is not None:
+            ema.module.load_state_dict(trainee.detector.state_dict())  # the average starts from the loaded weights
     if env.is_main:
         if resume is not None:
             print(f"resuming from {resume} at epoch {start_epoch}", flush=True)

@@ -4,6 +4,7 @@ training-only query aids) and how it is restored. Reading and writing the files 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from collections.abc import Mapping
@@ -12,9 +13,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from models.checkpoint import Checkpoint, CheckpointError
 from models.weights import load_checkpoint
+
+from .ema import ema_updates, restore_ema
 
 
 def rng_state() -> dict[str, Any]:
@@ -59,13 +63,16 @@ def training_state(
     rng: list[dict[str, Any]],
     class_names: Mapping[int, str] | None = None,
     aids: nn.Module | None = None,
+    ema: AveragedModel | None = None,
 ) -> dict[str, Any]:
     """The checkpoint dict after ``epoch`` (0-based, completed); ``rng`` holds every process's RNG state and
     ``class_names`` maps category ids (labels) to names, so that inference can name what it finds. ``model`` is the
     detector's own state_dict; the training-only query ``aids`` (``models.training_queries.QueryAids``), when
-    given, go to a separate ``query_aids`` entry that only resuming reads."""
+    given, go to a separate ``query_aids`` entry that only resuming reads. With the weights' moving average ``ema``
+    (:mod:`.ema`), ``model`` holds the average (what every tool loads) and ``training_weights`` / ``ema_updates``
+    the optimiser's weights and the average's step count (what resuming reads)."""
     state = {
-        "model": model.state_dict(),
+        "model": (model if ema is None else ema.module).state_dict(),
         "optimizer": optimizer.state_dict(),
         "lr_scheduler": lr_scheduler.state_dict(),
         "epoch": epoch,
@@ -77,6 +84,9 @@ def training_state(
         state["scaler"] = scaler.state_dict()
     if aids is not None:
         state["query_aids"] = aids.state_dict()
+    if ema is not None:
+        state["training_weights"] = model.state_dict()
+        state["ema_updates"] = ema_updates(ema)
     return state
 
 
@@ -88,14 +98,15 @@ def restore_training_state(
     scaler: torch.amp.GradScaler | None,
     rank: int,
     aids: nn.Module | None = None,
+    ema: AveragedModel | None = None,
 ) -> int:
-    """Loads model, query aids, optimiser, schedule, scaler and this rank's RNG state; returns the epoch to start
-    from.
+    """Loads model, query aids, weight average, optimiser, schedule, scaler and this rank's RNG state; returns the
+    epoch to start from.
 
     Raises:
         CheckpointError: the checkpoint holds no training state (not this project's), does not fit the model, or
             was trained with other training-only query options (its ``query_aids`` entry, or none, against
-            ``aids``).
+            ``aids``) or another ``train.ema_decay`` setting (its ``training_weights``, or none, against ``ema``).
     """
     state, path = checkpoint.entries, checkpoint.path
     for key in ("optimizer", "lr_scheduler", "epoch"):
@@ -104,9 +115,13 @@ def restore_training_state(
                 f"checkpoint {path} ({checkpoint.format} format) has no '{key}' entry, so training cannot resume from "
                 "it; use train.finetune=PATH to start a new run from its weights"
             )
+    average = checkpoint.model
+    checkpoint = _training_weights(checkpoint, ema)
     try:
         load_checkpoint(model, checkpoint, reinit_class_heads=False)
-    except ValueError as exc:
+        if ema is not None:
+            restore_ema(ema, average, int(state["ema_updates"]))
+    except (ValueError, RuntimeError) as exc:
         raise CheckpointError(
             f"checkpoint {path} does not fit the configured model ({exc}); resume with the config it was trained with "
             "(config.yaml beside it)"
@@ -123,6 +138,27 @@ def restore_training_state(
     if rank < len(rngs):
         set_rng_state(rngs[rank])
     return int(state["epoch"]) + 1
+
+
+def _training_weights(checkpoint: Checkpoint, ema: AveragedModel | None) -> Checkpoint:
+    """The checkpoint with the optimiser's weights as its model: ``training_weights`` in a run with a weight
+    average, ``model`` in one without; both runs must agree."""
+    saved, path = checkpoint.entries.get("training_weights"), checkpoint.path
+    if saved is None and ema is None:
+        return checkpoint
+    if ema is None:
+        raise CheckpointError(
+            f"checkpoint {path} was trained with a moving average of the weights (its config.yaml sets "
+            "train.ema_decay) but this run has none: resume with the same train.ema_decay, or start a new run from "
+            "its averaged weights with train.finetune=PATH"
+        )
+    if saved is None:
+        raise CheckpointError(
+            f"checkpoint {path} has no 'training_weights' entry: it was trained without train.ema_decay, so a run "
+            "with a moving average cannot resume from it; resume with train.ema_decay=0, or start a new run from "
+            "its weights with train.finetune=PATH"
+        )
+    return dataclasses.replace(checkpoint, model=saved)
 
 
 def _restore_aids(checkpoint: Checkpoint, aids: nn.Module | None) -> None:
