@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from _repo import load_tool
+from _repo import config_path, load_tool
 
 from deformable.data.layouts import read_split
-from models.config import DataConfig
+from models.config import DataConfig, load_config
 
 make_clutter = load_tool("experiments/make_clutter")
 ablation = load_tool("experiments/convergence_ablation")
@@ -80,3 +80,15 @@ def test_ablation_resumes_without_rerunning_and_tables_every_seed(tmp_path, caps
     assert "| demo | none | 3 | 0.100 / 0.200 | 0.200 / 0.400 | 0.150 | 0.300 | 4.0 / 4.0 |" in table
     assert table.index("| demo | none |") < table.index("| demo | all |")
     assert ablation.main([*argv[:2], "--data", "demo"]) == 2
+
+
+def test_training_option_rows_set_every_option_whatever_the_config_ships() -> None:
+    keys = {"training_queries.dn_groups", "training_queries.query_groups", "loss.iou_aware"}
+    for option in ablation.DEFAULT_OPTIONS:
+        assert {override.split("=")[0] for override in ablation.OPTIONS[option]} == keys, option
+    shipped = load_config(config_path("custom.yaml"))
+    assert shipped.training_queries.dn_groups > 0  # the recipe has denoising on: "none" must turn it off
+    none = load_config(config_path("custom.yaml"), ablation.OPTIONS["none"])
+    assert (none.training_queries.dn_groups, none.training_queries.query_groups, none.loss.iou_aware) == (0, 1, False)
+    recipe = load_config(config_path("custom.yaml"), ablation.OPTIONS["recipe"])
+    assert recipe == shipped

@@ -14,7 +14,8 @@ is ``tools/train.py CONFIG`` in a subprocess with ``train.seed``, the epochs and
 AP50 are the last evaluation in its ``log.jsonl``, its minutes the wall time of the subprocess (data loading,
 training and the final evaluation). Runs already in ``OUT/results.jsonl`` are skipped, so a killed ablation resumes
 where it stopped. Options (``--options``, default the five of issue 19): see OPTIONS; ``enc_cope`` / ``dec_cope`` /
-``cope`` compare CoPE offsets with the linear ones (``none``). ``--set KEY=VALUE ...`` adds overrides to every run
+``cope`` compare CoPE offsets with the linear ones (``recipe``: the config as written, its denoising default
+included; ``none`` turns every training option off). ``--set KEY=VALUE ...`` adds overrides to every run
 (e.g. ``data.hflip=false`` where a flip would change the labels).
 """
 
@@ -27,13 +28,23 @@ import subprocess
 import sys
 import time
 
+# Each training option set explicitly, so that a row means the same whatever the config turns on by default
+# (configs/custom.yaml and configs/shapes.yaml ship with denoising on).
+_OFF = {
+    "dn": "training_queries.dn_groups=0",
+    "groups": "training_queries.query_groups=1",
+    "iou": "loss.iou_aware=false",
+}
+_ON = {"dn": "training_queries.dn_groups=5", "groups": "training_queries.query_groups=3", "iou": "loss.iou_aware=true"}
 OPTIONS = {
-    "none": [],
-    "denoising": ["training_queries.dn_groups=5"],
-    "groups": ["training_queries.query_groups=3"],
-    "iou_aware": ["loss.iou_aware=true"],
-    "all": ["training_queries.dn_groups=5", "training_queries.query_groups=3", "loss.iou_aware=true"],
-    # CoPE offsets (issue 17), against "none" (linear offsets): not part of the default set.
+    "none": [_OFF["dn"], _OFF["groups"], _OFF["iou"]],
+    "denoising": [_ON["dn"], _OFF["groups"], _OFF["iou"]],
+    "groups": [_OFF["dn"], _ON["groups"], _OFF["iou"]],
+    "iou_aware": [_OFF["dn"], _OFF["groups"], _ON["iou"]],
+    "all": [_ON["dn"], _ON["groups"], _ON["iou"]],
+    # The config as written (its own training options), and CoPE offsets (issue 17) on top of it, compared with
+    # "recipe" (linear offsets): not part of the default set.
+    "recipe": [],
     "enc_cope": ["model.enc_offset_mode=cope"],
     "dec_cope": ["model.dec_offset_mode=cope"],
     "cope": ["model.enc_offset_mode=cope", "model.dec_offset_mode=cope"],
