@@ -10,9 +10,10 @@ count is the pixel coordinate and the module is the plain one, as relative posit
 CoPE (:mod:`deformable.cope`, the 1-D block).
 
 Why it is cheap: the gates depend on the key only (the query's say is in the mix), so the cumulative counts of a
-line are shared by every query on it and computed once per map (``O(S * M * R)``). A sampling point then costs a
-binary search along its line for the pixel where the count reaches its target (``O(log W)`` reads of a line in
-cache) and a division: the exact inverse of the piecewise-linear count. The fused op
+line are shared by every query on it and computed once per map (``O(S * M * R)``); the key's gate features are one
+small projection (G channels) shared by every head, each head and channel reading it with its own gate query. A
+sampling point then costs a binary search along its line for the pixel where the count reaches its target
+(``O(log W)`` reads of a line in cache) and a division: the exact inverse of the piecewise-linear count. The fused op
 :func:`~deformable.cope_locate.cope_locate` does the searches and the mix. Nothing is of size queries x line length.
 
 Conventions (pixel j of a line of length W covers the edge coordinate ``[j, j + 1]``, edge coordinate =
@@ -43,7 +44,8 @@ class CoPESampling(nn.Module):
     """Sampling locations from contextual offsets (``MSDeformAttn(offset_mode="cope")``).
 
     Parameters (state_dict keys, under ``cope.`` in ``MSDeformAttn``):
-        ``gate_key`` Linear(d_model, M*G): a gate key per head at every input position; xavier, zero bias.
+        ``gate_key`` Linear(d_model, G): the gate key at every input position, shared by the heads; xavier, zero
+        bias.
         ``gate_query`` ``(M, R, G)``: what each counting channel looks for in the keys; zero-initialised.
         ``gate_bias`` ``(M, L, R)``: per head, level and channel; initialised to ``gate_bias_init``.
         ``channel_mix`` Linear(d_model, M*2*R): each query's weights of the channels per head and axis (x, y),
@@ -51,7 +53,7 @@ class CoPESampling(nn.Module):
 
     Gate of key j for head m, channel r, level l, and its count density:
     ``g = sigmoid((k_j . gate_query_mr) / gate_temperature + bias_mlr)`` with ``k_j`` normalised to unit
-    RMS per head, and ``density = g * valid_j / sigmoid(gate_bias_init)`` (``valid_j`` 0 at padded keys).
+    RMS, and ``density = g * valid_j / sigmoid(gate_bias_init)`` (``valid_j`` 0 at padded keys).
 
     Why this parametrisation: the zero gate queries make every gate ``sigmoid(gate_bias_init)`` at initialisation,
     so every density is exactly 1 and a fresh module samples where the plain one does, whatever the mix; the random
@@ -64,14 +66,14 @@ class CoPESampling(nn.Module):
     boxes ``u`` is scaled as the plain module scales pixels: ``u * w * W_l / (2 * P)`` counts along x (likewise y),
     so an initial box is ``2 * P`` units wide, as in the plain module.
 
-    Cost: the gates ``O(S * M * R * G)``, the cumulative counts ``O(S * M * R)`` per axis, and one short search per
-    sampling point and channel (:func:`~deformable.cope_locate.cope_locate`).
+    Cost: the gates ``O(S * G * (C + M * R))``, the cumulative counts ``O(S * M * R)`` per axis, and one short search
+    per sampling point and channel (:func:`~deformable.cope_locate.cope_locate`).
 
     Args:
         d_model: hidden size C.
         n_levels, n_heads, n_points: L, M, P of the parent module.
         channels: counting channels R per head.
-        gate_dim: channels G of the gate keys per head.
+        gate_dim: channels G of the gate keys (shared by the heads).
         gate_bias_init: initial gate bias; also fixes the count unit (``sigmoid(gate_bias_init)`` = 1 count).
         gate_temperature: divides the gate logits ``k . gate_query``.
     """
@@ -101,7 +103,7 @@ class CoPESampling(nn.Module):
         self.gate_bias_init = gate_bias_init
         self.logit_scale = 1.0 / gate_temperature
         self.count_scale = 1.0 + math.exp(-gate_bias_init)  # 1 / sigmoid(gate_bias_init): a fully open gate's count
-        self.gate_key = nn.Linear(d_model, n_heads * gate_dim)
+        self.gate_key = nn.Linear(d_model, gate_dim)
         self.gate_query = nn.Parameter(torch.empty(n_heads, channels, gate_dim))
         self.gate_bias = nn.Parameter(torch.empty(n_heads, n_levels, channels))
         self.channel_mix = nn.Linear(d_model, n_heads * 2 * channels)
@@ -157,9 +159,10 @@ class CoPESampling(nn.Module):
     ) -> list[torch.Tensor]:
         """Count densities per level, ``(N, H_l, W_l, M, R)`` in ``dtype``: 1 at initialisation, 0 at padding."""
         n, len_in, _ = input_flatten.shape
-        keys = self.gate_key(input_flatten).to(dtype).view(n, len_in, self.n_heads, self.gate_dim)
+        keys = self.gate_key(input_flatten).to(dtype)  # (N, S, G)
         keys = keys * torch.rsqrt(keys.square().mean(-1, keepdim=True) + _RMS_EPS)
-        logits = torch.einsum("nsmg,mrg->nsmr", keys, self.gate_query.to(dtype) * self.logit_scale)  # (N, S, M, R)
+        queries = (self.gate_query.to(dtype) * self.logit_scale).reshape(-1, self.gate_dim)  # (M*R, G)
+        logits = (keys @ queries.T).view(n, len_in, self.n_heads, self.channels)  # (N, S, M, R)
         valid = None if padding_mask is None else (~padding_mask).to(dtype)
         out, start = [], 0
         for lvl, (h, w) in enumerate(shapes):

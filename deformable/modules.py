@@ -41,7 +41,7 @@ class MSDeformAttn(nn.Module):
         offset_mode: ``"linear"`` (the original: offsets in pixels of the level, or box fractions) or ``"cope"``
             (offsets in contextual counts along the row and column through the reference point, see
             :mod:`deformable.cope_sampling`).
-        cope_gate_dim: channels per head of the gate keys (``"cope"`` only).
+        cope_gate_dim: channels of the gate keys, shared by the heads (``"cope"`` only).
         cope_channels: counting channels per head that each query mixes (``"cope"`` only).
     """
 

@@ -128,8 +128,8 @@ def test_cope_adds_only_its_gate_parameters() -> None:
     cope = MSDeformAttn(D_MODEL, len(SHAPES), N_HEADS, N_POINTS, offset_mode="cope", cope_gate_dim=4, cope_channels=3)
     extra = {k: tuple(v.shape) for k, v in cope.state_dict().items() if k not in linear.state_dict()}
     assert extra == {
-        "cope.gate_key.weight": (N_HEADS * 4, D_MODEL),
-        "cope.gate_key.bias": (N_HEADS * 4,),
+        "cope.gate_key.weight": (4, D_MODEL),
+        "cope.gate_key.bias": (4,),
         "cope.gate_query": (N_HEADS, 3, 4),
         "cope.gate_bias": (N_HEADS, len(SHAPES), 3),
         "cope.channel_mix.weight": (N_HEADS * 2 * 3, D_MODEL),
