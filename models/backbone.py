@@ -121,19 +121,14 @@ def resnet_backbone(
             "weights: use model.backbone_norm=frozen_bn with model.pretrained_backbone=true"
         )
     weights = getattr(torchvision.models, RESNET_WEIGHTS[name]).IMAGENET1K_V1 if pretrained else None
-    if norm == "gn":
-        net = getattr(torchvision.models, name)(
-            weights=None,
-            replace_stride_with_dilation=[False, False, dilation],
-            norm_layer=lambda channels: nn.GroupNorm(32, channels),
-            zero_init_residual=True,
-        )
-        trainable: tuple[str, ...] | None = ("",) if train_backbone else None
-    else:
-        net = getattr(torchvision.models, name)(
-            weights=weights, replace_stride_with_dilation=[False, False, dilation], norm_layer=FrozenBatchNorm2d
-        )
-        trainable = ("layer2", "layer3", "layer4") if train_backbone else None
+    group_norm = norm == "gn"
+    net = getattr(torchvision.models, name)(
+        weights=weights,
+        replace_stride_with_dilation=[False, False, dilation],
+        norm_layer=(lambda channels: nn.GroupNorm(32, channels)) if group_norm else FrozenBatchNorm2d,
+        zero_init_residual=group_norm,
+    )
+    trainable = (("",) if group_norm else ("layer2", "layer3", "layer4")) if train_backbone else None
     _freeze(net, trainable)
     layers = ["layer2", "layer3", "layer4"][-num_levels:]
     strides = [8, 16, 16 if dilation else 32][-num_levels:]

@@ -125,15 +125,19 @@ def train_one_epoch(
 
 def _forward(model: nn.Module, images: torch.Tensor, mask: torch.Tensor, targets: list[dict]) -> dict:
     """A ``TrainingDetector`` (DDP-wrapped or not) takes the targets, a bare detector does not."""
-    inner = model.module if isinstance(model, DistributedDataParallel) else model
-    if isinstance(inner, TrainingDetector):
+    if isinstance(_unwrap(model), TrainingDetector):
         return model(images, mask, targets)
     return model(images, mask)
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (``model`` itself when not wrapped)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
 def _detector(model: nn.Module) -> nn.Module:
     """The detector inside a ``TrainingDetector`` and/or DDP wrapper."""
-    inner = model.module if isinstance(model, DistributedDataParallel) else model
+    inner = _unwrap(model)
     return inner.detector if isinstance(inner, TrainingDetector) else inner
 
 

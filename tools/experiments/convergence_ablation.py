@@ -30,18 +30,24 @@ import time
 
 # Each training option set explicitly, so that a row means the same whatever the config turns on by default
 # (configs/custom.yaml and configs/shapes.yaml ship with denoising on).
-_OFF = {
-    "dn": "training_queries.dn_groups=0",
-    "groups": "training_queries.query_groups=1",
-    "iou": "loss.iou_aware=false",
+_TRAINING_OPTIONS = {  # name: (off, on)
+    "dn": ("training_queries.dn_groups=0", "training_queries.dn_groups=5"),
+    "groups": ("training_queries.query_groups=1", "training_queries.query_groups=3"),
+    "iou": ("loss.iou_aware=false", "loss.iou_aware=true"),
 }
-_ON = {"dn": "training_queries.dn_groups=5", "groups": "training_queries.query_groups=3", "iou": "loss.iou_aware=true"}
+
+
+def _with(*on: str) -> list[str]:
+    """Overrides turning the ``on`` training options on and every other one off."""
+    return [values[name in on] for name, values in _TRAINING_OPTIONS.items()]
+
+
 OPTIONS = {
-    "none": [_OFF["dn"], _OFF["groups"], _OFF["iou"]],
-    "denoising": [_ON["dn"], _OFF["groups"], _OFF["iou"]],
-    "groups": [_OFF["dn"], _ON["groups"], _OFF["iou"]],
-    "iou_aware": [_OFF["dn"], _OFF["groups"], _ON["iou"]],
-    "all": [_ON["dn"], _ON["groups"], _ON["iou"]],
+    "none": _with(),
+    "denoising": _with("dn"),
+    "groups": _with("groups"),
+    "iou_aware": _with("iou"),
+    "all": _with("dn", "groups", "iou"),
     # The config as written (its own training options), and CoPE offsets (issue 17) on top of it, compared with
     # "recipe" (linear offsets): not part of the default set.
     "recipe": [],
