@@ -50,6 +50,20 @@ def test_clutter_is_deterministic_per_seed_and_refuses_a_used_folder(tmp_path, c
     assert f"{a} exists and is not empty" in capsys.readouterr().err
 
 
+def test_clutter_classes_and_sizes_options(tmp_path, capsys) -> None:
+    root = str(tmp_path / "clutter5")
+    assert make_clutter.main([root, "--train", "8", "--val", "1", "--classes", "5", "--sizes", "24", "96"]) == 0
+    coco = read_split(DataConfig(root=root), "train").coco
+    assert [c["name"] for c in coco["categories"]] == make_clutter.CLASSES[:5]
+    assert {a["category_id"] for a in coco["annotations"]} <= set(range(1, 6))
+    # the glyph is drawn about MIN-MAX px tall; its tight box can be a little shorter (the font's ascent)
+    assert min(a["bbox"][3] for a in coco["annotations"]) >= 24 * 0.6
+    for bad in (["--classes", "0"], ["--classes", "9"], ["--sizes", "50", "20"], ["--sizes", "2", "20"]):
+        with pytest.raises(SystemExit):
+            make_clutter.main([str(tmp_path / "bad"), *bad])
+    assert "--classes must be between 1 and 8" in capsys.readouterr().err
+
+
 def test_ablation_data_specs() -> None:
     assert ablation.parse_data("demo=configs/shapes.yaml:3") == ("demo", "configs/shapes.yaml", 3, None)
     assert ablation.parse_data("r=configs/custom.yaml:6:/data/r:x") == ("r", "configs/custom.yaml", 6, "/data/r:x")

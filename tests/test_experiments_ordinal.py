@@ -77,7 +77,7 @@ def test_ordinal_is_deterministic_per_seed_and_refuses_a_used_folder(tmp_path, c
         assert make_ordinal.main([root, "--train", "3", "--val", "2", "--seed", seed, "--size", "112"]) == 0
     assert files(a) == files(b)
     assert files(a).keys() == files(c).keys()
-    assert files(a)["train2017/000000.jpg"] != files(c)["train2017/000000.jpg"]
+    assert files(a)["train2017/000001.jpg"] != files(c)["train2017/000001.jpg"]
     with open(f"{a}/annotations/instances_train2017.json", encoding="utf-8") as f_a:
         with open(f"{c}/annotations/instances_train2017.json", encoding="utf-8") as f_c:
             assert json.load(f_a)["annotations"] != json.load(f_c)["annotations"]

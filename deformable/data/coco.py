@@ -138,37 +138,39 @@ def drop_unused_supercategories(payload: dict[str, Any]) -> list[dict[str, Any]]
 
 def write_coco_split(
     root: str,
-    split: str,
-    samples: Iterable[tuple[np.ndarray, list[tuple[int, Sequence[float]]]]],
+    folder: str,
+    samples: Iterable[tuple[np.ndarray, Sequence[tuple]]],
     class_names: Sequence[str],
     supercategory: str,
     description: str,
 ) -> list[int]:
-    """Writes one split in the COCO layout the readers detect: ``root/<split>2017/NNNNNN.jpg`` (JPEG quality 92)
-    and ``root/annotations/instances_<split>2017.json``.
+    """Writes one split in the COCO layout the readers detect: ``root/<folder>/NNNNNN.jpg`` (JPEG quality 92, named
+    by the image id, 1, 2, ... in order) and ``root/annotations/instances_<folder>.json`` (``folder``: ``train2017``,
+    ``val2017``, ...).
 
     Args:
-        samples: ``(image, objects)`` per image: a BGR ``uint8 (H, W, 3)`` array and ``(label, (x0, y0, x1, y1))``
-            boxes in pixels, labels 1-based indices into ``class_names`` (the category ids).
+        samples: ``(image, objects)`` per image: a BGR ``uint8 (H, W, 3)`` array and its objects as
+            ``(label, (x0, y0, x1, y1))`` boxes in pixels, labels 1-based indices into ``class_names`` (the category
+            ids), or ``(label, box, area)`` where the object's pixel area is not its box's (a drawn mask).
 
     Returns:
         The number of objects per class.
     """
-    folder = os.path.join(root, f"{split}2017")
-    os.makedirs(folder)
+    os.makedirs(os.path.join(root, folder))
     images, annotations = [], []
     per_class = [0] * len(class_names)
     for i, (image, objects) in enumerate(samples):
-        name = f"{i:06d}.jpg"
-        cv2.imwrite(os.path.join(folder, name), image, [cv2.IMWRITE_JPEG_QUALITY, 92])
+        name = f"{i + 1:06d}.jpg"  # the image id
+        cv2.imwrite(os.path.join(root, folder, name), image, [cv2.IMWRITE_JPEG_QUALITY, 92])
         images.append({"id": i + 1, "file_name": name, "height": image.shape[0], "width": image.shape[1]})
-        for label, (x0, y0, x1, y1) in objects:
+        for label, (x0, y0, x1, y1), *area in objects:
             per_class[label - 1] += 1
-            box = {"bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0}
+            box_area = area[0] if area else (x1 - x0) * (y1 - y0)
+            box = {"bbox": [x0, y0, x1 - x0, y1 - y0], "area": box_area, "iscrowd": 0}
             annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": label, **box})
     categories = [{"id": i + 1, "name": n, "supercategory": supercategory} for i, n in enumerate(class_names)]
     payload = {"info": {"description": description}, "images": images, "annotations": annotations}
     os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
-    with open(os.path.join(root, "annotations", f"instances_{split}2017.json"), "w", encoding="utf-8") as f:
+    with open(os.path.join(root, "annotations", f"instances_{folder}.json"), "w", encoding="utf-8") as f:
         json.dump({**payload, "categories": categories}, f)
     return per_class

@@ -23,6 +23,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from deformable.data.coco import write_coco_split
 from models.config import ConfigError, DataConfig
 
 CATEGORIES = ["circle", "square", "triangle"]  # category ids 1..3, so model.num_classes = 4
@@ -82,12 +83,13 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
     return np.clip(canvas, 0, 255).astype(np.uint8)
 
 
-def _image(rng: np.random.Generator, image_size: int, max_objects: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """One image (H, W, 3) RGB and its annotations (without ids); H and W are drawn in [0.75, 1] x image_size."""
+def _image(rng: np.random.Generator, image_size: int, max_objects: int) -> tuple[np.ndarray, list[tuple]]:
+    """One image (H, W, 3) BGR and its objects as ``(category id, (x0, y0, x1, y1), pixel area)``; H and W are drawn
+    in [0.75, 1] x image_size."""
     height, width = (int(rng.integers(int(0.75 * image_size), image_size + 1)) for _ in range(2))
     canvas = _background(rng, height, width)
     placed: list[np.ndarray] = []
-    annotations = []
+    objects = []
     for _ in range(int(rng.integers(1, max_objects + 1))):
         for _attempt in range(20):
             r = rng.uniform(0.08, 0.22) * min(height, width)
@@ -104,34 +106,16 @@ def _image(rng: np.random.Generator, image_size: int, max_objects: int) -> tuple
         if len(xs) == 0:
             continue
         placed.append(box)
-        x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
-        annotations.append(
-            {"category_id": label + 1, "bbox": [x0, y0, x1 - x0, y1 - y0], "area": int(mask.sum()), "iscrowd": 0}
+        objects.append(
+            (label + 1, (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1), int(mask.sum()))
         )
-    return canvas, annotations
+    return cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR), objects
 
 
 def _write_split(root: str, split: str, count: int, image_size: int, max_objects: int, seed: int) -> None:
     rng = np.random.default_rng([seed, 0 if split.startswith("train") else 1])
-    os.makedirs(os.path.join(root, split))
-    images, annotations = [], []
-    for image_id in range(1, count + 1):
-        canvas, anns = _image(rng, image_size, max_objects)
-        file_name = f"{image_id:06d}.jpg"
-        bgr = cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR)
-        cv2.imwrite(os.path.join(root, split, file_name), bgr, [cv2.IMWRITE_JPEG_QUALITY, 92])
-        images.append({"id": image_id, "file_name": file_name, "height": canvas.shape[0], "width": canvas.shape[1]})
-        for ann in anns:
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, **ann})
-    categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CATEGORIES)]
-    payload = {
-        "info": {"description": f"synthetic shapes, seed {seed}"},
-        "images": images,
-        "annotations": annotations,
-        "categories": categories,
-    }
-    with open(os.path.join(root, "annotations", f"instances_{split}.json"), "w", encoding="utf-8") as f:
-        json.dump(payload, f)
+    samples = (_image(rng, image_size, max_objects) for _ in range(count))
+    write_coco_split(root, split, samples, CATEGORIES, "shape", f"synthetic shapes, seed {seed}")
 
 
 def read_marker(root: str) -> dict[str, Any] | None:
@@ -182,7 +166,6 @@ def make_shapes(
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.abspath(root))}-")
     try:
-        os.makedirs(os.path.join(tmp, "annotations"))
         _write_split(tmp, train_split, train_images, image_size, max_objects, seed)
         _write_split(tmp, val_split, val_images, image_size, max_objects, seed)
         with open(os.path.join(tmp, MARKER), "w", encoding="utf-8") as f:

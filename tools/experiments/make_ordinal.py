@@ -116,7 +116,9 @@ def write_split(root: str, split: str, count: int, size: int, seed: int) -> list
     """Writes ``count`` images of one split and its COCO annotation file; returns the number of objects per class."""
     rng = np.random.default_rng([seed, 0 if split == "train" else 1])
     samples = (make_image(rng, size) for _ in range(count))
-    return write_coco_split(root, split, samples, CLASSES, "ordinal", f"synthetic ordinal rows, seed {seed}, {size} px")
+    return write_coco_split(
+        root, f"{split}2017", samples, CLASSES, "ordinal", f"synthetic ordinal rows, seed {seed}, {size} px"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
