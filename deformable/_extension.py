@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -58,3 +59,42 @@ def build_info() -> str:
 
 # Looked up once: a dispatcher query inside the op's Python wrapper would break torch.compile(fullgraph=True).
 NATIVE_DEVICES: frozenset[str] = frozenset(d for d in ("cpu", "cuda") if native_supports(d))
+
+
+def register_native_op(
+    name: str,
+    check: Callable[..., None],
+    output_like: Callable[..., torch.Tensor],
+    differentiable: Sequence[bool],
+) -> None:
+    """Fake kernels and autograd for the native op ``deformable::<name>`` and its ``<name>_backward``.
+
+    Args:
+        check: ``check(*inputs)`` raises on inputs the kernels refuse: the fake kernels run it too, so a traced call
+            with bad shapes fails instead of returning garbage.
+        output_like: ``output_like(*inputs)`` -> an empty tensor shaped like the forward's output.
+        differentiable: one flag per input; the backward op returns one gradient per flagged input, in order, each
+            shaped like that input (the kernels return fresh contiguous tensors whatever the input strides).
+    """
+    qualified = f"deformable::{name}"
+    backward_op = getattr(torch.ops.deformable, f"{name}_backward")
+    flagged = [i for i, flag in enumerate(differentiable) if flag]
+
+    def forward_fake(*inputs):
+        check(*inputs)
+        return output_like(*inputs)
+
+    def backward_fake(grad_output, *inputs):
+        check(*inputs)
+        return tuple(inputs[i].new_empty(inputs[i].shape) for i in flagged)
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def backward(ctx, grad_output):
+        grads = iter(backward_op(grad_output, *ctx.saved_tensors))
+        return tuple(next(grads) if flag else None for flag in differentiable)
+
+    torch.library.register_fake(qualified)(forward_fake)
+    torch.library.register_fake(f"{qualified}_backward")(backward_fake)
+    torch.library.register_autograd(qualified, backward, setup_context=setup_context)

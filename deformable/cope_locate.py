@@ -114,36 +114,10 @@ def _check_fake(edges, lines, ref, offsets, mix) -> None:
         torch._check(size == expected, lambda name=name: f"cope_locate: {name} does not match lines {lines.shape}")
 
 
-def _register() -> None:
-    """Fake kernels and autograd for the native op (needs the loaded extension)."""
-
-    @torch.library.register_fake("deformable::cope_locate")
-    def _forward_fake(edges, lines, ref, offsets, mix):
-        _check_fake(edges, lines, ref, offsets, mix)
-        return offsets.new_empty(offsets.shape)
-
-    @torch.library.register_fake("deformable::cope_locate_backward")
-    def _backward_fake(grad_output, edges, lines, ref, offsets, mix):
-        _check_fake(edges, lines, ref, offsets, mix)
-        return (
-            edges.new_empty(edges.shape),
-            ref.new_empty(ref.shape),
-            offsets.new_empty(offsets.shape),
-            mix.new_empty(mix.shape),
-        )
-
-    def _setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    def _backward(ctx, grad_output):
-        edges, lines, ref, offsets, mix = ctx.saved_tensors
-        grad_edges, grad_ref, grad_offsets, grad_mix = torch.ops.deformable.cope_locate_backward(
-            grad_output, edges, lines, ref, offsets, mix
-        )
-        return grad_edges, None, grad_ref, grad_offsets, grad_mix
-
-    torch.library.register_autograd("deformable::cope_locate", _backward, setup_context=_setup_context)
+def _output_like(edges, lines, ref, offsets, mix) -> torch.Tensor:
+    return offsets.new_empty(offsets.shape)
 
 
 if _extension.extension_loaded():
-    _register()
+    # edges, lines, ref, offsets, mix
+    _extension.register_native_op("cope_locate", _check_fake, _output_like, (True, False, True, True, True))

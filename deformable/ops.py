@@ -72,40 +72,18 @@ def ms_deform_attn(
     )
 
 
-def _register() -> None:
-    """Fake kernels and autograd for the native op (needs the loaded extension)."""
+def _check_fake(value, spatial_shapes, level_start_index, sampling_locations, attention_weights) -> None:
+    # A meta tensor among real ones also routes the call to the fake kernel: the same checks as the kernels.
+    check_shapes(value, sampling_locations, attention_weights, spatial_shapes, level_start_index)
 
-    @torch.library.register_fake("deformable::ms_deform_attn")
-    def _forward_fake(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-        # A meta tensor among real ones also routes the call here: the same checks, so it cannot return garbage.
-        check_shapes(value, sampling_locations, attention_weights, spatial_shapes, level_start_index)
-        n, _, m, d = value.shape
-        return value.new_empty((n, sampling_locations.shape[1], m * d))
 
-    @torch.library.register_fake("deformable::ms_deform_attn_backward")
-    def _backward_fake(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-        check_shapes(value, sampling_locations, attention_weights, spatial_shapes, level_start_index)
-        # The kernels return fresh contiguous tensors whatever the input strides.
-        return (
-            value.new_empty(value.shape),
-            sampling_locations.new_empty(sampling_locations.shape),
-            attention_weights.new_empty(attention_weights.shape),
-        )
-
-    def _setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    def _backward(ctx, grad_output):
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
-        grad_value, grad_locations, grad_weights = torch.ops.deformable.ms_deform_attn_backward(
-            grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights
-        )
-        return grad_value, None, None, grad_locations, grad_weights
-
-    torch.library.register_autograd("deformable::ms_deform_attn", _backward, setup_context=_setup_context)
+def _output_like(value, spatial_shapes, level_start_index, sampling_locations, attention_weights) -> torch.Tensor:
+    n, _, m, d = value.shape
+    return value.new_empty((n, sampling_locations.shape[1], m * d))
 
 
 if _extension.extension_loaded():
-    _register()
+    # value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+    _extension.register_native_op("ms_deform_attn", _check_fake, _output_like, (True, False, False, True, True))
 
 __all__ = ["SpatialShapes", "ms_deform_attn", "ms_deform_attn_pytorch"]
