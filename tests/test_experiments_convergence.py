@@ -98,7 +98,7 @@ def test_ablation_resumes_without_rerunning_and_tables_every_seed(tmp_path, caps
 
 def test_training_option_rows_set_every_option_whatever_the_config_ships() -> None:
     keys = {"training_queries.dn_groups", "training_queries.query_groups", "loss.iou_aware"}
-    for option in ablation.DEFAULT_OPTIONS:
+    for option in [*ablation.DEFAULT_OPTIONS, "denoising_groups"]:
         assert {override.split("=")[0] for override in ablation.OPTIONS[option]} == keys, option
     shipped = load_config(config_path("custom.yaml"))
     assert shipped.training_queries.dn_groups > 0  # the recipe has denoising on: "none" must turn it off
