@@ -14,10 +14,9 @@ is ``tools/train.py CONFIG`` in a subprocess with ``train.seed``, the epochs and
 AP50 are the last evaluation in its ``log.jsonl``, its minutes the wall time of the subprocess (data loading,
 training and the final evaluation). Runs already in ``OUT/results.jsonl`` are skipped, so a killed ablation resumes
 where it stopped. Options (``--options``, default the five of issue 19; ``denoising_groups`` is the pair without
-the IoU-aware loss): see OPTIONS; ``enc_cope`` / ``dec_cope`` /
-``cope`` compare CoPE offsets with the linear ones (``recipe``: the config as written, its denoising default
-included; ``none`` turns every training option off). ``--set KEY=VALUE ...`` adds overrides to every run
-(e.g. ``data.hflip=false`` where a flip would change the labels).
+the IoU-aware loss): see OPTIONS; ``enc_cope`` / ``dec_cope`` / ``cope`` compare CoPE offsets with the linear ones
+(``recipe``: the config as written, its denoising default included; ``none`` turns every training option off).
+``--set KEY=VALUE ...`` adds overrides to every run (e.g. ``data.hflip=false`` where a flip would change the labels).
 """
 
 from __future__ import annotations
