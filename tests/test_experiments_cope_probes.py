@@ -13,7 +13,14 @@ from _repo import load_tool
 counting = load_tool("experiments/cope_counting")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-PROBE_NAMES = ["points-2", "heads-8-adamw", "two-levels-noisy"]
+PROBE_NAMES = [
+    "points-2",
+    "heads-8-adamw",
+    "two-levels-noisy",
+    "k-5-heads-4-points-3",
+    "three-levels-sparse",
+    "small-slow",
+]
 
 
 def differences(probe) -> dict:
@@ -55,6 +62,28 @@ def test_probes_differ_from_the_default_as_stated() -> None:
         "noise": 0.3,
         "gaps": (3, 6),
         "ood_gaps": (7, 14),
+    }
+    assert differences(counting.PROBES["k-5-heads-4-points-3"]) == {
+        "task.max_k": 5,
+        "heads": 4,
+        "points": 3,
+        "gaps": (2, 4),
+        "ood_gaps": (5, 9),
+    }
+    assert differences(counting.PROBES["three-levels-sparse"]) == {
+        "task.width": 128,
+        "d_model": 48,
+        "levels": 3,
+        "noise": 0.1,
+        "gaps": (4, 8),
+        "ood_gaps": (9, 16),
+    }
+    assert differences(counting.PROBES["small-slow"]) == {
+        "d_model": 16,
+        "lr": 1e-3,
+        "batch": 16,
+        "gaps": (1, 4),
+        "ood_gaps": (5, 10),
     }
 
 
@@ -145,3 +174,20 @@ def test_the_two_level_model_samples_both_levels_with_deterministic_noise() -> N
     clean.load_state_dict(model.state_dict())
     noise = seen["values"][:, : task.height * task.width] - clean.values(tokens)[:, : task.height * task.width]
     assert 0.2 < noise.std().item() < 0.4
+
+
+def test_each_further_level_pools_the_map_by_twice_as_many_columns() -> None:
+    task = counting.PROBES["three-levels-sparse"].task
+    model = counting.CountingModel(task, "linear", d_model=8, n_levels=3)
+    h, w = task.height, task.width
+    assert model.shapes.tolist() == [[h, w], [h, w // 2], [h, w // 4]]
+    assert model.starts.tolist() == [0, h * w, h * w + h * w // 2]
+    tokens, _, _, _ = counting.make_batch(task, 2, (4, 8), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        values = model.values(tokens)
+    assert values.shape == (2, h * w * 7 // 4, 8)
+    level0 = values[:, : h * w].view(2, h, w, 8)
+    level2 = values[:, h * w + h * w // 2 :].view(2, h, w // 4, 8)
+    assert torch.allclose(level2, level0.view(2, h, w // 4, 4, 8).mean(3), atol=1e-6)
+    with pytest.raises(ValueError, match="must divide the width 62"):
+        counting.CountingModel(counting.Task(width=62), "linear", n_levels=3)
