@@ -102,7 +102,8 @@ class CoPESampling(nn.Module):
         self.gate_dim = gate_dim
         self.gate_bias_init = gate_bias_init
         self.logit_scale = 1.0 / gate_temperature
-        self.count_scale = 1.0 + math.exp(-gate_bias_init)  # 1 / sigmoid(gate_bias_init): a fully open gate's count
+        # 1 / gate(gate_bias_init) = 1 + exp(-gate_bias_init): a fully open gate's count
+        self.count_scale = 1.0 / float(self.gate(torch.tensor(gate_bias_init, dtype=torch.float64)))
         self.gate_key = nn.Linear(d_model, gate_dim)
         self.gate_query = nn.Parameter(torch.empty(n_heads, channels, gate_dim))
         self.gate_bias = nn.Parameter(torch.empty(n_heads, n_levels, channels))
@@ -116,6 +117,10 @@ class CoPESampling(nn.Module):
         nn.init.constant_(self.gate_bias, self.gate_bias_init)
         nn.init.xavier_uniform_(self.channel_mix.weight)
         nn.init.zeros_(self.channel_mix.bias)
+
+    def gate(self, logits: torch.Tensor) -> torch.Tensor:
+        """Gates in ``[0, 1]`` from their logits: the sigmoid (the counting probe's ablations replace it)."""
+        return torch.sigmoid(logits)
 
     def forward(
         self,
@@ -167,7 +172,7 @@ class CoPESampling(nn.Module):
         out, start = [], 0
         for lvl, (h, w) in enumerate(shapes):
             level = logits[:, start : start + h * w] + self.gate_bias[:, lvl].to(dtype)
-            density = torch.sigmoid(level) * self.count_scale
+            density = self.gate(level) * self.count_scale
             if valid is not None:
                 density = density * valid[:, start : start + h * w, None, None]
             out.append(density.view(n, h, w, self.n_heads, self.channels))

@@ -191,3 +191,26 @@ def test_each_further_level_pools_the_map_by_twice_as_many_columns() -> None:
     assert torch.allclose(level2, level0.view(2, h, w // 4, 4, 8).mean(3), atol=1e-6)
     with pytest.raises(ValueError, match="must divide the width 62"):
         counting.CountingModel(counting.Task(width=62), "linear", n_levels=3)
+
+
+def test_accuracy_per_k_scores_each_k_on_its_own() -> None:
+    """A model that answers every query with the class of the first marker is right for k = 1 only."""
+    task = counting.Task()
+
+    class FirstMarker(counting.CountingModel):
+        def forward(self, tokens, ks, ref, generator=None):
+            x = (ref[:, :, 0, 0] * task.width).floor().long()  # (B, H*K)
+            row = (ref[:, :, 0, 1] * task.height).floor().long()
+            image = tokens.view(tokens.shape[0], task.height, task.width)
+            out = torch.zeros(*ks.shape, task.classes)
+            for b in range(tokens.shape[0]):
+                for q in range(ks.shape[1]):
+                    line = image[b, row[b, q], x[b, q] + 1 :]
+                    out[b, q, line[line > 0][0] - 1] = 1.0
+            return out
+
+    model = FirstMarker(task, "linear", d_model=8)
+    per_k = counting.accuracy_per_k(model, (2, 5), 256, seed=0)
+    assert per_k.shape == (task.max_k,)
+    assert per_k[0] == 1.0 and (per_k[1:] < 0.3).all()  # k > 1: right only when two markers share a class
+    assert counting.accuracy(model, (2, 5), 256, seed=0) == pytest.approx(per_k.mean().item())

@@ -47,7 +47,17 @@ VARIANTS = {
     "open-init": {"gate_bias_init": 3.0},  # gates start open (0.95)
     "closed-init": {"gate_bias_init": -3.0},  # gates start closed (0.05)
     "floor": {},  # density (1 - a) + a * density, a = sigmoid(learned), a = 0.5 at start: a residual mix
+    "odd-offsets": {},  # point i starts at 2i + 1 counts (1, 3, 5, ...) instead of i + 1
+    "hard-gates": {},  # gate clamp(1/2 + logit/4, 0, 1) (sigmoid's slope at 0): exactly 0 or 1 at finite logits
+    "hard-gates-odd-offsets": {},
 }
+
+
+class HardGateSampling(CoPESampling):
+    """The "hard-gates" ablation: a piecewise-linear gate with the sigmoid's value and slope at 0."""
+
+    def gate(self, logits: torch.Tensor) -> torch.Tensor:
+        return (0.5 + logits / 4).clamp(0.0, 1.0)
 
 
 class FloorSampling(CoPESampling):
@@ -171,9 +181,19 @@ class CountingModel(nn.Module):
         self.tokens = nn.Embedding(task.classes + 1, d_model)
         self.queries = nn.Embedding(task.max_k + 1, d_model)
         self.attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, offset_mode=offset_mode)
-        if offset_mode == "cope" and variant != "default":
-            sampling = FloorSampling if variant == "floor" else CoPESampling
-            self.attn.cope = sampling(d_model, n_levels, n_heads, n_points, **VARIANTS[variant])
+        if offset_mode == "cope" and variant not in ("default", "odd-offsets"):  # the same draws, other biases
+            sampling = {"floor": FloorSampling, "hard-gates": HardGateSampling}.get(
+                variant.split("-odd")[0], CoPESampling
+            )
+            rebuilt = sampling(d_model, n_levels, n_heads, n_points, **VARIANTS[variant])
+            if variant.startswith("hard-gates"):  # the default's draws, so that only the gate function differs
+                rebuilt.load_state_dict(self.attn.cope.state_dict())
+            self.attn.cope = rebuilt
+        if offset_mode == "cope" and variant.endswith("odd-offsets"):
+            with torch.no_grad():
+                bias = self.attn.sampling_offsets.bias.view(n_heads, n_levels, n_points, 2)
+                i = torch.arange(n_points, dtype=bias.dtype).view(1, 1, -1, 1)
+                bias.mul_((2 * i + 1) / (i + 1))
         self.readout = nn.Linear(d_model, task.classes)
         shapes = torch.tensor([[task.height, task.width // 2**lvl] for lvl in range(n_levels)])
         self.register_buffer("shapes", shapes)
@@ -208,15 +228,24 @@ class CountingModel(nn.Module):
 
 
 @torch.no_grad()
-def accuracy(model: CountingModel, gaps: tuple[int, int], samples: int, seed: int) -> float:
+def accuracy_per_k(model: CountingModel, gaps: tuple[int, int], samples: int, seed: int) -> torch.Tensor:
+    """``(K,)`` the share of queries for the k-th marker (k = 1..K) answered right, on ``samples`` fresh images."""
     generator = torch.Generator().manual_seed(seed)
     noise = torch.Generator().manual_seed(seed + 1)  # apart, so the batches are the same with or without noise
-    correct = total = 0
+    k_max = model.task.max_k
+    correct = torch.zeros(k_max)
+    total = 0
     for _ in range(max(1, samples // 256)):
         tokens, ks, ref, targets = make_batch(model.task, 256, gaps, generator)
-        correct += (model(tokens, ks, ref, noise).argmax(-1) == targets).sum().item()
-        total += targets.numel()
+        right = model(tokens, ks, ref, noise).argmax(-1) == targets  # (B, H*K), k cycling fastest
+        correct += right.view(-1, k_max).sum(0)
+        total += right.numel() // k_max
     return correct / total
+
+
+def accuracy(model: CountingModel, gaps: tuple[int, int], samples: int, seed: int) -> float:
+    """The share of all queries answered right (every k equally often)."""
+    return accuracy_per_k(model, gaps, samples, seed).mean().item()
 
 
 def train(task: Task, offset_mode: str, seed: int, args: argparse.Namespace) -> CountingModel:
@@ -287,8 +316,8 @@ def main() -> None:
         f"{args.weight_decay}, batch {args.batch}; gaps {args.gaps} (train), {args.ood_gaps} (OOD); "
         f"{args.steps} steps, cope variant {args.variant}"
     )
-    print("| mode | seed | in-dist acc | OOD acc | train s |")
-    print("|---|---|---|---|---|")
+    print("| mode | seed | in-dist acc | OOD acc | OOD acc per k (1 / 2 / ...) | train s |")
+    print("|---|---|---|---|---|---|")
     results: dict[str, list[tuple[float, float]]] = {mode: [] for mode in args.modes}
     for mode in args.modes:
         for seed in args.seeds:
@@ -296,9 +325,11 @@ def main() -> None:
             model = train(task, mode, seed, args)
             seconds = time.perf_counter() - start
             ind = accuracy(model, args.gaps, args.eval_samples, seed=99)
-            ood = accuracy(model, args.ood_gaps, args.eval_samples, seed=99)
+            ood_per_k = accuracy_per_k(model, args.ood_gaps, args.eval_samples, seed=99)
+            ood = ood_per_k.mean().item()
             results[mode].append((ind, ood))
-            print(f"| {mode} | {seed} | {ind:.3f} | {ood:.3f} | {seconds:.0f} |", flush=True)
+            per_k = " / ".join(f"{a:.2f}" for a in ood_per_k.tolist())
+            print(f"| {mode} | {seed} | {ind:.3f} | {ood:.3f} | {per_k} | {seconds:.0f} |", flush=True)
     print()
     print("| mode | mean in-dist acc | mean OOD acc |")
     print("|---|---|---|")
