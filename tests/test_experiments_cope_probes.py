@@ -214,3 +214,27 @@ def test_accuracy_per_k_scores_each_k_on_its_own() -> None:
     assert per_k.shape == (task.max_k,)
     assert per_k[0] == 1.0 and (per_k[1:] < 0.3).all()  # k > 1: right only when two markers share a class
     assert counting.accuracy(model, (2, 5), 256, seed=0) == pytest.approx(per_k.mean().item())
+
+
+def test_the_offset_and_gate_ablations_change_only_what_they_name() -> None:
+    task = counting.Task()
+    torch.manual_seed(0)
+    base = counting.CountingModel(task, "cope", variant="default")
+    torch.manual_seed(0)
+    odd = counting.CountingModel(task, "cope", variant="odd-offsets")
+    torch.manual_seed(0)
+    hard = counting.CountingModel(task, "cope", variant="hard-gates")
+    # Head 0 samples along +x: its points start at 1, 2, 3, 4 counts, or 1, 3, 5, 7.
+    start = base.attn.sampling_offsets.bias.view(2, 1, 4, 2)[0, 0, :, 0]
+    assert start.tolist() == [1.0, 2.0, 3.0, 4.0]
+    assert odd.attn.sampling_offsets.bias.view(2, 1, 4, 2)[0, 0, :, 0].tolist() == [1.0, 3.0, 5.0, 7.0]
+    # odd-offsets: everything else is the default's draw. hard-gates: the CoPE part is the default's draw; the
+    # rebuilt module has drawn from the generator, so the read-out after it is another draw.
+    for other, expected in ((odd, {"attn.sampling_offsets.bias"}), (hard, {"readout.weight", "readout.bias"})):
+        differs = {
+            name for name, value in other.state_dict().items() if not torch.equal(value, base.state_dict()[name])
+        }
+        assert differs == expected
+    logits = torch.tensor([-3.0, -2.0, 0.0, 1.0, 2.0, 5.0])
+    assert hard.attn.cope.gate(logits).tolist() == [0.0, 0.0, 0.5, 0.75, 1.0, 1.0]
+    assert hard.attn.cope.count_scale == base.attn.cope.count_scale == 2.0

@@ -186,7 +186,7 @@ class CountingModel(nn.Module):
                 variant.split("-odd")[0], CoPESampling
             )
             rebuilt = sampling(d_model, n_levels, n_heads, n_points, **VARIANTS[variant])
-            if variant.startswith("hard-gates"):  # the default's draws, so that only the gate function differs
+            if variant.startswith("hard-gates"):  # the default's CoPE draws (the read-out after it is another draw)
                 rebuilt.load_state_dict(self.attn.cope.state_dict())
             self.attn.cope = rebuilt
         if offset_mode == "cope" and variant.endswith("odd-offsets"):
