@@ -122,6 +122,12 @@ class CoPESampling(nn.Module):
         """Gates in ``[0, 1]`` from their logits: the sigmoid (the counting probe's ablations replace it)."""
         return torch.sigmoid(logits)
 
+    def locate(
+        self, edges: torch.Tensor, lines: torch.Tensor, ref: torch.Tensor, offsets: torch.Tensor, mix: torch.Tensor
+    ) -> torch.Tensor:
+        """Where the points land: :func:`~deformable.cope_locate.cope_locate` (the ablations replace it)."""
+        return cope_locate(edges, lines, ref, offsets, mix)
+
     def forward(
         self,
         query: torch.Tensor,
@@ -215,7 +221,7 @@ class CoPESampling(nn.Module):
             if ref.shape[-1] == 4:  # box: u / P * half the box, in counts of an all-open line
                 u = u * (ref[..., 2 + axis] * (size / (2 * self.n_points)))[:, :, None, None]
             edge = (ref[..., axis] * size)[:, :, None].expand(-1, -1, m)  # (N, Lq, M)
-            located = cope_locate(edges, lines.view(-1, r), edge.reshape(-1), u.reshape(-1, u.shape[-1]), weights)
+            located = self.locate(edges, lines.view(-1, r), edge.reshape(-1), u.reshape(-1, u.shape[-1]), weights)
             locations[:, :, :, lvl, :, axis] = located.view(u.shape) / size
 
     @torch.no_grad()

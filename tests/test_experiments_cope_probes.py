@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from _repo import load_tool
@@ -238,3 +239,32 @@ def test_the_offset_and_gate_ablations_change_only_what_they_name() -> None:
     logits = torch.tensor([-3.0, -2.0, 0.0, 1.0, 2.0, 5.0])
     assert hard.attn.cope.gate(logits).tolist() == [0.0, 0.0, 0.5, 0.75, 1.0, 1.0]
     assert hard.attn.cope.count_scale == base.attn.cope.count_scale == 2.0
+
+
+def test_the_mixed_counts_ablation_inverts_the_mix_of_the_channels_counts() -> None:
+    from deformable.cope_locate import cope_locate_pytorch
+
+    generator = torch.Generator().manual_seed(0)
+    density = torch.rand(6, 9, generator=generator, dtype=torch.float64) * 2
+    density[:, 3] = 0.0  # a shut pixel on every line
+    edges = torch.cat([density.new_zeros(6, 1), density.cumsum(-1)], -1)
+    ref = torch.rand(10, generator=generator, dtype=torch.float64) * 11 - 1  # some outside [0, 9]
+    offsets = torch.randn(10, 3, generator=generator, dtype=torch.float64) * 4
+    one = torch.randint(0, 6, (10, 1), generator=generator)
+    ones = torch.ones(10, 1, dtype=torch.float64)
+    # One channel: the same as the module's inversion.
+    torch.testing.assert_close(
+        counting.mixed_count_locate(edges, one, ref, offsets, ones), cope_locate_pytorch(edges, one, ref, offsets, ones)
+    )
+    # Two channels: the mixed count at the landing point is the count at the reference plus the offset.
+    lines = torch.randint(0, 6, (10, 2), generator=generator)
+    mix = torch.softmax(torch.randn(10, 2, generator=generator, dtype=torch.float64), -1)
+    x = counting.mixed_count_locate(edges, lines, ref, offsets, mix)
+    mixed = (edges[lines] * mix[..., None]).sum(1)  # (10, 10)
+
+    def count(b: int, at: torch.Tensor) -> torch.Tensor:
+        inside = torch.from_numpy(np.interp(at.numpy(), np.arange(10), mixed[b].numpy()))
+        return torch.where(at < 0, at, torch.where(at > 9, mixed[b, -1] + at - 9, inside))
+
+    for b in range(10):
+        torch.testing.assert_close(count(b, x[b]) - count(b, ref[b : b + 1]), offsets[b])

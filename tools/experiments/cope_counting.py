@@ -50,7 +50,29 @@ VARIANTS = {
     "odd-offsets": {},  # point i starts at 2i + 1 counts (1, 3, 5, ...) instead of i + 1
     "hard-gates": {},  # gate clamp(1/2 + logit/4, 0, 1) (sigmoid's slope at 0): exactly 0 or 1 at finite logits
     "hard-gates-odd-offsets": {},
+    "mixed-counts": {},  # invert the query's mix of the channels' counts, not mix the channels' landing points
 }
+
+
+def mixed_count_locate(
+    edges: torch.Tensor, lines: torch.Tensor, ref: torch.Tensor, offsets: torch.Tensor, mix: torch.Tensor
+) -> torch.Tensor:
+    """The "mixed-counts" ablation of :func:`deformable.cope_locate.cope_locate`: each row's count is the mix of its
+    channels' counts, ``sum_r mix[b, r] * E[lines[b, r]]``, inverted exactly. In PyTorch, with a ``(B, W + 1)`` mixed
+    line per row: fine at the probe's sizes, not at a detector's."""
+    width = edges.shape[1] - 1
+    mixed = (edges[lines] * mix[..., None]).sum(1)  # (B, W + 1), non-decreasing for mix >= 0
+    k0 = ref.detach().floor().clamp(0, width - 1).long()[:, None]
+    low, high, total = mixed.gather(1, k0)[:, 0], mixed.gather(1, k0 + 1)[:, 0], mixed[:, -1]
+    c0 = torch.where(
+        ref < 0, ref, torch.where(ref > width, total + (ref - width), low + (ref - k0[:, 0]) * (high - low))
+    )
+    t = c0[:, None] + offsets  # (B, P)
+    k = (torch.searchsorted(mixed.detach().contiguous(), t.detach().contiguous(), right=True) - 1).clamp(0, width - 1)
+    low, high = mixed.gather(1, k), mixed.gather(1, k + 1)
+    inside = k + (t - low) / (high - low).clamp_min(1e-12)
+    total = total[:, None]
+    return torch.where(t < 0, t, torch.where(t >= total, width + (t - total), inside))
 
 
 class HardGateSampling(CoPESampling):
@@ -181,7 +203,11 @@ class CountingModel(nn.Module):
         self.tokens = nn.Embedding(task.classes + 1, d_model)
         self.queries = nn.Embedding(task.max_k + 1, d_model)
         self.attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, offset_mode=offset_mode)
-        if offset_mode == "cope" and variant not in ("default", "odd-offsets"):  # the same draws, other biases
+        if offset_mode == "cope" and variant not in (
+            "default",
+            "odd-offsets",
+            "mixed-counts",
+        ):  # the same draws, other biases
             sampling = {"floor": FloorSampling, "hard-gates": HardGateSampling}.get(
                 variant.split("-odd")[0], CoPESampling
             )
@@ -189,6 +215,8 @@ class CountingModel(nn.Module):
             if variant.startswith("hard-gates"):  # the default's CoPE draws (the read-out after it is another draw)
                 rebuilt.load_state_dict(self.attn.cope.state_dict())
             self.attn.cope = rebuilt
+        if offset_mode == "cope" and variant == "mixed-counts":
+            self.attn.cope.locate = mixed_count_locate  # the default's draws; only the inversion differs
         if offset_mode == "cope" and variant.endswith("odd-offsets"):
             with torch.no_grad():
                 bias = self.attn.sampling_offsets.bias.view(n_heads, n_levels, n_points, 2)
