@@ -42,6 +42,8 @@ VARIANTS = {
     "default": {},
     "temperature-0.25": {"gate_temperature": 0.25},  # the per-pair formulation's default
     "temperature-1": {"gate_temperature": 1.0},
+    "temperature-0.1": {"gate_temperature": 0.1},
+    "temperature-0.02": {"gate_temperature": 0.02},  # sharper than the default 0.05
     "channels-1": {"channels": 1},  # one counting channel: no choice for the query
     "channels-4": {"channels": 4},
     "open-init": {"gate_bias_init": 3.0},  # gates start open (0.95)
