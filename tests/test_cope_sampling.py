@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 
 import pytest
 import torch
+from _repo import load_tool
 from torch import nn
 from torch.nn import functional as F
 
@@ -258,3 +260,23 @@ def test_torch_compile(ref_dim: int) -> None:
     torch.testing.assert_close(got, expected)
     got.sum().backward()
     assert query.grad is not None and torch.isfinite(query.grad).all()
+
+
+def test_the_cost_benchmark_builds_the_cope_module_with_the_channels_asked_for(monkeypatch) -> None:
+    """tools/benchmarks/benchmark_cope.py --cope-channels R: the cope module counts with R channels, linear is plain."""
+    bench = load_tool("benchmarks/benchmark_cope")
+    monkeypatch.setattr(bench, "LEVELS", ((4, 6), (2, 3)))
+    built = []
+    real = bench.MSDeformAttn
+
+    def recording(*args, **kwargs):
+        built.append(real(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(bench, "MSDeformAttn", recording)
+    args = argparse.Namespace(device="cpu", dtype="float32", batch=1, repeats=1, warmup=0, isolate=False)
+    args.cope_channels = 3
+    for mode in ("linear", "cope"):
+        bench.measure(mode, args, len_q=5, ref_dim=2, backward=True)
+    assert built[0].cope is None
+    assert built[1].cope.channels == 3 and built[1].cope.gate_query.shape[:2] == (8, 3)

@@ -45,7 +45,8 @@ def measure(mode: str, args: argparse.Namespace, len_q: int, ref_dim: int, backw
     """(milliseconds, peak MiB or nan) of one configuration."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)
-    module = MSDeformAttn(256, len(LEVELS), 8, 4, offset_mode=mode).to(device, dtype)
+    extra = {"cope_channels": args.cope_channels} if mode == "cope" else {}
+    module = MSDeformAttn(256, len(LEVELS), 8, 4, offset_mode=mode, **extra).to(device, dtype)
     with torch.no_grad():  # spread the gates so that the cope path does real work
         if module.cope is not None:
             module.cope.gate_query.normal_(std=0.02)
@@ -93,6 +94,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument("--cope-channels", type=int, default=2, help="counting channels per head (the default 2)")
     parser.add_argument(
         "--isolate",
         action="store_true",
@@ -109,7 +111,7 @@ def main() -> None:
     print("\n".join(machine_lines(machine_info([args.device]))) + "\n")
     print(
         f"device {args.device}, {args.dtype}, batch {args.batch}, levels {LEVELS} (S = {s}), d_model 256, "
-        f"8 heads x 4 points, op path {op_path}, median of {args.repeats}"
+        f"8 heads x 4 points, {args.cope_channels} counting channels, op path {op_path}, median of {args.repeats}"
     )
     print("| shape | pass | linear ms | cope ms | ratio | linear peak MiB | cope peak MiB |")
     print("|---|---|---|---|---|---|---|")
