@@ -84,6 +84,28 @@ class HardGateSampling(CoPESampling):
         return (0.5 + logits / 4).clamp(0.0, 1.0)
 
 
+def apply_variant(attn: MSDeformAttn, variant: str) -> None:
+    """Turns a freshly built cope ``attn`` into the ablation ``variant``, in place. ``odd-offsets`` and
+    ``mixed-counts`` keep every draw of the default; ``hard-gates`` keeps its CoPE draws but draws while rebuilding
+    (so the read-out after it is another draw); the others rebuild the CoPE part with :data:`VARIANTS`' arguments."""
+    sizes = (attn.d_model, attn.n_levels, attn.n_heads, attn.n_points)
+    if variant.startswith("hard-gates"):
+        hard = HardGateSampling(*sizes)
+        hard.load_state_dict(attn.cope.state_dict())
+        attn.cope = hard
+    elif variant == "mixed-counts":
+        attn.cope.locate = mixed_count_locate
+    elif variant == "floor":
+        attn.cope = FloorSampling(*sizes)
+    elif variant not in ("default", "odd-offsets"):
+        attn.cope = CoPESampling(*sizes, **VARIANTS[variant])
+    if variant.endswith("odd-offsets"):
+        with torch.no_grad():
+            bias = attn.sampling_offsets.bias.view(attn.n_heads, attn.n_levels, attn.n_points, 2)
+            i = torch.arange(attn.n_points, dtype=bias.dtype).view(1, 1, -1, 1)
+            bias.mul_((2 * i + 1) / (i + 1))
+
+
 class FloorSampling(CoPESampling):
     """The "floor" ablation: a learned per head/level/channel mix of pixel units and contextual units."""
 
@@ -205,25 +227,8 @@ class CountingModel(nn.Module):
         self.tokens = nn.Embedding(task.classes + 1, d_model)
         self.queries = nn.Embedding(task.max_k + 1, d_model)
         self.attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, offset_mode=offset_mode)
-        if offset_mode == "cope" and variant not in (
-            "default",
-            "odd-offsets",
-            "mixed-counts",
-        ):  # the same draws, other biases
-            sampling = {"floor": FloorSampling, "hard-gates": HardGateSampling}.get(
-                variant.split("-odd")[0], CoPESampling
-            )
-            rebuilt = sampling(d_model, n_levels, n_heads, n_points, **VARIANTS[variant])
-            if variant.startswith("hard-gates"):  # the default's CoPE draws (the read-out after it is another draw)
-                rebuilt.load_state_dict(self.attn.cope.state_dict())
-            self.attn.cope = rebuilt
-        if offset_mode == "cope" and variant == "mixed-counts":
-            self.attn.cope.locate = mixed_count_locate  # the default's draws; only the inversion differs
-        if offset_mode == "cope" and variant.endswith("odd-offsets"):
-            with torch.no_grad():
-                bias = self.attn.sampling_offsets.bias.view(n_heads, n_levels, n_points, 2)
-                i = torch.arange(n_points, dtype=bias.dtype).view(1, 1, -1, 1)
-                bias.mul_((2 * i + 1) / (i + 1))
+        if offset_mode == "cope":
+            apply_variant(self.attn, variant)
         self.readout = nn.Linear(d_model, task.classes)
         shapes = torch.tensor([[task.height, task.width // 2**lvl] for lvl in range(n_levels)])
         self.register_buffer("shapes", shapes)
