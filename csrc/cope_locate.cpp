@@ -8,42 +8,69 @@
 
 namespace deformable {
 
-CopeLocateSizes check_cope_locate_inputs(const at::Tensor& edges, const at::Tensor& lines, const at::Tensor& ref,
+CopeLocateSizes check_cope_locate_inputs(const std::vector<at::Tensor>& edges, const at::Tensor& ref,
                                          const at::Tensor& offsets, const at::Tensor& mix) {
-  TORCH_CHECK(edges.dim() == 2 && edges.size(1) >= 2,
-              "cope_locate: edges must have shape (Lines, W + 1) with W >= 1, got ", edges.sizes());
-  TORCH_CHECK(lines.dim() == 2, "cope_locate: lines must have shape (B, R), got ", lines.sizes());
-  TORCH_CHECK(mix.sizes() == lines.sizes(), "cope_locate: mix has shape ", mix.sizes(), " but lines has ",
-              lines.sizes(), "; both must be (B, R)");
-  TORCH_CHECK(ref.dim() == 1 && ref.size(0) == lines.size(0), "cope_locate: ref must have shape (B,) = (",
-              lines.size(0), ",), got ", ref.sizes());
-  TORCH_CHECK(offsets.dim() == 2 && offsets.size(0) == lines.size(0), "cope_locate: offsets must have shape (B, P) with B = ",
-              lines.size(0), ", got ", offsets.sizes());
-  const auto dtype = edges.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "cope_locate: edges must be float32 or float64, got ",
+  TORCH_CHECK(offsets.dim() == 6 && offsets.size(5) == 2,
+              "cope_locate: offsets must have shape (N, Lq, M, L, P, 2), got ", offsets.sizes());
+  CopeLocateSizes s{};
+  s.batch = offsets.size(0);
+  s.queries = offsets.size(1);
+  s.heads = offsets.size(2);
+  s.levels = offsets.size(3);
+  s.points = offsets.size(4);
+  TORCH_CHECK(s.levels >= 1 && s.levels <= kCopeMaxLevels, "cope_locate: the kernels take 1 to ", kCopeMaxLevels,
+              " levels, got offsets with L = ", s.levels);
+  TORCH_CHECK(ref.dim() == 4 && ref.size(0) == s.batch && ref.size(1) == s.queries && ref.size(2) == s.levels &&
+                  (ref.size(3) == 2 || ref.size(3) == 4),
+              "cope_locate: reference points must have shape (N, Lq, L, 2|4) = (", s.batch, ", ", s.queries, ", ",
+              s.levels, ", 2|4) to match offsets ", offsets.sizes(), ", got ", ref.sizes());
+  s.ref_dim = ref.size(3);
+  TORCH_CHECK(mix.dim() == 5 && mix.size(0) == s.batch && mix.size(1) == s.queries && mix.size(2) == s.heads &&
+                  mix.size(3) == 2 && mix.size(4) >= 1,
+              "cope_locate: mix must have shape (N, Lq, M, 2, R) = (", s.batch, ", ", s.queries, ", ", s.heads,
+              ", 2, R) to match offsets ", offsets.sizes(), ", got ", mix.sizes());
+  s.channels = mix.size(4);
+  TORCH_CHECK(static_cast<int64_t>(edges.size()) == 2 * s.levels, "cope_locate: edges must hold 2 * L = ",
+              2 * s.levels, " line tensors (x then y per level), got ", edges.size());
+  const auto dtype = offsets.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "cope_locate: offsets must be float32 or float64, got ",
               dtype);
-  TORCH_CHECK(lines.scalar_type() == at::kLong, "cope_locate: lines must be int64, got ", lines.scalar_type());
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"ref", ref}, {"offsets", offsets},
-                                {"mix", mix}}) {
-    TORCH_CHECK(t.scalar_type() == dtype, "cope_locate: ", name, " must have the dtype of edges (", dtype, "), got ",
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"reference points", ref}, {"mix", mix}}) {
+    TORCH_CHECK(t.scalar_type() == dtype, "cope_locate: ", name, " must have the dtype of offsets (", dtype, "), got ",
                 t.scalar_type());
+    TORCH_CHECK(t.device() == offsets.device(), "cope_locate: ", name, " is on ", t.device(),
+                " but offsets is on ", offsets.device(), "; all inputs must be on the same device");
   }
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"lines", lines}, {"ref", ref},
-                                {"offsets", offsets}, {"mix", mix}}) {
-    TORCH_CHECK(t.device() == edges.device(), "cope_locate: ", name, " is on ", t.device(), " but edges is on ",
-                edges.device(), "; all inputs must be on the same device");
+  for (int64_t i = 0; i < 2 * s.levels; ++i) {
+    const auto& e = edges[i];
+    TORCH_CHECK(e.dim() == 2 && e.size(1) >= 2, "cope_locate: edges[", i, "] must have shape (lines, S + 1) with S >= 1, got ",
+                e.sizes());
+    TORCH_CHECK(e.scalar_type() == dtype, "cope_locate: edges[", i, "] must have the dtype of offsets (", dtype,
+                "), got ", e.scalar_type());
+    TORCH_CHECK(e.device() == offsets.device(), "cope_locate: edges[", i, "] is on ", e.device(),
+                " but offsets is on ", offsets.device(), "; all inputs must be on the same device");
+    s.length[i] = e.size(1) - 1;
   }
-  return {edges.size(0), edges.size(1) - 1, lines.size(0), lines.size(1), offsets.size(1)};
+  for (int64_t l = 0; l < s.levels; ++l) {
+    for (int64_t a = 0; a < 2; ++a) {
+      // Every line a reference can read exists: its index is clamped to [0, lines - 1] in the kernels.
+      const int64_t expected = s.batch * s.length[2 * l + 1 - a] * s.heads * s.channels;
+      TORCH_CHECK(edges[2 * l + a].size(0) == expected, "cope_locate: edges[", 2 * l + a, "] (level ", l,
+                  a == 0 ? ", x" : ", y", ") must have N * ", a == 0 ? "H" : "W", " * M * R = ", s.batch, " * ",
+                  s.length[2 * l + 1 - a], " * ", s.heads, " * ", s.channels, " = ", expected, " lines, got ",
+                  edges[2 * l + a].size(0));
+    }
+  }
+  return s;
 }
 
-void check_cope_locate_grad(const at::Tensor& grad_output, const at::Tensor& edges, const CopeLocateSizes& s) {
-  TORCH_CHECK(grad_output.dim() == 2 && grad_output.size(0) == s.rows && grad_output.size(1) == s.points,
-              "cope_locate_backward: grad_output must have shape (B, P) = (", s.rows, ", ", s.points, "), got ",
-              grad_output.sizes());
-  TORCH_CHECK(grad_output.scalar_type() == edges.scalar_type(), "cope_locate_backward: grad_output dtype ",
-              grad_output.scalar_type(), " does not match edges dtype ", edges.scalar_type());
-  TORCH_CHECK(grad_output.device() == edges.device(), "cope_locate_backward: grad_output is on ",
-              grad_output.device(), " but edges is on ", edges.device());
+void check_cope_locate_grad(const at::Tensor& grad_output, const at::Tensor& offsets) {
+  TORCH_CHECK(grad_output.sizes() == offsets.sizes(), "cope_locate_backward: grad_output must have the shape of the ",
+              "locations ", offsets.sizes(), ", got ", grad_output.sizes());
+  TORCH_CHECK(grad_output.scalar_type() == offsets.scalar_type(), "cope_locate_backward: grad_output dtype ",
+              grad_output.scalar_type(), " does not match offsets dtype ", offsets.scalar_type());
+  TORCH_CHECK(grad_output.device() == offsets.device(), "cope_locate_backward: grad_output is on ",
+              grad_output.device(), " but offsets is on ", offsets.device());
 }
 
 }  // namespace deformable

@@ -136,10 +136,10 @@ TORCH_LIBRARY(deformable, m) {
   m.def(
       "ms_deform_attn_backward(Tensor grad_output, Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
       "Tensor sampling_locations, Tensor attention_weights) -> (Tensor, Tensor, Tensor)");
-  m.def("cope_locate(Tensor edges, Tensor lines, Tensor ref, Tensor offsets, Tensor mix) -> Tensor");
+  m.def("cope_locate(Tensor[] edges, Tensor ref, Tensor offsets, Tensor mix) -> Tensor");
   m.def(
-      "cope_locate_backward(Tensor grad_output, Tensor edges, Tensor lines, Tensor ref, Tensor offsets, "
-      "Tensor mix) -> (Tensor, Tensor, Tensor, Tensor)");
+      "cope_locate_backward(Tensor grad_output, Tensor[] edges, Tensor ref, Tensor offsets, Tensor mix) -> "
+      "(Tensor[], Tensor, Tensor, Tensor)");
   m.def("build_info() -> str", &build_info);
 }
 

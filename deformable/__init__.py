@@ -8,7 +8,7 @@ layers above it are subpackages imported by name: ``deformable.data``, ``deforma
 from ._extension import native_available
 from .backend import backend as backend
 from .cope import CoPE
-from .cope_locate import cope_locate, cope_locate_pytorch
+from .cope_locate import cope_locate, cope_locate_lines, cope_locate_pytorch
 from .cope_sampling import CoPESampling
 from .modules import MSDeformAttn
 from .ops import ms_deform_attn
@@ -22,6 +22,7 @@ __all__ = [
     "SamplingRecord",
     "cope_line_densities",
     "cope_locate",
+    "cope_locate_lines",
     "cope_locate_pytorch",
     "ms_deform_attn",
     "ms_deform_attn_pytorch",

@@ -74,11 +74,15 @@ def register_native_op(
             with bad shapes fails instead of returning garbage.
         output_like: ``output_like(*inputs)`` -> an empty tensor shaped like the forward's output.
         differentiable: one flag per input; the backward op returns one gradient per flagged input, in order, each
-            shaped like that input (the kernels return fresh contiguous tensors whatever the input strides).
+            shaped like that input (the kernels return fresh contiguous tensors whatever the input strides); a
+            ``Tensor[]`` input gets a list of gradients.
     """
     qualified = f"deformable::{name}"
     backward_op = getattr(torch.ops.deformable, f"{name}_backward")
     flagged = [i for i, flag in enumerate(differentiable) if flag]
+
+    def empty_like(x):
+        return [t.new_empty(t.shape) for t in x] if isinstance(x, (list, tuple)) else x.new_empty(x.shape)
 
     def forward_fake(*inputs):
         check(*inputs)
@@ -86,13 +90,18 @@ def register_native_op(
 
     def backward_fake(grad_output, *inputs):
         check(*inputs)
-        return tuple(inputs[i].new_empty(inputs[i].shape) for i in flagged)
+        return tuple(empty_like(inputs[i]) for i in flagged)
 
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
+        # save_for_backward takes tensors only: a Tensor[] input is saved flat and its length remembered
+        ctx.lengths = [len(x) if isinstance(x, (list, tuple)) else None for x in inputs]
+        ctx.save_for_backward(*(t for x in inputs for t in (x if isinstance(x, (list, tuple)) else (x,))))
 
     def backward(ctx, grad_output):
-        grads = iter(backward_op(grad_output, *ctx.saved_tensors))
+        saved, inputs = iter(ctx.saved_tensors), []
+        for length in ctx.lengths:
+            inputs.append(next(saved) if length is None else [next(saved) for _ in range(length)])
+        grads = iter(backward_op(grad_output, *inputs))
         return tuple(next(grads) if flag else None for flag in differentiable)
 
     torch.library.register_fake(qualified)(forward_fake)

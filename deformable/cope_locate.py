@@ -1,22 +1,24 @@
-"""``cope_locate``: where sampling points land for counted offsets along lines of count densities.
+"""``cope_locate``: where the sampling points of ``MSDeformAttn(offset_mode="cope")`` land, all levels and axes at once.
 
 The native op (CPU and CUDA kernels, fake kernel, autograd) and its pure-PyTorch reference, which is both the
 fallback and the test oracle. :class:`~deformable.cope_sampling.CoPESampling` computes the lines' cumulative counts
 once per map; this op places every sampling point on them.
 
 A line of W pixels has cumulative counts ``edges[l, 0..W]`` at its pixel edges (``edges[l, 0] = 0``, non-decreasing;
-pixel k covers the edge coordinate ``[k, k + 1]``; outside ``[0, W]`` the count moves one per pixel). For row ``b``
-(one query's head on one level), channel ``r`` on line ``lines[b, r]`` and point ``p``::
+pixel k covers the edge coordinate ``[k, k + 1]``; outside ``[0, W]`` the count moves one per pixel). For a query's
+head, level and axis, channel ``r`` reads the line through the query's reference point and point ``p``::
 
-    c0 = count at the edge coordinate ref[b]
-    x_r = the edge coordinate where the count reaches c0 + offsets[b, p]   (exact; a flat run is jumped to its end)
-    out[b, p] = sum_r mix[b, r] * x_r
+    c0 = count at the reference's edge coordinate e
+    x_r = the edge coordinate where the count reaches c0 + u_p   (exact; a flat run is jumped to its end)
+    location_p = sum_r mix_r * x_r / line length
 
 Each ``x_r`` is the exact inverse of the piecewise-linear count, monotone in the offset; so is a mix with
-non-negative weights. With every density 1 (``edges[l, k] = k``) ``out = ref + offsets`` for weights summing to 1.
+non-negative weights. With every density 1 (``edges[l, k] = k``) ``x = e + u``: the plain module's locations.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -26,11 +28,23 @@ from .ops import use_native
 DENSITY_FLOOR = 1e-12  # bounds 1 / density on a segment; a segment the search picks has positive density
 
 
-def cope_locate_pytorch(
+def cope_locate_lines(
     edges: torch.Tensor, lines: torch.Tensor, ref: torch.Tensor, offsets: torch.Tensor, mix: torch.Tensor
 ) -> torch.Tensor:
-    """The reference: the same as :func:`cope_locate`, in PyTorch (memory ``O(B * R * P + Lines * W)``; when
-    exporting, ``O(B * R * P * W)``: ONNX has no sorted search, so the segment is found by counting comparisons)."""
+    """Edge coordinates of counted offsets on given lines, mixed over counting channels: the math of one line tensor
+    of :func:`cope_locate`, in PyTorch (memory ``O(B * R * P + Lines * W)``; when exporting, ``O(B * R * P * W)``:
+    ONNX has no sorted search, so the segment is found by counting comparisons).
+
+    Args:
+        edges: ``(Lines, W + 1)`` cumulative counts of each line (see the module docstring).
+        lines: ``(B, R)`` int64: the line of each row and channel, in ``[0, Lines)``.
+        ref: ``(B,)`` the reference edge coordinate of each row.
+        offsets: ``(B, P)`` counted offsets from the reference.
+        mix: ``(B, R)`` weights of the channels (non-negative for a monotone mix).
+
+    Returns:
+        ``(B, P)`` edge coordinates.
+    """
     n_lines, width1 = edges.shape
     width = width1 - 1
     flat = edges.reshape(-1)
@@ -72,52 +86,104 @@ def _segments(edges: torch.Tensor, lines: torch.Tensor, t: torch.Tensor) -> torc
     return ((starts[:, :, None, :] <= t[..., None]).sum(-1) - 1).clamp(min=0)
 
 
-def cope_locate(
-    edges: torch.Tensor, lines: torch.Tensor, ref: torch.Tensor, offsets: torch.Tensor, mix: torch.Tensor
+LineLocate = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def cope_locate_pytorch(
+    edges: Sequence[torch.Tensor],
+    reference_points: torch.Tensor,
+    offsets: torch.Tensor,
+    mix: torch.Tensor,
+    line_locate: LineLocate = cope_locate_lines,
 ) -> torch.Tensor:
-    """Edge coordinates of counted offsets, mixed over counting channels.
+    """The reference of :func:`cope_locate`: a loop over levels and axes of :func:`cope_locate_lines` (or
+    ``line_locate``, which the counting probe's ablations replace)."""
+    n, len_q, n_heads, n_levels, n_points, _ = offsets.shape
+    channels = mix.shape[-1]
+    device = offsets.device
+    heads = torch.arange(n_heads, device=device).view(1, 1, n_heads, 1) * channels
+    per_level = []
+    for lvl in range(n_levels):
+        ref = reference_points[:, :, lvl]
+        per_axis = []
+        for axis in (0, 1):
+            line_edges = edges[2 * lvl + axis]
+            size, n_lines = line_edges.shape[1] - 1, edges[2 * lvl + 1 - axis].shape[1] - 1
+            across = (ref[..., 1 - axis].detach().nan_to_num(0.0) * n_lines).floor().clamp(0, n_lines - 1).long()
+            first = (torch.arange(n, device=device)[:, None] * n_lines + across) * (n_heads * channels)  # (N, Lq)
+            index = first[:, :, None, None] + heads + torch.arange(channels, device=device)  # (N, Lq, M, R)
+            u = offsets[:, :, :, lvl, :, axis]  # (N, Lq, M, P)
+            if ref.shape[-1] == 4:  # box: u / P * half the box, in counts of an all-open line
+                u = u * (ref[..., 2 + axis] * (size / (2 * n_points)))[:, :, None, None]
+            e = (ref[..., axis] * size)[:, :, None].expand(-1, -1, n_heads)
+            x = line_locate(
+                line_edges,
+                index.reshape(-1, channels),
+                e.reshape(-1),
+                u.reshape(-1, n_points),
+                mix[:, :, :, axis].reshape(-1, channels),
+            )
+            per_axis.append(x.view(u.shape) / size)
+        per_level.append(torch.stack(per_axis, -1))
+    return torch.stack(per_level, 3)
+
+
+def cope_locate(
+    edges: Sequence[torch.Tensor], reference_points: torch.Tensor, offsets: torch.Tensor, mix: torch.Tensor
+) -> torch.Tensor:
+    """Normalised sampling locations of counted offsets, every level and axis in one call.
 
     Args:
-        edges: ``(Lines, W + 1)`` float32/float64 cumulative counts of each line (see the module docstring).
-        lines: ``(B, R)`` int64: the line of each row and channel, in ``[0, Lines)`` (checked on CPU; on CUDA an
-            index outside it is undefined behaviour).
-        ref: ``(B,)`` the reference edge coordinate of each row.
-        offsets: ``(B, P)`` counted offsets from the reference.
-        mix: ``(B, R)`` weights of the channels (non-negative for a monotone mix).
+        edges: ``2 * L`` tensors, per level its x lines then its y lines: ``edges[2 l]`` is
+            ``(N * H_l * M * R, W_l + 1)``, the cumulative counts along the rows (the line of image n, row i, head
+            m, channel r at index ``((n * H_l + i) * M + m) * R + r``); ``edges[2 l + 1]`` is
+            ``(N * W_l * M * R, H_l + 1)`` along the columns, likewise. float32 or float64.
+        reference_points: ``(N, Lq, L, 2)`` normalised ``(x, y)`` or ``(N, Lq, L, 4)`` boxes ``(cx, cy, w, h)``:
+            a point reads the row and column through its reference (clamped to the map); with boxes the offsets
+            are scaled by ``w * W_l / (2 P)`` along x (likewise y).
+        offsets: ``(N, Lq, M, L, P, 2)`` counted offsets ``(u_x, u_y)``.
+        mix: ``(N, Lq, M, 2, R)`` each query's weights of the channels per head and axis (non-negative for a
+            monotone mix).
 
     Returns:
-        ``(B, P)`` edge coordinates, in edges' dtype. Uses the compiled kernel when the extension has one for the
-        device (and ``DEFORMABLE_BACKEND`` is not ``pytorch``), else :func:`cope_locate_pytorch`.
+        ``(N, Lq, M, L, P, 2)`` normalised ``(x, y)``, in offsets' dtype. Uses the compiled kernel when the
+        extension has one for the device (and ``DEFORMABLE_BACKEND`` is not ``pytorch``), else
+        :func:`cope_locate_pytorch`.
     """
-    if not use_native(edges):
-        return cope_locate_pytorch(edges, lines, ref, offsets, mix)
-    return torch.ops.deformable.cope_locate(edges, lines, ref, offsets, mix)
+    if not use_native(offsets):
+        return cope_locate_pytorch(edges, reference_points, offsets, mix)
+    return torch.ops.deformable.cope_locate(list(edges), reference_points, offsets, mix)
 
 
-def _check_fake(edges, lines, ref, offsets, mix) -> None:
+def _check_fake(edges, reference_points, offsets, mix) -> None:
     """The kernels' shape checks, for tracing (a traced call with bad shapes must fail, not return garbage).
 
-    ``torch._check`` rather than ``if``: under torch.compile the line length can be a data-dependent size, which an
-    ``if`` cannot branch on; ``torch._check`` records it as an assertion instead."""
-    torch._check(edges.dim() == 2, lambda: f"cope_locate: edges must have shape (Lines, W + 1), got {edges.shape}")
-    torch._check(edges.shape[1] >= 2, lambda: f"cope_locate: edges must have W >= 1, got {edges.shape}")
+    ``torch._check`` rather than ``if``: under torch.compile sizes can be symbolic, which an ``if`` cannot branch
+    on; ``torch._check`` records it as an assertion instead."""
+    torch._check(offsets.dim() == 6, lambda: f"cope_locate: offsets must be (N, Lq, M, L, P, 2), got {offsets.shape}")
+    n, len_q, n_heads, n_levels = offsets.shape[:4]
     torch._check(
-        lines.dim() == 2 and mix.dim() == 2 and ref.dim() == 1 and offsets.dim() == 2,
-        lambda: "cope_locate: lines and mix must be (B, R), ref (B,) and offsets (B, P)",
+        reference_points.dim() == 4 and reference_points.shape[:3] == (n, len_q, n_levels),
+        lambda: f"cope_locate: reference points {reference_points.shape} do not match offsets {offsets.shape}",
     )
-    for name, size, expected in (
-        ("mix", mix.shape[0], lines.shape[0]),
-        ("mix", mix.shape[1], lines.shape[1]),
-        ("ref", ref.shape[0], lines.shape[0]),
-        ("offsets", offsets.shape[0], lines.shape[0]),
-    ):
-        torch._check(size == expected, lambda name=name: f"cope_locate: {name} does not match lines {lines.shape}")
+    torch._check(
+        mix.dim() == 5 and mix.shape[:4] == (n, len_q, n_heads, 2),
+        lambda: f"cope_locate: mix must be (N, Lq, M, 2, R) to match offsets {offsets.shape}, got {mix.shape}",
+    )
+    torch._check(len(edges) == 2 * n_levels, lambda: f"cope_locate: edges must hold 2 * L = {2 * n_levels} tensors")
+    for lvl in range(n_levels):
+        for axis in (0, 1):
+            lines, across = edges[2 * lvl + axis], edges[2 * lvl + 1 - axis]
+            torch._check(
+                lines.dim() == 2 and lines.shape[0] == n * (across.shape[1] - 1) * n_heads * mix.shape[4],
+                lambda i=2 * lvl + axis: f"cope_locate: edges[{i}] has the wrong number of lines",
+            )
 
 
-def _output_like(edges, lines, ref, offsets, mix) -> torch.Tensor:
+def _output_like(edges, reference_points, offsets, mix) -> torch.Tensor:
     return offsets.new_empty(offsets.shape)
 
 
 if _extension.extension_loaded():
-    # edges, lines, ref, offsets, mix
-    _extension.register_native_op("cope_locate", _check_fake, _output_like, (True, False, True, True, True))
+    # edges, reference points, offsets, mix
+    _extension.register_native_op("cope_locate", _check_fake, _output_like, (True, True, True, True))

@@ -13,8 +13,9 @@ Why it is cheap: the gates depend on the key only (the query's say is in the mix
 line are shared by every query on it and computed once per map (``O(S * M * R)``); the key's gate features are one
 small projection (G channels) shared by every head, each head and channel reading it with its own gate query. A
 sampling point then costs a binary search along its line for the pixel where the count reaches its target
-(``O(log W)`` reads of a line in cache) and a division: the exact inverse of the piecewise-linear count. The fused op
-:func:`~deformable.cope_locate.cope_locate` does the searches and the mix. Nothing is of size queries x line length.
+(``O(log W)`` reads of a line in cache) and a division: the exact inverse of the piecewise-linear count. One fused op,
+:func:`~deformable.cope_locate.cope_locate`, does the searches and the mix for every level and axis and writes the
+locations in place. Nothing is of size queries x line length.
 
 Conventions (pixel j of a line of length W covers the edge coordinate ``[j, j + 1]``, edge coordinate =
 normalised coordinate * W, so pixel centres are at ``j + 0.5``): ``edges[k] = sum_{j<k} density_j`` is the count at
@@ -123,10 +124,10 @@ class CoPESampling(nn.Module):
         return torch.sigmoid(logits)
 
     def locate(
-        self, edges: torch.Tensor, lines: torch.Tensor, ref: torch.Tensor, offsets: torch.Tensor, mix: torch.Tensor
+        self, edges: list[torch.Tensor], reference_points: torch.Tensor, offsets: torch.Tensor, mix: torch.Tensor
     ) -> torch.Tensor:
         """Where the points land: :func:`~deformable.cope_locate.cope_locate` (the ablations replace it)."""
-        return cope_locate(edges, lines, ref, offsets, mix)
+        return cope_locate(edges, reference_points, offsets, mix)
 
     def forward(
         self,
@@ -152,14 +153,14 @@ class CoPESampling(nn.Module):
         """
         coord = torch.float64 if query.dtype == torch.float64 else torch.float32
         shapes = spatial_shape_list(spatial_shapes)
-        density = self.densities(input_flatten, shapes, padding_mask, coord)
+        edges = []
+        for density in self.densities(input_flatten, shapes, padding_mask, coord):  # (N, H, W, M, R)
+            n, h, w = density.shape[:3]
+            per_line = n * self.n_heads * self.channels  # explicit sizes: no -1 to solve (sizes may be symbolic)
+            edges.append(cumulative_counts(density.permute(0, 1, 3, 4, 2).reshape(per_line * h, w)))  # rows
+            edges.append(cumulative_counts(density.permute(0, 2, 3, 4, 1).reshape(per_line * w, h)))  # columns
         mix = self.mix_weights(query, coord)  # (N, Lq, M, 2, R)
-        reference_points = reference_points.to(coord)
-        offsets = offsets.to(coord)
-        locations = offsets.new_empty(offsets.shape)  # filled level by level and axis by axis: no stacking passes
-        for axis in (0, 1):
-            self._axis(axis, density, shapes, reference_points, offsets, mix, locations)
-        return locations
+        return self.locate(edges, reference_points.to(coord), offsets.to(coord), mix)
 
     def densities(
         self,
@@ -192,37 +193,6 @@ class CoPESampling(nn.Module):
         # The softmax written out: torch.softmax over a last dimension of 2 is about 3x slower on CPU.
         weights = (logits - logits.detach().amax(-1, keepdim=True)).exp()
         return weights / weights.sum(-1, keepdim=True)
-
-    def _axis(
-        self,
-        axis: int,
-        density: list[torch.Tensor],
-        shapes: list[tuple[int, int]],
-        reference_points: torch.Tensor,
-        offsets: torch.Tensor,
-        mix: torch.Tensor,
-        locations: torch.Tensor,
-    ) -> None:
-        """Writes the normalised coordinates along x (``axis`` 0, rows) or y (1, columns) into
-        ``locations[..., axis]`` ``(N, Lq, M, L, P)``."""
-        n, len_q = reference_points.shape[:2]
-        m, r = self.n_heads, self.channels
-        weights = mix[:, :, :, axis].reshape(-1, r)  # (N*Lq*M, R)
-        for lvl, (h, w) in enumerate(shapes):
-            size, n_lines = (w, h) if axis == 0 else (h, w)
-            # The lines of this axis, (N, H, M, R, W) for x and (N, W, M, R, H) for y, as (lines, size).
-            d = density[lvl].permute(0, 1, 3, 4, 2) if axis == 0 else density[lvl].permute(0, 2, 3, 4, 1)
-            edges = cumulative_counts(d.reshape(n * n_lines * m * r, size))
-            ref = reference_points[:, :, lvl]
-            across = (ref[..., 1 - axis].detach() * n_lines).floor().clamp(0, n_lines - 1).long()  # (N, Lq)
-            first = (torch.arange(n, device=ref.device)[:, None] * n_lines + across) * (m * r)
-            lines = first[:, :, None] + torch.arange(m * r, device=ref.device).view(1, 1, m * r)  # (N, Lq, M*R)
-            u = offsets[:, :, :, lvl, :, axis]  # (N, Lq, M, P)
-            if ref.shape[-1] == 4:  # box: u / P * half the box, in counts of an all-open line
-                u = u * (ref[..., 2 + axis] * (size / (2 * self.n_points)))[:, :, None, None]
-            edge = (ref[..., axis] * size)[:, :, None].expand(-1, -1, m)  # (N, Lq, M)
-            located = self.locate(edges, lines.view(-1, r), edge.reshape(-1), u.reshape(-1, u.shape[-1]), weights)
-            locations[:, :, :, lvl, :, axis] = located.view(u.shape) / size
 
     @torch.no_grad()
     def line_densities(

@@ -280,3 +280,19 @@ def test_the_cost_benchmark_builds_the_cope_module_with_the_channels_asked_for(m
         bench.measure(mode, args, len_q=5, ref_dim=2, backward=True)
     assert built[0].cope is None
     assert built[1].cope.channels == 3 and built[1].cope.gate_query.shape[:2] == (8, 3)
+
+
+def test_the_cost_benchmark_interleaves_the_two_modules(monkeypatch) -> None:
+    """--interleave: both modules are built once and called alternately, linear first on even rounds."""
+    bench = load_tool("benchmarks/benchmark_cope")
+    monkeypatch.setattr(bench, "LEVELS", ((4, 6), (2, 3)))
+    calls = []
+
+    def build_step(mode, args, len_q, ref_dim, backward):
+        return lambda: calls.append(mode)
+
+    monkeypatch.setattr(bench, "build_step", build_step)
+    args = argparse.Namespace(device="cpu", dtype="float32", batch=1, repeats=3, warmup=1, cope_channels=2)
+    linear_ms, cope_ms = bench.measure_interleaved(args, len_q=5, ref_dim=2, backward=False)
+    assert calls == ["linear", "cope", "linear", "cope", "cope", "linear", "linear", "cope"]
+    assert linear_ms >= 0 and cope_ms >= 0

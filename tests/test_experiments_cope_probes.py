@@ -212,7 +212,7 @@ def test_the_offset_and_gate_ablations_change_only_what_they_name() -> None:
 
 
 def test_the_mixed_counts_ablation_inverts_the_mix_of_the_channels_counts() -> None:
-    from deformable.cope_locate import cope_locate_pytorch
+    from deformable.cope_locate import cope_locate_lines
 
     generator = torch.Generator().manual_seed(0)
     density = torch.rand(6, 9, generator=generator, dtype=torch.float64) * 2
@@ -224,7 +224,7 @@ def test_the_mixed_counts_ablation_inverts_the_mix_of_the_channels_counts() -> N
     ones = torch.ones(10, 1, dtype=torch.float64)
     # One channel: the same as the module's inversion.
     torch.testing.assert_close(
-        counting.mixed_count_locate(edges, one, ref, offsets, ones), cope_locate_pytorch(edges, one, ref, offsets, ones)
+        counting.mixed_count_locate(edges, one, ref, offsets, ones), cope_locate_lines(edges, one, ref, offsets, ones)
     )
     # Two channels: the mixed count at the landing point is the count at the reference plus the offset.
     lines = torch.randint(0, 6, (10, 2), generator=generator)

@@ -9,7 +9,7 @@ from _viz_utils import tiny_model
 import deformable
 import deformable.modules
 from deformable import MSDeformAttn, cope_line_densities, recording
-from deformable.cope_locate import cope_locate
+from deformable.cope_locate import cope_locate_lines
 from deformable.cope_sampling import cumulative_counts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -106,7 +106,7 @@ def test_cope_line_densities_reproduce_the_recorded_locations() -> None:
         for axis, (density, size) in enumerate(((row_density, w), (col_density, h))):
             u = record.sampling_offsets[0, query_index, :, lvl, :, axis]  # (M, P)
             lines, one = torch.arange(2)[:, None], torch.ones(2, 1)
-            edge = cope_locate(cumulative_counts(density), lines, (ref[axis] * size).expand(2), u, one)
+            edge = cope_locate_lines(cumulative_counts(density), lines, (ref[axis] * size).expand(2), u, one)
             expected = record.sampling_locations[0, query_index, :, lvl, :, axis]
             torch.testing.assert_close(edge / size, expected, atol=1e-5, rtol=1e-5)
     assert float(densities[0][1][:, 5].abs().max()) == 0.0  # padded pixels count nothing

@@ -3,10 +3,13 @@
 Times the whole module (projections, sampling locations, the op) forward, and forward + backward, and prints a
 markdown table with the cope / linear ratio and peak memory (on CUDA the allocator's peak; on CPU with ``--isolate``
 the peak resident memory of a process running that configuration alone, above its module and inputs). The op path
-is whatever ``deformable.ms_deform_attn`` picks (native kernel or the PyTorch fallback); the table says which.
+is whatever ``deformable.ms_deform_attn`` picks (native kernel or the PyTorch fallback); the table says which. With
+``--interleave`` the two modules' calls alternate in one process (the ratio is then steadier on a machine whose
+speed drifts; no memory columns).
 
     python tools/benchmarks/benchmark_cope.py --device cuda
     python tools/benchmarks/benchmark_cope.py --device cpu --repeats 3 --batch 1 --threads 2 --isolate
+    python tools/benchmarks/benchmark_cope.py --device cpu --repeats 15 --batch 1 --threads 2 --interleave
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from __future__ import annotations
 import argparse
 import math
 import multiprocessing
+import os
 import resource
+import statistics
 import warnings
 
 import torch
@@ -22,6 +27,7 @@ import torch
 from deformable import MSDeformAttn, native_available
 from deformable.benchmarking import machine_info, machine_lines, set_threads, time_calls
 
+NAN = float("nan")
 # Four levels of an 800x1333 image at strides 8-64: S = 22223 positions.
 LEVELS = ((100, 167), (50, 84), (25, 42), (13, 21))
 
@@ -41,8 +47,8 @@ def inputs(batch: int, len_q: int, ref_dim: int, device: torch.device, dtype: to
     return query, ref.to(device, dtype), value, shapes, starts, mask.to(device)
 
 
-def measure(mode: str, args: argparse.Namespace, len_q: int, ref_dim: int, backward: bool) -> tuple[float, float]:
-    """(milliseconds, peak MiB or nan) of one configuration."""
+def build_step(mode: str, args: argparse.Namespace, len_q: int, ref_dim: int, backward: bool):
+    """One call of the ``mode`` module on the benchmark's inputs (forward, and backward when asked), as a function."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)
     extra = {"cope_channels": args.cope_channels} if mode == "cope" else {}
@@ -61,6 +67,13 @@ def measure(mode: str, args: argparse.Namespace, len_q: int, ref_dim: int, backw
             if backward:
                 out.sum().backward()
 
+    return step
+
+
+def measure(mode: str, args: argparse.Namespace, len_q: int, ref_dim: int, backward: bool) -> tuple[float, float]:
+    """(milliseconds, peak MiB or nan) of one configuration."""
+    device = torch.device(args.device)
+    step = build_step(mode, args, len_q, ref_dim, backward)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -74,8 +87,29 @@ def measure(mode: str, args: argparse.Namespace, len_q: int, ref_dim: int, backw
     return ms, peak
 
 
+def measure_interleaved(args: argparse.Namespace, len_q: int, ref_dim: int, backward: bool) -> tuple[float, float]:
+    """(linear ms, cope ms): medians of calls of the two modules alternating (linear first on even rounds, cope on
+    odd ones), so that both see the same machine: on a shared VM, whose speed drifts over seconds, their ratio is
+    then steadier than from two runs one after the other. No memory figure."""
+    device = torch.device(args.device)
+    steps = {mode: build_step(mode, args, len_q, ref_dim, backward) for mode in ("linear", "cope")}
+    times: dict[str, list[float]] = {"linear": [], "cope": []}
+    for _ in range(args.warmup):
+        for step in steps.values():
+            step()
+    for i in range(args.repeats):
+        for mode in ("linear", "cope") if i % 2 == 0 else ("cope", "linear"):
+            times[mode].extend(time_calls(steps[mode], device=device, iters=1).times_ms)
+    return statistics.median(times["linear"]), statistics.median(times["cope"])
+
+
 def measure_isolated(mode: str, args: argparse.Namespace, len_q: int, ref_dim: int, backward: bool):
-    """:func:`measure` in a fresh process, so that its peak resident memory is this configuration's alone."""
+    """:func:`measure` in a fresh process, so that its peak resident memory is this configuration's alone.
+
+    The child's glibc serves every allocation from 64 KiB up with its own mapping, returned when freed: its peak
+    resident memory then follows the live tensors instead of what the allocator kept cached, and repeats to the MiB
+    (it moved by tens of MiB between runs without this)."""
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")  # read by glibc when the spawned child starts
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         return pool.apply(_child, (mode, args, len_q, ref_dim, backward))
 
@@ -101,7 +135,14 @@ def main() -> None:
         help="CPU: each configuration in its own process; the peak columns are then its peak resident memory above "
         "the module and inputs",
     )
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="time linear and cope calls alternately in one process (steadier ratios on a noisy machine; no memory)",
+    )
     args = parser.parse_args()
+    if args.interleave and args.isolate:
+        parser.error("--interleave and --isolate exclude each other: memory needs each configuration alone")
     set_threads(args.threads)
     warnings.filterwarnings("ignore", message="deformable: the native extension")
 
@@ -117,9 +158,12 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for name, len_q, ref_dim in cases:
         for backward in (False, True):
-            run = measure_isolated if args.isolate else measure
-            lin_ms, lin_mem = run("linear", args, len_q, ref_dim, backward)
-            cope_ms, cope_mem = run("cope", args, len_q, ref_dim, backward)
+            if args.interleave:
+                (lin_ms, cope_ms), lin_mem, cope_mem = measure_interleaved(args, len_q, ref_dim, backward), NAN, NAN
+            else:
+                run = measure_isolated if args.isolate else measure
+                lin_ms, lin_mem = run("linear", args, len_q, ref_dim, backward)
+                cope_ms, cope_mem = run("cope", args, len_q, ref_dim, backward)
             label = f"{name} (Lq {len_q}, {ref_dim}-d refs)"
             pass_name = "fwd+bwd" if backward else "fwd"
             print(

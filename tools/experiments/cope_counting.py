@@ -26,6 +26,7 @@ given.
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from deformable import MSDeformAttn
+from deformable.cope_locate import cope_locate_pytorch
 from deformable.cope_sampling import CoPESampling
 
 # Ablations of the cope parametrisation (all start at the plain module's sampling locations).
@@ -59,9 +61,9 @@ VARIANTS = {
 def mixed_count_locate(
     edges: torch.Tensor, lines: torch.Tensor, ref: torch.Tensor, offsets: torch.Tensor, mix: torch.Tensor
 ) -> torch.Tensor:
-    """The "mixed-counts" ablation of :func:`deformable.cope_locate.cope_locate`: each row's count is the mix of its
-    channels' counts, ``sum_r mix[b, r] * E[lines[b, r]]``, inverted exactly. In PyTorch, with a ``(B, W + 1)`` mixed
-    line per row: fine at the probe's sizes, not at a detector's."""
+    """The "mixed-counts" ablation of :func:`deformable.cope_locate.cope_locate_lines`: each row's count is the mix of
+    its channels' counts, ``sum_r mix[b, r] * E[lines[b, r]]``, inverted exactly. In PyTorch, with a ``(B, W + 1)``
+    mixed line per row: fine at the probe's sizes, not at a detector's."""
     width = edges.shape[1] - 1
     mixed = (edges[lines] * mix[..., None]).sum(1)  # (B, W + 1), non-decreasing for mix >= 0
     k0 = ref.detach().floor().clamp(0, width - 1).long()[:, None]
@@ -94,7 +96,7 @@ def apply_variant(attn: MSDeformAttn, variant: str) -> None:
         hard.load_state_dict(attn.cope.state_dict())
         attn.cope = hard
     elif variant == "mixed-counts":
-        attn.cope.locate = mixed_count_locate
+        attn.cope.locate = functools.partial(cope_locate_pytorch, line_locate=mixed_count_locate)
     elif variant == "floor":
         attn.cope = FloorSampling(*sizes)
     elif variant not in ("default", "odd-offsets"):
