@@ -8,7 +8,7 @@ import torch
 import deformable
 from deformable import MSDeformAttn
 from models import build_detector, load_config
-from models.deploy import ExportableDetector, export_program, fixed_size, input_ranges, onnx_session
+from models.deploy import ExportableDetector, export_onnx, export_program, has_cope, input_ranges, onnx_session
 
 TINY = [
     "model.pretrained_backbone=false",
@@ -59,27 +59,29 @@ def test_cope_detector_compiles_with_fullgraph():
 @pytest.mark.skipif(
     any(importlib.util.find_spec(n) is None for n in ("onnx", "onnxruntime", "onnxscript")), reason="needs onnx"
 )
-def test_cope_detector_exports_to_onnx_at_a_fixed_size(tmp_path):
+def test_cope_detector_exports_to_onnx_with_dynamic_sizes(tmp_path):
     """Through the PyTorch path (deformable.backend("pytorch")): grid_sample and, for the contextual offsets, a
-    segment search by comparisons, which every ONNX runtime has."""
-    model = _cope_detector()
-    images = torch.rand(1, 3, 96, 128, generator=torch.Generator().manual_seed(1))
-    with deformable.backend("pytorch"):
-        with torch.no_grad():
-            expected = model(images)
-        torch.onnx.export(model, (images,), dynamo=True, opset_version=18).save(str(tmp_path / "cope.onnx"))
-    session = onnx_session(str(tmp_path / "cope.onnx"), threads=1)
-    got = session.run(None, {session.get_inputs()[0].name: images.numpy()})
-    for g, e in zip(got, expected, strict=True):
-        torch.testing.assert_close(torch.from_numpy(g), e, rtol=1e-4, atol=1e-4)
-
-
-def test_cope_detector_exports_with_torch_export_at_its_traced_size():
+    segment search by comparisons, which every ONNX runtime has. Batch, height and width stay symbolic: the file
+    runs at another batch and size than it was traced with."""
     model = _cope_detector().detector
-    assert fixed_size(model) and not fixed_size(build_detector(load_config("configs/shapes.yaml", TINY[:-2])))
-    images = torch.rand(2, 3, 96, 128, generator=torch.Generator().manual_seed(2))
-    program = export_program(model, images)
-    assert input_ranges(program) == {}  # no symbolic size: batch, height and width are the traced ones
+    traced = torch.rand(2, 3, 96, 128, generator=torch.Generator().manual_seed(1))
+    export_onnx(model, tmp_path / "cope.onnx", traced)
+    session = onnx_session(str(tmp_path / "cope.onnx"), threads=1)
+    for images in (traced, torch.rand(1, 3, 128, 96, generator=torch.Generator().manual_seed(3))):
+        with deformable.backend("pytorch"), torch.no_grad():
+            expected = ExportableDetector(model)(images)
+        got = session.run(None, {session.get_inputs()[0].name: images.numpy()})
+        for g, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(torch.from_numpy(g), e, rtol=1e-4, atol=1e-4)
+
+
+def test_cope_detector_exports_with_torch_export_and_dynamic_sizes():
+    model = _cope_detector().detector
+    assert has_cope(model) and not has_cope(build_detector(load_config("configs/shapes.yaml", TINY[:-2])))
+    program = export_program(model, torch.rand(2, 3, 96, 128, generator=torch.Generator().manual_seed(2)))
+    assert set(input_ranges(program)) == {"batch", "height", "width"}
     with torch.no_grad():
-        for g, e in zip(program.module()(images), ExportableDetector(model)(images), strict=True):
-            torch.testing.assert_close(g, e)
+        for shape in ((2, 3, 96, 128), (1, 3, 160, 192), (3, 3, 128, 96)):
+            images = torch.rand(*shape, generator=torch.Generator().manual_seed(4))
+            for g, e in zip(program.module()(images), ExportableDetector(model)(images), strict=True):
+                torch.testing.assert_close(g, e)
