@@ -14,8 +14,8 @@ line are shared by every query on it and computed once per map (``O(S * M * R)``
 small projection (G channels) shared by every head, each head and channel reading it with its own gate query. A
 sampling point then costs a binary search along its line for the pixel where the count reaches its target
 (``O(log W)`` reads of a line in cache) and a division: the exact inverse of the piecewise-linear count. One fused op,
-:func:`~deformable.cope_locate.cope_locate`, does the searches and the mix for every level and axis and writes the
-locations in place. Nothing is of size queries x line length.
+:func:`~deformable.cope_locate.cope_locate`, does the searches and the mix for every level and axis and returns the
+locations. Nothing is of size queries x line length.
 
 Conventions (pixel j of a line of length W covers the edge coordinate ``[j, j + 1]``, edge coordinate =
 normalised coordinate * W, so pixel centres are at ``j + 0.5``): ``edges[k] = sum_{j<k} density_j`` is the count at

@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -138,11 +139,10 @@ CopeGrads cope_locate_backward_cpu(
       }
     });
   });
-  if (private_sums) {
-    const auto summed = scratch.sum(0);
+  if (private_sums) {  // each line tensor's gradient is the sum of the threads' copies, written in place
     int64_t start = 0;
     for (auto& t : grad_edges) {
-      t.copy_(summed.narrow(0, start, t.numel()).view(t.sizes()));
+      at::sum_out(t, scratch.narrow(1, start, t.numel()).view({threads, t.size(0), t.size(1)}), 0);
       start += t.numel();
     }
   }
