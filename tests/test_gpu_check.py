@@ -271,3 +271,39 @@ def test_report_runs_as_a_command(tmp_path):
     command = [sys.executable, str(ROOT / "tools" / "benchmarks" / "gpu_report.py"), str(tmp_path)]
     result = subprocess.run(command, timeout=60)
     assert result.returncode == 0 and (tmp_path / "report.md").is_file()
+
+
+COPE_LOG = """### step bench_op: python3 tools/benchmarks/benchmark_op.py --device cuda
+| op table | not this one |
+|---|---|
+| 1 | 2 |
+### step bench_cope: python3 tools/benchmarks/benchmark_cope.py --device cuda --batch 2
+- GPU: NVIDIA H200 (CUDA 13.0)
+
+device cuda, float32, batch 2, d_model 256, 8 heads x 4 points, 2 counting channels, op path native, median of 10
+| shape | pass | linear ms | cope ms | ratio | linear peak MiB | cope peak MiB |
+|---|---|---|---|---|---|---|
+| encoder (Lq 22223, 2-d refs) | fwd | 1.2 | 1.9 | 1.58 | 310 | 402 |
+### step bench_detector: python3 tools/benchmarks/benchmark_detector.py
+| detector table | not this one either |
+"""
+
+
+def test_report_shows_the_cope_table_as_printed(tmp_path):
+    (tmp_path / "bench.log").write_text(COPE_LOG)
+    text = report.render(str(tmp_path), None)
+    section = text.split("## CoPE offsets against linear")[1].split("## Detector")[0]
+    assert "op path native, median of 10" in section
+    assert "| encoder (Lq 22223, 2-d refs) | fwd | 1.2 | 1.9 | 1.58 | 310 | 402 |" in section
+    assert "GPU: NVIDIA H200" not in section  # the machine lines are the report's own section
+    assert "not this one" not in section  # the other steps' tables in bench.log
+
+
+@pytest.mark.parametrize(
+    "log", ["", COPE_LOG.split("| shape")[0] + "Traceback (most recent call last):\n"], ids=["no-log", "crashed"]
+)
+def test_report_without_cope_rows_says_so(tmp_path, log):
+    if log:
+        (tmp_path / "bench.log").write_text(log)
+    section = report.render(str(tmp_path), None).split("## CoPE offsets against linear")[1].split("## Detector")[0]
+    assert "No measurements (see bench.log, step bench_cope)." in section

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Verifies the CUDA path on a machine with an NVIDIA GPU in one go (sized for one H200: under 8 minutes):
-# builds deformable._C for that GPU, runs the CUDA tests, benchmarks the op against its memory floor and the detector
-# against the PyTorch path and transformers' Deformable DETR, and trains the demo for 2 epochs.
+# builds deformable._C for that GPU, runs the CUDA tests, benchmarks the op against its memory floor, CoPE offsets
+# against linear ones, and the detector against the PyTorch path and transformers' Deformable DETR, and trains the
+# demo for 2 epochs.
 #
 #   tools/gpu_check.sh OUTDIR [WHEELDIR]
 #
@@ -169,13 +170,17 @@ run_step bench_op 60 "$BENCH_LOG" 0 "tools/benchmarks/benchmark_op.py --device c
   "$PYTHON" tools/benchmarks/benchmark_op.py --device cuda --shapes encoder --batch 1,2 --dtypes float32,bfloat16 \
   --locations realistic,uniform --iters 30 --warmup 5 --json "$OUTDIR/bench_op.json"
 
-# e. The detector: ours (native, PyTorch path) and transformers', training at batch 2 and inference at batch 1.
+# e. CoPE offsets against linear ones, the module at encoder and decoder shapes (issue 17's table, on CUDA).
+run_step bench_cope 45 "$BENCH_LOG" 0 "tools/benchmarks/benchmark_cope.py --device cuda" -- \
+  "$PYTHON" tools/benchmarks/benchmark_cope.py --device cuda --batch 2 --repeats 10 --warmup 3
+
+# f. The detector: ours (native, PyTorch path) and transformers', training at batch 2 and inference at batch 1.
 run_step bench_detector 120 "$BENCH_LOG" 0 "tools/benchmarks/benchmark_detector.py, configs/coco.yaml" -- \
   "$PYTHON" tools/benchmarks/benchmark_detector.py --config configs/coco.yaml --devices cuda \
   --backends native,transformers,pytorch --amp none,bf16 --train-shape 2x800x1333 --infer-shapes 1x800x1333 \
   --iters 10 --warmup 3 --no-shares --json "$OUTDIR/bench_detector.json"
 
-# f. The demo, trained for 2 epochs on the GPU; its checkpoints stay in /tmp, log.jsonl's tail goes to train.log.
+# g. The demo, trained for 2 epochs on the GPU; its checkpoints stay in /tmp, log.jsonl's tail goes to train.log.
 rm -rf "$TRAIN_DIR"
 run_step train 90 "$TRAIN_LOG" 0 "tools/train.py configs/shapes.yaml, 2 epochs" -- \
   "$PYTHON" tools/train.py configs/shapes.yaml train.epochs=2 train.device=cuda "output_dir=$TRAIN_DIR" \
