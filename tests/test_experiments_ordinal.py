@@ -86,3 +86,41 @@ def test_ordinal_is_deterministic_per_seed_and_refuses_a_used_folder(tmp_path, c
     assert f"{a} exists and is not empty" in capsys.readouterr().err
     assert make_ordinal.main([str(tmp_path / "d"), "--size", "64"]) == 1
     assert not os.path.exists(tmp_path / "d")
+
+
+def _row_gaps(root: str, which: str) -> set[int]:
+    """Every gap between neighbouring marks of a row in one split."""
+    coco = read_split(DataConfig(root=root), which).coco
+    by_image: dict[int, list[dict]] = {}
+    for a in coco["annotations"]:
+        by_image.setdefault(a["image_id"], []).append(a)
+    gaps = set()
+    for marks in by_image.values():
+        for row in _rows(marks):
+            row.sort(key=lambda a: a["bbox"][0])
+            gaps |= {right["bbox"][0] - (left["bbox"][0] + left["bbox"][2]) for left, right in pairwise(row)}
+    return gaps
+
+
+def test_val_gaps_draw_the_validation_rows_wider_and_leave_the_training_split_alone(tmp_path) -> None:
+    near, wide = str(tmp_path / "near"), str(tmp_path / "wide")
+    common = ["--train", "6", "--val", "6", "--seed", "2", "--size", "160", "--gaps", "4", "6"]
+    assert make_ordinal.main([near, *common]) == 0
+    assert make_ordinal.main([wide, *common, "--val-gaps", "16", "18"]) == 0
+    assert _row_gaps(near, "train") <= {4, 5, 6} and _row_gaps(near, "val") <= {4, 5, 6}
+    assert _row_gaps(wide, "val") <= {16, 17, 18} and _row_gaps(wide, "val")
+    for name in ("annotations/instances_train2017.json", "train2017/000001.jpg"):  # the same training split
+        with open(os.path.join(near, name), "rb") as a, open(os.path.join(wide, name), "rb") as b:
+            assert a.read() == b.read()
+
+
+def test_gap_ranges_that_cannot_work_are_clear_errors(tmp_path, capsys) -> None:
+    root = str(tmp_path / "o")
+    assert make_ordinal.main([root, "--gaps", "6", "4"]) == 1
+    assert "--gaps must be 1 <= MIN <= MAX, got 6 4" in capsys.readouterr().err
+    assert make_ordinal.main([root, "--val-gaps", "0", "3"]) == 1
+    assert "--val-gaps must be 1 <= MIN <= MAX" in capsys.readouterr().err
+    assert make_ordinal.main([root, "--val-gaps", "30", "40"]) == 1  # 5 marks of 18 px and 4 gaps of 30 px: 214 px
+    assert "--size must be at least 214 (the widest row at gaps of 30 px)" in capsys.readouterr().err
+    assert make_ordinal.main([root, "--val-gaps", "30", "40", "--val", "0", "--train", "1"]) == 0  # no val split
+    assert not os.path.exists(os.path.join(root, "val2017")) or not os.listdir(os.path.join(root, "val2017"))
