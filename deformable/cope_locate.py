@@ -52,18 +52,32 @@ def cope_locate_lines(
 
     e = ref[:, None].expand_as(lines)  # (B, R)
     k0 = e.detach().floor().clamp(0, width - 1).long()
-    low, high = flat[base + k0], flat[base + k0 + 1]
     total = flat[base + width]
-    c0 = torch.where(e < 0, e, torch.where(e > width, total + (e - width), low + (e - k0) * (high - low)))
-    t = c0[:, :, None] + offsets[:, None, :]  # (B, R, P)
+    t = count_at(e, k0, flat[base + k0], flat[base + k0 + 1], total, width)[:, :, None] + offsets[:, None, :]
 
     k = _segments(edges.detach(), lines, t.detach()) if torch.compiler.is_exporting() else _search(edges, lines, t)
     index = base[:, :, None] + k
-    low, high = flat[index], flat[index + 1]
-    inside = k.to(t.dtype) + (t - low) / (high - low).clamp_min(DENSITY_FLOOR)
-    total = total[:, :, None]
-    x = torch.where(t < 0, t, torch.where(t >= total, width + (t - total), inside))
+    x = edge_at(t, k, flat[index], flat[index + 1], total[:, :, None], width)  # (B, R, P)
     return (x * mix[:, :, None]).sum(1)
+
+
+def count_at(
+    e: torch.Tensor, k: torch.Tensor, low: torch.Tensor, high: torch.Tensor, total: torch.Tensor, width: int
+) -> torch.Tensor:
+    """The count at edge coordinate ``e`` of a line of ``width`` pixels, from pixel ``k`` (``floor(e)`` clamped to
+    the line), the counts ``low`` / ``high`` at its edges and the line's ``total``: linear inside the pixel, one per
+    pixel outside ``[0, width]``. All tensors broadcast."""
+    return torch.where(e < 0, e, torch.where(e > width, total + (e - width), low + (e - k) * (high - low)))
+
+
+def edge_at(
+    t: torch.Tensor, k: torch.Tensor, low: torch.Tensor, high: torch.Tensor, total: torch.Tensor, width: int
+) -> torch.Tensor:
+    """The inverse of :func:`count_at`: the edge coordinate where the count reaches ``t``, given the pixel ``k`` the
+    search found (the last with ``low <= t``) and the counts ``low`` / ``high`` at its edges; a flat pixel is jumped
+    (its density is floored at ``DENSITY_FLOOR``). All tensors broadcast."""
+    inside = k.to(t.dtype) + (t - low) / (high - low).clamp_min(DENSITY_FLOOR)
+    return torch.where(t < 0, t, torch.where(t >= total, width + (t - total), inside))
 
 
 def _search(edges: torch.Tensor, lines: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

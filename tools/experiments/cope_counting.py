@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from deformable import MSDeformAttn
-from deformable.cope_locate import cope_locate_pytorch
+from deformable.cope_locate import cope_locate_pytorch, count_at, edge_at
 from deformable.cope_sampling import CoPESampling
 
 # Ablations of the cope parametrisation (all start at the plain module's sampling locations).
@@ -66,17 +66,11 @@ def mixed_count_locate(
     mixed line per row: fine at the probe's sizes, not at a detector's."""
     width = edges.shape[1] - 1
     mixed = (edges[lines] * mix[..., None]).sum(1)  # (B, W + 1), non-decreasing for mix >= 0
+    total = mixed[:, -1:]
     k0 = ref.detach().floor().clamp(0, width - 1).long()[:, None]
-    low, high, total = mixed.gather(1, k0)[:, 0], mixed.gather(1, k0 + 1)[:, 0], mixed[:, -1]
-    c0 = torch.where(
-        ref < 0, ref, torch.where(ref > width, total + (ref - width), low + (ref - k0[:, 0]) * (high - low))
-    )
-    t = c0[:, None] + offsets  # (B, P)
+    t = count_at(ref[:, None], k0, mixed.gather(1, k0), mixed.gather(1, k0 + 1), total, width) + offsets  # (B, P)
     k = (torch.searchsorted(mixed.detach().contiguous(), t.detach().contiguous(), right=True) - 1).clamp(0, width - 1)
-    low, high = mixed.gather(1, k), mixed.gather(1, k + 1)
-    inside = k + (t - low) / (high - low).clamp_min(1e-12)
-    total = total[:, None]
-    return torch.where(t < 0, t, torch.where(t >= total, width + (t - total), inside))
+    return edge_at(t, k, mixed.gather(1, k), mixed.gather(1, k + 1), total, width)
 
 
 class HardGateSampling(CoPESampling):
