@@ -20,6 +20,7 @@ import yaml
 from .files import atomic_write_text
 
 BACKBONE_NORMS = ("frozen_bn", "gn")
+OFFSET_MODES = ("linear", "cope")  # deformable.MSDeformAttn's offset_mode
 
 
 @dataclass
@@ -50,12 +51,18 @@ class ModelConfig:
     backbone_norm: str = "frozen_bn"
     enc_offset_mode: str = "linear"  # linear | cope (deformable.MSDeformAttn offset_mode)
     dec_offset_mode: str = "linear"
+    cope_channels: int = 2  # counting channels per head of every "cope" MSDeformAttn (BENCHMARKS.md: 4 counts better
+    # on some probes and costs more)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "backbone_norm" and value not in BACKBONE_NORMS:
             raise ConfigError(
                 f"config key 'model.backbone_norm' must be one of {', '.join(BACKBONE_NORMS)}, got {value!r}"
             )
+        if name in ("enc_offset_mode", "dec_offset_mode") and value not in OFFSET_MODES:
+            raise ConfigError(f"config key 'model.{name}' must be one of {', '.join(OFFSET_MODES)}, got {value!r}")
+        if name == "cope_channels" and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise ConfigError(f"config key 'model.cope_channels' must be an integer >= 1, got {value!r}")
         if name == "num_classes" and not (
             (isinstance(value, int) and not isinstance(value, bool) and value >= 1) or value == "auto"
         ):

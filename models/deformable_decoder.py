@@ -26,9 +26,10 @@ class DeformableDecoderLayer(nn.Module):
         n_heads: int = 8,
         n_points: int = 4,
         offset_mode: str = "linear",
+        cope_channels: int = 2,
     ) -> None:
         super().__init__()
-        self.cross_attn = make_deform_attn(d_model, n_levels, n_heads, n_points, offset_mode)
+        self.cross_attn = make_deform_attn(d_model, n_levels, n_heads, n_points, offset_mode, cope_channels)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)

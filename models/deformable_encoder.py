@@ -9,9 +9,12 @@ from torch.nn import functional as F
 from deformable import MSDeformAttn
 
 
-def make_deform_attn(d_model: int, n_levels: int, n_heads: int, n_points: int, offset_mode: str) -> MSDeformAttn:
-    """``MSDeformAttn``; ``offset_mode`` is passed on only when it is not the original's "linear"."""
-    extra = {} if offset_mode == "linear" else {"offset_mode": offset_mode}
+def make_deform_attn(
+    d_model: int, n_levels: int, n_heads: int, n_points: int, offset_mode: str, cope_channels: int = 2
+) -> MSDeformAttn:
+    """``MSDeformAttn``; ``offset_mode`` (and ``cope_channels``, the counting channels of ``"cope"``) are passed on
+    only when it is not the original's "linear"."""
+    extra = {} if offset_mode == "linear" else {"offset_mode": offset_mode, "cope_channels": cope_channels}
     return MSDeformAttn(d_model, n_levels, n_heads, n_points, **extra)
 
 
@@ -27,9 +30,10 @@ class DeformableEncoderLayer(nn.Module):
         n_heads: int = 8,
         n_points: int = 4,
         offset_mode: str = "linear",
+        cope_channels: int = 2,
     ) -> None:
         super().__init__()
-        self.self_attn = make_deform_attn(d_model, n_levels, n_heads, n_points, offset_mode)
+        self.self_attn = make_deform_attn(d_model, n_levels, n_heads, n_points, offset_mode, cope_channels)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, d_ffn)

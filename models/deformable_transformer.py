@@ -84,6 +84,7 @@ class DeformableTransformer(nn.Module):
         two_stage: take the queries from the top-scoring encoder proposals.
         two_stage_num_proposals: how many (the number of queries).
         enc_offset_mode, dec_offset_mode: ``MSDeformAttn`` offset mode ("linear" is the original's).
+        cope_channels: counting channels per head where the offset mode is "cope".
     """
 
     def __init__(
@@ -101,13 +102,19 @@ class DeformableTransformer(nn.Module):
         two_stage_num_proposals: int = 300,
         enc_offset_mode: str = "linear",
         dec_offset_mode: str = "linear",
+        cope_channels: int = 2,
     ) -> None:
         super().__init__()
         self.d_model = d_model
         self.two_stage = two_stage
         self.two_stage_num_proposals = two_stage_num_proposals
         layer_args = dict(
-            d_model=d_model, d_ffn=dim_feedforward, dropout=dropout, n_levels=num_feature_levels, n_heads=nhead
+            d_model=d_model,
+            d_ffn=dim_feedforward,
+            dropout=dropout,
+            n_levels=num_feature_levels,
+            n_heads=nhead,
+            cope_channels=cope_channels,
         )
         self.encoder = DeformableEncoder(
             [
@@ -288,7 +295,7 @@ def _append_extra(
 
 def build_transformer(cfg: Config) -> DeformableTransformer:
     """``cfg.model``: hidden_dim, nheads, enc/dec_layers, dim_feedforward, dropout, num_feature_levels,
-    enc/dec_n_points, two_stage, num_queries, enc/dec_offset_mode."""
+    enc/dec_n_points, two_stage, num_queries, enc/dec_offset_mode, cope_channels."""
     m = cfg.model
     return DeformableTransformer(
         d_model=m.hidden_dim,
@@ -304,4 +311,5 @@ def build_transformer(cfg: Config) -> DeformableTransformer:
         two_stage_num_proposals=m.num_queries,
         enc_offset_mode=m.enc_offset_mode,
         dec_offset_mode=m.dec_offset_mode,
+        cope_channels=m.cope_channels,
     )

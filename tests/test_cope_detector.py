@@ -8,6 +8,7 @@ import torch
 import deformable
 from deformable import MSDeformAttn
 from models import build_detector, load_config
+from models.config import ConfigError
 from models.deploy import ExportableDetector, export_onnx, export_program, has_cope, input_ranges, onnx_session
 
 TINY = [
@@ -35,6 +36,28 @@ def test_detector_keeps_cope_gate_initialisation():
             if name in ("gate_key.weight", "channel_mix.weight"):  # random (xavier): compare statistics only
                 continue
             torch.testing.assert_close(value, expected[name], msg=f"cope.{name} was overwritten by the detector")
+
+
+def test_cope_channels_reach_every_cope_module_and_only_those():
+    torch.manual_seed(0)
+    options = [o for o in TINY if o != "model.enc_offset_mode=cope"] + ["model.cope_channels=3"]
+    model = build_detector(load_config("configs/shapes.yaml", options))
+    attns = {m.offset_mode: m for m in model.modules() if isinstance(m, MSDeformAttn)}
+    assert attns["cope"].cope.channels == 3 and attns["cope"].cope.gate_query.shape == (4, 3, 8)
+    assert attns["linear"].cope is None
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ("model.enc_offset_mode=cop", "'model.enc_offset_mode' must be one of linear, cope, got 'cop'"),
+        ("model.dec_offset_mode=Linear", "'model.dec_offset_mode' must be one of linear, cope, got 'Linear'"),
+        ("model.cope_channels=0", "'model.cope_channels' must be an integer >= 1, got 0"),
+    ],
+)
+def test_bad_cope_options_are_config_errors(option, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("configs/shapes.yaml", [option])
 
 
 def _cope_detector() -> torch.nn.Module:
