@@ -9,7 +9,7 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 
-from deformable.data.coco_eval import STAT_NAMES, coco_metrics, to_coco_results
+from deformable.data.coco_eval import ANY_CLASS, STAT_NAMES, class_metrics, coco_metrics, to_coco_results
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -61,3 +61,32 @@ def test_wrong_class_and_missing_image_lower_the_metrics() -> None:
 def test_no_detections_gives_zeros(capsys) -> None:
     assert coco_metrics(_ground_truth(), [], [1, 2], verbose=True) == dict.fromkeys(STAT_NAMES, 0.0)
     assert "no detections" in capsys.readouterr().out
+
+
+def test_class_metrics_tell_wrong_names_from_missed_objects() -> None:
+    gt = _ground_truth()
+    boxes = [[10, 10, 50, 40], [60, 20, 90, 70]]
+    right = to_coco_results(1, _result(boxes, [5, 9], [0.9, 0.8]), [5, 9])
+    right += to_coco_results(2, _result([[0, 0, 60, 60]], [5], [0.7]), [5, 9])
+    assert class_metrics(gt, right, [1, 2]) == {
+        "five": {"AP": pytest.approx(1.0), "AP50": pytest.approx(1.0)},
+        "nine": {"AP": pytest.approx(1.0), "AP50": pytest.approx(1.0)},
+        ANY_CLASS: {"AP": pytest.approx(1.0), "AP50": pytest.approx(1.0)},
+    }
+    swapped = to_coco_results(1, _result(boxes, [9, 5], [0.9, 0.8]), [5, 9])  # every box found, named wrongly
+    swapped += to_coco_results(2, _result([[0, 0, 60, 60]], [9], [0.7]), [5, 9])
+    metrics = class_metrics(gt, swapped, iter([1, 2]))  # any iterable of ids, read more than once inside
+    assert metrics["five"]["AP"] == 0.0 and metrics["nine"]["AP"] == 0.0
+    assert metrics[ANY_CLASS] == {"AP": pytest.approx(1.0), "AP50": pytest.approx(1.0)}
+    missed = to_coco_results(1, _result([boxes[0]], [5], [0.9]), [5, 9])  # one of two "five"s, no "nine"
+    metrics = class_metrics(gt, missed, [1, 2])
+    assert metrics["five"]["AP50"] == pytest.approx(0.5, abs=0.01) and metrics["nine"]["AP"] == 0.0
+    assert 0.0 < metrics[ANY_CLASS]["AP"] < 0.5
+
+
+def test_class_metrics_without_ground_truth_or_detections() -> None:
+    gt = _ground_truth()
+    only_image_2 = class_metrics(gt, to_coco_results(2, _result([[0, 0, 60, 60]], [5], [0.7]), [5, 9]), [2])
+    assert only_image_2["nine"] == {"AP": -1.0, "AP50": -1.0}  # no "nine" on image 2
+    assert only_image_2["five"]["AP"] == pytest.approx(1.0)
+    assert class_metrics(gt, [], [1, 2]) == {name: {"AP": 0.0, "AP50": 0.0} for name in ("five", "nine", ANY_CLASS)}

@@ -169,9 +169,15 @@ def test_eval_tool_writes_metrics_and_coco_results(trained, shapes_root, capsys)
     assert eval_tool.main([os.path.join("configs", "shapes.yaml"), "--checkpoint", ckpt, *overrides]) == 0
     printed = capsys.readouterr().out
     assert printed.count("Average Precision") == 6 and printed.count("Average Recall") == 6
+    assert "| class | AP | AP50 |" in printed and "| (any class) |" in printed
     with open(os.path.join(trained, "eval.json")) as f:
         metrics = json.load(f)
     assert set(STAT_NAMES) <= set(metrics)
+    with open(os.path.join(shapes_root, "annotations", "instances_val2017.json")) as f:
+        names = [c["name"] for c in sorted(json.load(f)["categories"], key=lambda c: c["id"])]
+    assert list(metrics["per_class"]) == [*names, "(any class)"]
+    for name, values in metrics["per_class"].items():
+        assert set(values) == {"AP", "AP50"} and -1 <= values["AP"] <= values["AP50"] <= 1, name
     with open(os.path.join(trained, "detections_val2017.json")) as f:
         detections = json.load(f)
     with open(os.path.join(shapes_root, "annotations", "instances_val2017.json")) as f:

@@ -44,18 +44,58 @@ def coco_metrics(coco_gt: COCO, detections: list[dict], image_ids: Iterable[int]
     ``verbose`` prints pycocotools' standard summary. Metrics without ground truth are -1 as in pycocotools; with
     no detections at all every metric is 0.
     """
-    image_ids = sorted(set(image_ids))
     if not detections:
         if verbose:
             print("no detections: every metric is 0")
         return dict.fromkeys(STAT_NAMES, 0.0)
+    evaluator = _cocoeval(coco_gt, detections, image_ids, use_categories=True, verbose=verbose)
+    stats = np.asarray(evaluator.stats, dtype=np.float64)
+    return dict(zip(STAT_NAMES, stats.tolist(), strict=True))
+
+
+ANY_CLASS = "(any class)"
+
+
+def class_metrics(coco_gt: COCO, detections: list[dict], image_ids: Iterable[int]) -> dict[str, dict[str, float]]:
+    """AP and AP50 per category (keyed by its name, in category id order), then :data:`ANY_CLASS`: AP and AP50 with
+    the categories ignored (every detection matched against every box), which tells a detector that finds the
+    objects but names them wrongly (class-agnostic AP high, per-class AP low) from one that misses them.
+
+    A category without ground truth in ``image_ids`` gets -1, as in pycocotools; with no detections every value is 0.
+    """
+    names = {cat_id: cat["name"] for cat_id, cat in coco_gt.cats.items()}
+    image_ids = sorted(set(image_ids))  # read twice below
+    if not detections:
+        return {name: {"AP": 0.0, "AP50": 0.0} for name in [*(names[c] for c in sorted(names)), ANY_CLASS]}
+    evaluator = _cocoeval(coco_gt, detections, image_ids, use_categories=True)
+    # precision: (IoU thresholds, recall points, categories, area ranges, max detections); area "all", 100 detections
+    precision = evaluator.eval["precision"][:, :, :, 0, -1]
+    out = {}
+    for k, cat_id in enumerate(evaluator.params.catIds):
+        out[names[cat_id]] = {"AP": _mean_defined(precision[:, :, k]), "AP50": _mean_defined(precision[0, :, k])}
+    agnostic = _cocoeval(coco_gt, detections, image_ids, use_categories=False).stats
+    out[ANY_CLASS] = {"AP": float(agnostic[0]), "AP50": float(agnostic[1])}
+    return out
+
+
+def _mean_defined(precision: np.ndarray) -> float:
+    """The mean of the entries pycocotools filled in (-1 marks no ground truth), or -1 when there are none."""
+    defined = precision[precision > -1]
+    return float(defined.mean()) if defined.size else -1.0
+
+
+def _cocoeval(
+    coco_gt: COCO, detections: list[dict], image_ids: Iterable[int], use_categories: bool, verbose: bool = False
+) -> COCOeval:
+    """COCOeval (bbox) on ``image_ids``, evaluated, accumulated and summarised (its stats filled in); pycocotools'
+    printing only with ``verbose``. ``detections`` is not modified (loadRes adds keys to what it is given)."""
     sink = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
     with sink:
-        coco_dt = coco_gt.loadRes(detections)
+        coco_dt = coco_gt.loadRes([dict(d) for d in detections])
         evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
-        evaluator.params.imgIds = image_ids
+        evaluator.params.imgIds = sorted(set(image_ids))
+        evaluator.params.useCats = int(use_categories)
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    stats = np.asarray(evaluator.stats, dtype=np.float64)
-    return dict(zip(STAT_NAMES, stats.tolist(), strict=True))
+    return evaluator

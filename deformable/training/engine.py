@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from deformable.data import resolve_num_classes, set_epoch
-from deformable.data.coco_eval import coco_metrics, to_coco_results
+from deformable.data.coco_eval import class_metrics, coco_metrics, to_coco_results
 from models import build_criterion, build_postprocessor, load_detector, read_checkpoint
 from models.checkpoint import Checkpoint, CheckpointError, copy_checkpoint, save_checkpoint
 from models.config import Config, ConfigError, TrainConfig, config_to_dict
@@ -347,10 +347,17 @@ def _save(state: dict[str, Any], output_dir: str, epoch: int, checkpoint_every: 
         copy_checkpoint(latest, os.path.join(output_dir, f"checkpoint_{epoch:04d}.pth"))
 
 
+def class_table(per_class: dict[str, dict[str, float]]) -> str:
+    """:func:`~deformable.data.coco_eval.class_metrics` as a markdown table (-1: no ground truth)."""
+    rows = [f"| {name} | {m['AP']:.3f} | {m['AP50']:.3f} |" for name, m in per_class.items()]
+    return "\n".join(["| class | AP | AP50 |", "|---|---|---|", *rows])
+
+
 def evaluate_checkpoint(cfg: Config, checkpoint: str | Checkpoint) -> dict[str, float]:
     """Evaluates ``checkpoint`` (any format :func:`models.read_checkpoint` reads) on the validation split; rank 0
-    prints the 12 COCO metrics and writes ``output_dir/eval.json`` and ``output_dir/detections_<val_split>.json``
-    (COCO results format)."""
+    prints the 12 COCO metrics and a table of AP / AP50 per class and with the classes ignored
+    (:func:`~deformable.data.coco_eval.class_metrics`), and writes ``output_dir/eval.json`` (the metrics; the table
+    under ``per_class``) and ``output_dir/detections_<val_split>.json`` (COCO results format)."""
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = read_checkpoint(checkpoint)
     env = distributed.init_distributed(cfg.train.device)
@@ -368,8 +375,10 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Checkpoint) -> dict[str, 
             verbose=env.is_main,
         )
         if env.is_main:
+            per_class = class_metrics(data.val_set.coco, detections, data.val_set.ids)
+            print(class_table(per_class))
             summary = {"checkpoint": checkpoint.path, "split": data.val_set.split, "images": len(data.val_set)}
-            summary = {**metrics, **summary}
+            summary = {**metrics, **summary, "per_class": per_class}
             write_json(os.path.join(cfg.output_dir, "eval.json"), summary)
             write_json(os.path.join(cfg.output_dir, f"detections_{data.val_set.split}.json"), detections)
         return metrics
