@@ -55,10 +55,10 @@ def verify(path: str, model, height: int, width: int, atol: float) -> bool:
         print("onnxruntime is not installed: outputs not compared (pip install '.[export]')")
         return True
     session = onnx_session(path)
-    path = "pytorch" if has_cope(model) else "native"
+    reference = "pytorch" if has_cope(model) else "native"  # the attention path PyTorch's outputs come from
     ok = True
     for batch, h, w in ((2, height, width), (1, height + 32, width + 64)):
-        with deformable.backend(path):
+        with deformable.backend(reference):
             diffs = onnx_max_difference(session, model, example_images(batch, h, w, seed=1))
         worst = max(diffs.values())
         ok &= worst <= atol
