@@ -36,6 +36,9 @@ EXPECTED = (
     "expected this project's checkpoint, an original Deformable-DETR checkpoint (.pth with 'model' and 'args'), a "
     "state_dict, or a transformers folder (config.json + model.safetensors or pytorch_model.bin)"
 )
+# The first layer's CoPE gate queries (deformable.cope_sampling.CoPESampling), present with offset_mode "cope".
+COPE_ENCODER_KEY = "transformer.encoder.layers.0.self_attn.cope.gate_query"
+COPE_DECODER_KEY = "transformer.decoder.layers.0.cross_attn.cope.gate_query"
 # ModelConfig fields an original checkpoint's argparse ``args`` carries under the same names.
 ORIGINAL_ARGS = (
     "backbone",
@@ -183,7 +186,8 @@ def _from_dict(content: Any, path: str) -> Checkpoint:
 
 def options_from_weights(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """The ``ModelConfig`` fields that a state_dict's keys and shapes show: class count, width, queries, levels,
-    layer counts, feed-forward width, two-stage and a ResNet backbone's norm."""
+    layer counts, feed-forward width, two-stage, a ResNet backbone's norm, and the offset modes (CoPE offsets have
+    gate parameters; their counting channels)."""
     options: dict[str, Any] = {}
     if "class_embed.0.bias" in state:
         options["num_classes"] = int(state["class_embed.0.bias"].shape[0])
@@ -200,6 +204,11 @@ def options_from_weights(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     options["two_stage"] = "transformer.enc_output.weight" in state
     if "backbone.0.body.bn1.weight" in state:  # a ResNet's stem norm: frozen BatchNorm has statistics, GroupNorm none
         options["backbone_norm"] = "frozen_bn" if "backbone.0.body.bn1.running_mean" in state else "gn"
+    for key, attention in (("enc_offset_mode", COPE_ENCODER_KEY), ("dec_offset_mode", COPE_DECODER_KEY)):
+        if attention.replace(".cope.gate_query", ".sampling_offsets.weight") in state:
+            options[key] = "cope" if attention in state else "linear"
+            if attention in state:  # (M, R, G): R counting channels
+                options["cope_channels"] = int(state[attention].shape[1])
     return options
 
 

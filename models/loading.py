@@ -44,7 +44,9 @@ ARCHITECTURE = (
     "two_stage",
     "enc_offset_mode",
     "dec_offset_mode",
+    "cope_channels",
 )
+OFFSET_MODES = ("enc_offset_mode", "dec_offset_mode")
 CONFIG_SUFFIXES = (".yaml", ".yml")
 # The tools' help for the positional config and the checkpoint (every tool reads the same formats).
 CONFIG_HELP = "the YAML config (default: the checkpoint's own), then section.key=value overrides"
@@ -82,25 +84,39 @@ def _override(key: str, value: Any) -> str:
     return f"model.{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
 
 
-def architecture_mismatches(model: ModelConfig, options: Mapping[str, Any]) -> list[str]:
+def architecture_mismatches(model: ModelConfig, options: Mapping[str, Any], finetune: bool = False) -> list[str]:
     """One line per architecture option on which ``model`` and a checkpoint's ``options`` disagree, each naming both
-    values and the override that makes the config fit the checkpoint."""
+    values and the override that makes the config fit the checkpoint.
+
+    ``cope_channels`` counts only where the checkpoint has CoPE offsets. With ``finetune``, CoPE offsets in the config
+    over the checkpoint's linear ones are no disagreement: the added gates start where the module is the plain one
+    (:func:`models.weights.load_checkpoint`'s ``fresh_cope``).
+    """
+    checkpoint_cope = any(options.get(key) == "cope" for key in OFFSET_MODES)
     lines = []
     for key in ARCHITECTURE:
-        if key in options and options[key] != getattr(model, key):
-            lines.append(
-                f"{key}: the config says {getattr(model, key)!r}, the checkpoint {options[key]!r} "
-                f"(override: {_override(key, options[key])})"
-            )
+        if key not in options or options[key] == getattr(model, key):
+            continue
+        if key == "cope_channels" and not checkpoint_cope:
+            continue
+        if finetune and key in OFFSET_MODES and (options[key], getattr(model, key)) == ("linear", "cope"):
+            continue
+        lines.append(
+            f"{key}: the config says {getattr(model, key)!r}, the checkpoint {options[key]!r} "
+            f"(override: {_override(key, options[key])})"
+        )
     return lines
 
 
-def check_architecture(model: ModelConfig, checkpoint: Checkpoint, class_change: bool = False) -> None:
-    """Raises :class:`CheckpointError` listing every disagreement between ``model`` and what ``checkpoint`` states;
-    a different class count is one too unless ``class_change`` (fine-tuning re-initialises the class heads)."""
-    lines = architecture_mismatches(model, checkpoint.options)
+def check_architecture(model: ModelConfig, checkpoint: Checkpoint, finetune: bool = False) -> None:
+    """Raises :class:`CheckpointError` listing every disagreement between ``model`` and what ``checkpoint`` states.
+
+    With ``finetune`` two differences are allowed: another class count (the class heads are re-initialised) and CoPE
+    offsets switched on over linear ones (see :func:`architecture_mismatches`).
+    """
+    lines = architecture_mismatches(model, checkpoint.options, finetune)
     classes = checkpoint.options.get("num_classes")
-    if not class_change and classes is not None and classes != model.num_classes:
+    if not finetune and classes is not None and classes != model.num_classes:
         lines.append(
             f"num_classes: the config says {model.num_classes!r}, the checkpoint {classes} "
             f"(override: model.num_classes={classes})"
@@ -151,13 +167,14 @@ def config_and_checkpoint(
 
 
 def load_detector(
-    cfg: Config, checkpoint: str | os.PathLike | Checkpoint | None, class_change: bool = False
+    cfg: Config, checkpoint: str | os.PathLike | Checkpoint | None, finetune: bool = False
 ) -> tuple[nn.Module, Checkpoint | None]:
     """The detector of ``cfg.model`` in eval mode on the CPU with the weights of ``checkpoint`` (any format).
 
     Without a checkpoint the weights are random (for testing the tools only). The backbone is never downloaded.
-    With ``class_change`` (``train.finetune``) the class heads may have another class count and are re-initialised;
-    every other difference is an error naming the option and its override.
+    With ``finetune`` (``train.finetune``) the class heads may have another class count and are re-initialised, and
+    CoPE offsets may be switched on over a checkpoint's linear ones (their gates start where the detector is the
+    checkpoint's); every other difference is an error naming the option and its override.
 
     Raises:
         FileNotFoundError: no such checkpoint. CheckpointError: unreadable, or made for another model.
@@ -168,11 +185,11 @@ def load_detector(
     if checkpoint is not None and model_cfg.num_classes == "auto" and "num_classes" in checkpoint.options:
         model_cfg = dataclasses.replace(model_cfg, num_classes=checkpoint.options["num_classes"])
     if checkpoint is not None:
-        check_architecture(model_cfg, checkpoint, class_change)
+        check_architecture(model_cfg, checkpoint, finetune)
     model = build_detector(dataclasses.replace(cfg, model=model_cfg))
     if checkpoint is not None:
         try:
-            load_checkpoint(model, checkpoint, reinit_class_heads=class_change)
+            load_checkpoint(model, checkpoint, reinit_class_heads=finetune, fresh_cope=finetune)
         except ValueError as exc:
             raise CheckpointError(f"checkpoint {checkpoint.path}: {exc}") from exc
     return model.eval(), checkpoint

@@ -34,6 +34,7 @@ class LoadResult:
         missing: model keys the checkpoint lacked (only when ``strict=False``).
         unexpected: checkpoint keys the model lacks, ignored (only when ``strict=False``).
         mismatched: other keys whose shapes differ, ignored (only when ``strict=False``).
+        fresh: CoPE gate keys the checkpoint had none of, left at their initialisation (only with ``fresh_cope``).
     """
 
     loaded: list[str] = field(default_factory=list)
@@ -41,6 +42,7 @@ class LoadResult:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[str] = field(default_factory=list)
+    fresh: list[str] = field(default_factory=list)
 
     @property
     def dropped(self) -> list[str]:
@@ -106,11 +108,28 @@ def _classify(state: Mapping, own: Mapping, groups: list[list[str]]) -> LoadResu
     return result
 
 
+def _cope_prefixes(model: nn.Module) -> list[str]:
+    """State_dict prefixes of the CoPE parts (``<attention>.cope.``) of every ``offset_mode="cope"`` attention."""
+    return [f"{name}.cope." for name, module in model.named_modules() if getattr(module, "offset_mode", None) == "cope"]
+
+
+def _fresh_cope(result: LoadResult, state: Mapping, model: nn.Module) -> None:
+    """Moves from ``result.missing`` to ``result.fresh`` the keys of CoPE parts the checkpoint has no key of: a CoPE
+    part keeps its initialisation, where its attention is exactly the plain one, only whole (a checkpoint holding
+    some of a part's keys and not others stays an error)."""
+    for prefix in _cope_prefixes(model):
+        if any(k.startswith(prefix) for k in state):
+            continue
+        result.fresh += [k for k in result.missing if k.startswith(prefix)]
+    result.missing = [k for k in result.missing if k not in set(result.fresh)]
+
+
 def load_checkpoint(
     model: nn.Module,
     source: str | os.PathLike | Mapping | Checkpoint,
     strict: bool = True,
     reinit_class_heads: bool = True,
+    fresh_cope: bool = False,
 ) -> LoadResult:
     """Loads weights into ``model``, re-initialising class heads whose class count differs.
 
@@ -124,6 +143,9 @@ def load_checkpoint(
             and reported.
         reinit_class_heads: when False, class heads of another class count are an error too (evaluation, inference,
             export and resuming need the checkpoint's own heads).
+        fresh_cope: CoPE offsets switched on over a checkpoint with linear ones (fine-tuning): the gate parameters of
+            a ``offset_mode="cope"`` attention the checkpoint has no key of keep their initialisation, at which the
+            attention is exactly the plain one, so the detector starts with the checkpoint's outputs.
 
     Returns:
         A :class:`LoadResult`; what was dropped is also logged.
@@ -136,6 +158,8 @@ def load_checkpoint(
     groups = _alias_groups(model)
     _check_shared(state, groups)
     result = _classify(state, model.state_dict(), groups)
+    if fresh_cope:
+        _fresh_cope(result, state, model)
     if result.reinitialised and not reinit_class_heads:
         key = result.reinitialised[0]
         count = state[key].shape[0]
@@ -156,6 +180,13 @@ def load_checkpoint(
             _show(result.reinitialised) or "nothing",
             _show(result.unexpected + result.mismatched) or "nothing",
             _show(result.missing) or "nothing",
+        )
+    if result.fresh:
+        logger.warning(
+            "load_checkpoint: CoPE offsets switched on over linear ones: %d gate tensors start where the attention is "
+            "the plain one (%s)",
+            len(result.fresh),
+            _show(result.fresh),
         )
     return result
 

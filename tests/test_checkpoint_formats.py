@@ -82,6 +82,8 @@ def test_each_format_reads_with_what_it_states(run) -> None:
         "dim_feedforward": 64,
         "two_stage": False,
         "backbone_norm": "frozen_bn",
+        "enc_offset_mode": "linear",
+        "dec_offset_mode": "linear",
     }
     for checkpoint in (project, original, bare):
         assert checkpoint.model.keys() == project.model.keys()

@@ -99,12 +99,13 @@ def build_trainee(cfg: Config, detector: nn.Module) -> TrainingDetector:
 
 def finetune_from(model: nn.Module, cfg: Config) -> None:
     """``train.finetune``: loads the weights of a checkpoint in any format (this project's, the original's, a
-    state_dict, a transformers folder); class heads of another class count are re-initialised, any other
+    state_dict, a transformers folder); class heads of another class count are re-initialised, CoPE offsets in the
+    config over the checkpoint's linear ones start with fresh gates (where the attention is the plain one), any other
     difference from ``cfg.model`` is an error naming the override that fixes it."""
     path = cfg.train.finetune
     try:
         checkpoint = read_checkpoint(path)
-        check_architecture(cfg.model, checkpoint, class_change=True)
-        load_checkpoint(model, checkpoint)
+        check_architecture(cfg.model, checkpoint, finetune=True)
+        load_checkpoint(model, checkpoint, fresh_cope=True)
     except (ValueError, FileNotFoundError) as exc:
         raise CheckpointError(f"train.finetune={path}: {exc}") from exc
