@@ -117,6 +117,25 @@ def test_train_takes_the_figure_scripts_arguments() -> None:
     assert model.attn.n_levels == 1 and model.noise == 0.0
 
 
+def test_gate_warmup_holds_the_gates_at_their_start_for_its_share_of_the_steps() -> None:
+    """``--gate-warmup``: the CoPE part keeps its initialisation (the module is the linear one) for that share of the
+    steps, then trains; everything else trains throughout."""
+    probe = counting.PROBES["default"]
+
+    def trained(steps: int, warmup: float):
+        args = probe_args(probe, steps)
+        args.gate_warmup = warmup
+        return counting.train(probe.task, "cope", 0, args)
+
+    torch.manual_seed(0)
+    fresh = counting.CountingModel(probe.task, "cope", probe.d_model, probe.heads, probe.points)
+    held, released = trained(4, 1.0), trained(4, 0.5)
+    for name, value in fresh.attn.cope.state_dict().items():
+        assert torch.equal(held.attn.cope.state_dict()[name], value), name
+    assert not torch.equal(released.attn.cope.gate_query, fresh.attn.cope.gate_query)
+    assert not torch.equal(held.attn.sampling_offsets.weight, fresh.attn.sampling_offsets.weight)
+
+
 def test_the_two_level_model_samples_both_levels_with_deterministic_noise() -> None:
     probe = counting.PROBES["two-levels-noisy"]
     task = probe.task

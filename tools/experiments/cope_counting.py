@@ -299,7 +299,11 @@ def train(task: Task, offset_mode: str, seed: int, args: argparse.Namespace) -> 
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.steps, pct_start=0.1)
     generator = torch.Generator().manual_seed(1000 + seed)
     noise_generator = torch.Generator().manual_seed(2000 + seed)
-    for _ in range(args.steps):
+    gates = [p for name, p in model.named_parameters() if ".cope." in name]
+    held = round(getattr(args, "gate_warmup", 0.0) * args.steps)  # steps with the gates at their start: linear
+    for step in range(args.steps):
+        for p in gates:
+            p.requires_grad_(step >= held)
         tokens, ks, ref, targets = make_batch(task, args.batch, args.gaps, generator)
         logits = model(tokens, ks, ref, noise_generator)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
@@ -327,6 +331,9 @@ def main() -> None:
         "--gaps", type=int, nargs=2, default=None, help="training gaps between markers, inclusive (default 2 5)"
     )
     parser.add_argument("--ood-gaps", type=int, nargs=2, default=None, help="default: the probe's (6 12)")
+    parser.add_argument(
+        "--gate-warmup", type=float, default=0.0, help="share of the steps before the CoPE gates train (linear until)"
+    )
     parser.add_argument("--eval-samples", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
