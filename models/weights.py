@@ -121,7 +121,8 @@ def _fresh_cope(result: LoadResult, state: Mapping, model: nn.Module) -> None:
         if any(k.startswith(prefix) for k in state):
             continue
         result.fresh += [k for k in result.missing if k.startswith(prefix)]
-    result.missing = [k for k in result.missing if k not in set(result.fresh)]
+    fresh = set(result.fresh)
+    result.missing = [k for k in result.missing if k not in fresh]
 
 
 def load_checkpoint(
@@ -144,7 +145,7 @@ def load_checkpoint(
         reinit_class_heads: when False, class heads of another class count are an error too (evaluation, inference,
             export and resuming need the checkpoint's own heads).
         fresh_cope: CoPE offsets switched on over a checkpoint with linear ones (fine-tuning): the gate parameters of
-            a ``offset_mode="cope"`` attention the checkpoint has no key of keep their initialisation, at which the
+            an ``offset_mode="cope"`` attention the checkpoint has no key of keep their initialisation, at which the
             attention is exactly the plain one, so the detector starts with the checkpoint's outputs.
 
     Returns:
