@@ -54,14 +54,16 @@ class CoPESampling(nn.Module):
 
     Gate of key j for head m, channel r, level l, and its count density:
     ``g = sigmoid((k_j . gate_query_mr) / gate_temperature + bias_mlr)`` with ``k_j`` normalised to unit
-    RMS, and ``density = g * valid_j / sigmoid(gate_bias_init)`` (``valid_j`` 0 at padded keys).
+    RMS, and ``density = g / sigmoid(gate_bias_init)``; a padded key's density is 1, whatever its content.
 
     Why this parametrisation: the zero gate queries make every gate ``sigmoid(gate_bias_init)`` at initialisation,
     so every density is exactly 1 and a fresh module samples where the plain one does, whatever the mix; the random
     mix weights each channel's gradient by different queries, so the channels do not stay copies of each other; the
     gates start half open (``gate_bias_init = 0``), where the sigmoid is steepest, and a fully open gate counts 2, so
     a single open pixel spans two integer counts and its centre is a table entry; there is no floor on the density,
-    since any floor is a count that drifts with distance out of distribution.
+    since any floor is a count that drifts with distance out of distribution. Padding counts as the map's outside
+    does (one per pixel): an image's points land on the same pixels alone and padded in a batch, and a fresh module
+    is the plain one on padded batches too.
 
     Units: with 2-d reference points ``u`` is in counts, one count per pixel at the initial gate level. With 4-d
     boxes ``u`` is scaled as the plain module scales pixels: ``u * w * W_l / (2 * P)`` counts along x (likewise y),
@@ -146,7 +148,7 @@ class CoPESampling(nn.Module):
             offsets: ``(N, Lq, M, L, P, 2)`` contextual offsets ``(u_x, u_y)``.
             input_flatten: ``(N, S, C)``.
             spatial_shapes: ``(L, 2)`` int64 rows ``(H_l, W_l)``.
-            padding_mask: ``(N, S)`` bool, True at padding (never counted).
+            padding_mask: ``(N, S)`` bool, True at padding (counted one per pixel, as outside the map).
 
         Returns:
             ``(N, Lq, M, L, P, 2)`` normalised ``(x, y)``.
@@ -169,19 +171,19 @@ class CoPESampling(nn.Module):
         padding_mask: torch.Tensor | None,
         dtype: torch.dtype,
     ) -> list[torch.Tensor]:
-        """Count densities per level, ``(N, H_l, W_l, M, R)`` in ``dtype``: 1 at initialisation, 0 at padding."""
+        """Count densities per level, ``(N, H_l, W_l, M, R)`` in ``dtype``: 1 at initialisation and at padding."""
         n, len_in, _ = input_flatten.shape
         keys = self.gate_key(input_flatten).to(dtype)  # (N, S, G)
         keys = keys * torch.rsqrt(keys.square().mean(-1, keepdim=True) + _RMS_EPS)
         queries = (self.gate_query.to(dtype) * self.logit_scale).reshape(-1, self.gate_dim)  # (M*R, G)
         logits = (keys @ queries.T).view(n, len_in, self.n_heads, self.channels)  # (N, S, M, R)
-        valid = None if padding_mask is None else (~padding_mask).to(dtype)
+        padded = None if padding_mask is None else padding_mask[:, :, None, None]
         out, start = [], 0
         for lvl, (h, w) in enumerate(shapes):
             level = logits[:, start : start + h * w] + self.gate_bias[:, lvl].to(dtype)
             density = self.gate(level) * self.count_scale
-            if valid is not None:
-                density = density * valid[:, start : start + h * w, None, None]
+            if padded is not None:
+                density = density.masked_fill(padded[:, start : start + h * w], 1.0)
             out.append(density.view(n, h, w, self.n_heads, self.channels))
             start += h * w
         return out

@@ -124,7 +124,7 @@ def cope_line_densities(
     several the module mixes the channels' landing points).
 
     Returns:
-        Per level ``(row (M, W_l), column (M, H_l))``: the density of every pixel of the line, 0 at padding.
+        Per level ``(row (M, W_l), column (M, H_l))``: the density of every pixel of the line, 1 at padding.
     """
     cope = module.cope
     if not isinstance(cope, CoPESampling):

@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 import torch
-from _models_utils import perturb, tiny_config
+from _models_utils import padded_batch, perturb, tiny_config
 
 from deformable.training.build import finetune_from
 from models import Checkpoint, CheckpointError, build_detector, load_checkpoint, load_detector, read_checkpoint
@@ -30,9 +30,9 @@ def linear_file(tmp_path_factory):
     return model, path
 
 
-def outputs(model: torch.nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+def outputs(model: torch.nn.Module, images: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
     with torch.no_grad():
-        out = model.eval()(images)
+        out = model.eval()(images, mask)
     return {"pred_logits": out["pred_logits"], "pred_boxes": out["pred_boxes"]}
 
 
@@ -52,8 +52,9 @@ def test_finetuning_with_cope_starts_with_the_linear_detectors_outputs(linear_fi
     model = build_detector(cfg)
     finetune_from(model, cfg)
 
-    images = torch.randn(2, 3, 64, 80, generator=torch.Generator().manual_seed(1))
-    got, expected = outputs(model, images), outputs(source, images)
+    torch.manual_seed(1)
+    images, mask = padded_batch(64, 80)  # the second image padded: padding counts as the plain module's pixels
+    got, expected = outputs(model, images, mask), outputs(source, images, mask)
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-5, msg=key)
     own = model.state_dict()

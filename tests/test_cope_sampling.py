@@ -170,7 +170,9 @@ def test_locations_are_monotone_in_the_offsets() -> None:
     assert (locations[..., 1].diff(dim=-1) < 0).all()  # y falls as u_y falls
 
 
-def test_padded_keys_are_never_counted() -> None:
+def test_padded_keys_count_as_the_outside_of_the_map() -> None:
+    """A padded key counts one per pixel, whatever its content: as the map's outside does, and as every key of a
+    fresh module does."""
     module = randomise(MSDeformAttn(D_MODEL, len(SHAPES), N_HEADS, N_POINTS, offset_mode="cope").double())
     query, ref, value = sample_inputs()
     shapes, _ = level_tensors()
@@ -185,8 +187,40 @@ def test_padded_keys_are_never_counted() -> None:
     changed[mask] = torch.randn_like(changed[mask]) * 10  # the padded keys' content cannot matter
     torch.testing.assert_close(module.cope(query, ref, offsets, changed, shapes, mask), locations)
     density = module.cope.densities(value, [(4, 6), (2, 3)], mask, torch.float64)
-    assert (density[0][:, :, 4:] == 0).all() and (density[0][:, :, :4] > 0).all()
-    assert (density[1][:, 1] == 0).all() and (density[1][:, 0] > 0).all()
+    assert (density[0][:, :, 4:] == 1).all() and (density[0][:, :, :4] != 1).all()
+    assert (density[1][:, 1] == 1).all() and (density[1][:, 0] != 1).all()
+
+
+@pytest.mark.parametrize("ref_dim", [2, 4])
+@pytest.mark.parametrize("offset_mode", ["linear", "cope"])
+def test_an_image_gives_the_same_output_alone_and_padded_in_a_batch(offset_mode: str, ref_dim: int) -> None:
+    """Padding to a batch's larger map changes nothing for an image: its queries sample the same pixels (what lies
+    beyond its edge is zero either way) with the same weights."""
+    module = randomise(MSDeformAttn(D_MODEL, 2, N_HEADS, N_POINTS, offset_mode=offset_mode).double(), seed=2)
+    gen = torch.Generator().manual_seed(3)
+    small, big = ((3, 5), (2, 3)), ((5, 8), (3, 4))  # (H, W) per level: the image alone / padded in the batch
+    maps = [torch.randn(h * w, D_MODEL, generator=gen, dtype=torch.float64) for h, w in small]
+    query = torch.randn(1, 4, D_MODEL, generator=gen, dtype=torch.float64)
+    extent = torch.tensor([[w, h] for h, w in small], dtype=torch.float64)  # (L, 2) as (W, H)
+    pixels = torch.rand(1, 4, 2, 2, generator=gen, dtype=torch.float64) * extent  # each level's reference pixel
+    boxes = (torch.rand(1, 4, 2, 2, generator=gen, dtype=torch.float64) + 0.5) * extent / 3  # box sides in pixels
+
+    def run(shapes: tuple) -> torch.Tensor:
+        padded, mask = [], []
+        for (h, w), (hs, ws), level in zip(shapes, small, maps, strict=True):
+            canvas = torch.zeros(h, w, D_MODEL, dtype=torch.float64)
+            canvas[:hs, :ws] = level.view(hs, ws, D_MODEL)
+            outside = torch.ones(h, w, dtype=torch.bool)
+            outside[:hs, :ws] = False
+            padded.append(canvas.flatten(0, 1))
+            mask.append(outside.flatten())
+        sizes = torch.tensor(shapes)
+        starts = torch.cat([sizes.new_zeros(1), sizes.prod(1).cumsum(0)[:-1]])
+        size = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float64)  # this map's (W, H) per level
+        ref = pixels / size if ref_dim == 2 else torch.cat([pixels / size, boxes / size], -1)
+        return module(query, ref, torch.cat(padded)[None], sizes, starts, torch.cat(mask)[None])
+
+    torch.testing.assert_close(run(big), run(small), rtol=0, atol=1e-10)
 
 
 def test_gradcheck_reaches_gate_parameters_offsets_and_references() -> None:

@@ -419,6 +419,23 @@ def test_read_checkpoint_takes_the_folder(tmp_path) -> None:
     models.load_checkpoint(models.build_detector(cfg), checkpoint)
 
 
+def test_a_transformers_folder_fine_tuned_with_cope_starts_with_its_predictions(tmp_path) -> None:
+    """train.finetune of a transformers folder with CoPE offsets switched on: the added gates start where the
+    detector predicts exactly what transformers' does."""
+    from deformable.training.build import finetune_from
+
+    cfg = load_cfg("coco.yaml", *TINY)
+    hf = build_hf(cfg.model)
+    hf.save_pretrained(tmp_path)
+    cope = load_cfg(
+        "coco.yaml", *TINY, "model.enc_offset_mode=cope", "model.dec_offset_mode=cope", f"train.finetune={tmp_path}"
+    )
+    ours = models.build_detector(cope)
+    finetune_from(ours, cope)
+    assert all(m.offset_mode == "cope" for m in ours.modules() if hasattr(m, "offset_mode"))
+    assert_same_predictions(ours, hf)
+
+
 # -- errors ---------------------------------------------------------------------------------------------------------
 
 
