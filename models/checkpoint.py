@@ -36,9 +36,12 @@ EXPECTED = (
     "expected this project's checkpoint, an original Deformable-DETR checkpoint (.pth with 'model' and 'args'), a "
     "state_dict, or a transformers folder (config.json + model.safetensors or pytorch_model.bin)"
 )
-# The first layer's CoPE gate queries (deformable.cope_sampling.CoPESampling), present with offset_mode "cope".
-COPE_ENCODER_KEY = "transformer.encoder.layers.0.self_attn.cope.gate_query"
-COPE_DECODER_KEY = "transformer.decoder.layers.0.cross_attn.cope.gate_query"
+# The first layer's deformable attention of the encoder and the decoder: its CoPE part (``.cope.``,
+# deformable.cope_sampling.CoPESampling) is present with offset_mode "cope".
+FIRST_ATTENTION = {
+    "enc_offset_mode": "transformer.encoder.layers.0.self_attn",
+    "dec_offset_mode": "transformer.decoder.layers.0.cross_attn",
+}
 # ModelConfig fields an original checkpoint's argparse ``args`` carries under the same names.
 ORIGINAL_ARGS = (
     "backbone",
@@ -204,11 +207,13 @@ def options_from_weights(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     options["two_stage"] = "transformer.enc_output.weight" in state
     if "backbone.0.body.bn1.weight" in state:  # a ResNet's stem norm: frozen BatchNorm has statistics, GroupNorm none
         options["backbone_norm"] = "frozen_bn" if "backbone.0.body.bn1.running_mean" in state else "gn"
-    for key, attention in (("enc_offset_mode", COPE_ENCODER_KEY), ("dec_offset_mode", COPE_DECODER_KEY)):
-        if attention.replace(".cope.gate_query", ".sampling_offsets.weight") in state:
-            options[key] = "cope" if attention in state else "linear"
-            if attention in state:  # (M, R, G): R counting channels
-                options["cope_channels"] = int(state[attention].shape[1])
+    for key, attention in FIRST_ATTENTION.items():
+        if f"{attention}.sampling_offsets.weight" not in state:
+            continue
+        gate_query = state.get(f"{attention}.cope.gate_query")  # (M, R, G): R counting channels
+        options[key] = "linear" if gate_query is None else "cope"
+        if gate_query is not None:
+            options["cope_channels"] = int(gate_query.shape[1])
     return options
 
 

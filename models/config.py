@@ -17,10 +17,11 @@ from typing import Any
 
 import yaml
 
+from deformable.modules import OFFSET_MODES  # MSDeformAttn's offset_mode values
+
 from .files import atomic_write_text
 
 BACKBONE_NORMS = ("frozen_bn", "gn")
-OFFSET_MODES = ("linear", "cope")  # deformable.MSDeformAttn's offset_mode
 
 
 @dataclass

@@ -46,7 +46,7 @@ ARCHITECTURE = (
     "dec_offset_mode",
     "cope_channels",
 )
-OFFSET_MODES = ("enc_offset_mode", "dec_offset_mode")
+OFFSET_MODE_KEYS = ("enc_offset_mode", "dec_offset_mode")
 CONFIG_SUFFIXES = (".yaml", ".yml")
 # The tools' help for the positional config and the checkpoint (every tool reads the same formats).
 CONFIG_HELP = "the YAML config (default: the checkpoint's own), then section.key=value overrides"
@@ -92,14 +92,14 @@ def architecture_mismatches(model: ModelConfig, options: Mapping[str, Any], fine
     over the checkpoint's linear ones are no disagreement: the added gates start where the module is the plain one
     (:func:`models.weights.load_checkpoint`'s ``fresh_cope``).
     """
-    checkpoint_cope = any(options.get(key) == "cope" for key in OFFSET_MODES)
+    checkpoint_cope = any(options.get(key) == "cope" for key in OFFSET_MODE_KEYS)
     lines = []
     for key in ARCHITECTURE:
         if key not in options or options[key] == getattr(model, key):
             continue
         if key == "cope_channels" and not checkpoint_cope:
             continue
-        if finetune and key in OFFSET_MODES and (options[key], getattr(model, key)) == ("linear", "cope"):
+        if finetune and key in OFFSET_MODE_KEYS and (options[key], getattr(model, key)) == ("linear", "cope"):
             continue
         lines.append(
             f"{key}: the config says {getattr(model, key)!r}, the checkpoint {options[key]!r} "

@@ -204,7 +204,7 @@ def evaluate(
     detections = [entry for image_id in sorted(merged) for entry in merged[image_id]]
     metrics = None
     if distributed.is_main():
-        metrics = coco_metrics(coco_gt, [dict(d) for d in detections], merged.keys(), verbose=verbose)
+        metrics = coco_metrics(coco_gt, detections, merged.keys(), verbose=verbose)  # copies them
     metrics = distributed.broadcast(metrics)
     return metrics, detections if distributed.is_main() else []
 
