@@ -9,7 +9,8 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 
-from deformable.data.coco_eval import ANY_CLASS, STAT_NAMES, class_metrics, coco_metrics, to_coco_results
+from deformable.data import coco_eval
+from deformable.data.coco_eval import ANY_CLASS, STAT_NAMES, class_metrics, coco_metrics, coco_scores, to_coco_results
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -90,3 +91,23 @@ def test_class_metrics_without_ground_truth_or_detections() -> None:
     assert only_image_2["nine"] == {"AP": -1.0, "AP50": -1.0}  # no "nine" on image 2
     assert only_image_2["five"]["AP"] == pytest.approx(1.0)
     assert class_metrics(gt, [], [1, 2]) == {name: {"AP": 0.0, "AP50": 0.0} for name in ("five", "nine", ANY_CLASS)}
+
+
+def test_coco_scores_reads_metrics_and_classes_from_one_categorised_run(monkeypatch) -> None:
+    gt = _ground_truth()
+    detections = to_coco_results(1, _result([[10, 10, 50, 40], [60, 20, 90, 70]], [9, 9], [0.9, 0.8]), [5, 9])
+    runs = []
+    real = coco_eval._cocoeval
+
+    def counted(*args, **kwargs):
+        runs.append(kwargs["use_categories"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(coco_eval, "_cocoeval", counted)
+    metrics, per_class = coco_scores(gt, detections, [1, 2], per_class=True)
+    assert runs == [True, False]  # the categorised run once, then the class-agnostic one
+    assert metrics == coco_metrics(gt, detections, [1, 2])
+    assert per_class == class_metrics(gt, detections, [1, 2])
+    runs.clear()
+    assert coco_scores(gt, detections, [1, 2]) == (metrics, {}) and runs == [True]
+    assert coco_scores(gt, [], [1, 2], per_class=True)[1] == class_metrics(gt, [], [1, 2])

@@ -44,13 +44,7 @@ def coco_metrics(coco_gt: COCO, detections: list[dict], image_ids: Iterable[int]
     ``verbose`` prints pycocotools' standard summary. Metrics without ground truth are -1 as in pycocotools; with
     no detections at all every metric is 0.
     """
-    if not detections:
-        if verbose:
-            print("no detections: every metric is 0")
-        return dict.fromkeys(STAT_NAMES, 0.0)
-    evaluator = _cocoeval(coco_gt, detections, image_ids, use_categories=True, verbose=verbose)
-    stats = np.asarray(evaluator.stats, dtype=np.float64)
-    return dict(zip(STAT_NAMES, stats.tolist(), strict=True))
+    return coco_scores(coco_gt, detections, image_ids, verbose=verbose)[0]
 
 
 ANY_CLASS = "(any class)"
@@ -63,19 +57,40 @@ def class_metrics(coco_gt: COCO, detections: list[dict], image_ids: Iterable[int
 
     A category without ground truth in ``image_ids`` gets -1, as in pycocotools; with no detections every value is 0.
     """
+    return coco_scores(coco_gt, detections, image_ids, per_class=True)[1]
+
+
+def coco_scores(
+    coco_gt: COCO,
+    detections: list[dict],
+    image_ids: Iterable[int],
+    *,
+    verbose: bool = False,
+    per_class: bool = False,
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """:func:`coco_metrics` and, with ``per_class``, :func:`class_metrics` (else an empty dict): the per-category
+    values are read from the COCOeval run that gives the 12 metrics; only the class-agnostic row needs a second run
+    (``useCats=0``)."""
     names = {cat_id: cat["name"] for cat_id, cat in coco_gt.cats.items()}
     image_ids = sorted(set(image_ids))  # read twice below
     if not detections:
-        return {name: {"AP": 0.0, "AP50": 0.0} for name in [*(names[c] for c in sorted(names)), ANY_CLASS]}
-    evaluator = _cocoeval(coco_gt, detections, image_ids, use_categories=True)
+        if verbose:
+            print("no detections: every metric is 0")
+        classes = [*(names[c] for c in sorted(names)), ANY_CLASS]
+        table = {name: {"AP": 0.0, "AP50": 0.0} for name in classes} if per_class else {}
+        return dict.fromkeys(STAT_NAMES, 0.0), table
+    evaluator = _cocoeval(coco_gt, detections, image_ids, use_categories=True, verbose=verbose)
+    metrics = dict(zip(STAT_NAMES, np.asarray(evaluator.stats, dtype=np.float64).tolist(), strict=True))
+    if not per_class:
+        return metrics, {}
     # precision: (IoU thresholds, recall points, categories, area ranges, max detections); area "all", 100 detections
     precision = evaluator.eval["precision"][:, :, :, 0, -1]
-    out = {}
+    table = {}
     for k, cat_id in enumerate(evaluator.params.catIds):
-        out[names[cat_id]] = {"AP": _mean_defined(precision[:, :, k]), "AP50": _mean_defined(precision[0, :, k])}
+        table[names[cat_id]] = {"AP": _mean_defined(precision[:, :, k]), "AP50": _mean_defined(precision[0, :, k])}
     agnostic = _cocoeval(coco_gt, detections, image_ids, use_categories=False).stats
-    out[ANY_CLASS] = {"AP": float(agnostic[0]), "AP50": float(agnostic[1])}
-    return out
+    table[ANY_CLASS] = {"AP": float(agnostic[0]), "AP50": float(agnostic[1])}
+    return metrics, table
 
 
 def _mean_defined(precision: np.ndarray) -> float:

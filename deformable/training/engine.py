@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from deformable.data import resolve_num_classes, set_epoch
-from deformable.data.coco_eval import class_metrics, coco_metrics, to_coco_results
+from deformable.data.coco_eval import coco_scores, to_coco_results
 from models import build_criterion, build_postprocessor, load_detector, read_checkpoint
 from models.checkpoint import Checkpoint, CheckpointError, copy_checkpoint, save_checkpoint
 from models.config import Config, ConfigError, TrainConfig, config_to_dict
@@ -180,11 +180,14 @@ def evaluate(
     amp: str = "none",
     show_progress: bool = True,
     verbose: bool = False,
-) -> tuple[dict[str, float], list[dict]]:
+    per_class: bool = False,
+) -> tuple[dict[str, float], list[dict], dict[str, dict[str, float]]]:
     """Detects on every image of ``loader`` (sharded over processes) and scores with COCOeval on rank 0.
 
     Returns the 12 COCO metrics (identical on every process) and, on rank 0, every detection in the COCO results
-    format (boxes xywh in original image pixels); other ranks get an empty list.
+    format (boxes xywh in original image pixels) and, with ``per_class``, AP / AP50 per class and class-agnostic
+    (:func:`~deformable.data.coco_eval.class_metrics`, from the same COCOeval run as the metrics); other ranks get
+    an empty list and an empty dict.
     """
     model.eval()
     per_image: dict[int, list[dict]] = {}
@@ -202,11 +205,11 @@ def evaluate(
     for part in distributed.all_gather(per_image):  # shards repeat images to even out; the dict keeps one copy
         merged.update(part)
     detections = [entry for image_id in sorted(merged) for entry in merged[image_id]]
-    metrics = None
-    if distributed.is_main():
-        metrics = coco_metrics(coco_gt, detections, merged.keys(), verbose=verbose)  # copies them
+    metrics, table = None, {}
+    if distributed.is_main():  # coco_scores copies the detections
+        metrics, table = coco_scores(coco_gt, detections, merged.keys(), verbose=verbose, per_class=per_class)
     metrics = distributed.broadcast(metrics)
-    return metrics, detections if distributed.is_main() else []
+    return (metrics, detections, table) if distributed.is_main() else (metrics, [], {})
 
 
 def fit(cfg: Config) -> dict[str, float]:
@@ -364,7 +367,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Checkpoint) -> dict[str, 
     try:
         data = build_data(cfg, env, train=False)
         model = load_detector(cfg, checkpoint)[0].to(env.device)
-        metrics, detections = evaluate(
+        metrics, detections, per_class = evaluate(
             model,
             build_postprocessor(cfg),
             data.val_loader,
@@ -373,9 +376,9 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Checkpoint) -> dict[str, 
             amp=cfg.train.amp,
             show_progress=env.is_main,
             verbose=env.is_main,
+            per_class=True,
         )
         if env.is_main:
-            per_class = class_metrics(data.val_set.coco, detections, data.val_set.ids)
             print(class_table(per_class))
             summary = {"checkpoint": checkpoint.path, "split": data.val_set.split, "images": len(data.val_set)}
             summary = {**metrics, **summary, "per_class": per_class}
