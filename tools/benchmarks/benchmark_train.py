@@ -2,11 +2,13 @@
 """Training throughput (images/s) of the demo config and of the COCO config, on synthetic batches.
 
     python tools/benchmarks/benchmark_train.py [--device auto|cpu|cuda] [--iters N] [--warmup N] [--amp none|bf16|fp16]
+        [--ema-decay D]
 
 Runs ``deformable.training.engine.train_one_epoch`` (forward, loss, backward, clipping, AdamW step) on random images
 with a few random boxes: the demo at its batch size and largest training scale, COCO at batch 2 and 800 x 1066 (a
 480 x 640 image resized to the shorter side 800). No data set or pretrained weights are needed. Each step is timed on
-its own (``deformable.benchmarking.time_calls``); images/s is the batch size over the mean step time.
+its own (``deformable.benchmarking.time_calls``); images/s is the batch size over the mean step time. ``--ema-decay``
+adds the moving average of the weights (``train.ema_decay``) updated after every step, as training does.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
 from deformable.benchmarking import machine_info, machine_lines, time_calls
+from deformable.training.ema import build_ema
 from deformable.training.engine import train_one_epoch
 from deformable.training.optim import build_optimizer
 from models import build_criterion, build_detector
@@ -58,6 +61,7 @@ def benchmark(cfg: Config, batch_size: int, height: int, width: int, args: argpa
     optimizer = build_optimizer(model, cfg.train)
     batches = synthetic_batches(args.warmup + args.iters, batch_size, height, width, cfg.model.num_classes)
     kwargs = dict(device=device, epoch=0, clip_max_norm=cfg.train.clip_max_norm, amp=args.amp, show_progress=False)
+    kwargs["ema"] = build_ema(model, args.ema_decay)
     kwargs["scaler"] = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
     batch_iter = iter(batches)
 
@@ -75,10 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
     parser.add_argument("--only", choices=["demo", "coco"], help="run one of the two")
+    parser.add_argument("--ema-decay", type=float, default=0.0, help="train.ema_decay (0: no moving average)")
     args = parser.parse_args(argv)
+    if not 0.0 <= args.ema_decay < 1.0:
+        parser.error(f"--ema-decay must be in [0, 1) (0: no moving average), got {args.ema_decay}")
     device = resolve_device(args.device)
     print("\n".join(machine_lines(machine_info([device]))))
-    print(f"- device {device}, {args.iters} timed steps after {args.warmup} warm-up steps\n")
+    ema = f", moving average of the weights (decay {args.ema_decay})" if args.ema_decay else ""
+    print(f"- device {device}, {args.iters} timed steps after {args.warmup} warm-up steps{ema}\n")
     runs = []
     if args.only in (None, "demo"):
         demo = load_config(os.path.join(ROOT, "configs", "shapes.yaml"))
