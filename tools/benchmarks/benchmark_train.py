@@ -8,7 +8,8 @@ Runs ``deformable.training.engine.train_one_epoch`` (forward, loss, backward, cl
 with a few random boxes: the demo at its batch size and largest training scale, COCO at batch 2 and 800 x 1066 (a
 480 x 640 image resized to the shorter side 800). No data set or pretrained weights are needed. Each step is timed on
 its own (``deformable.benchmarking.time_calls``); images/s is the batch size over the mean step time. ``--ema-decay``
-adds the moving average of the weights (``train.ema_decay``) updated after every step, as training does.
+adds the moving average of the weights (``train.ema_decay``) updated after every step, as training does, and
+reports its update's own time.
 """
 
 from __future__ import annotations
@@ -52,8 +53,11 @@ def synthetic_batches(
     return batches
 
 
-def benchmark(cfg: Config, batch_size: int, height: int, width: int, args: argparse.Namespace) -> float:
-    """Images per second of training steps on ``args.device`` (warm-up steps excluded)."""
+def benchmark(
+    cfg: Config, batch_size: int, height: int, width: int, args: argparse.Namespace
+) -> tuple[float, float | None]:
+    """Images per second of training steps on ``args.device`` (warm-up steps excluded) and, with ``--ema-decay``,
+    the milliseconds of the moving average's update alone (timed on its own after the steps; else None)."""
     device = resolve_device(args.device)
     cfg.model.pretrained_backbone = False
     model = build_detector(cfg).to(device)
@@ -69,7 +73,11 @@ def benchmark(cfg: Config, batch_size: int, height: int, width: int, args: argpa
         train_one_epoch(model, criterion, [next(batch_iter)], optimizer, **kwargs)
 
     seconds = time_calls(step, device=device, iters=args.iters, warmup=args.warmup).mean_ms / 1e3
-    return batch_size / seconds
+    ema = kwargs["ema"]
+    if ema is None:
+        return batch_size / seconds, None
+    update = time_calls(lambda: ema.update_parameters(model), device=device, iters=args.iters, warmup=args.warmup)
+    return batch_size / seconds, update.mean_ms
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,9 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in (None, "coco"):
         runs.append(("coco  configs/coco.yaml", load_config(os.path.join(ROOT, "configs", "coco.yaml")), 2, 800, 1066))
     for name, cfg, batch_size, height, width in runs:
-        rate = benchmark(cfg, batch_size, height, width, args)
+        rate, ema_ms = benchmark(cfg, batch_size, height, width, args)
         seconds = batch_size / rate
-        print(f"{name}: batch {batch_size} at {height}x{width}: {rate:.3g} images/s ({seconds:.3g} s/iteration)")
+        line = f"{name}: batch {batch_size} at {height}x{width}: {rate:.3g} images/s ({seconds:.3g} s/iteration)"
+        if ema_ms is not None:
+            line += f", of which the moving average's update {ema_ms:.3g} ms ({ema_ms / 1e3 / seconds:.1%})"
+        print(line)
     return 0
 
 
