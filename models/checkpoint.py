@@ -211,9 +211,10 @@ def options_from_weights(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         if f"{attention}.sampling_offsets.weight" not in state:
             continue
         gate_query = state.get(f"{attention}.cope.gate_query")  # (M, R, G): R counting channels
-        options[key] = "linear" if gate_query is None else "cope"
-        if gate_query is not None:
-            options["cope_channels"] = int(gate_query.shape[1])
+        if gate_query is None:
+            options[key] = "linear"
+        else:
+            options[key], options["cope_channels"] = "cope", int(gate_query.shape[1])
     return options
 
 

@@ -35,14 +35,19 @@ def _ema_update(decay: float):
     return update
 
 
+def check_ema_decay(decay: float) -> None:
+    """Raises ValueError naming ``train.ema_decay`` when ``decay`` is outside [0, 1)."""
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"train.ema_decay must be in [0, 1) (0: no average), got {decay}")
+
+
 def build_ema(model: nn.Module, decay: float) -> AveragedModel | None:
     """The running average of ``model`` for ``train.ema_decay`` (0: none).
 
     Raises:
         ValueError: a decay outside [0, 1).
     """
-    if not 0.0 <= decay < 1.0:
-        raise ValueError(f"train.ema_decay must be in [0, 1) (0: no average), got {decay}")
+    check_ema_decay(decay)
     if decay == 0.0:
         return None
     ema = AveragedModel(model, multi_avg_fn=_ema_update(decay), use_buffers=True)

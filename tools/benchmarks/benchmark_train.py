@@ -24,7 +24,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
 from deformable.benchmarking import machine_info, machine_lines, time_calls
-from deformable.training.ema import build_ema
+from deformable.training.ema import build_ema, check_ema_decay
 from deformable.training.engine import train_one_epoch
 from deformable.training.optim import build_optimizer
 from models import build_criterion, build_detector
@@ -65,7 +65,7 @@ def benchmark(
     optimizer = build_optimizer(model, cfg.train)
     batches = synthetic_batches(args.warmup + args.iters, batch_size, height, width, cfg.model.num_classes)
     kwargs = dict(device=device, epoch=0, clip_max_norm=cfg.train.clip_max_norm, amp=args.amp, show_progress=False)
-    kwargs["ema"] = build_ema(model, args.ema_decay)
+    kwargs["ema"] = ema = build_ema(model, args.ema_decay)
     kwargs["scaler"] = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
     batch_iter = iter(batches)
 
@@ -73,7 +73,6 @@ def benchmark(
         train_one_epoch(model, criterion, [next(batch_iter)], optimizer, **kwargs)
 
     seconds = time_calls(step, device=device, iters=args.iters, warmup=args.warmup).mean_ms / 1e3
-    ema = kwargs["ema"]
     if ema is None:
         return batch_size / seconds, None
     update = time_calls(lambda: ema.update_parameters(model), device=device, iters=args.iters, warmup=args.warmup)
@@ -89,8 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=["demo", "coco"], help="run one of the two")
     parser.add_argument("--ema-decay", type=float, default=0.0, help="train.ema_decay (0: no moving average)")
     args = parser.parse_args(argv)
-    if not 0.0 <= args.ema_decay < 1.0:
-        parser.error(f"--ema-decay must be in [0, 1) (0: no moving average), got {args.ema_decay}")
+    try:
+        check_ema_decay(args.ema_decay)
+    except ValueError as exc:
+        parser.error(f"--ema-decay: {exc}")
     device = resolve_device(args.device)
     print("\n".join(machine_lines(machine_info([device]))))
     ema = f", moving average of the weights (decay {args.ema_decay})" if args.ema_decay else ""
