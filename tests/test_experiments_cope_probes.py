@@ -257,3 +257,39 @@ def test_the_mixed_counts_ablation_inverts_the_mix_of_the_channels_counts() -> N
 
     for b in range(10):
         torch.testing.assert_close(count(b, x[b]) - count(b, ref[b : b + 1]), offsets[b])
+
+
+def test_the_capped_gate_counts_at_most_one_and_learns_from_its_start() -> None:
+    torch.manual_seed(0)
+    base = counting.CountingModel(counting.Task(), "cope", variant="default")
+    torch.manual_seed(0)
+    capped = counting.CountingModel(counting.Task(), "cope", variant="capped")
+    torch.testing.assert_close(capped.attn.cope.gate_query, base.attn.cope.gate_query)  # the default's CoPE draw
+    logits = torch.tensor([-40.0, -1.0, 0.0, 0.5, 3.0], requires_grad=True)
+    gates = capped.attn.cope.gate(logits)
+    density = gates * capped.attn.cope.count_scale
+    expected = torch.cat([2 * torch.sigmoid(logits[:2]).detach(), torch.ones(3)])  # at most 1 count per pixel
+    torch.testing.assert_close(density, expected)
+    gates.sum().backward()
+    # Every gate starts at logit 0: the gradient must reach it there (clamp's would be 0), and not above.
+    assert logits.grad[2] == pytest.approx(0.25) and logits.grad[1] > 0
+    assert logits.grad[3:].tolist() == [0.0, 0.0]
+
+
+def test_the_jitter_ablation_moves_the_offsets_in_training_only() -> None:
+    task = counting.Task()
+    torch.manual_seed(0)
+    base = counting.CountingModel(task, "cope", variant="default")
+    torch.manual_seed(0)
+    jitter = counting.CountingModel(task, "cope", variant="jitter")
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in jitter.state_dict().items())  # same draws
+    tokens, ks, ref, _ = counting.make_batch(task, 4, (2, 5), torch.Generator().manual_seed(0))
+    base.eval(), jitter.eval()
+    torch.testing.assert_close(jitter(tokens, ks, ref), base(tokens, ks, ref), rtol=0, atol=0)
+    jitter.train()
+    torch.manual_seed(1)
+    first = jitter(tokens, ks, ref)
+    torch.manual_seed(2)
+    assert not torch.allclose(jitter(tokens, ks, ref), first)
+    torch.manual_seed(1)
+    torch.testing.assert_close(jitter(tokens, ks, ref), first, rtol=0, atol=0)  # the global generator's draw

@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from deformable import MSDeformAttn
-from deformable.cope_locate import cope_locate_pytorch, count_at, edge_at
+from deformable.cope_locate import cope_locate, cope_locate_pytorch, count_at, edge_at
 from deformable.cope_sampling import CoPESampling
 
 # Ablations of the cope parametrisation (all start at the plain module's sampling locations).
@@ -55,6 +55,8 @@ VARIANTS = {
     "hard-gates": {},  # gate clamp(1/2 + logit/4, 0, 1) (sigmoid's slope at 0): exactly 0 or 1 at finite logits
     "hard-gates-odd-offsets": {},
     "mixed-counts": {},  # invert the query's mix of the channels' counts, not mix the channels' landing points
+    "capped": {},  # density min(2 g, 1): an open gate counts 1, as a pixel at initialisation
+    "jitter": {},  # in training, Gaussian noise of std 1 count on every offset
 }
 
 
@@ -73,6 +75,22 @@ def mixed_count_locate(
     return edge_at(t, k, mixed.gather(1, k), mixed.gather(1, k + 1), total, width)
 
 
+def jittered_locate(cope: CoPESampling, edges, reference_points, offsets, mix):
+    """The "jitter" ablation of :meth:`CoPESampling.locate`: in training, every contextual offset moves by Gaussian
+    noise of std 1 count (drawn from the global generator), which smooths the loss over a count either side."""
+    if cope.training:
+        offsets = offsets + torch.randn_like(offsets)
+    return cope_locate(edges, reference_points, offsets, mix)
+
+
+class CappedSampling(CoPESampling):
+    """The "capped" ablation: the gate stops at its initial value, so a density is at most 1."""
+
+    def gate(self, logits: torch.Tensor) -> torch.Tensor:
+        # not sigmoid(...).clamp(max=0.5): clamp passes no gradient at 0.5, where every gate starts
+        return torch.where(logits <= 0, torch.sigmoid(logits), 0.5)
+
+
 class HardGateSampling(CoPESampling):
     """The "hard-gates" ablation: a piecewise-linear gate with the sigmoid's value and slope at 0."""
 
@@ -81,18 +99,22 @@ class HardGateSampling(CoPESampling):
 
 
 def apply_variant(attn: MSDeformAttn, variant: str) -> None:
-    """Turns a freshly built cope ``attn`` into the ablation ``variant``, in place. ``odd-offsets`` and
-    ``mixed-counts`` keep every draw of the default; ``hard-gates`` keeps its CoPE draws but draws while rebuilding
-    (so the read-out after it is another draw); the others rebuild the CoPE part with :data:`VARIANTS`' arguments."""
+    """Turns a freshly built cope ``attn`` into the ablation ``variant``, in place. ``odd-offsets``, ``mixed-counts``
+    and ``jitter`` keep every draw of the default; ``hard-gates`` and ``capped`` keep its CoPE draws but draw while
+    rebuilding (so the read-out after them is another draw); the others rebuild the CoPE part with :data:`VARIANTS`'
+    arguments."""
     sizes = (attn.d_model, attn.n_levels, attn.n_heads, attn.n_points)
-    if variant.startswith("hard-gates"):
-        hard = HardGateSampling(*sizes)
-        hard.load_state_dict(attn.cope.state_dict())
-        attn.cope = hard
+    gate_class = {"hard-gates": HardGateSampling, "capped": CappedSampling}.get(variant.removesuffix("-odd-offsets"))
+    if gate_class is not None:  # another gate function on the same parameters
+        rebuilt = gate_class(*sizes)
+        rebuilt.load_state_dict(attn.cope.state_dict())
+        attn.cope = rebuilt
     elif variant == "mixed-counts":
         attn.cope.locate = functools.partial(cope_locate_pytorch, line_locate=mixed_count_locate)
     elif variant == "floor":
         attn.cope = FloorSampling(*sizes)
+    elif variant == "jitter":
+        attn.cope.locate = functools.partial(jittered_locate, attn.cope)
     elif variant not in ("default", "odd-offsets"):
         attn.cope = CoPESampling(*sizes, **VARIANTS[variant])
     if variant.endswith("odd-offsets"):
