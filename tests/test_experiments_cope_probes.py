@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -293,3 +294,14 @@ def test_the_jitter_ablation_moves_the_offsets_in_training_only() -> None:
     assert not torch.allclose(jitter(tokens, ks, ref), first)
     torch.manual_seed(1)
     torch.testing.assert_close(jitter(tokens, ks, ref), first, rtol=0, atol=0)  # the global generator's draw
+
+
+def test_the_cut_gate_starts_at_one_half_and_shuts_exactly_deep_in_the_tail() -> None:
+    torch.manual_seed(0)
+    cut = counting.CountingModel(counting.Task(), "cope", variant="cut").attn.cope
+    shut = math.log(0.05 / 1.05)  # sigmoid = 0.05 / 1.1
+    logits = torch.tensor([-10.0, shut - 1e-3, shut + 0.5, 0.0, 20.0])
+    gates = cut.gate(logits)
+    assert gates[:2].tolist() == [0.0, 0.0] and 0 < gates[2] < 0.05
+    assert gates[3] == pytest.approx(0.5) and gates[4] == pytest.approx(1.05)
+    assert cut.count_scale == 2.0  # a fresh module still counts 1 per pixel: the plain one

@@ -57,6 +57,7 @@ VARIANTS = {
     "mixed-counts": {},  # invert the query's mix of the channels' counts, not mix the channels' landing points
     "capped": {},  # density min(2 g, 1): an open gate counts 1, as a pixel at initialisation
     "jitter": {},  # in training, Gaussian noise of std 1 count on every offset
+    "cut": {},  # gate relu(1.1 sigmoid - 0.05): exactly shut below sigmoid 0.045, 1/2 at logit 0 as before
 }
 
 
@@ -91,6 +92,14 @@ class CappedSampling(CoPESampling):
         return torch.where(logits <= 0, torch.sigmoid(logits), 0.5)
 
 
+class CutSampling(CoPESampling):
+    """The "cut" ablation: the sigmoid stretched by 1.1 and lowered by 0.05, cut at 0 (``sigmoid < 0.045``): a gate
+    shuts exactly, deep in the tail where its slope is small already; 1/2 at logit 0."""
+
+    def gate(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.relu(1.1 * torch.sigmoid(logits) - 0.05)
+
+
 class HardGateSampling(CoPESampling):
     """The "hard-gates" ablation: a piecewise-linear gate with the sigmoid's value and slope at 0."""
 
@@ -98,13 +107,16 @@ class HardGateSampling(CoPESampling):
         return (0.5 + logits / 4).clamp(0.0, 1.0)
 
 
+GATE_ABLATIONS = {"hard-gates": HardGateSampling, "capped": CappedSampling, "cut": CutSampling}
+
+
 def apply_variant(attn: MSDeformAttn, variant: str) -> None:
     """Turns a freshly built cope ``attn`` into the ablation ``variant``, in place. ``odd-offsets``, ``mixed-counts``
-    and ``jitter`` keep every draw of the default; ``hard-gates`` and ``capped`` keep its CoPE draws but draw while
-    rebuilding (so the read-out after them is another draw); the others rebuild the CoPE part with :data:`VARIANTS`'
-    arguments."""
+    and ``jitter`` keep every draw of the default; the gate ablations (:data:`GATE_ABLATIONS`) keep its CoPE draws
+    but draw while rebuilding (so the read-out after them is another draw); the others rebuild the CoPE part with
+    :data:`VARIANTS`' arguments."""
     sizes = (attn.d_model, attn.n_levels, attn.n_heads, attn.n_points)
-    gate_class = {"hard-gates": HardGateSampling, "capped": CappedSampling}.get(variant.removesuffix("-odd-offsets"))
+    gate_class = GATE_ABLATIONS.get(variant.removesuffix("-odd-offsets"))
     if gate_class is not None:  # another gate function on the same parameters
         rebuilt = gate_class(*sizes)
         rebuilt.load_state_dict(attn.cope.state_dict())
