@@ -265,7 +265,7 @@ def test_the_capped_gate_counts_at_most_one_and_learns_from_its_start() -> None:
     base = counting.CountingModel(counting.Task(), "cope", variant="default")
     torch.manual_seed(0)
     capped = counting.CountingModel(counting.Task(), "cope", variant="capped")
-    torch.testing.assert_close(capped.attn.cope.gate_query, base.attn.cope.gate_query)  # the default's CoPE draw
+    torch.testing.assert_close(capped.attn.cope.gate_key.weight, base.attn.cope.gate_key.weight)  # the default's draw
     logits = torch.tensor([-40.0, -1.0, 0.0, 0.5, 3.0], requires_grad=True)
     gates = capped.attn.cope.gate(logits)
     density = gates * capped.attn.cope.count_scale
@@ -285,7 +285,8 @@ def test_the_jitter_ablation_moves_the_offsets_in_training_only() -> None:
     jitter = counting.CountingModel(task, "cope", variant="jitter")
     assert all(torch.equal(v, base.state_dict()[k]) for k, v in jitter.state_dict().items())  # same draws
     tokens, ks, ref, _ = counting.make_batch(task, 4, (2, 5), torch.Generator().manual_seed(0))
-    base.eval(), jitter.eval()
+    base.eval()
+    jitter.eval()
     torch.testing.assert_close(jitter(tokens, ks, ref), base(tokens, ks, ref), rtol=0, atol=0)
     jitter.train()
     torch.manual_seed(1)

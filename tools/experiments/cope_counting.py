@@ -76,7 +76,13 @@ def mixed_count_locate(
     return edge_at(t, k, mixed.gather(1, k), mixed.gather(1, k + 1), total, width)
 
 
-def jittered_locate(cope: CoPESampling, edges, reference_points, offsets, mix):
+def jittered_locate(
+    cope: CoPESampling,
+    edges: list[torch.Tensor],
+    reference_points: torch.Tensor,
+    offsets: torch.Tensor,
+    mix: torch.Tensor,
+) -> torch.Tensor:
     """The "jitter" ablation of :meth:`CoPESampling.locate`: in training, every contextual offset moves by Gaussian
     noise of std 1 count (drawn from the global generator), which smooths the loss over a count either side."""
     if cope.training:
