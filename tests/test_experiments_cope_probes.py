@@ -306,3 +306,13 @@ def test_the_cut_gate_starts_at_one_half_and_shuts_exactly_deep_in_the_tail() ->
     assert gates[:2].tolist() == [0.0, 0.0] and 0 < gates[2] < 0.05
     assert gates[3] == pytest.approx(0.5) and gates[4] == pytest.approx(1.05)
     assert cut.count_scale == 2.0  # a fresh module still counts 1 per pixel: the plain one
+
+
+def test_the_capped_cut_gate_is_the_cut_one_below_zero_and_the_capped_one_above() -> None:
+    torch.manual_seed(0)
+    both = counting.CountingModel(counting.Task(), "cope", variant="capped-cut").attn.cope
+    torch.manual_seed(0)
+    cut = counting.CountingModel(counting.Task(), "cope", variant="cut").attn.cope
+    below, above = torch.linspace(-8, 0, 17), torch.linspace(0.1, 8, 9)
+    torch.testing.assert_close(both.gate(below), cut.gate(below))
+    assert (both.gate(above) == 0.5).all()  # a pixel counts at most 1

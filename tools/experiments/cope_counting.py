@@ -58,6 +58,7 @@ VARIANTS = {
     "capped": {},  # density min(2 g, 1): an open gate counts 1, as a pixel at initialisation
     "jitter": {},  # in training, Gaussian noise of std 1 count on every offset
     "cut": {},  # gate relu(1.1 sigmoid - 0.05): exactly shut below sigmoid 0.045, 1/2 at logit 0 as before
+    "capped-cut": {},  # both: at most 1 count per pixel, exactly 0 deep in the tail
 }
 
 
@@ -113,7 +114,19 @@ class HardGateSampling(CoPESampling):
         return (0.5 + logits / 4).clamp(0.0, 1.0)
 
 
-GATE_ABLATIONS = {"hard-gates": HardGateSampling, "capped": CappedSampling, "cut": CutSampling}
+class CappedCutSampling(CoPESampling):
+    """The "capped-cut" ablation: the "cut" gate below logit 0, the "capped" one above."""
+
+    def gate(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.where(logits <= 0, torch.relu(1.1 * torch.sigmoid(logits) - 0.05), 0.5)
+
+
+GATE_ABLATIONS = {
+    "hard-gates": HardGateSampling,
+    "capped": CappedSampling,
+    "cut": CutSampling,
+    "capped-cut": CappedCutSampling,
+}
 
 
 def apply_variant(attn: MSDeformAttn, variant: str) -> None:
