@@ -27,6 +27,13 @@ PROBE_DIFFERENCES = {
         "task.width": 128, "d_model": 48, "levels": 3, "noise": 0.1, "gaps": (4, 8), "ood_gaps": (9, 16),
     },
     "small-slow": {"d_model": 16, "lr": 1e-3, "batch": 16, "gaps": (1, 4), "ood_gaps": (5, 10)},
+    "classes-16-heads-4": {
+        "task.width": 96, "task.classes": 16, "d_model": 64, "heads": 4, "gaps": (2, 6), "ood_gaps": (7, 14),
+    },
+    "adamw-slow": {"optimizer": "adamw", "lr": 5e-4, "weight_decay": 1e-4, "batch": 64},
+    "far-ood-two-levels": {
+        "task.max_k": 2, "points": 3, "levels": 2, "noise": 0.2, "gaps": (2, 3), "ood_gaps": (4, 16),
+    },
 }  # fmt: skip
 PROBE_NAMES = list(PROBE_DIFFERENCES)
 

@@ -210,6 +210,14 @@ PROBES = {
     "three-levels-sparse": Probe(task=Task(width=128), d_model=48, levels=3, noise=0.1, gaps=(4, 8), ood_gaps=(9, 16)),
     # Adjacent markers (gap 1) in training; k up to 3 at OOD gap 10 reaches 11 + 30 = 41 < 64.
     "small-slow": Probe(d_model=16, lr=1e-3, batch=16, gaps=(1, 4), ood_gaps=(5, 10)),
+    # A third held-out set, written down (2026-12-07) after 14 variants of the module had been tried against the
+    # seven above, and run with the defaults only: a baseline for judging any later change to them.
+    # 16 marker classes, d_model 64, 4 heads; k up to 3 at OOD gap 14 reaches 11 + 42 = 53 < 96.
+    "classes-16-heads-4": Probe(task=Task(width=96, classes=16), d_model=64, heads=4, gaps=(2, 6), ood_gaps=(7, 14)),
+    # A detector-like optimiser: AdamW at lr 5e-4, weight decay 1e-4, batch 64.
+    "adamw-slow": Probe(optimizer="adamw", lr=5e-4, weight_decay=1e-4, batch=64),
+    # Out of distribution far beyond the training gaps (2-3 -> 4-16), two levels, noise 0.2, k up to 2 with 3 points.
+    "far-ood-two-levels": Probe(task=Task(max_k=2), points=3, levels=2, noise=0.2, gaps=(2, 3), ood_gaps=(4, 16)),
 }
 
 
