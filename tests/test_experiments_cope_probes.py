@@ -214,14 +214,17 @@ def test_accuracy_per_k_scores_each_k_on_its_own() -> None:
     assert counting.accuracy(model, (2, 5), 256, seed=0) == pytest.approx(per_k.mean().item())
 
 
+def seeded(variant: str) -> counting.CountingModel:
+    """The default task's cope counting model of ``variant``, drawn from seed 0: variants built this way share the
+    default's draws except where they say otherwise."""
+    torch.manual_seed(0)
+    return counting.CountingModel(counting.Task(), "cope", variant=variant)
+
+
 def test_the_offset_and_gate_ablations_change_only_what_they_name() -> None:
-    task = counting.Task()
-    torch.manual_seed(0)
-    base = counting.CountingModel(task, "cope", variant="default")
-    torch.manual_seed(0)
-    odd = counting.CountingModel(task, "cope", variant="odd-offsets")
-    torch.manual_seed(0)
-    hard = counting.CountingModel(task, "cope", variant="hard-gates")
+    base = seeded("default")
+    odd = seeded("odd-offsets")
+    hard = seeded("hard-gates")
     # Head 0 samples along +x: its points start at 1, 2, 3, 4 counts, or 1, 3, 5, 7.
     start = base.attn.sampling_offsets.bias.view(2, 1, 4, 2)[0, 0, :, 0]
     assert start.tolist() == [1.0, 2.0, 3.0, 4.0]
@@ -268,10 +271,8 @@ def test_the_mixed_counts_ablation_inverts_the_mix_of_the_channels_counts() -> N
 
 
 def test_the_capped_gate_counts_at_most_one_and_learns_from_its_start() -> None:
-    torch.manual_seed(0)
-    base = counting.CountingModel(counting.Task(), "cope", variant="default")
-    torch.manual_seed(0)
-    capped = counting.CountingModel(counting.Task(), "cope", variant="capped")
+    base = seeded("default")
+    capped = seeded("capped")
     torch.testing.assert_close(capped.attn.cope.gate_key.weight, base.attn.cope.gate_key.weight)  # the default's draw
     logits = torch.tensor([-40.0, -1.0, 0.0, 0.5, 3.0], requires_grad=True)
     gates = capped.attn.cope.gate(logits)
@@ -286,10 +287,8 @@ def test_the_capped_gate_counts_at_most_one_and_learns_from_its_start() -> None:
 
 def test_the_jitter_ablation_moves_the_offsets_in_training_only() -> None:
     task = counting.Task()
-    torch.manual_seed(0)
-    base = counting.CountingModel(task, "cope", variant="default")
-    torch.manual_seed(0)
-    jitter = counting.CountingModel(task, "cope", variant="jitter")
+    base = seeded("default")
+    jitter = seeded("jitter")
     assert all(torch.equal(v, base.state_dict()[k]) for k, v in jitter.state_dict().items())  # same draws
     tokens, ks, ref, _ = counting.make_batch(task, 4, (2, 5), torch.Generator().manual_seed(0))
     base.eval()
@@ -305,8 +304,7 @@ def test_the_jitter_ablation_moves_the_offsets_in_training_only() -> None:
 
 
 def test_the_cut_gate_starts_at_one_half_and_shuts_exactly_deep_in_the_tail() -> None:
-    torch.manual_seed(0)
-    cut = counting.CountingModel(counting.Task(), "cope", variant="cut").attn.cope
+    cut = seeded("cut").attn.cope
     shut = math.log(0.05 / 1.05)  # sigmoid = 0.05 / 1.1
     logits = torch.tensor([-10.0, shut - 1e-3, shut + 0.5, 0.0, 20.0])
     gates = cut.gate(logits)
@@ -316,10 +314,8 @@ def test_the_cut_gate_starts_at_one_half_and_shuts_exactly_deep_in_the_tail() ->
 
 
 def test_the_capped_cut_gate_is_the_cut_one_below_zero_and_the_capped_one_above() -> None:
-    torch.manual_seed(0)
-    both = counting.CountingModel(counting.Task(), "cope", variant="capped-cut").attn.cope
-    torch.manual_seed(0)
-    cut = counting.CountingModel(counting.Task(), "cope", variant="cut").attn.cope
+    both = seeded("capped-cut").attn.cope
+    cut = seeded("cut").attn.cope
     below, above = torch.linspace(-8, 0, 17), torch.linspace(0.1, 8, 9)
     torch.testing.assert_close(both.gate(below), cut.gate(below))
     assert (both.gate(above) == 0.5).all()  # a pixel counts at most 1

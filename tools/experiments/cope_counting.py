@@ -117,11 +117,11 @@ class HardGateSampling(CoPESampling):
         return (0.5 + logits / 4).clamp(0.0, 1.0)
 
 
-class CappedCutSampling(CoPESampling):
+class CappedCutSampling(CutSampling):
     """The "capped-cut" ablation: the "cut" gate below logit 0, the "capped" one above."""
 
     def gate(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.where(logits <= 0, torch.relu(1.1 * torch.sigmoid(logits) - 0.05), 0.5)
+        return torch.where(logits <= 0, super().gate(logits), 0.5)
 
 
 GATE_ABLATIONS = {
