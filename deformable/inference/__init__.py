@@ -1,13 +1,18 @@
-"""Detection on image files: reading and preparing images, loading a detector, class names, COCO results."""
+"""Detection on images: :class:`Predictor` from Python; reading and preparing images, loading a detector, class
+names, COCO results for the tools."""
 
 from models.device import resolve_device
 
 from .images import IMAGE_EXTENSIONS, ImageError, list_images, prepare_batch, read_image
+from .predict import Detections, Predictor, as_rgb
 from .predictor import class_names, detect, load_detector
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "Detections",
     "ImageError",
+    "Predictor",
+    "as_rgb",
     "class_names",
     "detect",
     "list_images",

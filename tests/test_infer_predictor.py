@@ -1,0 +1,132 @@
+"""deformable.inference.Predictor: the Python entry point gives what tools/infer.py writes, for every image kind."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from _viz_utils import shapes_image, tiny_config, tiny_model, write_checkpoint, write_image
+from PIL import Image
+
+from deformable.inference import Detections, ImageError, Predictor, as_rgb
+from deformable.inference.run import run_inference
+from models.config import config_to_dict
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("predictor")
+    model, cfg = tiny_model(), tiny_config()
+    named = root / "named.pth"
+    torch.save({"model": model.state_dict(), "config": config_to_dict(cfg), "class_names": {1: "cat", 3: "dog"}}, named)
+    return {
+        "checkpoint": write_checkpoint(str(root / "checkpoint.pth"), model, cfg),
+        "named": str(named),
+        "wide": write_image(str(root / "wide.png"), shapes_image(60, 80)),  # lossless: decodes to the array
+        "small": write_image(str(root / "small.png"), shapes_image(30, 30, seed=1)),  # resized within the wide one
+    }
+
+
+@pytest.fixture(scope="module")
+def predictor(files) -> Predictor:
+    return Predictor(files["checkpoint"], device="cpu", threshold=0.0)
+
+
+def assert_same(a: Detections, b: Detections) -> None:
+    assert a.image_size == b.image_size and a.names == b.names
+    torch.testing.assert_close(a.labels, b.labels, rtol=0, atol=0)
+    torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=1e-6)
+    torch.testing.assert_close(a.boxes, b.boxes, rtol=0, atol=1e-4)
+
+
+def test_a_path_gives_what_infer_writes(tmp_path, files, predictor) -> None:
+    found = predictor(files["wide"])
+    assert isinstance(found, Detections) and found.image_size == (60, 80) and len(found) > 0
+    assert found.boxes.shape == (len(found), 4) and found.boxes.dtype == torch.float32
+    assert torch.all(found.scores[:-1] >= found.scores[1:])  # highest score first
+    written = run_inference(
+        tiny_config(), files["checkpoint"], [files["wide"]], str(tmp_path), score_threshold=0.0,
+        device=torch.device("cpu"), show_progress=False,
+    )  # fmt: skip
+    assert len(written) == len(found)
+    for entry, mine in zip(written, found.to_coco(1), strict=True):
+        assert entry["category_id"] == mine["category_id"] and entry["score"] == pytest.approx(mine["score"], abs=1e-6)
+        assert entry["bbox"] == pytest.approx(mine["bbox"], abs=1e-4)
+
+
+def test_every_image_kind_gives_the_same_detections(files, predictor) -> None:
+    rgb = shapes_image(60, 80)
+    expected = predictor(files["wide"])
+    chw = torch.from_numpy(rgb).permute(2, 0, 1)
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 7, np.uint8)])
+    for image in (rgb, Image.fromarray(rgb), chw, chw.float() / 255, rgba):
+        assert_same(predictor(image), expected)
+
+
+def test_grey_images_are_read_as_three_equal_channels(predictor) -> None:
+    grey = shapes_image(50, 50)[:, :, 0]
+    expected = predictor(np.repeat(grey[:, :, None], 3, axis=2))
+    for image in (grey, grey[:, :, None], Image.fromarray(grey), torch.from_numpy(grey)[None]):
+        assert_same(predictor(image), expected)
+
+
+def test_a_list_gives_a_list_and_batching_keeps_each_image(files, predictor) -> None:
+    alone = [predictor(files["wide"]), predictor(files["small"])]
+    batched = Predictor(files["checkpoint"], device="cpu", threshold=0.0, batch_size=2)([files["wide"], files["small"]])
+    assert isinstance(batched, list) and [d.image_size for d in batched] == [(60, 80), (30, 30)]
+    # The larger image is not padded in the batch; near-equal scores may swap places, so pair them up.
+    assert batched[0].image_size == alone[0].image_size and len(batched[0]) == len(alone[0])
+    for label, score, box in zip(alone[0].labels, alone[0].scores, alone[0].boxes, strict=True):
+        same = (batched[0].labels == label) & ((batched[0].scores - score).abs() < 1e-5)
+        assert any(torch.allclose(other, box, atol=1e-3) for other in batched[0].boxes[same])
+    assert predictor([]) == []
+    assert len(predictor((files["small"],))) == 1
+
+
+def test_the_threshold_keeps_the_scores_at_or_above_it(files, predictor) -> None:
+    everything = predictor(files["wide"])
+    cut = float(everything.scores[len(everything) // 2])
+    kept = predictor(files["wide"], threshold=cut)
+    assert len(kept) == int((everything.scores >= cut).sum()) and torch.all(kept.scores >= cut)
+    assert len(predictor(files["wide"], threshold=1.0)) == 0
+
+
+def test_class_names_label_the_detections_and_other_labels_are_dropped(files) -> None:
+    found = Predictor(files["named"], device="cpu", threshold=0.0)(files["wide"])
+    assert len(found) > 0 and set(found.labels.tolist()) <= {1, 3}
+    assert found.names == tuple({1: "cat", 3: "dog"}[int(label)] for label in found.labels)
+    unnamed = Predictor(files["checkpoint"], device="cpu", threshold=0.0)(files["wide"])
+    assert unnamed.names == tuple(str(int(label)) for label in unnamed.labels)
+
+
+@pytest.mark.parametrize(
+    ("image", "message"),
+    [
+        (np.zeros((8, 8, 3), np.float32), "must be uint8 (H, W, 3) RGB, got dtype float32"),
+        (np.zeros((8, 8, 2), np.uint8), "got (8, 8, 2)"),
+        (np.zeros((0, 8, 3), np.uint8), "got (0, 8, 3)"),
+        (torch.zeros(8, 8, 3, dtype=torch.uint8), "must be (3, H, W) or (1, H, W), got (8, 8, 3)"),
+        (torch.full((3, 8, 8), 2.0), "must lie in [0, 1], got values in [2.0, 2.0]"),
+        (torch.zeros(3, 8, 8, dtype=torch.int32), "uint8 or float in [0, 1], got torch.int32"),
+        ([[1, 2]], "got list"),
+        ("/nonexistent/photo.jpg", "image /nonexistent/photo.jpg does not exist"),
+    ],
+)
+def test_bad_images_are_named(image, message) -> None:
+    with pytest.raises(ImageError) as error:
+        as_rgb(image, "image 3")
+    assert message in str(error.value)
+    assert "image 3" in str(error.value) or "photo.jpg" in str(error.value)
+
+
+def test_bad_arguments(files, predictor) -> None:
+    with pytest.raises(ImageError, match="image 1: a numpy image must be uint8"):
+        predictor([files["wide"], np.zeros((4, 4, 3), np.float64)])
+    with pytest.raises(ValueError, match=r"threshold must be a score in \[0, 1\], got 1.5"):
+        predictor(files["wide"], threshold=1.5)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        Predictor(files["checkpoint"], device="cpu", batch_size=0)
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        Predictor(files["checkpoint"].replace("checkpoint.pth", "missing.pth"), device="cpu")
