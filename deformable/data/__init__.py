@@ -3,10 +3,11 @@ original's augmentation, batching, the synthetic shapes set and the summary prin
 
 Conventions: boxes are pixel ``[x, y, w, h]`` in the COCO dicts (``dataset.coco``); after the transforms, targets
 hold ``boxes`` (n, 4) normalised cxcywh and ``labels`` (n,) category ids. Modules: ``layouts`` (detection, split
-names), ``coco`` / ``yolo`` / ``voc`` (the readers), ``split`` (the COCO dict and shared checks), ``dataset``
-(:class:`DetectionDataset`), ``transforms``, ``loader`` (collate, loader, per-epoch seeds), ``shapes`` (the
-synthetic demo set), ``summary``, ``build`` (the builders that read the config), ``coco_eval`` (detections in
-the COCO results format and pycocotools' 12 metrics, for training and inference alike).
+names), ``coco`` / ``yolo`` / ``voc`` (the readers), ``split`` (the COCO dict and shared checks), ``decode`` (image
+files -> upright RGB pixels, the one decoder of every tool), ``dataset`` (:class:`DetectionDataset`),
+``transforms``, ``loader`` (collate, loader, per-epoch seeds), ``shapes`` (the synthetic demo set), ``summary``,
+``build`` (the builders that read the config), ``coco_eval`` (detections in the COCO results format and
+pycocotools' 12 metrics, for training and inference alike).
 """
 
 from .build import build_dataset, check_num_classes, dataset_class_names, dataset_image_ids, resolve_num_classes

@@ -17,8 +17,9 @@ from typing import Any
 import cv2
 import numpy as np
 
+from .decode import image_size
 from .errors import DatasetError
-from .split import SplitData, finish_split, image_size
+from .split import SplitData, finish_split
 
 ROBOFLOW_FILE = "_annotations.coco.json"
 

@@ -13,12 +13,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from PIL import Image
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
-from torchvision.transforms.v2.functional import pil_to_tensor
 
+from .decode import read_rgb
 from .errors import DatasetError
 from .split import SplitData
 
@@ -78,13 +77,23 @@ class DetectionDataset(Dataset):
         return os.path.join(self.image_root, self.coco.imgs[image_id]["file_name"])
 
     def load_image(self, image_id: int) -> tv_tensors.Image:
-        """The image (3, H, W) uint8 RGB; an unreadable file is a DatasetError naming it."""
+        """The image (3, H, W) uint8 RGB, upright (:func:`~deformable.data.decode.read_rgb`).
+
+        Raises:
+            DatasetError: the file cannot be read, or its size is not the one its annotations give (boxes would land
+                elsewhere), naming the file.
+        """
         path = self.image_path(image_id)
-        try:
-            with Image.open(path) as picture:
-                return tv_tensors.Image(pil_to_tensor(picture.convert("RGB")))
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            raise DatasetError(f"cannot read image {path} (image id {image_id}): {exc}") from exc
+        pixels = read_rgb(path, name=f"{path} (image id {image_id})")
+        info = self.coco.imgs[image_id]
+        expected = (info.get("height"), info.get("width"))
+        if None not in expected and tuple(pixels.shape[:2]) != expected:
+            raise DatasetError(
+                f"image {path} (image id {image_id}) is {pixels.shape[1]}x{pixels.shape[0]} (width x height, EXIF "
+                f"orientation applied) but {self.source} gives {expected[1]}x{expected[0]}: the boxes were drawn on "
+                "another version of the image; re-export the annotations or fix the image's width/height there"
+            )
+        return tv_tensors.Image(torch.from_numpy(pixels).permute(2, 0, 1).contiguous())
 
     def __getitem__(self, index: int) -> tuple[Any, dict[str, Any]]:
         image_id = self.ids[index]

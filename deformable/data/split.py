@@ -18,8 +18,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from PIL import Image
-
 from .errors import DatasetError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -41,16 +39,6 @@ class SplitData:
     clipped: int = 0
     dropped: int = 0
     notes: list[str] = field(default_factory=list)
-
-
-def image_size(path: str) -> tuple[int, int]:
-    """``(height, width)`` of the image file ``path`` from its header (PIL, no EXIF rotation, as training reads)."""
-    try:
-        with Image.open(path) as picture:
-            width, height = picture.size
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise DatasetError(f"cannot read image {path}: {exc}") from exc
-    return int(height), int(width)
 
 
 def clip_boxes(coco: dict[str, Any]) -> tuple[int, int]:

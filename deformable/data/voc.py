@@ -15,8 +15,9 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import Any
 
+from .decode import image_size
 from .errors import DatasetError
-from .split import IMAGE_EXTENSIONS, SplitData, finish_split, image_size
+from .split import IMAGE_EXTENSIONS, SplitData, finish_split
 
 
 @dataclass

@@ -17,8 +17,9 @@ from typing import Any
 
 import yaml
 
+from .decode import image_size
 from .errors import DatasetError
-from .split import SplitData, finish_split, image_size, list_image_files
+from .split import SplitData, finish_split, list_image_files
 
 YAML_FILE = "data.yaml"
 TOLERANCE = 0.01  # normalised coordinates may stray this far outside [0, 1] (rounding); the box is then clipped

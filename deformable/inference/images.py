@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Sequence
 
-import cv2
 import numpy as np
 import torch
 from torchvision import tv_tensors
 
-from deformable.data import build_transforms, collate
+from deformable.data import DatasetError, build_transforms, collate
+from deformable.data.decode import read_rgb
 from models.config import DataConfig
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -49,18 +49,18 @@ def list_images(inputs: Iterable[str]) -> list[str]:
 
 
 def read_image(path: str) -> np.ndarray:
-    """Reads ``path`` as ``(H, W, 3)`` uint8 RGB.
+    """Reads ``path`` as ``(H, W, 3)`` uint8 RGB, upright, decoded as training and evaluation decode it
+    (:func:`deformable.data.decode.read_rgb`: EXIF orientation applied, 16-bit scaled to 8).
 
     Raises:
-        ImageError: the file is missing or OpenCV cannot decode it (the message names the file).
+        ImageError: the file is missing or cannot be decoded (the message names the file).
     """
     if not os.path.isfile(path):
         raise ImageError(f"image {path} does not exist")
-    data = np.fromfile(path, dtype=np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-    if image is None:
-        raise ImageError(f"cannot read image {path}: not an image file or corrupt (OpenCV could not decode it)")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    try:
+        return read_rgb(path)
+    except DatasetError as exc:
+        raise ImageError(str(exc)) from exc
 
 
 def _to_model_input(image: np.ndarray, data: DataConfig) -> torch.Tensor:
