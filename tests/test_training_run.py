@@ -11,6 +11,7 @@ import yaml
 from _repo import load_tool
 from tiny_training import tiny_config, tiny_overrides
 
+from deformable.data import DatasetError
 from deformable.data.coco_eval import STAT_NAMES
 from deformable.training import engine, resume
 from deformable.training.optim import build_lr_scheduler, build_optimizer
@@ -83,6 +84,34 @@ def test_resume_continues_like_an_uninterrupted_run(shapes_root, tmp_path) -> No
         "checkpoint_0000.pth",
         "checkpoint_0001.pth",
     ]
+
+
+def test_resume_continues_like_an_uninterrupted_run_with_evaluations(shapes_root, tmp_path) -> None:
+    """The checkpoint is written before each evaluation, so evaluation must leave the state a run resumes alone."""
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    engine.fit(tiny_config(shapes_root, straight, "train.epochs=2", "train.eval_every=1"))
+    engine.fit(tiny_config(shapes_root, resumed, "train.epochs=1", "train.eval_every=1"))
+    engine.fit(tiny_config(shapes_root, resumed, "train.epochs=2", "train.eval_every=1", "train.resume=auto"))
+    a, b = (read_checkpoint(os.path.join(out, "checkpoint.pth")) for out in (straight, resumed))
+    for key, value in a.model.items():
+        torch.testing.assert_close(b.model[key], value, msg=key)
+    assert [r["AP"] for r in _log(resumed)] == [r["AP"] for r in _log(straight)]
+
+
+def test_a_failed_evaluation_keeps_the_trained_epoch(shapes_root, tmp_path, monkeypatch) -> None:
+    out = str(tmp_path / "run")
+
+    def unreadable(*args, **kwargs):
+        raise DatasetError("cannot read image v1.jpg (image id 2): image file is truncated")
+
+    monkeypatch.setattr(engine, "evaluate", unreadable)
+    with pytest.raises(DatasetError, match="v1.jpg"):
+        engine.fit(tiny_config(shapes_root, out, "train.epochs=2", "train.eval_every=2", "train.checkpoint_every=1"))
+    monkeypatch.undo()
+    assert read_checkpoint(os.path.join(out, "checkpoint.pth")).entries["epoch"] == 1  # both epochs trained are kept
+    assert [r["epoch"] for r in _log(out)] == [0]  # epoch 1's line waits for its evaluation
+    metrics = engine.fit(tiny_config(shapes_root, out, "train.epochs=2", "train.eval_every=2", "train.resume=auto"))
+    assert set(metrics) >= {"AP", "AP50"}  # the finished run is evaluated on resuming
 
 
 def test_restore_puts_back_the_optimizer_state(shapes_root, tmp_path) -> None:

@@ -272,9 +272,6 @@ def _fit(cfg: Config, env: DistEnv) -> dict[str, float]:
         set_epoch(data.train_loader, epoch, cfg.train.seed, env.rank)
         stats = train_one_epoch(train_model, criterion, data.train_loader, optimizer, epoch=epoch, **step_args)
         scheduler.step()
-        evaluated = _evaluates_after(epoch, cfg.train)
-        if evaluated:
-            metrics = run_eval()
         rngs = distributed.all_gather(rng_state())  # every rank's, so that each resumes its own stream
         if env.is_main:
             names = {int(i): str(c["name"]) for i, c in data.train_set.coco.cats.items()}
@@ -282,6 +279,12 @@ def _fit(cfg: Config, env: DistEnv) -> dict[str, float]:
                 model, optimizer, scheduler, scaler, epoch, config_to_dict(cfg), rngs, names, trainee.aids, ema
             )
             _save(state, cfg.output_dir, epoch, cfg.train.checkpoint_every)
+        # Saved before evaluation, which may fail (an unreadable image) or be killed: the trained epoch is kept.
+        # Evaluation draws from no random state the run resumes (its loader has its own generator).
+        evaluated = _evaluates_after(epoch, cfg.train)
+        if evaluated:
+            metrics = run_eval()
+        if env.is_main:
             record = epoch_record(epoch, lr, stats, metrics if evaluated else {}, time.time() - began)
             append_log(os.path.join(cfg.output_dir, "log.jsonl"), record)
     if env.is_main:
