@@ -6,11 +6,12 @@ hold ``boxes`` (n, 4) normalised cxcywh and ``labels`` (n,) category ids. Module
 names), ``coco`` / ``yolo`` / ``voc`` (the readers), ``split`` (the COCO dict and shared checks), ``decode`` (image
 files -> upright RGB pixels, the one decoder of every tool), ``dataset`` (:class:`DetectionDataset`),
 ``transforms``, ``loader`` (collate, loader, per-epoch seeds), ``shapes`` (the synthetic demo set), ``summary``,
-``build`` (the builders that read the config), ``coco_eval`` (detections in the COCO results format and
-pycocotools' 12 metrics, for training and inference alike).
+``build`` (the builders that read the config), ``categories`` (ids across splits and checkpoints), ``coco_eval``
+(detections in the COCO results format and pycocotools' 12 metrics, for training and inference alike).
 """
 
 from .build import build_dataset, check_num_classes, dataset_class_names, dataset_image_ids, resolve_num_classes
+from .categories import align_to_checkpoint, checkpoint_ids, classes_without_training_boxes
 from .coco import coco_annotation_file
 from .dataset import DetectionDataset, coco_api, coco_target
 from .errors import DatasetError
@@ -29,11 +30,14 @@ __all__ = [
     "DatasetError",
     "DetectionDataset",
     "SplitData",
+    "align_to_checkpoint",
     "build_dataset",
     "build_loader",
     "build_transforms",
     "check_data_root",
     "check_num_classes",
+    "checkpoint_ids",
+    "classes_without_training_boxes",
     "coco_annotation_file",
     "coco_api",
     "coco_target",

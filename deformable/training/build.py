@@ -12,9 +12,11 @@ from torch.utils.data import DataLoader
 
 from deformable.data import (
     DetectionDataset,
+    align_to_checkpoint,
     build_dataset,
     build_loader,
     check_num_classes,
+    classes_without_training_boxes,
     ensure_synthetic,
     summarise,
 )
@@ -62,22 +64,28 @@ class Data:
     val_loader: DataLoader
 
 
-def build_data(cfg: Config, env: DistEnv, train: bool = True) -> Data:
+def build_data(cfg: Config, env: DistEnv, train: bool = True, checkpoint_names: dict[int, str] | None = None) -> Data:
     """The validation split (and with ``train`` the training split) of any layout, sharded over ``env``'s
     processes; rank 0 prints one summary line per split, with a warning when an image holds more objects than
-    ``model.num_queries``."""
+    ``model.num_queries`` and one per class with validation boxes and no training box. With ``checkpoint_names``
+    (a checkpoint's category id -> name, for evaluating it) the validation split's ids are renumbered to the
+    checkpoint's by name (:func:`~deformable.data.categories.align_to_checkpoint`), and rank 0 says how."""
     args = dict(num_workers=cfg.data.num_workers, rank=env.rank, world_size=env.world_size, seed=cfg.train.seed)
     val_set = build_dataset(cfg.data, "val")
+    notes = align_to_checkpoint(val_set, checkpoint_names or {})
     val_loader = build_loader(val_set, batch_size=cfg.train.batch_size, train=False, **args)
     train_set, train_loader = None, None
     if train:
         train_set = build_dataset(cfg.data, "train")
         check_num_classes(train_set, cfg.model.num_classes)
+        notes += classes_without_training_boxes(train_set, val_set)
         train_loader = build_loader(train_set, batch_size=cfg.train.batch_size, train=True, **args)
     if env.is_main:
         for dataset in (train_set, val_set):
             if dataset is not None:
                 print(summarise(dataset, cfg.model.num_queries), flush=True)
+        for note in notes:
+            print(note, flush=True)
     return Data(train_set, val_set, train_loader, val_loader)
 
 

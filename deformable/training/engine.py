@@ -368,7 +368,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Checkpoint) -> dict[str, 
         checkpoint = read_checkpoint(checkpoint)
     env = distributed.init_distributed(cfg.train.device)
     try:
-        data = build_data(cfg, env, train=False)
+        data = build_data(cfg, env, train=False, checkpoint_names=checkpoint.class_names)
         model = load_detector(cfg, checkpoint)[0].to(env.device)
         metrics, detections, per_class = evaluate(
             model,

@@ -1,0 +1,85 @@
+"""Category ids across splits and checkpoints: labels are category ids, so the ids must mean the same classes.
+
+A detector predicts the ids of the data it was trained on. Evaluated on another split or data set, whose ids may
+number the same classes differently (VOC numbers the sorted names of the splits it reads; a YOLO export keeps its
+own order), the ground truth is renumbered to the checkpoint's ids by class name (:func:`align_to_checkpoint`). A
+class with validation boxes and no training box cannot be learned (:func:`classes_without_training_boxes`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from .dataset import DetectionDataset, coco_api
+
+
+def _names(categories: Mapping[int, str]) -> str:
+    return ", ".join(f"{cat_id}: {name}" for cat_id, name in sorted(categories.items()))
+
+
+def checkpoint_ids(dataset_names: Mapping[int, str], checkpoint_names: Mapping[int, str]) -> tuple[dict, list[str]]:
+    """The renumbering of a data set's categories to a checkpoint's, by name, and what to tell the user.
+
+    Returns:
+        ``(mapping, messages)``: ``mapping`` data set id -> id (empty when nothing changes); a class the checkpoint
+        does not name gets a fresh id above every id of either (it is kept as ground truth the detector cannot
+        predict). Nothing is renumbered when the checkpoint names no class or shares no name with the data set
+        (e.g. transformers' placeholder ``LABEL_0``); a message says so in the second case.
+    """
+    if not checkpoint_names or not dataset_names:
+        return {}, []
+    by_name = {name: cat_id for cat_id, name in checkpoint_names.items()}
+    if not set(by_name) & set(dataset_names.values()):
+        return {}, [
+            f"warning: no class of the data set ({_names(dataset_names)}) is named as one of the checkpoint's "
+            f"({_names(checkpoint_names)}); the data set's ids are taken to mean the checkpoint's"
+        ]
+    fresh = max(*checkpoint_names, *dataset_names) + 1
+    mapping, unknown = {}, []
+    for cat_id, name in sorted(dataset_names.items()):
+        if name in by_name:
+            mapping[cat_id] = by_name[name]
+        else:
+            mapping[cat_id], fresh = fresh, fresh + 1
+            unknown.append(name)
+    messages = []
+    moved = {cat_id: new for cat_id, new in mapping.items() if new != cat_id}
+    if moved:
+        changes = ", ".join(f"{dataset_names[cat_id]} {cat_id} -> {new}" for cat_id, new in moved.items())
+        messages.append(f"class ids of the data set renumbered to the checkpoint's by name: {changes}")
+    if unknown:
+        messages.append(
+            f"warning: the checkpoint has no class {', '.join(map(repr, unknown))}; its boxes stay in the ground "
+            "truth, which the detector cannot find (AP 0 for it)"
+        )
+    return (mapping if moved else {}), messages
+
+
+def align_to_checkpoint(dataset: DetectionDataset, checkpoint_names: Mapping[int, str]) -> list[str]:
+    """Renumbers ``dataset``'s categories (its COCO dict and index, in place) to ``checkpoint_names``' ids by name
+    (:func:`checkpoint_ids`); returns the messages to print."""
+    mapping, messages = checkpoint_ids(dataset.class_names(), checkpoint_names)
+    if mapping:
+        coco = dataset.data.coco
+        for ann in coco["annotations"]:
+            ann["category_id"] = mapping[ann["category_id"]]
+        coco["categories"] = sorted(
+            ({**cat, "id": mapping[cat["id"]]} for cat in coco["categories"]), key=lambda cat: cat["id"]
+        )
+        dataset.coco = coco_api(coco)
+    return messages
+
+
+def classes_without_training_boxes(train: DetectionDataset, val: DetectionDataset) -> list[str]:
+    """Warnings for the classes that have validation boxes and no training box (the detector cannot learn them)."""
+
+    def boxed(dataset: DetectionDataset) -> set[int]:
+        return {ann["category_id"] for ann in dataset.coco.dataset["annotations"] if not ann.get("iscrowd", 0)}
+
+    names = val.class_names()
+    missing = sorted(boxed(val) - boxed(train))
+    return [
+        f"warning: {val.source} has boxes of class {names.get(cat_id, '?')!r} (id {cat_id}), which has none in "
+        f"{train.source}: the detector cannot learn it (AP 0 for it)"
+        for cat_id in missing
+    ]
