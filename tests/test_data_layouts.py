@@ -128,6 +128,33 @@ def test_yolo_names_as_mapping_and_roboflow_style_paths(tmp_path) -> None:
     assert _content(dataset) == _expected("val")
 
 
+def test_yolo_names_with_quoted_indices(tmp_path) -> None:
+    """Ultralytics reads ``names: {"0": cat, "1": dog}``; so does this."""
+    root = write_yolo(str(tmp_path / "y"), names={"1": "dog", "0": "cat"})
+    assert build_dataset(_cfg(root), "train", transforms=False).class_names() == {1: "cat", 2: "dog"}
+    write_yolo(root, names={"0": "cat", "one": "dog"})
+    with pytest.raises(DatasetError, match="'names' must be a list of class names or a mapping index -> name"):
+        build_dataset(_cfg(root), "train", transforms=False)
+
+
+@pytest.mark.parametrize("layout", ["coco", "yolo", "voc"])
+def test_files_saved_with_a_byte_order_mark_read_as_without(layout: str, tmp_path) -> None:
+    """Windows tools (Notepad, some exporters) start UTF-8 text with a BOM; the content is the same."""
+    root = WRITERS[layout](str(tmp_path / layout))
+    if layout == "coco":
+        texts = [os.path.join(root, "annotations", "instances_val2017.json")]
+    elif layout == "yolo":
+        texts = [os.path.join(root, "data.yaml"), *(os.path.join(root, "labels", "val", f"{s}.txt") for s in "de")]
+    else:
+        texts = [os.path.join(root, "ImageSets", "Main", "val.txt")]
+    for path in texts:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        with open(path, "w", encoding="utf-8-sig") as f:
+            f.write(text)
+    assert _content(build_dataset(_cfg(root), "val", transforms=False)) == _expected("val")
+
+
 def test_yolo_list_file_and_polygon_lines(tmp_path) -> None:
     root = write_yolo(str(tmp_path / "y"))
     with open(os.path.join(root, "val.txt"), "w") as f:

@@ -112,6 +112,18 @@ def test_bad_inputs_name_the_file(tmp_path, files, capsys, inputs, message) -> N
     assert message in err and os.path.basename(inputs[0]) in err
 
 
+def test_folders_skip_hidden_files_and_quoted_patterns_are_expanded(tmp_path) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("b.jpg", "a.png"):
+        write_image(str(folder / name), shapes_image(20, 20))
+    (folder / "._b.jpg").write_bytes(b"macOS metadata, not an image")
+    assert list_images([str(folder)]) == [str(folder / "a.png"), str(folder / "b.jpg")]
+    assert list_images([str(folder / "*.jpg")]) == [str(folder / "b.jpg")]  # what the shell did not expand
+    with pytest.raises(ImageError, match=r"pattern .*\*\.gif matches no image"):
+        list_images([str(folder / "*.gif")])
+
+
 def test_bad_checkpoint_and_batch_size(tmp_path, files, capsys) -> None:
     base = [*tool_argv_config(tmp_path), files["single"], "--out", str(tmp_path / "o")]
     assert infer.main([*base, "--checkpoint", str(tmp_path / "none.pth")]) == 1

@@ -3,6 +3,7 @@
 
     python tools/infer.py [CONFIG] --checkpoint PATH INPUT... [--out DIR] [options] [section.key=value ...]
 
+INPUT: image files, folders (their images, hidden files left out) or quoted glob patterns ("photos/*.jpg").
 Writes DIR/<image>.jpg with the detections drawn, DIR/results.json (COCO results format: image_id, category_id,
 bbox [x, y, w, h] in original pixels, score) and DIR/images.json (the image ids). Class names come from the data
 set of the checkpoint's saved config (or CONFIG) when its annotation file is found, else numeric ids are shown.

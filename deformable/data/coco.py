@@ -43,10 +43,10 @@ def read_coco_file(ann_file: str, image_root: str, *, layout: str, split: str, h
         if not os.path.exists(path):
             raise DatasetError(f"{kind} {path} does not exist{suffix}")
     try:
-        with open(ann_file, encoding="utf-8") as f:
+        with open(ann_file, encoding="utf-8-sig") as f:
             payload = json.load(f)
     except (ValueError, UnicodeDecodeError) as exc:  # json.JSONDecodeError is a ValueError
-        raise DatasetError(f"annotation file {ann_file} is malformed ({type(exc).__name__}: {exc}){suffix}") from exc
+        raise DatasetError(f"annotation file {ann_file} is malformed ({type(exc).__name__}: {exc})") from exc
     _check_structure(payload, ann_file)
     _check_images(payload, image_root, ann_file)
     if layout == "roboflow":
@@ -59,7 +59,7 @@ def read_categories(ann_file: str, roboflow: bool = False) -> dict[int, str]:
     """Category id -> name of a COCO-format annotation file, without looking at its images (Roboflow's unused
     supercategory dropped when ``roboflow``)."""
     try:
-        with open(ann_file, encoding="utf-8") as f:
+        with open(ann_file, encoding="utf-8-sig") as f:
             payload = json.load(f)
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise DatasetError(f"cannot read annotation file {ann_file}: {exc}") from exc

@@ -47,11 +47,17 @@ def split_ids(root: str, split: str) -> list[tuple[int, str]]:
     if not os.path.isfile(path):
         folder = os.path.dirname(path)
         there = sorted(n[:-4] for n in os.listdir(folder) if n.endswith(".txt")) if os.path.isdir(folder) else []
+        if there:
+            raise DatasetError(
+                f"the VOC split file {path} does not exist (splits found: {', '.join(there)}); set "
+                "data.train_split / data.val_split to one of them"
+            )
         raise DatasetError(
-            f"the VOC split file {path} does not exist (splits found: {', '.join(there) or 'none'}); set "
-            "data.train_split / data.val_split"
+            f"the VOC split file {path} does not exist, nor does any other in {folder}: VOC lists each split's "
+            "images in ImageSets/Main/<split>.txt, one image id (an Annotations/<id>.xml name without .xml) a "
+            "line; write train.txt and val.txt there"
         )
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         return [(n, line.split()[0]) for n, line in enumerate(f, start=1) if line.strip()]
 
 

@@ -28,7 +28,7 @@ TOLERANCE = 0.01  # normalised coordinates may stray this far outside [0, 1] (ro
 def read_data_yaml(path: str) -> dict[str, Any]:
     """The parsed ``data.yaml``; its ``names`` become ``{class index: name}`` under the key ``names``."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             payload = yaml.safe_load(f)
     except OSError as exc:
         raise DatasetError(f"cannot read {path}: {exc}") from exc
@@ -47,9 +47,16 @@ def read_data_yaml(path: str) -> dict[str, Any]:
 def _names(names: Any, path: str) -> dict[int, str]:
     if isinstance(names, list):
         return {i: str(name) for i, name in enumerate(names)}
-    if isinstance(names, dict) and all(isinstance(k, int) and k >= 0 for k in names):
-        return {k: str(names[k]) for k in sorted(names)}
+    if isinstance(names, dict) and all(_index(k) is not None for k in names):  # int keys, or quoted ones: "0"
+        return {_index(k): str(v) for k, v in sorted(names.items(), key=lambda kv: _index(kv[0]))}
     raise DatasetError(f"{path}: 'names' must be a list of class names or a mapping index -> name, got {names!r}")
+
+
+def _index(key: Any) -> int | None:
+    """A class index from a ``names`` key: an int >= 0 or a string of digits, else None."""
+    if isinstance(key, int) and not isinstance(key, bool) and key >= 0:
+        return key
+    return int(key) if isinstance(key, str) and key.isdigit() else None
 
 
 def split_base(payload: dict[str, Any], yaml_path: str) -> str:
@@ -90,7 +97,7 @@ def split_images(payload: dict[str, Any], yaml_path: str, key: str) -> tuple[str
 def _listed_images(list_file: str) -> list[str]:
     folder = os.path.dirname(list_file)
     paths = []
-    with open(list_file, encoding="utf-8") as f:
+    with open(list_file, encoding="utf-8-sig") as f:
         for number, line in enumerate(f, start=1):
             entry = line.strip()
             if not entry:
@@ -145,7 +152,7 @@ def read_labels(path: str, names: dict[int, str]) -> list[tuple[int, list[float]
     """The boxes of one label file, ``None`` when the file does not exist."""
     if not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         lines = f.readlines()
     return [parse_label_line(line, names, f"{path} line {n}") for n, line in enumerate(lines, 1) if line.strip()]
 

@@ -6,6 +6,7 @@ The resize and normalisation are the validation transforms of :mod:`deformable.d
 
 from __future__ import annotations
 
+import glob
 import os
 from collections.abc import Iterable, Sequence
 
@@ -25,10 +26,14 @@ class ImageError(ValueError):
 
 
 def list_images(inputs: Iterable[str]) -> list[str]:
-    """Files and folders -> image files: a folder contributes its images (by extension, sorted, not recursive).
+    """Files, folders and glob patterns -> image files.
+
+    A folder contributes its images (by extension, sorted, not recursive), leaving out hidden files (names starting
+    with ``.``, such as the ``._photo.jpg`` metadata macOS writes beside copies); a pattern that names no file
+    (``"photos/*.jpg"`` quoted, so the shell did not expand it) contributes the files it matches, sorted.
 
     Raises:
-        ImageError: an input does not exist, or a folder holds no image.
+        ImageError: an input does not exist, or a folder or pattern holds no image.
     """
     paths: list[str] = []
     for item in inputs:
@@ -36,13 +41,20 @@ def list_images(inputs: Iterable[str]) -> list[str]:
             found = sorted(
                 os.path.join(item, name)
                 for name in os.listdir(item)
-                if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(item, name))
+                if name.lower().endswith(IMAGE_EXTENSIONS)
+                and not name.startswith(".")
+                and os.path.isfile(os.path.join(item, name))
             )
             if not found:
                 raise ImageError(f"folder {item} holds no image ({', '.join(IMAGE_EXTENSIONS)})")
             paths.extend(found)
         elif os.path.isfile(item):
             paths.append(item)
+        elif any(c in item for c in "*?["):  # a glob pattern
+            found = sorted(p for p in glob.glob(item) if os.path.isfile(p) and p.lower().endswith(IMAGE_EXTENSIONS))
+            if not found:
+                raise ImageError(f"pattern {item} matches no image ({', '.join(IMAGE_EXTENSIONS)})")
+            paths.extend(found)
         else:
             raise ImageError(f"image {item} does not exist")
     return paths
