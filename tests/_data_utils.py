@@ -116,4 +116,22 @@ def write_voc(root: str) -> str:
     return root
 
 
-WRITERS = {"coco": write_coco, "roboflow": write_roboflow, "yolo": write_yolo, "voc": write_voc}
+def write_roboflow_voc(root: str) -> str:
+    """Roboflow's Pascal VOC export: train/ and valid/, each with its images and one XML per image."""
+    for split, folder in (("train", "train"), ("val", "valid")):
+        for stem, width, height, boxes in SPLITS[split]:
+            write_image(os.path.join(root, folder, f"{stem}.jpg"), width, height, boxes)
+            with open(os.path.join(root, folder, f"{stem}.xml"), "w") as f:
+                f.write(voc_xml(stem, width, height, boxes))
+    with open(os.path.join(root, "README.roboflow.txt"), "w") as f:
+        f.write("exported from roboflow.com\n")
+    return root
+
+
+WRITERS = {
+    "coco": write_coco,
+    "roboflow": write_roboflow,
+    "yolo": write_yolo,
+    "voc": write_voc,
+    "roboflow-voc": write_roboflow_voc,
+}

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 
 import pytest
 import yaml
-from _data_utils import CLASSES, write_coco, write_roboflow, write_voc, write_yolo
+from _data_utils import CLASSES, write_coco, write_roboflow, write_roboflow_voc, write_voc, write_yolo
 
-from deformable.data import DatasetError, build_dataset
+from deformable.data import DatasetError, build_dataset, check_has_boxes
 from models.config import DataConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -175,6 +176,22 @@ def test_voc_without_split_files_says_how_to_write_them(tmp_path) -> None:
         os.remove(os.path.join(root, "ImageSets", "Main", name))
     with pytest.raises(DatasetError, match=r"nor does any other in .*Main: VOC lists each split's images in"):
         _build(root, val_split="val")
+
+
+def test_a_training_split_without_boxes_is_refused_before_training(tmp_path) -> None:
+    """A YOLO set whose labels/ folder is missing trains on nothing: an error naming what was looked for."""
+    root = write_yolo(str(tmp_path / "y"))
+    shutil.rmtree(os.path.join(root, "labels"))
+    train = _build(root, "train")
+    with pytest.raises(DatasetError, match=r"yolo split 'train' \(.*\) has no box to train on: no label file found"):
+        check_has_boxes(train)
+    check_has_boxes(_build(write_yolo(str(tmp_path / "whole")), "train"))
+
+
+def test_roboflow_voc_missing_split_folder_lists_the_folders_there(tmp_path) -> None:
+    root = write_roboflow_voc(str(tmp_path / "r"))
+    with pytest.raises(DatasetError, match=r"holdout does not exist \(folders found: train, valid\)"):
+        _build(root, val_split="holdout")
 
 
 def test_split_without_images(tmp_path) -> None:

@@ -28,6 +28,7 @@ SPLIT_NAMES = {  # what split names auto picks per layout
     "roboflow": ("train", "valid"),
     "yolo": ("train", "val"),
     "voc": ("train", "val"),
+    "roboflow-voc": ("train", "valid"),
 }
 
 

@@ -10,7 +10,14 @@ files -> upright RGB pixels, the one decoder of every tool), ``dataset`` (:class
 (detections in the COCO results format and pycocotools' 12 metrics, for training and inference alike).
 """
 
-from .build import build_dataset, check_num_classes, dataset_class_names, dataset_image_ids, resolve_num_classes
+from .build import (
+    build_dataset,
+    check_has_boxes,
+    check_num_classes,
+    dataset_class_names,
+    dataset_image_ids,
+    resolve_num_classes,
+)
 from .categories import align_to_checkpoint, checkpoint_ids, classes_without_training_boxes
 from .coco import coco_annotation_file
 from .dataset import DetectionDataset, coco_api, coco_target
@@ -35,6 +42,7 @@ __all__ = [
     "build_loader",
     "build_transforms",
     "check_data_root",
+    "check_has_boxes",
     "check_num_classes",
     "checkpoint_ids",
     "classes_without_training_boxes",

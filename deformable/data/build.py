@@ -44,6 +44,16 @@ def check_num_classes(dataset: DetectionDataset, num_classes: int | str) -> None
         )
 
 
+def check_has_boxes(dataset: DetectionDataset) -> None:
+    """A training split needs at least one box to learn from (crowd and VOC difficult ones are ignored)."""
+    if not any(not ann.get("iscrowd", 0) for ann in dataset.coco.dataset["annotations"]):
+        found = "; ".join(dataset.data.notes)
+        raise DatasetError(
+            f"the {dataset.layout} split {dataset.split!r} ({dataset.source}) has no box to train on"
+            + (f": {found}" if found else "")
+        )
+
+
 def resolve_num_classes(cfg: Config, train_set: DetectionDataset | None = None) -> Config:
     """``cfg`` with ``model.num_classes: auto`` replaced by the largest category id of the training data + 1 (labels
     are category ids); an integer is left as it is. Without ``train_set`` the training split's annotations are read

@@ -1,8 +1,10 @@
-"""Which layout ``data.root`` holds (``data.format``: auto | coco | roboflow | yolo | voc) and which splits to read.
+"""Which layout ``data.root`` holds (``data.format``: auto | coco | roboflow | yolo | voc | roboflow-voc) and which
+splits to read.
 
 Split names ``auto`` (the default) pick per layout: COCO ``train2017`` / ``val2017`` (or the one
-``annotations/instances_*train*.json`` / ``*val*``), Roboflow ``train`` / ``valid``, YOLO data.yaml's ``train`` /
-``val``, VOC ``train`` / ``val`` (``trainval`` / ``test`` when those are what ImageSets has).
+``annotations/instances_*train*.json`` / ``*val*``), Roboflow (COCO or VOC) ``train`` / ``valid`` (``val``,
+``test``), YOLO data.yaml's ``train`` / ``val``, VOC ``train`` / ``val`` (``trainval`` / ``test`` when those are what
+ImageSets has).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from models.config import DataConfig
 from .coco import ROBOFLOW_FILE, coco_annotation_file, read_categories, read_coco_file
 from .errors import DatasetError
 from .split import SplitData
-from .voc import read_voc, split_file, voc_class_names
+from .voc import has_split, read_voc, voc_class_names
 from .yolo import YAML_FILE, read_data_yaml, read_yolo
 
 LAYOUTS = {
@@ -23,7 +25,9 @@ LAYOUTS = {
     "roboflow": "train/, valid/ (test/) folders, each with its images and _annotations.coco.json",
     "yolo": "data.yaml (names, train, val) with images/<split>/ and labels/<split>/*.txt",
     "voc": "JPEGImages/, Annotations/*.xml and ImageSets/Main/<split>.txt",
+    "roboflow-voc": "train/, valid/ (test/) folders, each with its images and one VOC .xml per image",
 }
+VOC_LAYOUTS = ("voc", "roboflow-voc")
 COCO_HINT = (
     "point data.root at a folder in one of the layouts " + ", ".join(LAYOUTS) + "; for COCO 2017 download "
     "https://cocodataset.org/#download (train2017.zip, val2017.zip, annotations_trainval2017.zip) and unzip them "
@@ -63,6 +67,8 @@ def detect_layout(root: str) -> str | None:
         return "yolo"
     if all(os.path.isdir(os.path.join(root, d)) for d in ("JPEGImages", "Annotations")):
         return "voc"
+    if any(has_split(root, split, "roboflow-voc") for split in ("train", "valid", "val", "test")):
+        return "roboflow-voc"
     return None
 
 
@@ -119,7 +125,10 @@ def resolve_split(cfg: DataConfig, layout: str, which: str) -> str:
         return _first_existing(candidates, lambda s: os.path.isfile(os.path.join(root, s, ROBOFLOW_FILE)))
     if layout == "voc":
         candidates = ("train", "trainval") if train else ("val", "test")
-        return _first_existing(candidates, lambda s: os.path.isfile(split_file(root, s)))
+        return _first_existing(candidates, lambda s: has_split(root, s, "voc"))
+    if layout == "roboflow-voc":
+        candidates = ("train",) if train else ("valid", "val", "test")
+        return _first_existing(candidates, lambda s: has_split(root, s, "roboflow-voc"))
     return "train" if train else "val"
 
 
@@ -135,8 +144,8 @@ def read_split(cfg: DataConfig, which: str) -> SplitData:
         return read_coco_file(ann_file, os.path.join(cfg.root, split), layout=layout, split=split, hint=hint)
     if layout == "yolo":
         return read_yolo(_yaml_path(cfg.root), split)
-    class_splits = [resolve_split(cfg, "voc", "train"), resolve_split(cfg, "voc", "val")]
-    return read_voc(cfg.root, split, class_splits)
+    class_splits = [resolve_split(cfg, layout, "train"), resolve_split(cfg, layout, "val")]
+    return read_voc(cfg.root, split, class_splits, layout)
 
 
 def _annotation_file(cfg: DataConfig, layout: str, which: str) -> str:
@@ -152,9 +161,9 @@ def read_class_names(cfg: DataConfig) -> dict[int, str]:
     layout = resolve_layout(cfg)
     if layout == "yolo":
         return {index + 1: name for index, name in read_data_yaml(_yaml_path(cfg.root))["names"].items()}
-    if layout == "voc":
-        splits = [resolve_split(cfg, "voc", "train"), resolve_split(cfg, "voc", "val")]
-        return {i: name for i, name in enumerate(voc_class_names(cfg.root, splits), start=1)}
+    if layout in VOC_LAYOUTS:
+        splits = [resolve_split(cfg, layout, "train"), resolve_split(cfg, layout, "val")]
+        return {i: name for i, name in enumerate(voc_class_names(cfg.root, splits, layout=layout), start=1)}
     files = [_annotation_file(cfg, layout, which) for which in ("val", "train")]
     existing = [path for path in files if os.path.isfile(path)]
     if not existing:

@@ -1,4 +1,6 @@
-"""Pascal VOC: ``JPEGImages/<id>.jpg``, ``Annotations/<id>.xml`` and ``ImageSets/Main/<split>.txt`` (one id a line).
+"""Pascal VOC XML in two layouts: ``voc``, the original (``JPEGImages/<id>.jpg``, ``Annotations/<id>.xml`` and
+``ImageSets/Main/<split>.txt``, one id a line), and ``roboflow-voc``, one folder per split holding its images and one
+``<stem>.xml`` per image (Roboflow's Pascal VOC export; LabelImg's folders).
 
 Coordinates: VOC numbers pixels from 1 and ``xmin..xmax`` are the first and last pixel columns a box covers. In the
 COCO dict's continuous coordinates (the image spans [0, width]) that box is ``[xmin - 1, xmax]``, so its COCO
@@ -92,60 +94,106 @@ def parse_annotation(path: str) -> VocRecord:
     return record
 
 
-def _image_name(root: str, image_id: str, record: VocRecord) -> str | None:
-    """The image's file name in ``JPEGImages``: ``<id>.jpg`` (or another extension), else the XML's filename."""
-    folder = os.path.join(root, "JPEGImages")
-    for name in [image_id + ext for ext in IMAGE_EXTENSIONS] + [record.filename]:
+@dataclass
+class VocEntry:
+    """One annotated image of a split: where it is listed (for messages), its id (file stem) and its record."""
+
+    where: str  # "<split list> line N" or the XML file
+    image_id: str
+    record: VocRecord
+
+
+def split_folder(root: str, split: str) -> str:
+    """The ``roboflow-voc`` folder of ``split``: images and their XML side by side."""
+    return os.path.join(root, split)
+
+
+def split_source(root: str, split: str, layout: str) -> str:
+    """The file or folder that lists ``split``: the ImageSets list (``voc``) or the split's folder."""
+    return split_file(root, split) if layout == "voc" else split_folder(root, split)
+
+
+def has_split(root: str, split: str, layout: str) -> bool:
+    if layout == "voc":
+        return os.path.isfile(split_file(root, split))
+    folder = split_folder(root, split)
+    return os.path.isdir(folder) and any(name.lower().endswith(".xml") for name in os.listdir(folder))
+
+
+def _read_list(root: str, split: str) -> list[VocEntry]:
+    entries = []
+    for number, image_id in split_ids(root, split):
+        xml = os.path.join(root, "Annotations", f"{image_id}.xml")
+        where = f"{split_file(root, split)} line {number}"
+        if not os.path.isfile(xml):
+            raise DatasetError(f"{where}: {image_id} has no annotation file {xml}")
+        entries.append(VocEntry(where, image_id, parse_annotation(xml)))
+    return entries
+
+
+def _read_folder(root: str, split: str) -> list[VocEntry]:
+    folder = split_folder(root, split)
+    if not os.path.isdir(folder):
+        there = sorted(n for n in os.listdir(root) if os.path.isdir(os.path.join(root, n)))
+        raise DatasetError(
+            f"the split folder {folder} does not exist (folders found: {', '.join(there) or 'none'}); set "
+            "data.train_split / data.val_split to one of them"
+        )
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(".xml") and not n.startswith("."))
+    return [VocEntry(os.path.join(folder, n), n[:-4], parse_annotation(os.path.join(folder, n))) for n in names]
+
+
+def read_entries(root: str, split: str, layout: str = "voc") -> list[VocEntry]:
+    """Every annotated image of ``split`` in ``layout`` (``voc`` or ``roboflow-voc``), parsed."""
+    return _read_list(root, split) if layout == "voc" else _read_folder(root, split)
+
+
+def _image_name(folder: str, entry: VocEntry) -> str | None:
+    """The image's file name in ``folder``: ``<id>.jpg`` (or another extension), else the XML's filename."""
+    for name in [entry.image_id + ext for ext in IMAGE_EXTENSIONS] + [entry.record.filename]:
         if name and os.path.isfile(os.path.join(folder, name)):
             return name
     return None
 
 
-def _read_list(root: str, split: str) -> list[tuple[int, str, VocRecord]]:
-    records = []
-    for number, image_id in split_ids(root, split):
-        xml = os.path.join(root, "Annotations", f"{image_id}.xml")
-        if not os.path.isfile(xml):
-            raise DatasetError(f"{split_file(root, split)} line {number}: {image_id} has no annotation file {xml}")
-        records.append((number, image_id, parse_annotation(xml)))
-    return records
-
-
-def voc_class_names(root: str, splits: list[str], read: dict[str, list] | None = None) -> list[str]:
-    """The object names of the listed ``splits`` (those whose list exists), sorted: class ``i`` of it is category id
-    ``i + 1``. ``read`` holds splits already parsed (split -> :func:`_read_list`)."""
+def voc_class_names(
+    root: str, splits: list[str], read: dict[str, list[VocEntry]] | None = None, layout: str = "voc"
+) -> list[str]:
+    """The object names of the listed ``splits`` (those that exist), sorted: class ``i`` of it is category id
+    ``i + 1``. ``read`` holds splits already parsed (split -> :func:`read_entries`)."""
     names: set[str] = set()
     for split in splits:
-        if (read and split in read) or os.path.isfile(split_file(root, split)):
-            records = read[split] if read and split in read else _read_list(root, split)
-            names |= {o.name for _, _, record in records for o in record.objects}
+        if (read and split in read) or has_split(root, split, layout):
+            entries = read[split] if read and split in read else read_entries(root, split, layout)
+            names |= {o.name for entry in entries for o in entry.record.objects}
     return sorted(names)
 
 
-def read_voc(root: str, split: str, class_splits: list[str]) -> SplitData:
-    """The split ``split`` as a COCO dict; class ids come from the objects of ``split`` and of ``class_splits``
-    (those whose list exists)."""
-    records = _read_list(root, split)
-    names = voc_class_names(root, [split, *class_splits], read={split: records})
+def read_voc(root: str, split: str, class_splits: list[str], layout: str = "voc") -> SplitData:
+    """The split ``split`` of ``layout`` (``voc`` or ``roboflow-voc``) as a COCO dict; class ids come from the
+    objects of ``split`` and of ``class_splits`` (those that exist)."""
+    entries = read_entries(root, split, layout)
+    names = voc_class_names(root, [split, *class_splits], read={split: entries}, layout=layout)
     ids = {name: i for i, name in enumerate(names, start=1)}
+    image_root = os.path.join(root, "JPEGImages") if layout == "voc" else split_folder(root, split)
     coco: dict[str, Any] = {"images": [], "annotations": [], "categories": []}
     coco["categories"] = [{"id": i, "name": name} for name, i in ids.items()]
-    for image_number, (number, image_id, record) in enumerate(records, start=1):
-        name = _image_name(root, image_id, record)
+    for image_number, entry in enumerate(entries, start=1):
+        record = entry.record
+        name = _image_name(image_root, entry)
         if name is None:
             raise DatasetError(
-                f"{split_file(root, split)} line {number}: no image for {image_id} in "
-                f"{os.path.join(root, 'JPEGImages')} (looked for {image_id}.jpg and {record.filename or 'no'} "
-                "<filename>)"
+                f"{entry.where}: no image for {entry.image_id} in {image_root} (looked for {entry.image_id}.jpg and "
+                f"{record.filename or 'no'} <filename>)"
             )
         height, width = record.height, record.width
         if height <= 0 or width <= 0:
-            height, width = image_size(os.path.join(root, "JPEGImages", name))
+            height, width = image_size(os.path.join(image_root, name))
         coco["images"].append({"id": image_number, "file_name": name, "height": height, "width": width})
         for obj in record.objects:
             xmin, ymin, xmax, ymax = obj.box
             ann = {"id": len(coco["annotations"]) + 1, "image_id": image_number, "category_id": ids[obj.name]}
             bbox = [xmin - 1, ymin - 1, xmax - xmin + 1, ymax - ymin + 1]
             coco["annotations"].append({**ann, "bbox": bbox, "iscrowd": int(obj.difficult)})
-    data = SplitData("voc", split, os.path.join(root, "JPEGImages"), coco, source=split_file(root, split))
+    data = SplitData(layout, split, image_root, coco, source=split_source(root, split, layout))
     return finish_split(data)

@@ -15,6 +15,7 @@ from deformable.data import (
     align_to_checkpoint,
     build_dataset,
     build_loader,
+    check_has_boxes,
     check_num_classes,
     classes_without_training_boxes,
     ensure_synthetic,
@@ -77,6 +78,7 @@ def build_data(cfg: Config, env: DistEnv, train: bool = True, checkpoint_names: 
     train_set, train_loader = None, None
     if train:
         train_set = build_dataset(cfg.data, "train")
+        check_has_boxes(train_set)
         check_num_classes(train_set, cfg.model.num_classes)
         notes += classes_without_training_boxes(train_set, val_set)
         train_loader = build_loader(train_set, batch_size=cfg.train.batch_size, train=True, **args)
