@@ -18,9 +18,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from .decode import IMAGE_EXTENSIONS
 from .errors import DatasetError
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 @dataclass

@@ -114,6 +114,7 @@ def split_source(root: str, split: str, layout: str) -> str:
 
 
 def has_split(root: str, split: str, layout: str) -> bool:
+    """Whether ``split`` exists in ``layout``: its ImageSets list (``voc``), or its folder with an XML in it."""
     if layout == "voc":
         return os.path.isfile(split_file(root, split))
     folder = split_folder(root, split)

@@ -15,10 +15,8 @@ import torch
 from torchvision import tv_tensors
 
 from deformable.data import DatasetError, build_transforms, collate
-from deformable.data.decode import read_rgb
+from deformable.data.decode import IMAGE_EXTENSIONS, read_rgb
 from models.config import DataConfig
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 class ImageError(ValueError):
