@@ -150,10 +150,21 @@ def timm_backbone(
     except (RuntimeError, ValueError, IndexError, AssertionError) as exc:  # unknown name, too few stages, ...
         raise ValueError(f"unknown or unsupported timm backbone 'timm/{name}': {exc}") from exc
     net = freeze_batch_norm_2d(net)
-    children = [child for child, _ in net.named_children()]
-    first = children.index(net.feature_info.module_name()[0].replace(".", "_"))
-    _freeze(net, tuple(f"{child}." for child in children[first:]) if train_backbone else None)
+    _freeze_before(net, net.feature_info.module_name()[0], name, train_backbone)
     return Backbone(net, net.feature_info.reduction()[-num_levels:], net.feature_info.channels()[-num_levels:])
+
+
+def _freeze_before(net: nn.Module, first_stage: str, name: str, train_backbone: bool) -> None:
+    """Freezes every parameter registered before the module ``first_stage`` (timm's dotted name of the first stage
+    returned; the features wrapper keeps it as it is, ``blocks.1`` inside ``blocks``, or flattened to ``layer2``), and
+    every parameter without ``train_backbone``."""
+    prefixes = (f"{first_stage}.", f"{first_stage.replace('.', '_')}.")
+    names = [parameter_name for parameter_name, _ in net.named_parameters()]
+    start = next((i for i, parameter_name in enumerate(names) if parameter_name.startswith(prefixes)), None)
+    if start is None:
+        raise ValueError(f"timm backbone 'timm/{name}': its stage {first_stage} holds no parameter to train")
+    for i, (_, parameter) in enumerate(net.named_parameters()):
+        parameter.requires_grad_(train_backbone and i >= start)
 
 
 def backbone_levels(num_feature_levels: int) -> int:

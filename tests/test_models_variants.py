@@ -136,6 +136,22 @@ def test_timm_backbone():
     assert out["pred_logits"].shape == (1, 20, 5)
 
 
+def test_timm_backbone_with_nested_stages():
+    """timm's features wrapper keeps MobileNet/EfficientNet stages inside ``blocks`` (``blocks.1``): what comes
+    before the first stage returned is frozen, the rest trained, as for the ResNets."""
+    pytest.importorskip("timm")
+    model = build_detector(tiny_config("model.backbone=timm/mobilenetv3_small_050")).eval()
+    body = model.backbone[0].body
+    assert body.feature_info.module_name()[0] == "blocks.1"
+    names = [n for n, _ in body.named_parameters()]
+    first = next(i for i, n in enumerate(names) if n.startswith("blocks.1."))
+    assert names[0].startswith("conv_stem") and any(n.startswith("blocks.0.") for n in names[:first])
+    assert [p.requires_grad for _, p in body.named_parameters()] == [i >= first for i in range(len(names))]
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 96, 96))
+    assert out["pred_logits"].shape == (1, 20, 5) and out["pred_boxes"].isfinite().all()
+
+
 def test_postprocessor_runs_on_detector_outputs():
     cfg = tiny_config()
     model = build_detector(cfg).eval()
