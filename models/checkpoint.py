@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
+import re
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -31,7 +33,14 @@ from .coco_classes import COCO_CLASSES
 from .files import atomic_write
 
 FORMATS = ("project", "original", "state_dict", "hf")
-HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # transformers' file names, read with config.json beside
+# transformers' weights file names in order of preference, read with config.json beside; an index.json lists the
+# shards of a large save_pretrained (max_shard_size)
+HF_WEIGHTS = (
+    "model.safetensors",
+    "pytorch_model.bin",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+)
 EXPECTED = (
     "expected this project's checkpoint, an original Deformable-DETR checkpoint (.pth with 'model' and 'args'), a "
     "state_dict, or a transformers folder (config.json + model.safetensors or pytorch_model.bin)"
@@ -108,15 +117,38 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return _from_dict(_torch_load(path), path)
 
 
+def torch_load(path: str, allowed: tuple[type, ...] = ()) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, with the classes ``allowed`` besides tensors and plain
+    containers (the original's release files need ``argparse.Namespace``).
+
+    Raises:
+        CheckpointError: the file holds other pickled objects (refused, never run: the message names the first one),
+            or is no readable PyTorch file.
+    """
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # torch's text advises turning weights_only off: not passed on
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if found:
+            raise CheckpointError(
+                f"{path} holds pickled Python objects ({found.group(1)}) besides tensors: refused, not loaded (files "
+                "are read with torch.load(weights_only=True), which unpickles tensors and plain containers only)"
+            ) from exc
+        reason = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
+        why = reason.group(1).strip() if reason else str(exc).splitlines()[0][:200]
+        raise CheckpointError(f"{path} is corrupt or not a PyTorch file (UnpicklingError: {why})") from exc
+    except Exception as exc:  # zip and format errors all mean "not a usable file"
+        raise CheckpointError(
+            f"{path} is corrupt or not a PyTorch file ({type(exc).__name__}: {str(exc)[:300]})"
+        ) from exc
+
+
 def _torch_load(path: str) -> Any:
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle, zip and weights_only errors all mean "not a usable checkpoint"
-        raise CheckpointError(
-            f"checkpoint {path} is corrupt or not a PyTorch checkpoint ({type(exc).__name__}: {str(exc)[:300]}); "
-            f"{EXPECTED}"
-        ) from exc
+        return torch_load(path, allowed=(argparse.Namespace,))
+    except CheckpointError as exc:
+        raise CheckpointError(f"checkpoint {exc}; {EXPECTED}") from exc
 
 
 def _load_safetensors(path: str) -> dict[str, torch.Tensor]:
@@ -135,8 +167,18 @@ def _read_hf(path: str) -> Checkpoint:
         state, hf_config = hf_format.read_hf(path)
     except FileNotFoundError as exc:
         raise CheckpointError(f"checkpoint {path}: {exc}; {EXPECTED}") from exc
-    options = {**options_from_weights(state), **hf_format.model_overrides_from_hf(hf_config)}
-    return Checkpoint(path, "hf", state, options, hf_format.class_names_from_hf(hf_config))
+    from_weights, from_config = options_from_weights(state), hf_format.model_overrides_from_hf(hf_config)
+    held, listed = from_weights.get("num_classes"), from_config.get("num_classes")
+    if held is not None and listed is not None and held != listed:
+        raise CheckpointError(
+            f"checkpoint {path}: config.json lists {listed} classes (id2label / num_labels) but its weights' class "
+            f"head has {held}; the folder's files do not belong together"
+        )
+    try:
+        names = hf_format.class_names_from_hf(hf_config)
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {path}: config.json {exc}") from exc
+    return Checkpoint(path, "hf", state, {**from_weights, **from_config}, names)
 
 
 def state_dict_of(content: Any, path: str) -> dict[str, torch.Tensor]:

@@ -21,13 +21,13 @@ from typing import Any
 
 import torch
 
-from .checkpoint import CheckpointError, options_from_weights
+from .checkpoint import HF_WEIGHTS, CheckpointError, options_from_weights, torch_load
 from .config import ModelConfig
 from .files import atomic_write, atomic_write_text, fsync_dir
 from .hf_names import backbone_from_hf, hf_backbone, hf_to_original, learned_position_prefix, original_to_hf
 
 CONFIG_NAME = "config.json"
-WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")  # in order of preference
+WEIGHT_NAMES = HF_WEIGHTS  # in order of preference
 MODEL_TYPE = "deformable_detr"
 ARCHITECTURE = "DeformableDetrForObjectDetection"
 # transformers' DeformableDetrConfig defaults (4.x and 5.x agree), for config.json files that omit a key.
@@ -110,18 +110,28 @@ def _read_config(path: str) -> dict[str, Any]:
 
 
 def _read_weights(path: str) -> dict[str, torch.Tensor]:
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
+    """One weights file, or every shard an ``*.index.json`` lists (its ``weight_map``: key -> shard file), merged."""
+    if path.endswith(".index.json"):
+        try:
+            with open(path, encoding="utf-8") as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{path} is not a transformers shard index with a weight_map ({exc})") from exc
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state.update(_read_weights(os.path.join(os.path.dirname(path), shard)))
+        return state
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} does not exist (a shard its index lists); expected transformers weights")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
 
+        try:
             state = load_file(path, device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torn headers, bad zip, unpickling refusals all mean "not a usable weights file"
-        raise CheckpointError(
-            f"{path} is corrupt or not a weights file ({type(exc).__name__}: {str(exc)[:300]}); expected transformers "
-            f"Deformable DETR weights"
-        ) from exc
+        except Exception as exc:  # safetensors raises its own error types for torn headers and data
+            raise CheckpointError(f"{path} is corrupt or not a safetensors file ({exc})") from exc
+    else:
+        state = torch_load(path)
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} holds no state_dict of tensors; expected transformers Deformable DETR weights")
     return dict(state)
@@ -240,7 +250,11 @@ def class_names_from_hf(hf_config: Mapping[str, Any]) -> dict[int, str]:
     id2label = hf_config.get("id2label")
     if not isinstance(id2label, Mapping):
         return {}
-    names = {int(k): str(v) for k, v in id2label.items()}
+    try:
+        names = {int(k): str(v) for k, v in id2label.items()}
+    except (TypeError, ValueError):
+        bad = next(k for k in id2label if not str(k).strip().lstrip("-").isdigit())
+        raise ValueError(f"id2label must map class indices to names, got the key {bad!r}") from None
     return {k: v for k, v in sorted(names.items()) if not _is_generic_label(k, v)}
 
 

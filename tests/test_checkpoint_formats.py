@@ -221,10 +221,10 @@ def test_convert_errors(run, tmp_path, capsys) -> None:
 def test_corrupt_truncated_and_foreign_files_are_named(run, tmp_path) -> None:
     with open(run["project"], "rb") as f:
         (tmp_path / "truncated.pth").write_bytes(f.read()[:4000])
-    with pytest.raises(CheckpointError, match=r"truncated\.pth is corrupt or not a PyTorch checkpoint .*expected"):
+    with pytest.raises(CheckpointError, match=r"truncated\.pth is corrupt or not a PyTorch file .*expected"):
         read_checkpoint(tmp_path / "truncated.pth")
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(CheckpointError, match=r"notes\.txt is corrupt or not a PyTorch checkpoint"):
+    with pytest.raises(CheckpointError, match=r"notes\.txt is corrupt or not a PyTorch file"):
         read_checkpoint(tmp_path / "notes.txt")
     torch.save([torch.ones(1)], tmp_path / "list.pth")
     with pytest.raises(CheckpointError, match=r"list\.pth holds no 'model' state dict \(found a list\)"):
@@ -270,8 +270,9 @@ def test_a_transformers_folder_in_every_tool(run, hf_folder, tmp_path, capsys) -
         assert {r["category_id"] for r in json.load(f)} <= {0, 1, 2, 3}
     out = str(tmp_path / "v.png")
     assert load_tool("visualize").main(["--checkpoint", folder, "--image", image, "--out", out, *SMALL_IMAGES]) == 0
-    pt2 = str(tmp_path / "m.pt2")
+    pt2 = str(tmp_path / "exports" / "m.pt2")  # a folder the tool creates
     assert load_tool("export_torch").main(["--checkpoint", folder, "--out", pt2, "--size", "64", "80"]) == 0
+    assert os.path.isfile(pt2)
 
 
 def test_convert_a_transformers_folder_and_back(hf_folder, tmp_path, capsys) -> None:

@@ -64,7 +64,7 @@ def onnx_file(trained, tmp_path_factory) -> str:
     """tools/export_onnx.py on the checkpoint (it also runs onnx.checker and its own onnxruntime comparison)."""
     if ONNX_MISSING:
         pytest.skip(f"{ONNX_MISSING} not installed (pip install '.[export]')")
-    path = str(tmp_path_factory.mktemp("onnx") / "model.onnx")
+    path = str(tmp_path_factory.mktemp("onnx") / "exports" / "model.onnx")  # a folder the tool creates
     argv = [CONFIG, "--checkpoint", trained[1], "--out", path, "--size", *map(str, EXPORT_SIZE), *TINY]
     assert load_tool("export_onnx").main(argv) == 0
     return path

@@ -99,7 +99,7 @@ def test_bad_files_and_objects(tmp_path):
     model = build_detector(tiny_config())
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(ValueError, match=r"checkpoint .*corrupt\.pth is corrupt or not a PyTorch checkpoint"):
+    with pytest.raises(ValueError, match=r"checkpoint .*corrupt\.pth is corrupt or not a PyTorch file"):
         load_checkpoint(model, corrupt)
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         load_checkpoint(model, tmp_path / "missing.pth")

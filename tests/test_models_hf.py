@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 import models
-from models.checkpoint import CheckpointError
+from models.checkpoint import CheckpointError, read_checkpoint
 from models.coco_classes import COCO_CLASSES
 from models.hf_format import (
     class_names_from_hf,
@@ -467,14 +468,59 @@ def test_weights_without_config(tiny_folder) -> None:
 def test_truncated_safetensors(tiny_folder, keep: int) -> None:
     path = tiny_folder / "model.safetensors"
     path.write_bytes(path.read_bytes()[:keep])
-    with pytest.raises(CheckpointError, match=r"model\.safetensors is corrupt or not a weights file"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is corrupt or not a safetensors file"):
         read_hf(tiny_folder)
+
+
+def test_sharded_folder_reads_as_one(tiny_folder, tmp_path) -> None:
+    """save_pretrained(max_shard_size=...) writes model.safetensors.index.json and shards: read as one state_dict."""
+    from safetensors.torch import load_file, save_file
+
+    whole = load_file(tiny_folder / "model.safetensors")
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    (sharded / "config.json").write_text((tiny_folder / "config.json").read_text())
+    keys = sorted(whole)
+    weight_map = {}
+    for i, part in enumerate((keys[::2], keys[1::2])):
+        name = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({k: whole[k].contiguous() for k in part}, str(sharded / name))
+        weight_map.update(dict.fromkeys(part, name))
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    expected, got = read_hf(tiny_folder)[0], read_hf(sharded)[0]
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+    os.remove(sharded / "model-00002-of-00002.safetensors")
+    with pytest.raises(CheckpointError, match=r"model-00002-of-00002\.safetensors does not exist \(a shard"):
+        read_hf(sharded)
+
+
+def test_pickled_objects_are_refused_and_named(tiny_folder) -> None:
+    os.remove(tiny_folder / "model.safetensors")
+    torch.save({"weight": torch.ones(1), "payload": Path("ran")}, tiny_folder / "pytorch_model.bin")
+    with pytest.raises(CheckpointError) as error:
+        read_hf(tiny_folder)
+    message = str(error.value)
+    assert "holds pickled Python objects (pathlib" in message and "refused, not loaded" in message
+    assert "weights_only set to False" not in message  # torch's advice to turn the protection off is not passed on
+
+
+def test_config_and_weights_disagreeing_on_the_classes(tiny_folder) -> None:
+    config = json.loads((tiny_folder / "config.json").read_text())
+    held = read_checkpoint(tiny_folder).options["num_classes"]
+    labels = {str(i): f"c{i}" for i in range(held + 1)}
+    (tiny_folder / "config.json").write_text(json.dumps({**config, "id2label": labels, "num_labels": held + 1}))
+    with pytest.raises(CheckpointError, match=rf"lists {held + 1} classes .* class head has {held}"):
+        read_checkpoint(tiny_folder)
+    labels = {**{str(i): f"c{i}" for i in range(held - 1)}, "cat": "cat"}
+    (tiny_folder / "config.json").write_text(json.dumps({**config, "id2label": labels, "num_labels": held}))
+    with pytest.raises(CheckpointError, match=r"id2label must map class indices to names, got the key 'cat'"):
+        read_checkpoint(tiny_folder)
 
 
 def test_corrupt_pytorch_model_bin(tiny_folder) -> None:
     os.remove(tiny_folder / "model.safetensors")
     (tiny_folder / "pytorch_model.bin").write_bytes(b"not a zip file")
-    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin is corrupt or not a weights file"):
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin is corrupt or not a PyTorch file"):
         read_hf(tiny_folder)
 
 

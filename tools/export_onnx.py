@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     height, width = args.size
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)  # before minutes of exporting
     start = time.perf_counter()
     try:
         export_onnx(model, args.out, example_images(2, height, width), opset=args.opset)

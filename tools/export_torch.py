@@ -12,6 +12,7 @@ registered. Without ``--checkpoint`` the weights are random (for testing the pip
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     height, width = args.size
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     start = time.perf_counter()
     torch.export.save(export_program(model, example_images(2, height, width)), args.out)
     loaded = torch.export.load(args.out)
