@@ -178,6 +178,12 @@ def _read_hf(path: str) -> Checkpoint:
         names = hf_format.class_names_from_hf(hf_config)
     except ValueError as exc:
         raise CheckpointError(f"checkpoint {path}: config.json {exc}") from exc
+    beyond = [cat_id for cat_id in names if held is not None and not 0 <= cat_id < held]
+    if beyond:
+        raise CheckpointError(
+            f"checkpoint {path}: config.json's id2label names class ids {', '.join(map(str, beyond))}, which the "
+            f"weights' class head ({held} classes, ids 0..{held - 1}) cannot output; number id2label 0..{held - 1}"
+        )
     return Checkpoint(path, "hf", state, {**from_weights, **from_config}, names)
 
 

@@ -511,6 +511,10 @@ def test_config_and_weights_disagreeing_on_the_classes(tiny_folder) -> None:
     (tiny_folder / "config.json").write_text(json.dumps({**config, "id2label": labels, "num_labels": held + 1}))
     with pytest.raises(CheckpointError, match=rf"lists {held + 1} classes .* class head has {held}"):
         read_checkpoint(tiny_folder)
+    gaps = {**{str(i): f"c{i}" for i in range(held - 1)}, str(held + 4): "far"}  # as many names, one id too large
+    (tiny_folder / "config.json").write_text(json.dumps({**config, "id2label": gaps, "num_labels": held}))
+    with pytest.raises(CheckpointError, match=rf"id2label names class ids {held + 4}, which the weights' class head"):
+        read_checkpoint(tiny_folder)
     labels = {**{str(i): f"c{i}" for i in range(held - 1)}, "cat": "cat"}
     (tiny_folder / "config.json").write_text(json.dumps({**config, "id2label": labels, "num_labels": held}))
     with pytest.raises(CheckpointError, match=r"id2label must map class indices to names, got the key 'cat'"):
