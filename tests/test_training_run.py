@@ -245,7 +245,7 @@ def test_read_checkpoint_errors(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_checkpoint(str(tmp_path / "none.pth"))
     (tmp_path / "junk.pth").write_bytes(b"\x00garbage")
-    with pytest.raises(CheckpointError, match="corrupt or not a PyTorch checkpoint"):
+    with pytest.raises(CheckpointError, match="corrupt or not a PyTorch file"):
         read_checkpoint(str(tmp_path / "junk.pth"))
     torch.save({"weights": [1, 2]}, tmp_path / "other.pth")
     with pytest.raises(CheckpointError, match=r"other\.pth holds no 'model' state dict.*weights are not tensors"):
