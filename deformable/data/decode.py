@@ -46,8 +46,8 @@ def read_rgb(path: str, name: str | None = None) -> np.ndarray:
     name = path if name is None else name
     try:
         with Image.open(path) as picture:
-            upright = ImageOps.exif_transpose(picture)
-            return _rgb(upright, name)
+            ImageOps.exif_transpose(picture, in_place=True)  # no copy when there is nothing to turn
+            return _rgb(picture, name)
     except _READ_ERRORS as exc:
         raise DatasetError(f"cannot read image {name}: {exc}") from exc
 

@@ -3,9 +3,8 @@ names, COCO results for the tools."""
 
 from models.device import resolve_device
 
-from .images import IMAGE_EXTENSIONS, ImageError, list_images, prepare_batch, read_image
-from .predict import Detections, Predictor, as_rgb
-from .predictor import class_names, detect, load_detector
+from .images import IMAGE_EXTENSIONS, ImageError, as_rgb, list_images, prepare_batch, read_image
+from .predictor import Detections, Predictor, class_names, detect, load_detector
 
 __all__ = [
     "IMAGE_EXTENSIONS",

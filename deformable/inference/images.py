@@ -1,4 +1,5 @@
-"""Image files -> model input: listing, reading (clear errors naming the file), the validation resize/normalise.
+"""Images -> model input: listing and reading files (clear errors naming the file), images of any kind as RGB
+arrays (:func:`as_rgb`), the validation resize/normalise.
 
 The resize and normalisation are the validation transforms of :mod:`deformable.data.transforms` and the padding is
 :func:`deformable.data.collate`, so a tool sees exactly what evaluation sees.
@@ -12,11 +13,15 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torchvision import tv_tensors
 
 from deformable.data import DatasetError, build_transforms, collate
 from deformable.data.decode import IMAGE_EXTENSIONS, read_rgb
 from models.config import DataConfig
+
+# One image as :class:`~deformable.inference.predictor.Predictor` takes it (see :func:`as_rgb`).
+ImageInput = str | os.PathLike | np.ndarray | Image.Image | torch.Tensor
 
 
 class ImageError(ValueError):
@@ -71,6 +76,60 @@ def read_image(path: str) -> np.ndarray:
         return read_rgb(path)
     except DatasetError as exc:
         raise ImageError(str(exc)) from exc
+
+
+def as_rgb(image: ImageInput, where: str = "image") -> np.ndarray:
+    """One image -> ``(H, W, 3)`` uint8 RGB.
+
+    Accepted: a file path; a ``PIL.Image`` (any mode, converted to RGB); a uint8 numpy array ``(H, W)``, ``(H, W, 1)``,
+    ``(H, W, 3)`` RGB or ``(H, W, 4)`` RGBA (alpha dropped; an OpenCV image is BGR: convert it with
+    ``cv2.cvtColor(image, cv2.COLOR_BGR2RGB)``); a torch tensor ``(3, H, W)`` or ``(1, H, W)``, uint8 or float in
+    ``[0, 1]`` (torchvision's convention).
+
+    Raises:
+        ImageError: a missing or undecodable file, or an array of another shape, dtype or range; ``where`` names the
+            image in the message.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        return read_image(os.fspath(image))
+    if isinstance(image, Image.Image):
+        return np.array(image.convert("RGB"))  # a writable copy
+    if isinstance(image, torch.Tensor):
+        return _tensor_to_rgb(image, where)
+    if isinstance(image, np.ndarray):
+        return _array_to_rgb(image, where)
+    raise ImageError(
+        f"{where}: expected a path, a numpy array, a PIL image or a torch tensor, got {type(image).__name__}"
+    )
+
+
+def _array_to_rgb(array: np.ndarray, where: str) -> np.ndarray:
+    if array.dtype != np.uint8:
+        raise ImageError(
+            f"{where}: a numpy image must be uint8 (H, W, 3) RGB, got dtype {array.dtype}; scale it to 0..255 and "
+            "cast with .astype(np.uint8)"
+        )
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.shape[2] not in (1, 3, 4) or min(array.shape[:2]) < 1:
+        raise ImageError(f"{where}: a numpy image must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {array.shape}")
+    if array.shape[2] == 1:
+        array = np.repeat(array, 3, axis=2)
+    return np.ascontiguousarray(array[:, :, :3])
+
+
+def _tensor_to_rgb(tensor: torch.Tensor, where: str) -> np.ndarray:
+    if tensor.dim() != 3 or tensor.shape[0] not in (1, 3) or min(tensor.shape[1:]) < 1:
+        raise ImageError(f"{where}: a tensor image must be (3, H, W) or (1, H, W), got {tuple(tensor.shape)}")
+    tensor = tensor.detach().cpu()
+    if tensor.is_floating_point():
+        low, high = float(tensor.min()), float(tensor.max())
+        if not (low >= 0.0 and high <= 1.0):  # also NaN
+            raise ImageError(f"{where}: a float tensor image must lie in [0, 1], got values in [{low}, {high}]")
+        tensor = (tensor * 255).round().to(torch.uint8)
+    elif tensor.dtype != torch.uint8:
+        raise ImageError(f"{where}: a tensor image must be uint8 or float in [0, 1], got {tensor.dtype}")
+    return np.ascontiguousarray(tensor.expand(3, -1, -1).permute(1, 2, 0).numpy())
 
 
 def _to_model_input(image: np.ndarray, data: DataConfig) -> torch.Tensor:

@@ -1,16 +1,37 @@
-"""Building a detector for inference: device, weights (``weights_only=True``), class names, one batched call."""
+"""Detection from Python (:class:`Predictor`) and what the tools build it from: a detector on a device with its
+weights (``weights_only=True``), class names, one batched call.
+
+    from deformable.inference import Predictor
+
+    predictor = Predictor("runs/raccoon/checkpoint.pth")   # any checkpoint format tools/infer.py reads
+    found = predictor("photo.jpg", threshold=0.5)          # a path, an array, a PIL image or a tensor
+    for box, score, name in zip(found.boxes.tolist(), found.scores.tolist(), found.names):
+        print(name, score, box)                            # box: (x0, y0, x1, y1) in the photo's pixels
+
+The resize, normalisation, padding and post-processing are those of ``tools/infer.py`` and of evaluation, so a
+predictor returns what ``infer`` writes for the same image and checkpoint.
+"""
 
 from __future__ import annotations
 
+import os
 import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 import models
 from deformable.data import dataset_class_names
+from deformable.data.coco_eval import to_coco_results
+from models import build_postprocessor
 from models.checkpoint import Checkpoint
 from models.config import Config, ConfigError, config_from_dict
+from models.device import resolve_device
+from models.loading import config_and_checkpoint
+
+from .images import ImageInput, as_rgb, prepare_batch
 
 
 def load_detector(
@@ -63,3 +84,105 @@ def detect(
     outputs = model(images.to(device), mask.to(device))
     results = postprocessor(outputs, sizes.to(device))
     return outputs, [{k: v.cpu() for k, v in r.items()} for r in results]
+
+
+@dataclass(frozen=True)
+class Detections:
+    """One image's detections at or above the threshold, highest score first.
+
+    Attributes:
+        boxes: ``(k, 4)`` float32 ``(x0, y0, x1, y1)`` in the pixels of the image as given (not clipped to it).
+        scores: ``(k,)`` float32 in ``[0, 1]``.
+        labels: ``(k,)`` int64 category ids: the ids of the checkpoint's data set (COCO ids for COCO weights).
+        names: ``k`` class names (the id as text where the checkpoint names no classes).
+        image_size: ``(height, width)`` of the image.
+    """
+
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    labels: torch.Tensor
+    names: tuple[str, ...]
+    image_size: tuple[int, int]
+
+    def __len__(self) -> int:
+        return int(self.scores.numel())
+
+    def to_coco(self, image_id: int) -> list[dict]:
+        """COCO results entries: ``image_id``, ``category_id``, ``bbox`` ``[x, y, w, h]``, ``score``."""
+        return to_coco_results(image_id, {"scores": self.scores, "labels": self.labels, "boxes": self.boxes})
+
+
+class Predictor:
+    """A detector loaded once, for detection on many images.
+
+    Args:
+        checkpoint: any checkpoint format the tools read (this project's, an original release file, a bare
+            state_dict, a transformers ``save_pretrained`` folder).
+        config: a config file; by default the checkpoint's own (as ``tools/infer.py`` without CONFIG).
+        overrides: ``section.key=value`` strings applied on top (e.g. ``"data.val_size=800"``).
+        device: ``"auto"`` (a GPU when one is visible), ``"cpu"`` or ``"cuda"``.
+        threshold: the default score threshold of :meth:`__call__`.
+        batch_size: images per forward pass.
+
+    Raises:
+        FileNotFoundError, models.CheckpointError, models.config.ConfigError: as the tools do, naming the file or
+        option.
+    """
+
+    def __init__(
+        self,
+        checkpoint: str | os.PathLike,
+        config: str | os.PathLike | None = None,
+        overrides: Iterable[str] = (),
+        *,
+        device: str = "auto",
+        threshold: float = 0.3,
+        batch_size: int = 4,
+    ) -> None:
+        _check_threshold(threshold)
+        if batch_size < 1:
+            raise ValueError(f"Predictor: batch_size must be >= 1, got {batch_size}")
+        self.cfg, read = config_and_checkpoint(config, list(overrides), checkpoint)
+        self.device = resolve_device(device)
+        self.model, self.checkpoint = load_detector(self.cfg, read, self.device)
+        self.postprocessor = build_postprocessor(self.cfg)
+        self.class_names = class_names(self.cfg, self.checkpoint)  # category id -> name; empty when unknown
+        self.threshold = threshold
+        self.batch_size = batch_size
+
+    def __call__(
+        self, images: ImageInput | Sequence[ImageInput], threshold: float | None = None
+    ) -> Detections | list[Detections]:
+        """Detects on one image (returns :class:`Detections`) or a list of images (returns a list).
+
+        Args:
+            images: what :func:`as_rgb` accepts, or a list or tuple of those.
+            threshold: the lowest score kept; the predictor's ``threshold`` by default.
+        """
+        threshold = self.threshold if threshold is None else threshold
+        _check_threshold(threshold)
+        single = not isinstance(images, (list, tuple))
+        items = [images] if single else list(images)
+        found: list[Detections] = []
+        for start in range(0, len(items), self.batch_size):
+            chunk = items[start : start + self.batch_size]
+            batch = [as_rgb(item, f"image {start + i}") for i, item in enumerate(chunk)]
+            sizes = torch.tensor([picture.shape[:2] for picture in batch])
+            _, results = detect(self.model, self.postprocessor, *prepare_batch(batch, self.cfg.data), sizes)
+            found += [self._detections(r, threshold, tuple(p.shape[:2])) for r, p in zip(results, batch, strict=True)]
+        return found[0] if single else found
+
+    def _detections(self, result: dict[str, torch.Tensor], threshold: float, size: tuple[int, int]) -> Detections:
+        """One post-processed result -> :class:`Detections`: the scores at or above ``threshold`` and, where the
+        checkpoint names its classes, the labels that are one of them (as ``tools/infer.py`` writes them)."""
+        keep = result["scores"] >= threshold
+        if self.class_names:
+            keep &= torch.isin(result["labels"], torch.tensor(sorted(self.class_names)))
+        labels = result["labels"][keep]
+        names = tuple(self.class_names.get(int(label), str(int(label))) for label in labels)
+        return Detections(result["boxes"][keep].float(), result["scores"][keep].float(), labels, names, size)
+
+
+def _check_threshold(threshold: float) -> None:
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"Predictor: threshold must be a score in [0, 1], got {threshold}")
