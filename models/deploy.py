@@ -26,6 +26,7 @@ from .config import Config
 from .loading import load_detector
 
 if TYPE_CHECKING:
+    import onnx_ir
     import onnxruntime
 
 INPUT_NAMES = ["images"]
@@ -118,7 +119,10 @@ def export_onnx(
 
     Input ``images (batch, 3, height, width)``, outputs ``pred_logits`` and ``pred_boxes``, all three sizes
     symbolic (CoPE offsets included). Weights go into the file
-    (a ``.data`` file beside it only above 2 GB).
+    (a ``.data`` file beside it only above 2 GB). The graph is simplified by :func:`simplify_onnx` rather than the
+    exporter's own optimiser, whose pattern rewriter takes minutes on the CoPE graph's many index and shape
+    nodes (BENCHMARKS.md, "Deployment latency") and leaves nothing that onnxruntime does not do itself when it
+    loads the file.
 
     Args:
         model: the detector, in eval mode.
@@ -138,9 +142,9 @@ def export_onnx(
             f"opset {opset} is not supported: the exporter writes opset {MIN_OPSET}+ (GridSample needs 16, but "
             f"converting the graph below 18 fails); use --opset {MIN_OPSET} or higher"
         )
-    missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
+    missing = [name for name in ("onnx", "onnx_ir", "onnxscript") if importlib.util.find_spec(name) is None]
     if missing:
-        raise ImportError(f"ONNX export needs {' and '.join(missing)}: pip install '.[export]'")
+        raise ImportError(f"ONNX export needs {', '.join(missing)}: pip install '.[export]'")
     axes = {0: "batch", 2: "height", 3: "width"}
     with deformable.backend("pytorch"), torch.no_grad():
         program = torch.onnx.export(
@@ -152,12 +156,32 @@ def export_onnx(
             dynamic_shapes={"images": axes},
             dynamo=True,
             verbose=False,
+            optimize=False,
         )
+    simplify_onnx(program.model)
     written = {entry.domain: entry.version for entry in program.model_proto.opset_import}.get("", 0)
     if written != opset:  # the exporter falls back to its own opset when conversion fails, with only a log line
         raise ValueError(f"asked for ONNX opset {opset}, the exporter wrote opset {written}")
     program.save(os.fspath(path))
     return program
+
+
+def simplify_onnx(model: onnx_ir.Model) -> None:
+    """Simplifies an exported graph in place: functions inlined, constants folded (the shape arithmetic of fixed
+    sizes included), common subexpressions merged, unused nodes removed, constants made initializers."""
+    import onnx_ir
+    import onnxscript.optimizer
+    from onnx_ir.passes import common
+
+    onnx_ir.passes.Sequential(common.InlinePass(), common.RemoveUnusedNodesPass())(model)
+    onnxscript.optimizer.fold_constants(model)
+    onnx_ir.passes.Sequential(
+        common.RemoveUnusedNodesPass(),
+        common.CommonSubexpressionEliminationPass(),
+        common.RemoveUnusedNodesPass(),
+        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common.DeduplicateInitializersPass(),
+    )(model)
 
 
 def check_onnx(path: str | os.PathLike) -> None:

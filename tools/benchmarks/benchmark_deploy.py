@@ -5,11 +5,12 @@ and, when there is one, the GPU. Prints a Markdown report (machine, threads, com
     python tools/benchmarks/benchmark_deploy.py --threads 8
     python tools/benchmarks/benchmark_deploy.py --paths eager,compile --cases shapes --iters 50
 
-Cases: ``shapes`` (configs/shapes.yaml, the demo) and ``coco`` (configs/coco.yaml, R50, 300 queries) at a small
-size, batch 1, random weights (latency does not depend on them). ``compile`` is ``torch.compile`` with inductor
-(its compile time is reported apart); ``onnx`` exports with ``models.deploy.export_onnx`` as tools/export_onnx.py
-does (minutes for coco) and runs onnxruntime with the CPU, or the CUDA execution provider when onnxruntime-gpu is
-installed. Times: :func:`deformable.benchmarking.time_calls`.
+Cases: ``shapes`` (configs/shapes.yaml, the demo), ``shapes-cope`` (the same with CoPE offsets in the encoder and
+the decoder) and ``coco`` (configs/coco.yaml, R50, 300 queries) at a small size, batch 1, random weights (latency
+does not depend on them). ``compile`` is ``torch.compile`` with inductor (its compile time is reported apart);
+``onnx`` exports with ``models.deploy.export_onnx`` as tools/export_onnx.py does (minutes for coco) and runs
+onnxruntime with the CPU, or the CUDA execution provider when onnxruntime-gpu is installed. Times:
+:func:`deformable.benchmarking.time_calls`.
 """
 
 from __future__ import annotations
@@ -29,9 +30,14 @@ from models.config import load_config
 from models.deploy import ExportableDetector, example_images, export_onnx, load_for_export
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout: configs/
-CASES = {  # name: (config, (height, width))
-    "shapes": (os.path.join(ROOT, "configs", "shapes.yaml"), (144, 192)),
-    "coco": (os.path.join(ROOT, "configs", "coco.yaml"), (512, 512)),
+CASES = {  # name: (config, overrides, (height, width))
+    "shapes": (os.path.join(ROOT, "configs", "shapes.yaml"), [], (144, 192)),
+    "shapes-cope": (
+        os.path.join(ROOT, "configs", "shapes.yaml"),
+        ["model.enc_offset_mode=cope", "model.dec_offset_mode=cope"],
+        (144, 192),
+    ),
+    "coco": (os.path.join(ROOT, "configs", "coco.yaml"), [], (512, 512)),
 }
 PATHS = ("eager", "compile", "onnx")
 LABELS = {"eager": "eager (native op)", "compile": "torch.compile (inductor)", "onnx": "onnxruntime"}
@@ -53,10 +59,10 @@ def _onnx_step(path: str, images: torch.Tensor, device: torch.device, threads: i
 
 def bench_case(name: str, devices: list[torch.device], args: argparse.Namespace) -> list[str]:
     """Markdown rows of one case, one per device and path."""
-    config, (height, width) = CASES[name]
+    config, overrides, (height, width) = CASES[name]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "random weights": expected, latency does not depend on them
-        model = ExportableDetector(load_for_export(load_config(config), None))
+        model = ExportableDetector(load_for_export(load_config(config, overrides), None))
     rows = []
     with tempfile.TemporaryDirectory() as folder, torch.inference_mode():
         onnx_path, export_seconds = os.path.join(folder, "model.onnx"), 0.0
