@@ -22,6 +22,46 @@ from deformable.modules import OFFSET_MODES  # MSDeformAttn's offset_mode values
 from .files import atomic_write_text
 
 BACKBONE_NORMS = ("frozen_bn", "gn")
+DEVICES = ("auto", "cpu", "cuda")
+AMP_MODES = ("none", "bf16", "fp16")
+
+
+def _at_least(low: float) -> tuple[typing.Callable[[Any], bool], str]:
+    return (lambda v: v >= low), f">= {low:g}"
+
+
+# What the numbers of a section may be, beyond their type: (test, what the message says it must be).
+DATA_LIMITS = {"num_workers": _at_least(0)}
+TRAIN_LIMITS = {
+    "epochs": _at_least(1),
+    "batch_size": _at_least(1),
+    "lr": ((lambda v: v > 0), "> 0"),
+    "lr_backbone": _at_least(0),
+    "lr_linear_proj_mult": _at_least(0),
+    "weight_decay": _at_least(0),
+    "lr_drop": _at_least(1),
+    "clip_max_norm": _at_least(0),
+    "ema_decay": ((lambda v: 0 <= v < 1), "in [0, 1)"),
+    "eval_every": _at_least(0),
+    "checkpoint_every": _at_least(0),
+    "max_iters_per_epoch": _at_least(0),
+    "amp": ((lambda v: v in AMP_MODES), f"one of {', '.join(AMP_MODES)}"),
+    "device": ((lambda v: v in DEVICES), f"one of {', '.join(DEVICES)}"),
+}
+
+
+def _check_limit(section: str, name: str, value: Any, limits: Mapping[str, tuple]) -> None:
+    """Raises ConfigError when ``section.name`` is in ``limits`` and ``value`` (already of the field's type, or an
+    unconverted value, which the type check names afterwards) breaks it."""
+    if name not in limits or not isinstance(value, (int, float, str)) or isinstance(value, bool):
+        return
+    test, rule = limits[name]
+    try:
+        ok = test(value)
+    except TypeError:  # a string for a number: the type check reports it
+        return
+    if not ok:
+        raise ConfigError(f"config key '{section}.{name}' must be {rule}, got {value!r}")
 
 
 @dataclass
@@ -127,6 +167,10 @@ class DataConfig:
     synthetic_image_size: int = 128  # each side is drawn in [0.75, 1] x this
     synthetic_max_objects: int = 4
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        _check_limit("data", name, value, DATA_LIMITS)
+        super().__setattr__(name, value)
+
 
 @dataclass
 class TrainConfig:
@@ -152,6 +196,10 @@ class TrainConfig:
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda
     max_iters_per_epoch: int = 0  # 0: the whole epoch (a cap is useful for smoke tests)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        _check_limit("train", name, value, TRAIN_LIMITS)
+        super().__setattr__(name, value)
 
 
 @dataclass

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .backbone import Joiner, build_backbone, resize_mask
-from .config import Config
+from .config import Config, ConfigError
 from .deformable_decoder import refine_boxes
 from .deformable_transformer import DeformableTransformer, build_transformer
 from .heads import make_heads
@@ -200,11 +200,11 @@ def build_detector(cfg: Config) -> DeformableDETR:
     """Builds the detector described by ``cfg.model``; nothing is downloaded unless ``pretrained_backbone``."""
     m = cfg.model
     if m.hidden_dim % 32 != 0:
-        raise ValueError(
+        raise ConfigError(
             f"model.hidden_dim must be a multiple of 32 (GroupNorm(32) in the input projections), got {m.hidden_dim}"
         )
     if m.num_classes < 1 or m.num_queries < 1 or m.dec_layers < 1:
-        raise ValueError(
+        raise ConfigError(
             f"model.num_classes, num_queries and dec_layers must be positive, got {m.num_classes}, "
             f"{m.num_queries}, {m.dec_layers}"
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-DEVICES = ("auto", "cpu", "cuda")
+from .config import DEVICES, ConfigError
 
 
 def resolve_device(name: str, local_rank: int = 0, option: str = "device") -> torch.device:
@@ -13,12 +13,12 @@ def resolve_device(name: str, local_rank: int = 0, option: str = "device") -> to
     ``option`` names the setting in error messages (``train.device``, ``--device``).
 
     Raises:
-        ValueError: an unknown name, or ``cuda`` when torch sees no CUDA device.
+        ConfigError: an unknown name, or ``cuda`` when torch sees no CUDA device.
     """
     if name not in DEVICES:
-        raise ValueError(f"{option} must be one of {', '.join(DEVICES)}, got {name!r}")
+        raise ConfigError(f"{option} must be one of {', '.join(DEVICES)}, got {name!r}")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{option}=cuda but torch sees no CUDA device; use {option}=cpu or auto")
+        raise ConfigError(f"{option}=cuda but torch sees no CUDA device; use {option}=cpu or auto")
     if name == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", local_rank % torch.cuda.device_count())

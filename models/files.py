@@ -15,6 +15,45 @@ from typing import BinaryIO
 TMP_PREFIX = ".tmp-"
 
 
+class FolderError(ValueError):
+    """A folder the user named (``output_dir``, ``--out``) that cannot be used: the message names the setting."""
+
+
+def make_dir(path: str | os.PathLike, setting: str) -> None:
+    """Creates the folder ``path`` and its parents if missing.
+
+    Raises:
+        FolderError: ``path`` is empty, is a file, or cannot be created (permissions, read-only file system), with
+            ``setting`` (e.g. ``output_dir``) named.
+    """
+    path = os.fspath(path)
+    if not path:
+        raise FolderError(f"{setting} is empty: name the folder to write into")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise FolderError(f"{setting} {path} is a file, not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise FolderError(f"{setting} {path} cannot be created: {exc.strerror or exc}") from exc
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it; done once, at import
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
+def _mode_for(path: str) -> int:
+    """The permissions a write to ``path`` keeps: the existing file's, else what ``open()`` would give a new one."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        return 0o666 & ~_UMASK
+
+
 def fsync_dir(directory: str) -> None:
     """Makes a rename in ``directory`` durable (POSIX only; elsewhere a no-op)."""
     if os.name == "posix":
@@ -32,6 +71,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=TMP_PREFIX + os.path.basename(path) + ".")
     try:
+        os.chmod(tmp, _mode_for(path))  # mkstemp's file is private (0600)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

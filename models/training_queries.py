@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .box_ops import inverse_sigmoid
-from .config import Config
+from .config import Config, ConfigError
 from .deformable_transformer import proposal_pos_embed
 from .heads import MLP
 from .training_noise import noise_boxes, noise_labels
@@ -223,15 +223,15 @@ class QueryAids(nn.Module):
 
 def _check_options(dn_groups: int, label_noise: float, box_noise: float, query_groups: int, two_stage: bool) -> None:
     if dn_groups < 0:
-        raise ValueError(f"training_queries.dn_groups must be >= 0, got {dn_groups}")
+        raise ConfigError(f"training_queries.dn_groups must be >= 0, got {dn_groups}")
     if not 0.0 <= label_noise <= 1.0:
-        raise ValueError(f"training_queries.dn_label_noise must be in [0, 1], got {label_noise}")
+        raise ConfigError(f"training_queries.dn_label_noise must be in [0, 1], got {label_noise}")
     if not 0.0 <= box_noise <= 1.0:
-        raise ValueError(f"training_queries.dn_box_noise must be in [0, 1], got {box_noise}")
+        raise ConfigError(f"training_queries.dn_box_noise must be in [0, 1], got {box_noise}")
     if query_groups < 1:
-        raise ValueError(f"training_queries.query_groups must be >= 1 (1: no extra groups), got {query_groups}")
+        raise ConfigError(f"training_queries.query_groups must be >= 1 (1: no extra groups), got {query_groups}")
     if two_stage and query_groups > 1:
-        raise ValueError(
+        raise ConfigError(
             f"training_queries.query_groups={query_groups} needs learned queries, but model.two_stage=true takes "
             "them from the encoder's proposals: set training_queries.query_groups=1 (denoising, "
             "training_queries.dn_groups, works with two-stage) or model.two_stage=false"

@@ -96,7 +96,7 @@ def _classify(state: Mapping, own: Mapping, groups: list[list[str]]) -> LoadResu
             result.unexpected.append(key)
         elif value.shape == own[key].shape:
             result.loaded.append(key)
-        elif CLASS_HEAD_KEY.match(key) and value.dim() == own[key].dim():
+        elif CLASS_HEAD_KEY.match(key) and value.shape[1:] == own[key].shape[1:]:  # only the class count differs
             result.reinitialised.append(key)
         else:
             result.mismatched.append(f"{key} (checkpoint {tuple(value.shape)}, model {tuple(own[key].shape)})")

@@ -4,13 +4,15 @@
     python tools/eval.py [CONFIG] --checkpoint PATH [section.key=value ...]
     torchrun --nproc_per_node=N tools/eval.py CONFIG --checkpoint PATH [section.key=value ...]
 
-Writes ``output_dir/eval.json`` (the metrics) and ``output_dir/detections_<val_split>.json`` (COCO results format:
-category ids, boxes [x, y, w, h] in original image pixels, scores).
+Writes ``eval.json`` (the metrics) and ``detections_<val_split>.json`` (COCO results format: category ids, boxes
+[x, y, w, h] in original image pixels, scores) into ``output_dir`` when it is given on the command line, else beside
+the checkpoint (into the folder of a checkpoint file, or into a transformers folder).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -22,8 +24,18 @@ from deformable.data import DatasetError
 from deformable.training.engine import evaluate_checkpoint
 from models import config_from_checkpoint, load_config, read_checkpoint
 from models.checkpoint import CheckpointError
-from models.config import ConfigError
+from models.config import ConfigError, parse_override
+from models.files import FolderError
 from models.loading import CHECKPOINT_HELP, CONFIG_HELP, split_config_args
+
+
+def results_folder(checkpoint: str, overrides: list[str]) -> str | None:
+    """Where the results go when ``output_dir`` is not among ``overrides``: beside the checkpoint (a config's or the
+    checkpoint's own ``output_dir`` is the training run's, possibly another run's or another machine's); else
+    None (the override stands)."""
+    if any(parse_override(o)[0] == ["output_dir"] for o in overrides):
+        return None
+    return checkpoint if os.path.isdir(checkpoint) else os.path.dirname(os.path.abspath(checkpoint))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,8 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     try:
         checkpoint = read_checkpoint(args.checkpoint)
-        evaluate_checkpoint(cfg or config_from_checkpoint(checkpoint, overrides), checkpoint)
-    except (DatasetError, CheckpointError, ConfigError, FileNotFoundError) as exc:
+        cfg = cfg or config_from_checkpoint(checkpoint, overrides)
+        folder = results_folder(args.checkpoint, overrides)
+        evaluate_checkpoint(cfg if folder is None else dataclasses.replace(cfg, output_dir=folder), checkpoint)
+    except (DatasetError, CheckpointError, ConfigError, FileNotFoundError, FolderError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

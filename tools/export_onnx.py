@@ -31,6 +31,7 @@ from models.deploy import (
     onnx_max_difference,
     onnx_session,
 )
+from models.files import make_dir
 from models.loading import CHECKPOINT_HELP, CONFIG_HELP, config_and_checkpoint, split_config_args
 
 
@@ -72,12 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config, overrides = split_config_args(args.args)
         cfg, checkpoint = config_and_checkpoint(config, overrides, args.checkpoint)
+        make_dir(os.path.dirname(os.path.abspath(args.out)), "--out's folder")  # before the export's minutes
         model = load_for_export(cfg, checkpoint)
     except (ConfigError, FileNotFoundError, ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     height, width = args.size
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)  # before minutes of exporting
     start = time.perf_counter()
     try:
         export_onnx(model, args.out, example_images(2, height, width), opset=args.opset)

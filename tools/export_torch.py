@@ -26,6 +26,7 @@ from models.deploy import (
     input_ranges,
     load_for_export,
 )
+from models.files import make_dir
 from models.loading import CHECKPOINT_HELP, CONFIG_HELP, config_and_checkpoint, split_config_args
 
 
@@ -41,11 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config, overrides = split_config_args(args.args)
         model = load_for_export(*config_and_checkpoint(config, overrides, args.checkpoint))
+        make_dir(os.path.dirname(os.path.abspath(args.out)), "--out's folder")  # before the export's minutes
     except (ConfigError, FileNotFoundError, ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     height, width = args.size
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     start = time.perf_counter()
     torch.export.save(export_program(model, example_images(2, height, width)), args.out)
     loaded = torch.export.load(args.out)

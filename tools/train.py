@@ -25,6 +25,7 @@ from deformable.data import DatasetError
 from deformable.training.engine import fit
 from models.checkpoint import CheckpointError
 from models.config import ConfigError, load_config
+from models.files import FolderError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     try:
         fit(cfg)
-    except (DatasetError, CheckpointError, ConfigError) as exc:
+    except (DatasetError, CheckpointError, ConfigError, FolderError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -16,6 +16,7 @@ from deformable.data import dataset_image_ids
 from deformable.data.coco_eval import to_coco_results
 from models import build_postprocessor
 from models.config import Config
+from models.files import make_dir
 
 from .images import prepare_batch, read_image
 from .predictor import class_names, detect, load_detector
@@ -67,11 +68,11 @@ def run_inference(
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    make_dir(out_dir, "the output folder")
     model, state = load_detector(cfg, checkpoint, device)
     postprocessor = build_postprocessor(cfg)
     names = class_names(cfg, state)
     ids, files = image_ids(paths, cfg), output_names(paths)
-    os.makedirs(out_dir, exist_ok=True)
     results, images = [], []
     bar = tqdm(total=len(paths), desc="infer", unit="img", disable=not show_progress, dynamic_ncols=True)
     for start in range(0, len(paths), batch_size):

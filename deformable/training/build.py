@@ -25,7 +25,7 @@ from deformable.data.sizes import resolve_image_size
 from models import build_detector, load_checkpoint, read_checkpoint
 from models.checkpoint import CheckpointError
 from models.config import Config, save_config
-from models.files import remove_stale_temp_files
+from models.files import make_dir, remove_stale_temp_files
 from models.loading import check_architecture
 from models.training_queries import TrainingDetector, build_query_aids
 
@@ -37,7 +37,7 @@ def prepare_output_dir(cfg: Config, env: DistEnv) -> None:
     """Rank 0 creates ``output_dir``, clears temporary files of a killed run and generates the synthetic data set
     if asked (only into a folder it generated itself); the other ranks wait for it."""
     if env.is_main:
-        os.makedirs(cfg.output_dir, exist_ok=True)
+        make_dir(cfg.output_dir, "output_dir")
         remove_stale_temp_files(cfg.output_dir)
         ensure_synthetic(cfg.data)
     distributed.barrier()

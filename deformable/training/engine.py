@@ -25,6 +25,8 @@ from deformable.data.coco_eval import coco_scores, to_coco_results
 from models import build_criterion, build_postprocessor, load_detector, read_checkpoint
 from models.checkpoint import Checkpoint, CheckpointError, copy_checkpoint, save_checkpoint
 from models.config import Config, ConfigError, TrainConfig, config_to_dict
+from models.files import make_dir
+from models.loading import check_architecture
 from models.training_queries import TrainingDetector
 
 from . import distributed
@@ -41,7 +43,7 @@ from .build import (
 from .distributed import DistEnv
 from .ema import build_ema
 from .optim import build_lr_scheduler, build_optimizer
-from .resume import restore_training_state, resume_path, rng_state, training_state
+from .resume import check_resumable, restore_training_state, resume_path, rng_state, training_state
 from .run_log import append_log, epoch_record, format_metrics, truncate_log, write_json
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -215,8 +217,6 @@ def evaluate(
 def fit(cfg: Config) -> dict[str, float]:
     """Trains ``cfg`` end to end (data, model, optimiser, resume or finetune, epochs, evaluation, checkpoints,
     ``log.jsonl``), prints and returns the last validation metrics."""
-    if cfg.train.amp not in ("none", *AMP_DTYPES):
-        raise ConfigError(f"config key 'train.amp' must be none, bf16 or fp16, got {cfg.train.amp!r}")
     env = distributed.init_distributed(cfg.train.device)
     try:
         return _fit(cfg, env)
@@ -227,11 +227,13 @@ def fit(cfg: Config) -> dict[str, float]:
 def _fit(cfg: Config, env: DistEnv) -> dict[str, float]:
     torch.manual_seed(cfg.train.seed + env.rank)
     prepare_output_dir(cfg, env)
+    # Rank 0 decides for all: the other ranks may not see output_dir (checked with a clear message on restoring).
+    resume = distributed.broadcast(resume_path(cfg.train.resume, cfg.output_dir) if env.is_main else None)
+    if resume is None:
+        _refuse_overwrite(cfg.output_dir)
     cfg = resolve_data_options(cfg, env)
     data = build_data(cfg, env)
     cfg = resolve_num_classes(cfg, data.train_set)
-    save_resolved_config(cfg, env)
-    resume = distributed.broadcast(resume_path(cfg.train.resume, cfg.output_dir))  # rank 0 decides for all
     model = build_model(cfg, env.device, from_checkpoint=resume is not None or bool(cfg.train.finetune))
     trainee = build_trainee(cfg, model)  # the detector and its training-only query aids (if any)
     ema = build_ema(model, cfg.train.ema_decay)  # the weights' moving average (None: off), evaluated and saved
@@ -240,6 +242,7 @@ def _fit(cfg: Config, env: DistEnv) -> dict[str, float]:
     scheduler = build_lr_scheduler(optimizer, cfg.train)
     scaler = torch.amp.GradScaler(env.device.type) if cfg.train.amp == "fp16" else None
     start_epoch = _start_epoch(cfg, env, resume, trainee, optimizer, scheduler, scaler, ema)
+    save_resolved_config(cfg, env)  # once the checkpoint is known to fit: a refused resume leaves the run's file alone
     if env.is_main:
         print(_run_summary(cfg, env, data, trainee, start_epoch), flush=True)
     train_model: nn.Module = trainee
@@ -297,11 +300,23 @@ def _run_summary(cfg: Config, env: DistEnv, data: Data, trainee: TrainingDetecto
     aids = ""
     if trainee.aids is not None:
         aids = f" (+ {sum(p.numel() for p in trainee.aids.parameters()):,} of training-only queries)"
+    epochs = f"epochs {start_epoch}..{cfg.train.epochs - 1}" if start_epoch < cfg.train.epochs else "no epoch left"
     return (
         f"training {cfg.output_dir}: {len(data.train_set)} train / {len(data.val_set)} val images, "
-        f"{trainable:,} trainable parameters{aids}, {env.world_size} process(es) on {env.device}, "
-        f"epochs {start_epoch}..{cfg.train.epochs - 1}"
+        f"{trainable:,} trainable parameters{aids}, {env.world_size} process(es) on {env.device}, {epochs}"
     )
+
+
+def _refuse_overwrite(output_dir: str) -> None:
+    """Raises ConfigError when a new run (no ``train.resume``) would train over an earlier run's checkpoint in
+    ``output_dir`` (rank 0 looks, every rank raises): nothing a user trained is replaced without being asked."""
+    latest = os.path.join(output_dir, "checkpoint.pth")
+    if distributed.broadcast(os.path.isfile(latest)):
+        raise ConfigError(
+            f"{latest} exists: output_dir holds an earlier run, which a new run would overwrite. Continue it with "
+            "train.resume=auto, start from its weights in another output_dir with train.finetune=PATH, or delete "
+            "the checkpoint to start afresh there"
+        )
 
 
 def _evaluates_after(epoch: int, train: TrainConfig) -> bool:
@@ -329,18 +344,21 @@ def _start_epoch(
                 f"rank {env.rank} cannot see the checkpoint {resume} that rank 0 resumes from: with several nodes, "
                 "output_dir must be on a file system that every node mounts"
             )
+        checkpoint = read_checkpoint(resume)
+        check_architecture(cfg.model, checkpoint)  # names the overrides, where loading would list keys
+        check_resumable(checkpoint, cfg.train)
         start_epoch = restore_training_state(
-            read_checkpoint(resume), trainee.detector, optimizer, scheduler, scaler, env.rank, trainee.aids, ema
+            checkpoint, trainee.detector, optimizer, scheduler, scaler, env.rank, trainee.aids, ema
         )
     elif cfg.train.finetune:
         finetune_from(trainee.detector, cfg)
         if ema is not None:
             ema.module.load_state_dict(trainee.detector.state_dict())  # the average starts from the loaded weights
     if env.is_main:
-        if resume is not None:
+        if resume is not None and start_epoch >= cfg.train.epochs:
+            print(f"{resume} has trained all {cfg.train.epochs} epochs: evaluating it only", flush=True)
+        elif resume is not None:
             print(f"resuming from {resume} at epoch {start_epoch}", flush=True)
-        elif os.path.isfile(os.path.join(cfg.output_dir, "checkpoint.pth")):
-            print(f"{cfg.output_dir} has a checkpoint; starting afresh over it (train.resume=auto continues it)")
         truncate_log(os.path.join(cfg.output_dir, "log.jsonl"), start_epoch)
     return start_epoch
 
@@ -368,6 +386,8 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Checkpoint) -> dict[str, 
         checkpoint = read_checkpoint(checkpoint)
     env = distributed.init_distributed(cfg.train.device)
     try:
+        if env.is_main:
+            make_dir(cfg.output_dir, "output_dir")  # before the evaluation, not after it
         data = build_data(cfg, env, train=False, checkpoint_names=checkpoint.class_names)
         model = load_detector(cfg, checkpoint)[0].to(env.device)
         metrics, detections, per_class = evaluate(
@@ -385,8 +405,11 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Checkpoint) -> dict[str, 
             print(class_table(per_class))
             summary = {"checkpoint": checkpoint.path, "split": data.val_set.split, "images": len(data.val_set)}
             summary = {**metrics, **summary, "per_class": per_class}
-            write_json(os.path.join(cfg.output_dir, "eval.json"), summary)
-            write_json(os.path.join(cfg.output_dir, f"detections_{data.val_set.split}.json"), detections)
+            written = [os.path.join(cfg.output_dir, "eval.json")]
+            written.append(os.path.join(cfg.output_dir, f"detections_{data.val_set.split}.json"))
+            write_json(written[0], summary)
+            write_json(written[1], detections)
+            print(f"wrote {written[0]} and {written[1]}", flush=True)
         return metrics
     finally:
         distributed.shutdown()

@@ -16,6 +16,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from models.checkpoint import Checkpoint, CheckpointError
+from models.config import TrainConfig
 from models.weights import load_checkpoint
 
 from .ema import ema_updates, restore_ema
@@ -44,13 +45,52 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 
 
 def resume_path(resume: str, output_dir: str) -> str | None:
-    """``train.resume``: "" -> None; "auto" -> ``output_dir/checkpoint.pth`` when it exists; else the path itself."""
+    """``train.resume``: "" -> None; "auto" -> ``output_dir/checkpoint.pth`` when it exists; else the path itself.
+
+    Raises:
+        FileNotFoundError: a path that does not exist.
+    """
     if resume == "":
         return None
     if resume == "auto":
         latest = os.path.join(output_dir, "checkpoint.pth")
         return latest if os.path.isfile(latest) else None
+    if not os.path.exists(resume):
+        raise FileNotFoundError(
+            f"train.resume={resume}: no such checkpoint (train.resume=auto resumes the latest in output_dir)"
+        )
     return resume
+
+
+# What a resumed run takes from the checkpoint's optimiser and schedule state, whatever its config says: a run can
+# only resume with the values it was trained with.
+RESTORED_SETTINGS = ("lr", "lr_backbone", "lr_linear_proj_mult", "weight_decay", "lr_drop")
+
+
+def check_resumable(checkpoint: Checkpoint, train: TrainConfig) -> None:
+    """Raises :class:`CheckpointError` when resuming ``checkpoint`` under ``train`` would not do what the config
+    says: an optimiser or schedule setting (``RESTORED_SETTINGS``) that differs from the one it was trained with
+    (the restored state would silently win), or ``train.epochs`` below the epochs it has trained already."""
+    saved = (checkpoint.config or {}).get("train", {})
+    lines = [
+        f"train.{key}: the checkpoint was trained with {saved[key]!r}, the config says {getattr(train, key)!r} "
+        f"(override: train.{key}={saved[key]!r})"
+        for key in RESTORED_SETTINGS
+        if key in saved and saved[key] != getattr(train, key)
+    ]
+    if lines:
+        raise CheckpointError(
+            f"checkpoint {checkpoint.path} cannot resume with this config: a resumed run continues the checkpoint's "
+            "optimiser and learning-rate schedule, so these must be as it was trained:\n  "
+            + "\n  ".join(lines)
+            + "\nto train on with other values, start a new run from its weights with train.finetune=PATH"
+        )
+    done = int(checkpoint.entries.get("epoch", -1)) + 1
+    if train.epochs < done:
+        raise CheckpointError(
+            f"checkpoint {checkpoint.path} has trained {done} epochs already, more than train.epochs={train.epochs}: "
+            f"set train.epochs to {done} or more to resume it (train.epochs={done} only evaluates it)"
+        )
 
 
 def training_state(

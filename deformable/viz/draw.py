@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
+from models.files import make_dir
+
 Colour = tuple[int, int, int]  # BGR
 
 # Tableau 10 (BGR): distinct under most colour-vision deficiencies and on light or dark images.
@@ -171,7 +173,7 @@ def save_image(path: str, image: np.ndarray) -> None:
     Raises:
         OSError: naming the path when OpenCV cannot write it (no such format, or the folder is not writable).
     """
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    make_dir(os.path.dirname(os.path.abspath(path)), "the image's folder")
     try:
         written = cv2.imwrite(path, image)
     except cv2.error as exc:  # an extension OpenCV has no writer for

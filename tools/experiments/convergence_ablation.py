@@ -13,9 +13,11 @@ drops after three quarters of it, evaluation once at the end) and ``data.root`` 
 is ``tools/train.py CONFIG`` in a subprocess with ``train.seed``, the epochs and the option's overrides; its AP and
 AP50 are the last evaluation in its ``log.jsonl``, its minutes the wall time of the subprocess (data loading,
 training and the final evaluation). Runs already in ``OUT/results.jsonl`` are skipped, so a killed ablation resumes
-where it stopped. Options (``--options``, default the five of issue 19; ``denoising_groups`` is the pair without
-the IoU-aware loss): see OPTIONS; ``enc_cope`` / ``dec_cope`` / ``cope`` compare CoPE offsets with the linear ones
-(``recipe``: the config as written, its denoising default included; ``none`` turns every training option off).
+where it stopped: the run it was in continues from its last checkpoint (``train.resume=auto``; training is
+deterministic for a seed, so AP is the same, and its minutes are those of the resumed part). Options
+(``--options``, default the five of issue 19; ``denoising_groups`` is the pair without the IoU-aware loss): see
+OPTIONS; ``enc_cope`` / ``dec_cope`` / ``cope`` compare CoPE offsets with the linear ones (``recipe``: the config as
+written, its denoising default included; ``none`` turns every training option off).
 ``--set KEY=VALUE ...`` adds overrides to every run (e.g. ``data.hflip=false`` where a flip would change the labels).
 """
 
@@ -85,7 +87,7 @@ def run_one(
     run_dir = os.path.join(out, f"{name}_{option}_s{seed}")
     overrides = [f"output_dir={run_dir}", f"train.seed={seed}", f"train.epochs={epochs}"]
     overrides += [f"train.lr_drop={max(1, round(0.75 * epochs))}", f"train.eval_every={epochs}"]
-    overrides += ["train.checkpoint_every=0", *extra, *OPTIONS[option]]
+    overrides += ["train.checkpoint_every=0", "train.resume=auto", *extra, *OPTIONS[option]]
     if root is not None:
         overrides.append(f"data.root={root}")
     command = [sys.executable, TRAIN, config, *overrides]

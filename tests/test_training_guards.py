@@ -1,0 +1,206 @@
+"""What a run refuses before it can lose or misrecord anything: settings out of range, a resume under other optimiser
+or schedule settings or another model, a new run over an earlier one's checkpoint, folders that cannot be written;
+and where evaluation writes, with what permissions files are written."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from _repo import load_tool
+from tiny_training import SHAPES_CONFIG, TINY_MODEL, tiny_config, tiny_overrides
+
+from deformable.training import engine
+from models import build_detector
+from models.checkpoint import CheckpointError, read_checkpoint
+from models.config import ConfigError, load_config
+from models.files import FolderError, atomic_write_text, make_dir
+from models.weights import load_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+train_tool = load_tool("train")
+eval_tool = load_tool("eval")
+
+
+@pytest.fixture(scope="module")
+def finished(shapes_root, tmp_path_factory) -> str:
+    """A 1-epoch run's output folder, read-only for the tests (each copies what it changes)."""
+    out = str(tmp_path_factory.mktemp("finished"))
+    engine.fit(tiny_config(shapes_root, out, "train.eval_every=0"))
+    return out
+
+
+def _copy(run: str, to: Path) -> str:
+    to.mkdir()
+    for name, content in _files(run).items():
+        (to / name).write_bytes(content)
+    return str(to)
+
+
+def _files(run: str) -> dict[str, bytes]:
+    return {name: (Path(run) / name).read_bytes() for name in ("checkpoint.pth", "config.yaml", "log.jsonl")}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.lr_drop=0", "'train.lr_drop' must be >= 1, got 0"),
+        ("train.lr_drop=-1", "'train.lr_drop' must be >= 1, got -1"),
+        ("train.epochs=0", "'train.epochs' must be >= 1, got 0"),
+        ("train.lr=0", "'train.lr' must be > 0, got 0.0"),
+        ("train.lr_backbone=-1e-5", "'train.lr_backbone' must be >= 0"),
+        ("train.batch_size=0", "'train.batch_size' must be >= 1, got 0"),
+        ("train.ema_decay=1.5", "'train.ema_decay' must be in [0, 1), got 1.5"),
+        ("train.device=gpu", "'train.device' must be one of auto, cpu, cuda, got 'gpu'"),
+        ("train.amp=fp8", "'train.amp' must be one of none, bf16, fp16, got 'fp8'"),
+        ("data.num_workers=-1", "'data.num_workers' must be >= 0, got -1"),
+    ],
+)
+def test_out_of_range_settings_are_config_errors(override, message) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(SHAPES_CONFIG, [override])
+    assert message in str(info.value)
+
+
+def test_settings_in_range_are_accepted() -> None:
+    cfg = load_config(SHAPES_CONFIG, ["train.lr_backbone=0", "train.ema_decay=0", "train.eval_every=0"])
+    assert (cfg.train.lr_backbone, cfg.train.ema_decay, cfg.train.eval_every) == (0.0, 0.0, 0)
+
+
+def test_train_tool_reports_a_bad_setting_without_a_traceback(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        train_tool.main([SHAPES_CONFIG, "train.lr_drop=0"])
+    assert info.value.code == 2 and "'train.lr_drop' must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("override", "line"),
+    [
+        ("train.lr=0.01", "train.lr: the checkpoint was trained with 0.0005, the config says 0.01 (override: "),
+        ("train.lr_drop=100", "train.lr_drop: the checkpoint was trained with"),
+        ("train.weight_decay=0.05", "train.weight_decay: the checkpoint was trained with"),
+    ],
+)
+def test_resume_under_other_optimiser_settings_is_refused(finished, shapes_root, tmp_path, override, line) -> None:
+    """The restored optimiser and schedule would win over the config, which config.yaml would then misstate."""
+    run = _copy(finished, tmp_path / "run")
+    before = _files(run)
+    cfg = tiny_config(shapes_root, run, "train.epochs=2", "train.resume=auto", override)
+    with pytest.raises(CheckpointError) as info:
+        engine.fit(cfg)
+    message = str(info.value)
+    assert line in message and "train.finetune=PATH" in message
+    assert _files(run) == before  # config.yaml and the log are the run's, as they were
+
+
+def test_resume_with_another_model_names_the_override(finished, shapes_root, tmp_path) -> None:
+    run = _copy(finished, tmp_path / "run")
+    before = _files(run)
+    with pytest.raises(CheckpointError) as info:
+        engine.fit(tiny_config(shapes_root, run, "train.epochs=2", "train.resume=auto", "model.hidden_dim=64"))
+    assert "hidden_dim: the config says 64, the checkpoint 32 (override: model.hidden_dim=32)" in str(info.value)
+    assert _files(run) == before
+
+
+def test_resume_with_fewer_epochs_than_trained_is_refused(finished, shapes_root, tmp_path) -> None:
+    run = _copy(finished, tmp_path / "run")
+    engine.fit(tiny_config(shapes_root, run, "train.epochs=2", "train.resume=auto", "train.eval_every=0"))
+    with pytest.raises(CheckpointError, match=r"has trained 2 epochs already, more than train.epochs=1"):
+        engine.fit(tiny_config(shapes_root, run, "train.epochs=1", "train.resume=auto"))
+    with open(os.path.join(run, "config.yaml")) as f:
+        assert yaml.safe_load(f)["train"]["epochs"] == 2
+
+
+def test_a_new_run_over_an_earlier_checkpoint_is_refused(finished, shapes_root, tmp_path, capsys) -> None:
+    """Without train.resume, a run in a folder holding a checkpoint would replace it: refused before anything is
+    touched, with the ways on named."""
+    run = _copy(finished, tmp_path / "run")
+    before = _files(run)
+    assert train_tool.main([SHAPES_CONFIG, *tiny_overrides(shapes_root, run)]) == 1
+    err = capsys.readouterr().err
+    assert "checkpoint.pth exists: output_dir holds an earlier run" in err and "train.resume=auto" in err
+    assert _files(run) == before
+    os.remove(os.path.join(run, "checkpoint.pth"))  # the user's explicit choice: start afresh there
+    engine.fit(tiny_config(shapes_root, run, "train.eval_every=0"))
+    assert read_checkpoint(os.path.join(run, "checkpoint.pth")).entries["epoch"] == 0
+
+
+def test_class_heads_of_another_width_are_a_mismatch_not_another_class_count(tmp_path) -> None:
+    """Only a class head whose class count (first dimension) alone differs is re-initialised when fine-tuning; one
+    of another hidden width is named as a mismatch."""
+    model = build_detector(load_config(None, TINY_MODEL))
+    state = model.state_dict()
+    state.update({k: torch.zeros(v.shape[0], 16) for k, v in state.items() if k.endswith("class_embed.0.weight")})
+    with pytest.raises(ValueError) as info:
+        load_checkpoint(model, {"model": state}, reinit_class_heads=True)
+    assert "class_embed.0.weight (checkpoint (4, 16), model (4, 32))" in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["empty", "file"])
+def test_unusable_output_dir_is_named(shapes_root, tmp_path, capsys, kind) -> None:
+    target = ""
+    if kind == "file":
+        target = str(tmp_path / "afile")
+        open(target, "w").close()
+    assert train_tool.main([SHAPES_CONFIG, *tiny_overrides(shapes_root, target)]) == 1
+    expected = "output_dir is empty" if kind == "empty" else f"output_dir {target} is a file, not a folder"
+    assert expected in capsys.readouterr().err
+
+
+def test_make_dir_names_a_folder_it_cannot_create(tmp_path) -> None:
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(FolderError, match=r"--out .*afile/sub cannot be created"):
+        make_dir(str(tmp_path / "afile" / "sub"), "--out")
+
+
+def test_eval_writes_beside_the_checkpoint_unless_told(finished, shapes_root, tmp_path, capsys) -> None:
+    """A checkpoint's saved output_dir is its training run's (maybe another run's, or another machine's): results go
+    beside the checkpoint, or to output_dir when the command line names one."""
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "model.pth").write_bytes((Path(finished) / "checkpoint.pth").read_bytes())
+    data = [f"data.root={shapes_root}", "train.device=cpu"]
+    assert eval_tool.main(["--checkpoint", str(moved / "model.pth"), *data]) == 0
+    assert f"wrote {moved / 'eval.json'}" in capsys.readouterr().out
+    with open(moved / "eval.json") as f:
+        assert json.load(f)["checkpoint"] == str(moved / "model.pth")
+    assert not os.path.exists(os.path.join(finished, "eval.json"))
+    chosen = tmp_path / "chosen"
+    assert eval_tool.main(["--checkpoint", str(moved / "model.pth"), *data, f"output_dir={chosen}"]) == 0
+    assert (chosen / "eval.json").is_file()
+
+
+def test_atomic_writes_get_the_permissions_of_an_ordinary_write(tmp_path) -> None:
+    """mkstemp makes private (0600) files; the written file gets what open() gives under the umask, or keeps the
+    permissions of the file it replaces."""
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    atomic_write_text(tmp_path / "atomic.txt", "x")
+    assert stat.S_IMODE(os.stat(tmp_path / "atomic.txt").st_mode) == stat.S_IMODE(os.stat(plain).st_mode)
+    os.chmod(tmp_path / "atomic.txt", 0o640)
+    atomic_write_text(tmp_path / "atomic.txt", "y")
+    assert stat.S_IMODE(os.stat(tmp_path / "atomic.txt").st_mode) == 0o640
+
+
+def test_checkpoints_are_readable_like_other_files(finished) -> None:
+    mode = stat.S_IMODE(os.stat(os.path.join(finished, "checkpoint.pth")).st_mode)
+    assert mode == stat.S_IMODE(os.stat(os.path.join(finished, "log.jsonl")).st_mode)
+    assert torch.load(os.path.join(finished, "checkpoint.pth"), map_location="cpu", weights_only=True)["epoch"] == 0
+
+
+def test_a_missing_resume_checkpoint_is_named(shapes_root, tmp_path, capsys) -> None:
+    overrides = tiny_overrides(shapes_root, str(tmp_path / "run"), "train.resume=Auto")
+    assert train_tool.main([SHAPES_CONFIG, *overrides]) == 1
+    assert "train.resume=Auto: no such checkpoint (train.resume=auto resumes" in capsys.readouterr().err
+
+
+def test_conflicting_builder_options_are_reported_without_a_traceback(shapes_root, tmp_path, capsys) -> None:
+    overrides = tiny_overrides(shapes_root, str(tmp_path / "run"), "model.two_stage=true")
+    assert train_tool.main([SHAPES_CONFIG, *overrides, "training_queries.query_groups=2"]) == 1
+    assert "training_queries.query_groups=2 needs learned queries" in capsys.readouterr().err
