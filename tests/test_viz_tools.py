@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 
@@ -10,6 +11,8 @@ import cv2
 import pytest
 from _repo import load_tool
 from _viz_utils import shapes_image, tiny_config, tiny_model, tool_argv_config, write_checkpoint, write_image
+
+from deformable.viz.curves import _log_ticks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -116,3 +119,51 @@ def test_plot_log_errors_name_the_file_and_line(tmp_path, capsys) -> None:
     assert f"{log} line 2 is not JSON" in capsys.readouterr().err
     assert plot_log.main([str(tmp_path / "none.jsonl")]) == 1
     assert "cannot read log" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--scale", "0"), "--scale must be an integer >= 1, got 0"),
+        (("--top-k", "0"), "--top-k must be >= 1, got 0"),
+        (("--out", "figure"), "--out 'figure' has no image extension OpenCV writes"),
+    ],
+)
+def test_bad_options_are_refused_before_the_model_runs(tmp_path, files, capsys, args, message, monkeypatch) -> None:
+    monkeypatch.setattr(visualize, "load_detector", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as exit_info:
+        visualize.main(["--image", files["image"], "--out", str(tmp_path / "v.png"), *args])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_folder_as_image_is_named_as_one(tmp_path, files, capsys) -> None:
+    code, _ = _run(tmp_path, files, "--image", str(tmp_path))
+    assert code == 1 and f"image {tmp_path} is a folder, not an image file" in capsys.readouterr().err
+
+
+def test_plot_log_skips_an_unfinished_last_line(tmp_path, capsys) -> None:
+    """A run killed (or still writing) mid-line leaves half a record at the end: plotted without it, with a warning;
+    half a record anywhere else is still an error."""
+    log = str(tmp_path / "log.jsonl")
+    with open(log, "w") as f:
+        f.write('{"epoch": 0, "lr": 0.1, "train_loss": 2.0}\n{"epoch": 1, "lr": 0.1, "train_lo')
+    with pytest.warns(UserWarning, match="line 2 is unfinished"):
+        assert plot_log.main([log, "--out", str(tmp_path / "c.png")]) == 0
+    assert cv2.imread(str(tmp_path / "c.png")) is not None
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "labels"),
+    [
+        (2e-4, 2e-4, ["1e-04", "2e-04", "5e-04"]),
+        (2e-5, 2e-4, ["2e-05", "5e-05", "1e-04", "2e-04"]),
+        (5e-7, 5e-4, ["1e-07", "1e-06", "1e-05", "1e-04", "1e-03"]),
+    ],
+)
+def test_log_axis_labels_name_the_values_their_lines_stand_at(low, high, labels) -> None:
+    """The learning-rate chart's grid lines: each label, printed with one digit, is the value at its line (lines
+    at 1, 2 and 5 times a power of ten, or the powers only over a wide range), and they cover the data."""
+    ticks = _log_ticks(math.log10(low), math.log10(high))
+    assert [f"{10.0**t:.0e}" for t in ticks] == labels
+    assert all(abs(10.0**t - float(label)) < 1e-12 for t, label in zip(ticks, labels, strict=True))
+    assert ticks[0] <= math.log10(low) + 1e-9 and ticks[-1] >= math.log10(high) - 1e-9

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import cv2
+
 from deformable.inference import ImageError, class_names, load_detector, read_image, resolve_device
 from deformable.viz.draw import save_image
 from deformable.viz.figure import decoder_figure, encoder_figure, run_recorded
@@ -36,7 +38,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--query-level", type=int, default=0, help="encoder view: level of the query")
     parser.add_argument("--scale", type=int, help="canvas enlargement (default: small images are enlarged)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    return parser.parse_intermixed_args(argv)
+    args = parser.parse_intermixed_args(argv)
+    if args.scale is not None and args.scale < 1:
+        parser.error(f"--scale must be an integer >= 1, got {args.scale}")
+    if args.top_k < 1:
+        parser.error(f"--top-k must be >= 1, got {args.top_k}")
+    if not cv2.haveImageWriter(args.out):  # before the model runs, not after
+        parser.error(f"--out {args.out!r} has no image extension OpenCV writes (use .png or .jpg)")
+    return args
 
 
 def _pixel(text: str) -> tuple[float, float]:

@@ -70,6 +70,8 @@ def read_image(path: str) -> np.ndarray:
     Raises:
         ImageError: the file is missing or cannot be decoded (the message names the file).
     """
+    if os.path.isdir(path):
+        raise ImageError(f"image {path} is a folder, not an image file")
     if not os.path.isfile(path):
         raise ImageError(f"image {path} does not exist")
     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 
 import cv2
@@ -23,7 +24,8 @@ class LogError(ValueError):
 
 
 def read_log(path: str) -> list[dict]:
-    """The records of ``path``, in file order; blank lines are skipped."""
+    """The records of ``path``, in file order; blank lines are skipped, and so is an unfinished last line (a run
+    killed, or still writing, mid-line), with a warning."""
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.readlines()
@@ -36,6 +38,11 @@ def read_log(path: str) -> list[dict]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
+            if number == len(lines) and not line.endswith("\n"):
+                warnings.warn(
+                    f"{path}: line {number} is unfinished (a run killed or still writing); skipped it", stacklevel=2
+                )
+                continue
             raise LogError(f"{path} line {number} is not JSON ({exc.msg})") from exc
         if not isinstance(record, dict) or "epoch" not in record:
             raise LogError(f"{path} line {number} is not an object with an 'epoch' key")
@@ -93,6 +100,22 @@ def _ticks(low: float, high: float, count: int = 5) -> np.ndarray:
     return np.arange(math.floor(low / step), math.ceil(high / step) + 1) * step
 
 
+def _log_ticks(low: float, high: float, most: int = 8) -> np.ndarray:
+    """Tick positions on a log10 axis covering ``[low, high]`` (log10 values) at 1, 2 and 5 times a power of ten
+    (only the powers when that gives more than ``most``), so that each label, printed with one digit, is the value
+    its line stands at."""
+    first, last = math.floor(low) - 1, math.ceil(high) + 1
+    marks = [e + math.log10(m) for e in range(first, last + 1) for m in (1, 2, 5)]
+    if 3 * (high - low) + 1 > most:  # three 1-2-5 marks per power of ten: too many, so the powers only
+        marks = [float(e) for e in range(first, last + 1)]
+    eps = 1e-9
+    below = max(t for t in marks if t <= low + eps)
+    above = min(t for t in marks if t >= high - eps)
+    if above - below < eps:  # one value: a mark either side
+        below, above = max(t for t in marks if t < below - eps), min(t for t in marks if t > above + eps)
+    return np.array([t for t in marks if below - eps <= t <= above + eps])
+
+
 def line_chart(title: str, data: Series, size: tuple[int, int] = (520, 340), log_y: bool = False) -> np.ndarray:
     """A white ``size = (width, height)`` chart of ``data`` against the epoch with axes, ticks and a legend
     (``log_y``: positive values on a log10 axis)."""
@@ -103,7 +126,8 @@ def line_chart(title: str, data: Series, size: tuple[int, int] = (520, 340), log
     canvas = np.full((height, width, 3), 255, dtype=np.uint8)
     xs = [x for xv, _ in data.values() for x in xv]
     ys = [y for _, yv in data.values() for y in yv]
-    x_ticks, y_ticks = _ticks(min(xs), max(xs)), _ticks(min(ys), max(ys))
+    x_ticks = _ticks(min(xs), max(xs))
+    y_ticks = _log_ticks(min(ys), max(ys)) if log_y else _ticks(min(ys), max(ys))
     x_ticks = x_ticks[x_ticks == np.round(x_ticks)]  # epochs are integers
     x_lo, x_hi = min(x_ticks[0], min(xs)), max(x_ticks[-1], max(xs))
     y_lo, y_hi = y_ticks[0], y_ticks[-1]
