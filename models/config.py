@@ -51,8 +51,8 @@ TRAIN_LIMITS = {
 
 
 def _check_limit(section: str, name: str, value: Any, limits: Mapping[str, tuple]) -> None:
-    """Raises ConfigError when ``section.name`` is in ``limits`` and ``value`` (already of the field's type, or an
-    unconverted value, which the type check names afterwards) breaks it."""
+    """Raises ConfigError when ``section.name`` is in ``limits`` and ``value`` breaks it. Values read from a file or
+    an override arrive type-checked; a value of another type set in Python is left to fail where it is used."""
     if name not in limits or not isinstance(value, (int, float, str)) or isinstance(value, bool):
         return
     test, rule = limits[name]

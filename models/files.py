@@ -1,7 +1,8 @@
 """Writing files so that nothing a user saved is ever lost: a write goes to a temporary file beside the target, is
 flushed and fsynced, and then replaces the target with ``os.replace``. A process killed at any moment leaves either
 the previous file or the new one, never a torn one. Every file this project writes (checkpoints, configs, converted
-weights, logs' summaries) goes through :func:`atomic_write`.
+weights, logs' summaries) goes through :func:`atomic_write`, with the permissions an ordinary write would give it;
+the folders a user names are made by :func:`make_dir`, which names the setting when one cannot be used.
 """
 
 from __future__ import annotations
