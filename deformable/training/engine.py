@@ -43,7 +43,14 @@ from .build import (
 from .distributed import DistEnv
 from .ema import build_ema
 from .optim import build_lr_scheduler, build_optimizer
-from .resume import check_resumable, restore_training_state, resume_path, rng_state, training_state
+from .resume import (
+    check_resumable,
+    latest_checkpoint,
+    restore_training_state,
+    resume_path,
+    rng_state,
+    training_state,
+)
 from .run_log import append_log, epoch_record, format_metrics, truncate_log, write_json
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -310,7 +317,7 @@ def _run_summary(cfg: Config, env: DistEnv, data: Data, trainee: TrainingDetecto
 def _refuse_overwrite(output_dir: str) -> None:
     """Raises ConfigError when a new run (no ``train.resume``) would train over an earlier run's checkpoint in
     ``output_dir`` (rank 0 looks, every rank raises): nothing a user trained is replaced without being asked."""
-    latest = os.path.join(output_dir, "checkpoint.pth")
+    latest = latest_checkpoint(output_dir)
     if distributed.broadcast(os.path.isfile(latest)):
         raise ConfigError(
             f"{latest} exists: output_dir holds an earlier run, which a new run would overwrite. Continue it with "
@@ -365,7 +372,7 @@ def _start_epoch(
 
 def _save(state: dict[str, Any], output_dir: str, epoch: int, checkpoint_every: int) -> None:
     """``checkpoint.pth`` (latest), plus a ``checkpoint_<epoch>.pth`` copy every ``checkpoint_every`` epochs."""
-    latest = os.path.join(output_dir, "checkpoint.pth")
+    latest = latest_checkpoint(output_dir)
     save_checkpoint(state, latest)
     if checkpoint_every > 0 and (epoch + 1) % checkpoint_every == 0:
         copy_checkpoint(latest, os.path.join(output_dir, f"checkpoint_{epoch:04d}.pth"))

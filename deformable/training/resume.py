@@ -44,6 +44,11 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def latest_checkpoint(output_dir: str) -> str:
+    """``output_dir/checkpoint.pth``: where a run saves after every epoch and ``train.resume=auto`` looks."""
+    return os.path.join(output_dir, "checkpoint.pth")
+
+
 def resume_path(resume: str, output_dir: str) -> str | None:
     """``train.resume``: "" -> None; "auto" -> ``output_dir/checkpoint.pth`` when it exists; else the path itself.
 
@@ -53,7 +58,7 @@ def resume_path(resume: str, output_dir: str) -> str | None:
     if resume == "":
         return None
     if resume == "auto":
-        latest = os.path.join(output_dir, "checkpoint.pth")
+        latest = latest_checkpoint(output_dir)
         return latest if os.path.isfile(latest) else None
     if not os.path.exists(resume):
         raise FileNotFoundError(
