@@ -285,6 +285,19 @@ def test_the_capped_gate_counts_at_most_one_and_learns_from_its_start() -> None:
     assert logits.grad[3:].tolist() == [0.0, 0.0]
 
 
+def test_the_rounded_gate_counts_whole_pixels_with_the_sigmoids_gradient() -> None:
+    base = seeded("default")
+    rounded = seeded("rounded")
+    torch.testing.assert_close(rounded.attn.cope.gate_query, base.attn.cope.gate_query)  # the default's draw
+    assert rounded.attn.cope.count_scale == 2.0  # round(2 * 1/2) = 1 count at the start, as the default
+    logits = torch.tensor([-5.0, -1.2, 0.0, 1.0, 1.2, 5.0], dtype=torch.float64, requires_grad=True)
+    density = rounded.attn.cope.gate(logits) * rounded.attn.cope.count_scale
+    assert density.tolist() == [0.0, 0.0, 1.0, 1.0, 2.0, 2.0]  # sigmoid crosses 1/4 and 3/4 at logits -+1.0986
+    density.sum().backward()
+    sigmoid = torch.sigmoid(logits.detach())
+    torch.testing.assert_close(logits.grad, 2 * sigmoid * (1 - sigmoid))
+
+
 def test_the_jitter_ablation_moves_the_offsets_in_training_only() -> None:
     task = counting.Task()
     base = seeded("default")

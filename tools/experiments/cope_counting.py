@@ -62,6 +62,7 @@ VARIANTS = {
     "jitter": {},  # in training, Gaussian noise of std 1 count on every offset
     "cut": {},  # gate relu(1.1 sigmoid - 0.05): exactly shut below sigmoid 0.045, 1/2 at logit 0 as before
     "capped-cut": {},  # both: at most 1 count per pixel, exactly 0 deep in the tail
+    "rounded": {},  # density round(2 g) (0, 1 or 2 counts) forward, the sigmoid's gradient backward (straight-through)
 }
 
 
@@ -124,11 +125,21 @@ class CappedCutSampling(CutSampling):
         return torch.where(logits <= 0, super().gate(logits), 0.5)
 
 
+class RoundedSampling(CoPESampling):
+    """The "rounded" ablation: every pixel counts a whole number (0, 1 or 2: ``round(2 g)``) in the forward pass, and
+    the gradient is the sigmoid's (a straight-through estimator), so a shut background pixel counts exactly 0."""
+
+    def gate(self, logits: torch.Tensor) -> torch.Tensor:
+        soft = torch.sigmoid(logits)
+        return soft + (torch.round(2 * soft) / 2 - soft).detach()
+
+
 GATE_ABLATIONS = {
     "hard-gates": HardGateSampling,
     "capped": CappedSampling,
     "cut": CutSampling,
     "capped-cut": CappedCutSampling,
+    "rounded": RoundedSampling,
 }
 
 
