@@ -8,6 +8,7 @@ data sets, ``train`` -> the optimiser, schedule and loop.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -30,8 +31,44 @@ def _at_least(low: float) -> tuple[typing.Callable[[Any], bool], str]:
     return (lambda v: v >= low), f">= {low:g}"
 
 
-# What the numbers of a section may be, beyond their type: (test, what the message says it must be).
-DATA_LIMITS = {"num_workers": _at_least(0)}
+def _sizes(count: str = "") -> tuple[typing.Callable[[Any], bool], str]:
+    """A list of pixel sizes >= 1: non-empty, or exactly ``[min, max]`` with ``min <= max`` when ``count`` is
+    ``"pair"``."""
+    if count == "pair":
+        return (lambda v: len(v) == 2 and 1 <= v[0] <= v[1]), "two sizes [min, max] with 1 <= min <= max"
+    return (lambda v: len(v) > 0 and min(v) >= 1), "a non-empty list of sizes >= 1"
+
+
+# What the values of a section may be, beyond their type: (test, what the message says it must be).
+MODEL_LIMITS = {
+    "num_feature_levels": _at_least(1),
+    "enc_layers": _at_least(0),
+    "dec_layers": _at_least(1),
+    "dim_feedforward": _at_least(1),
+    "hidden_dim": _at_least(1),
+    "dropout": ((lambda v: 0 <= v < 1), "in [0, 1)"),
+    "nheads": _at_least(1),
+    "num_queries": _at_least(1),
+    "enc_n_points": _at_least(1),
+    "dec_n_points": _at_least(1),
+}
+LOSS_LIMITS = {
+    **{name: _at_least(0) for name in ("set_cost_class", "set_cost_bbox", "set_cost_giou")},
+    **{name: _at_least(0) for name in ("cls_loss_coef", "bbox_loss_coef", "giou_loss_coef")},
+    "focal_alpha": ((lambda v: 0 <= v <= 1), "in [0, 1]"),
+    "num_select": _at_least(1),
+}
+DATA_LIMITS = {
+    "num_workers": _at_least(0),
+    "min_image_size": _at_least(32),
+    "max_image_size": _at_least(32),
+    "train_scales": _sizes(),
+    "train_max_size": _at_least(1),
+    "crop_scales": _sizes(),
+    "crop_size": _sizes("pair"),
+    "val_size": _at_least(1),
+    "val_max_size": _at_least(1),
+}
 TRAIN_LIMITS = {
     "epochs": _at_least(1),
     "batch_size": _at_least(1),
@@ -53,8 +90,10 @@ TRAIN_LIMITS = {
 def _check_limit(section: str, name: str, value: Any, limits: Mapping[str, tuple]) -> None:
     """Raises ConfigError when ``section.name`` is in ``limits`` and ``value`` breaks it. Values read from a file or
     an override arrive type-checked; a value of another type set in Python is left to fail where it is used."""
-    if name not in limits or not isinstance(value, (int, float, str)) or isinstance(value, bool):
+    if name not in limits or not isinstance(value, (int, float, str, list)) or isinstance(value, bool):
         return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config key '{section}.{name}' must be a finite number, got {value!r}")
     test, rule = limits[name]
     try:
         ok = test(value)
@@ -96,6 +135,7 @@ class ModelConfig:
     # on some probes and costs more)
 
     def __setattr__(self, name: str, value: Any) -> None:
+        _check_limit("model", name, value, MODEL_LIMITS)
         if name == "backbone_norm" and value not in BACKBONE_NORMS:
             raise ConfigError(
                 f"config key 'model.backbone_norm' must be one of {', '.join(BACKBONE_NORMS)}, got {value!r}"
@@ -126,6 +166,10 @@ class LossConfig:
     # IoU-aware classification (varifocal loss, Zhang et al. VarifocalNet 2021, as RT-DETR trains): a matched
     # prediction's class target is the IoU of its box with its target's, not 1; on every loss term alike.
     iou_aware: bool = False
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        _check_limit("loss", name, value, LOSS_LIMITS)
+        super().__setattr__(name, value)
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from deformable.data.sizes import auto_image_size, resolve_image_size, sizes_for
+from deformable.data.sizes import SIZE_KEYS, auto_image_size, resolve_image_size, sizes_for
 from models.config import ConfigError, load_config
 
 
@@ -44,6 +44,7 @@ def test_sizes_follow_the_originals_relations() -> None:
         "val_max_size": 1333,
     }
     assert sizes_for(256)["train_scales"] == [192, 224, 256] and sizes_for(256)["val_max_size"] == 427
+    assert set(sizes_for(256)) == set(SIZE_KEYS)  # the keys a size set beside data.image_size is checked against
 
 
 def test_resolve_image_size_from_the_config() -> None:
@@ -57,3 +58,26 @@ def test_resolve_image_size_from_the_config() -> None:
     assert unchanged.data.val_size == 800 and why == ""
     with pytest.raises(ConfigError, match="'data.image_size' must be 0, 'auto' or a short side >= 32, got 'big'"):
         resolve_image_size(load_config(None, ["data.image_size=big"]))
+
+
+def test_the_chosen_size_stays_within_the_limits_after_rounding() -> None:
+    tiny = _coco([(1000, 800)] * 10, [0.01] * 20)  # wants 3200 px
+    assert auto_image_size(tiny, 256, 500) == 480  # 512 is the nearest multiple of 32, above the budget
+    assert auto_image_size(tiny, 256, 310) == 288
+    large = _coco([(1000, 800)] * 10, [0.9] * 20)  # wants 36 px
+    assert auto_image_size(large, 270, 640) == 288  # 256 would be below the minimum
+    with pytest.raises(ConfigError, match=r"'data.min_image_size' \(600\) and 'data.max_image_size' \(300\) leave no"):
+        auto_image_size(large, 600, 300)
+    with pytest.raises(ConfigError, match=r"\(270\) and 'data.max_image_size' \(280\) leave no multiple of 32"):
+        auto_image_size(large, 270, 280)
+
+
+@pytest.mark.parametrize("value", ["auto", "320"])
+def test_sizes_set_beside_a_derived_image_size_are_refused(value: str) -> None:
+    coco = _coco([(640, 480)] * 4, [0.1] * 8)
+    for override in ("data.train_scales=[320]", "data.crop_size=[100,200]", "data.val_size=320"):
+        cfg = load_config(None, [f"data.image_size={value}", override])
+        with pytest.raises(ConfigError) as info:
+            resolve_image_size(cfg, coco)
+        key = override.split("=")[0]
+        assert f"would replace {key}=" in str(info.value) and "set data.image_size=0" in str(info.value)

@@ -18,7 +18,7 @@ from .build import (
     dataset_image_ids,
     resolve_num_classes,
 )
-from .categories import align_to_checkpoint, checkpoint_ids, classes_without_training_boxes
+from .categories import align_for_training, align_to_checkpoint, checkpoint_ids, classes_without_training_boxes
 from .coco import coco_annotation_file
 from .dataset import DetectionDataset, coco_api, coco_target
 from .errors import DatasetError
@@ -37,6 +37,7 @@ __all__ = [
     "DatasetError",
     "DetectionDataset",
     "SplitData",
+    "align_for_training",
     "align_to_checkpoint",
     "build_dataset",
     "build_loader",

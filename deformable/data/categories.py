@@ -2,8 +2,10 @@
 
 A detector predicts the ids of the data it was trained on. Evaluated on another split or data set, whose ids may
 number the same classes differently (VOC numbers the sorted names of the splits it reads; a YOLO export keeps its
-own order), the ground truth is renumbered to the checkpoint's ids by class name (:func:`align_to_checkpoint`). A
-class with validation boxes and no training box cannot be learned (:func:`classes_without_training_boxes`).
+own order), the ground truth is renumbered to the checkpoint's ids by class name (:func:`align_to_checkpoint`);
+training that starts from a checkpoint naming the same classes (resumed or fine-tuned) renumbers both splits so
+(:func:`align_for_training`). A class with validation boxes and no training box cannot be learned
+(:func:`classes_without_training_boxes`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from .dataset import DetectionDataset, coco_api
+from .errors import DatasetError
 
 
 def _names(categories: Mapping[int, str]) -> str:
@@ -68,6 +71,39 @@ def align_to_checkpoint(dataset: DetectionDataset, checkpoint_names: Mapping[int
         )
         dataset.coco = coco_api(coco)
     return messages
+
+
+def align_for_training(
+    train: DetectionDataset, val: DetectionDataset, checkpoint_names: Mapping[int, str], *, resuming: bool
+) -> list[str]:
+    """Renumbers both splits to the ids of the checkpoint that training starts from, by name, when the training
+    split names the same classes (so that a class head keeps the class it learned); returns the messages to print.
+
+    A fine-tuning start that names other classes (or none) leaves the data's ids as they are: its class heads are
+    re-initialised when the count differs, and kept as a starting point when it does not (a message says so).
+
+    Raises:
+        DatasetError: ``resuming`` and the training split's classes are not the checkpoint's (continuing would train
+            its class heads on other classes).
+    """
+    data_names, start_names = train.class_names(), dict(checkpoint_names)
+    if not start_names:
+        return []
+    if set(data_names.values()) == set(start_names.values()):
+        messages = align_to_checkpoint(train, start_names)
+        return messages + [m for m in align_to_checkpoint(val, start_names) if m not in messages]
+    if resuming:
+        raise DatasetError(
+            f"the checkpoint was trained on the classes {_names(start_names)}, but {train.source} has "
+            f"{_names(data_names)}: resuming continues the same training on the same classes. To start from its "
+            "weights on these classes, use train.finetune=<checkpoint> with a new output_dir"
+        )
+    if len(data_names) == len(start_names):
+        return [
+            f"note: the checkpoint's classes ({_names(start_names)}) are not the data's ({_names(data_names)}); the "
+            "class heads are kept as a starting point, class by class in id order"
+        ]
+    return []
 
 
 def classes_without_training_boxes(train: DetectionDataset, val: DetectionDataset) -> list[str]:

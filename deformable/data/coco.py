@@ -52,6 +52,9 @@ def read_coco_file(ann_file: str, image_root: str, *, layout: str, split: str, h
     if layout == "roboflow":
         payload["categories"] = drop_unused_supercategories(payload)
     data = SplitData(layout=layout, split=split, image_root=image_root, coco=payload, source=ann_file)
+    repeated = _renumber_repeated_annotation_ids(payload["annotations"])
+    if repeated:
+        data.notes.append(f"{repeated} repeated annotation id(s), the annotations renumbered 1..N in memory")
     return finish_split(data)
 
 
@@ -87,9 +90,46 @@ def _check_structure(payload: Any, ann_file: str) -> None:
                 f"annotation file {ann_file} is malformed: category {json.dumps(cat)[:200]} needs an integer 'id' "
                 "and a 'name'"
             )
-    image_ids = {info["id"] for info in payload["images"]}
+    image_ids = _unique_ids(payload["images"], "image", ann_file)
+    category_ids = _unique_ids(payload["categories"], "category", ann_file)
+    if min(category_ids, default=0) < 0:
+        raise DatasetError(
+            f"annotation file {ann_file}: category id {min(category_ids)} is negative; category ids are the labels "
+            "the model learns and must be >= 0"
+        )
     for ann in payload["annotations"]:
         _check_annotation(ann, image_ids, ann_file)
+
+
+def _unique_ids(entries: list[dict[str, Any]], kind: str, ann_file: str) -> set[int]:
+    """The integer ``id`` of every entry, which must be unique: pycocotools indexes images and categories by id, so
+    a repeated one would keep only the last entry (an image's boxes moved to another image, a class renamed)."""
+    seen: dict[int, dict[str, Any]] = {}
+    for entry in entries:
+        ident = entry["id"]
+        if not isinstance(ident, int) or isinstance(ident, bool):
+            raise DatasetError(
+                f"annotation file {ann_file} is malformed: {kind} id {json.dumps(ident)} is not an integer "
+                f"({kind} {json.dumps(entry)[:200]})"
+            )
+        if ident in seen:
+            raise DatasetError(
+                f"annotation file {ann_file}: {kind} id {ident} is used twice ({json.dumps(seen[ident])[:120]} and "
+                f"{json.dumps(entry)[:120]}); every {kind} needs its own id"
+            )
+        seen[ident] = entry
+    return set(seen)
+
+
+def _renumber_repeated_annotation_ids(annotations: list[dict[str, Any]]) -> int:
+    """Numbers the annotations 1..N in place if any id repeats (merged exports do this; pycocotools would return
+    one box twice and lose the other when scoring) and returns how many ids repeated; nothing refers to an
+    annotation's id, so renumbering loses nothing."""
+    repeated = len(annotations) - len({repr(ann["id"]) for ann in annotations})
+    if repeated:
+        for number, ann in enumerate(annotations, start=1):
+            ann["id"] = number
+    return repeated
 
 
 def _check_annotation(ann: Any, image_ids: set, ann_file: str) -> None:

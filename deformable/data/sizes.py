@@ -4,9 +4,9 @@ The short side S at which images are trained and evaluated is chosen from the tr
 
 - large enough that a small box of the data (the 10th percentile of box side / image side, sides as geometric
   means) spans ``MIN_BOX_PX`` pixels, so that it covers a few cells of the finest feature map (stride 8);
-- no larger than the median short side of the images (upsampling adds no detail), nor than
-  ``data.max_image_size`` (the compute budget);
-- no smaller than ``data.min_image_size``; rounded to a multiple of 32.
+- no larger than the median short side of the images (upsampling adds no detail);
+- a multiple of 32 within ``data.min_image_size`` .. ``data.max_image_size`` (the compute budget), the minimum
+  winning over the median.
 
 From S follow the original's relations (``data.image_size: N`` sets S directly): training short sides from 0.75 S to
 S in steps of 32, long sides at most 5/3 S (800 -> 1333 in the original), the random crop's scales and sizes
@@ -28,6 +28,7 @@ MIN_BOX_PX = 32  # a small box spans this many pixels: 4 cells of the stride-8 m
 STEP = 32
 MAX_TO_SHORT = 1333 / 800  # the original's long-side cap over its short side
 SMALL_BOX_QUANTILE = 0.1
+SIZE_KEYS = ("train_scales", "train_max_size", "crop_scales", "crop_size", "val_size", "val_max_size")  # sizes_for's
 
 
 def _round(value: float) -> int:
@@ -47,13 +48,24 @@ def box_and_image_sides(coco: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray
 
 
 def auto_image_size(coco: Mapping[str, Any], min_size: int, max_size: int) -> int:
-    """The short side S for a training split's COCO dict (module docstring)."""
+    """The short side S for a training split's COCO dict (module docstring): a multiple of 32 in
+    ``[min_size, max_size]``.
+
+    Raises:
+        ConfigError: no multiple of 32 lies in ``[min_size, max_size]`` (the keys named).
+    """
+    low, high = math.ceil(min_size / STEP) * STEP, math.floor(max_size / STEP) * STEP
+    if low > high:
+        raise ConfigError(
+            f"config keys 'data.min_image_size' ({min_size}) and 'data.max_image_size' ({max_size}) leave no "
+            f"multiple of {STEP} for data.image_size=auto to choose; the minimum must be at most the maximum"
+        )
     relative, short = box_and_image_sides(coco)
     if not len(short):
-        return _round(min_size)
+        return low
     wanted = MIN_BOX_PX / float(np.quantile(relative, SMALL_BOX_QUANTILE)) if len(relative) else min_size
     up, down = math.ceil(wanted / STEP) * STEP, math.floor(float(np.median(short)) / STEP) * STEP
-    return _round(min(max(min(up, down), min_size), max_size))
+    return min(max(min(up, down), low), high)
 
 
 def sizes_for(size: int) -> dict[str, Any]:
@@ -81,6 +93,7 @@ def resolve_image_size(cfg: Config, train_coco: Mapping[str, Any] | None = None)
     value = data.image_size
     if value == 0:
         return cfg, ""
+    _refuse_sizes_set_beside(data)
     if value == "auto":
         if train_coco is None:
             from .layouts import read_split  # the readers; imported here to keep this module light
@@ -101,3 +114,15 @@ def resolve_image_size(cfg: Config, train_coco: Mapping[str, Any] | None = None)
         raise ConfigError(f"config key 'data.image_size' must be 0, 'auto' or a short side >= {STEP}, got {value!r}")
     resolved = dataclasses.replace(data, image_size=0, **sizes_for(size))
     return dataclasses.replace(cfg, data=resolved), why
+
+
+def _refuse_sizes_set_beside(data: DataConfig) -> None:
+    """``data.image_size`` derives the sizes of :func:`sizes_for`; one of them set to another value than its default
+    would be replaced without a word, so it is refused, named."""
+    defaults = DataConfig()
+    changed = [f"data.{key}={getattr(data, key)}" for key in SIZE_KEYS if getattr(data, key) != getattr(defaults, key)]
+    if changed:
+        raise ConfigError(
+            f"data.image_size={data.image_size} derives the training and evaluation sizes, and would replace "
+            f"{', '.join(changed)}; set data.image_size=0 to use the sizes you give, or leave them out"
+        )

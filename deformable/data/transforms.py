@@ -25,11 +25,12 @@ Sample = tuple[tv_tensors.Image, dict[str, Any]]
 
 def resized_shape(height: int, width: int, size: int, max_size: int | None) -> tuple[int, int]:
     """The original's ``get_size_with_aspect_ratio``: the shorter side becomes ``size`` unless the longer side would
-    exceed ``max_size``, in which case the shorter side shrinks to fit. Returns ``(new_h, new_w)``."""
+    exceed ``max_size``, in which case the shorter side shrinks to fit, never below 1 pixel (an image more than
+    ``max_size`` times longer than wide keeps a 1-pixel short side and exceeds the cap). Returns ``(new_h, new_w)``."""
     if max_size is not None:
         short, long = float(min(height, width)), float(max(height, width))
         if long / short * size > max_size:
-            size = int(round(max_size * short / long))
+            size = max(1, int(round(max_size * short / long)))
     if (width <= height and width == size) or (height <= width and height == size):
         return height, width
     if width < height:

@@ -89,7 +89,7 @@ def parse_annotation(path: str) -> VocRecord:
         if not name or bndbox is None:
             raise DatasetError(f"{path}: object {i} needs a <name> and a <bndbox>")
         box = [_number(bndbox, tag, path) for tag in ("xmin", "ymin", "xmax", "ymax")]
-        difficult = (node.findtext("difficult") or "0").strip() in ("1", "true")
+        difficult = (node.findtext("difficult") or "0").strip().lower() in ("1", "true")
         record.objects.append(VocObject(name=name, box=box, difficult=difficult))
     return record
 
@@ -197,4 +197,18 @@ def read_voc(root: str, split: str, class_splits: list[str], layout: str = "voc"
             bbox = [xmin - 1, ymin - 1, xmax - xmin + 1, ymax - ymin + 1]
             coco["annotations"].append({**ann, "bbox": bbox, "iscrowd": int(obj.difficult)})
     data = SplitData(layout, split, image_root, coco, source=split_source(root, split, layout))
+    if layout != "voc":
+        unlabelled = _images_without_xml(image_root, coco["images"])
+        if unlabelled:
+            # Left out, not kept as background: an image LabelImg has no XML for may simply not be labelled yet.
+            data.notes.append(
+                f"{len(unlabelled)} image(s) without an XML file left out (e.g. {unlabelled[0]}; an image with no "
+                "object needs an XML without <object>)"
+            )
     return finish_split(data)
+
+
+def _images_without_xml(folder: str, images: list[dict[str, Any]]) -> list[str]:
+    """The image files in a ``roboflow-voc`` split folder that no XML of ``images`` named."""
+    used = {info["file_name"] for info in images}
+    return sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS) and n not in used)

@@ -6,7 +6,8 @@ to ``path`` when given (``path`` itself absolute or relative to the yaml's folde
 entry starting with ``../`` that does not exist is also tried without it (Roboflow's YOLO export writes
 ``../train/images`` beside the yaml). An image's labels are in the same place with the last ``images`` folder
 replaced by ``labels`` and the extension by ``.txt``; each line is ``class cx cy w h`` normalised to [0, 1] (or
-``class x1 y1 x2 y2 ...``, a polygon, whose enclosing box is used). A missing or empty label file means no object.
+``class x1 y1 x2 y2 ...``, a polygon, whose enclosing box is used; with ``kpt_shape`` in ``data.yaml``, a pose line
+whose keypoints follow the box and are not read). A missing or empty label file means no object.
 YOLO class ``i`` becomes category id ``i + 1``, so K classes take ids 1..K.
 """
 
@@ -39,9 +40,31 @@ def read_data_yaml(path: str) -> dict[str, Any]:
     if "names" not in payload:
         raise DatasetError(f"{path} has no 'names': list the class names, e.g. names: [cat, dog]")
     payload["names"] = _names(payload["names"], path)
-    if "nc" in payload and payload["nc"] != len(payload["names"]):
-        raise DatasetError(f"{path}: nc is {payload['nc']} but names has {len(payload['names'])} entries")
+    if not payload["names"]:
+        raise DatasetError(f"{path}: 'names' is empty; list the class names, e.g. names: [cat, dog]")
+    if "nc" in payload:
+        nc = _index(payload["nc"])
+        if nc is None:
+            raise DatasetError(f"{path}: nc must be the number of classes, got {payload['nc']!r}")
+        if nc != len(payload["names"]):
+            raise DatasetError(f"{path}: nc is {nc} but names has {len(payload['names'])} entries")
+    payload["keypoint_fields"] = _keypoint_fields(payload.get("kpt_shape"), path)
     return payload
+
+
+def _keypoint_fields(kpt_shape: Any, path: str) -> int:
+    """The numbers after the box on a pose label line: ``K * D`` for ``kpt_shape: [K, D]`` (D 2: x y, or 3: x y
+    visibility); 0 without ``kpt_shape``."""
+    if kpt_shape is None:
+        return 0
+    if not (
+        isinstance(kpt_shape, list)
+        and len(kpt_shape) == 2
+        and all(_index(v) is not None for v in kpt_shape)
+        and _index(kpt_shape[1]) in (2, 3)
+    ):
+        raise DatasetError(f"{path}: kpt_shape must be [keypoints, 2 or 3], got {kpt_shape!r}")
+    return _index(kpt_shape[0]) * _index(kpt_shape[1])
 
 
 def _names(names: Any, path: str) -> dict[int, str]:
@@ -119,13 +142,21 @@ def label_path(image_path: str) -> str:
     return os.path.splitext(os.sep.join(parts))[0] + ".txt"
 
 
-def parse_label_line(line: str, names: dict[int, str], where: str) -> tuple[int, list[float]]:
-    """``class cx cy w h`` (or a polygon ``class x1 y1 ...``) -> ``(class index, [x0, y0, x1, y1] normalised)``.
+def parse_label_line(line: str, names: dict[int, str], where: str, keypoint_fields: int = 0) -> tuple[int, list[float]]:
+    """``class cx cy w h`` (or a polygon ``class x1 y1 ...``; with ``keypoint_fields``, a pose line ``class cx cy w h``
+    and that many keypoint numbers, which are not read) -> ``(class index, [x0, y0, x1, y1] normalised)``.
 
     ``where`` is ``file line N``, the start of every error message.
     """
     fields = line.split()
-    if len(fields) != 5 and (len(fields) < 7 or len(fields) % 2 == 0):
+    if keypoint_fields:
+        if len(fields) != 5 + keypoint_fields:
+            raise DatasetError(
+                f"{where}: data.yaml's kpt_shape makes a line 'class cx cy w h' and {keypoint_fields} keypoint "
+                f"numbers ({5 + keypoint_fields} fields), got {len(fields)}: {line.strip()[:100]!r}"
+            )
+        fields = fields[:5]
+    elif len(fields) != 5 and (len(fields) < 7 or len(fields) % 2 == 0):
         raise DatasetError(
             f"{where}: expected 'class cx cy w h' (5 numbers) or a polygon 'class x1 y1 x2 y2 x3 y3 ...', got "
             f"{len(fields)} field(s): {line.strip()[:100]!r}"
@@ -148,13 +179,17 @@ def parse_label_line(line: str, names: dict[int, str], where: str) -> tuple[int,
     return int(number), [min(xs), min(ys), max(xs), max(ys)]
 
 
-def read_labels(path: str, names: dict[int, str]) -> list[tuple[int, list[float]]] | None:
+def read_labels(path: str, names: dict[int, str], keypoint_fields: int = 0) -> list[tuple[int, list[float]]] | None:
     """The boxes of one label file, ``None`` when the file does not exist."""
     if not os.path.isfile(path):
         return None
     with open(path, encoding="utf-8-sig") as f:
         lines = f.readlines()
-    return [parse_label_line(line, names, f"{path} line {n}") for n, line in enumerate(lines, 1) if line.strip()]
+    return [
+        parse_label_line(line, names, f"{path} line {n}", keypoint_fields)
+        for n, line in enumerate(lines, 1)
+        if line.strip()
+    ]
 
 
 def read_yolo(yaml_path: str, key: str) -> SplitData:
@@ -169,7 +204,7 @@ def read_yolo(yaml_path: str, key: str) -> SplitData:
         path = os.path.join(root, name)
         height, width = image_size(path)
         coco["images"].append({"id": image_id, "file_name": name, "height": height, "width": width})
-        labels = read_labels(label_path(path), names)
+        labels = read_labels(label_path(path), names, payload["keypoint_fields"])
         found += labels is not None
         for index, (x0, y0, x1, y1) in labels or []:
             box = [x0 * width, y0 * height, (x1 - x0) * width, (y1 - y0) * height]

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from deformable.data import (
     DetectionDataset,
+    align_for_training,
     align_to_checkpoint,
     build_dataset,
     build_loader,
@@ -23,7 +24,7 @@ from deformable.data import (
 )
 from deformable.data.sizes import resolve_image_size
 from models import build_detector, load_checkpoint, read_checkpoint
-from models.checkpoint import CheckpointError
+from models.checkpoint import Checkpoint, CheckpointError
 from models.config import Config, save_config
 from models.files import make_dir, remove_stale_temp_files
 from models.loading import check_architecture
@@ -65,19 +66,30 @@ class Data:
     val_loader: DataLoader
 
 
-def build_data(cfg: Config, env: DistEnv, train: bool = True, checkpoint_names: dict[int, str] | None = None) -> Data:
+def build_data(
+    cfg: Config,
+    env: DistEnv,
+    train: bool = True,
+    checkpoint_names: dict[int, str] | None = None,
+    resuming: bool = False,
+) -> Data:
     """The validation split (and with ``train`` the training split) of any layout, sharded over ``env``'s
     processes; rank 0 prints one summary line per split, with a warning when an image holds more objects than
-    ``model.num_queries`` and one per class with validation boxes and no training box. With ``checkpoint_names``
-    (a checkpoint's category id -> name, for evaluating it) the validation split's ids are renumbered to the
-    checkpoint's by name (:func:`~deformable.data.categories.align_to_checkpoint`), and rank 0 says how."""
+    ``model.num_queries`` and one per class with validation boxes and no training box.
+
+    ``checkpoint_names`` is a checkpoint's category id -> name. Evaluating it (not ``train``), the validation
+    split's ids are renumbered to the checkpoint's by name (:func:`~deformable.data.categories.align_to_checkpoint`).
+    Training from it (``resuming`` it, or fine-tuning), both splits are renumbered when they name the same classes,
+    and resuming on other classes is refused (:func:`~deformable.data.categories.align_for_training`). Rank 0 says
+    what moved."""
     args = dict(num_workers=cfg.data.num_workers, rank=env.rank, world_size=env.world_size, seed=cfg.train.seed)
     val_set = build_dataset(cfg.data, "val")
-    notes = align_to_checkpoint(val_set, checkpoint_names or {})
+    notes = [] if train else align_to_checkpoint(val_set, checkpoint_names or {})
     val_loader = build_loader(val_set, batch_size=cfg.train.batch_size, train=False, **args)
     train_set, train_loader = None, None
     if train:
         train_set = build_dataset(cfg.data, "train")
+        notes += align_for_training(train_set, val_set, checkpoint_names or {}, resuming=resuming)
         check_has_boxes(train_set)
         check_num_classes(train_set, cfg.model.num_classes)
         notes += classes_without_training_boxes(train_set, val_set)
@@ -107,15 +119,40 @@ def build_trainee(cfg: Config, detector: nn.Module) -> TrainingDetector:
     return TrainingDetector(detector, aids)
 
 
-def finetune_from(model: nn.Module, cfg: Config) -> None:
-    """``train.finetune``: loads the weights of a checkpoint in any format (this project's, the original's, a
-    state_dict, a transformers folder); class heads of another class count are re-initialised, CoPE offsets in the
-    config over the checkpoint's linear ones start with fresh gates (where the attention is the plain one), any other
-    difference from ``cfg.model`` is an error naming the override that fixes it."""
-    path = cfg.train.finetune
+def read_start(cfg: Config, env: DistEnv, resume: str | None) -> Checkpoint | None:
+    """The checkpoint training starts from: ``resume`` (the run's own), else ``train.finetune`` (any format: this
+    project's, the original's, a state_dict, a transformers folder), else None (from scratch).
+
+    Raises:
+        CheckpointError: a rank other than 0 cannot see ``resume``, or the fine-tuning checkpoint cannot be read
+            (the message names ``train.finetune``).
+    """
+    if resume is not None:
+        if env.rank != 0 and not os.path.isfile(resume):
+            raise CheckpointError(
+                f"rank {env.rank} cannot see the checkpoint {resume} that rank 0 resumes from: with several nodes, "
+                "output_dir must be on a file system that every node mounts"
+            )
+        return read_checkpoint(resume)
+    return _read_finetune(cfg.train.finetune) if cfg.train.finetune else None
+
+
+def _read_finetune(path: str) -> Checkpoint:
     try:
-        checkpoint = read_checkpoint(path)
-        check_architecture(cfg.model, checkpoint, finetune=True)
-        load_checkpoint(model, checkpoint, fresh_cope=True)
+        return read_checkpoint(path)
     except (ValueError, FileNotFoundError) as exc:
         raise CheckpointError(f"train.finetune={path}: {exc}") from exc
+
+
+def finetune_from(model: nn.Module, cfg: Config, checkpoint: Checkpoint | None = None) -> None:
+    """``train.finetune``: loads ``checkpoint`` (read from ``cfg.train.finetune`` when not given: :func:`read_start`);
+    class heads of another class count are re-initialised, CoPE offsets in the config over the checkpoint's linear
+    ones start with fresh gates (where the attention is the plain one), any other difference from ``cfg.model`` is
+    an error naming the override that fixes it."""
+    if checkpoint is None:
+        checkpoint = _read_finetune(cfg.train.finetune)
+    try:
+        check_architecture(cfg.model, checkpoint, finetune=True)
+        load_checkpoint(model, checkpoint, fresh_cope=True)
+    except ValueError as exc:
+        raise CheckpointError(f"train.finetune={cfg.train.finetune}: {exc}") from exc

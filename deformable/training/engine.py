@@ -23,7 +23,7 @@ from tqdm import tqdm
 from deformable.data import resolve_num_classes, set_epoch
 from deformable.data.coco_eval import coco_scores, to_coco_results
 from models import build_criterion, build_postprocessor, load_detector, read_checkpoint
-from models.checkpoint import Checkpoint, CheckpointError, copy_checkpoint, save_checkpoint
+from models.checkpoint import Checkpoint, copy_checkpoint, save_checkpoint
 from models.config import Config, ConfigError, TrainConfig, config_to_dict
 from models.files import make_dir
 from models.loading import check_architecture
@@ -37,6 +37,7 @@ from .build import (
     build_trainee,
     finetune_from,
     prepare_output_dir,
+    read_start,
     resolve_data_options,
     save_resolved_config,
 )
@@ -239,7 +240,8 @@ def _fit(cfg: Config, env: DistEnv) -> dict[str, float]:
     if resume is None:
         _refuse_overwrite(cfg.output_dir)
     cfg = resolve_data_options(cfg, env)
-    data = build_data(cfg, env)
+    start = read_start(cfg, env, resume)  # the checkpoint resumed or fine-tuned from (None: from scratch)
+    data = build_data(cfg, env, checkpoint_names=start and start.class_names, resuming=resume is not None)
     cfg = resolve_num_classes(cfg, data.train_set)
     model = build_model(cfg, env.device, from_checkpoint=resume is not None or bool(cfg.train.finetune))
     trainee = build_trainee(cfg, model)  # the detector and its training-only query aids (if any)
@@ -248,7 +250,7 @@ def _fit(cfg: Config, env: DistEnv) -> dict[str, float]:
     optimizer = build_optimizer(trainee, cfg.train)
     scheduler = build_lr_scheduler(optimizer, cfg.train)
     scaler = torch.amp.GradScaler(env.device.type) if cfg.train.amp == "fp16" else None
-    start_epoch = _start_epoch(cfg, env, resume, trainee, optimizer, scheduler, scaler, ema)
+    start_epoch = _start_epoch(cfg, env, resume, start, trainee, optimizer, scheduler, scaler, ema)
     save_resolved_config(cfg, env)  # once the checkpoint is known to fit: a refused resume leaves the run's file alone
     if env.is_main:
         print(_run_summary(cfg, env, data, trainee, start_epoch), flush=True)
@@ -335,30 +337,25 @@ def _start_epoch(
     cfg: Config,
     env: DistEnv,
     resume: str | None,
+    start: Checkpoint | None,
     trainee: TrainingDetector,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler | None,
     ema: AveragedModel | None,
 ) -> int:
-    """Restores a checkpoint to resume from (the query aids and the weight average too), or loads
-    ``train.finetune`` weights into the detector (the aids start afresh, the average from those weights); trims
-    ``log.jsonl`` to the epochs before the one training starts at (all of it for a fresh run)."""
+    """Restores ``start``, the checkpoint at ``resume``, to resume from (the query aids and the weight average too),
+    or loads it, read from ``train.finetune``, into the detector (the aids start afresh, the average from those
+    weights); trims ``log.jsonl`` to the epochs before the one training starts at (all of it for a fresh run)."""
     start_epoch = 0
-    if resume is not None:
-        if env.rank != 0 and not os.path.isfile(resume):
-            raise CheckpointError(
-                f"rank {env.rank} cannot see the checkpoint {resume} that rank 0 resumes from: with several nodes, "
-                "output_dir must be on a file system that every node mounts"
-            )
-        checkpoint = read_checkpoint(resume)
-        check_architecture(cfg.model, checkpoint)  # names the overrides, where loading would list keys
-        check_resumable(checkpoint, cfg.train)
+    if resume is not None and start is not None:
+        check_architecture(cfg.model, start)  # names the overrides, where loading would list keys
+        check_resumable(start, cfg.train)
         start_epoch = restore_training_state(
-            checkpoint, trainee.detector, optimizer, scheduler, scaler, env.rank, trainee.aids, ema
+            start, trainee.detector, optimizer, scheduler, scaler, env.rank, trainee.aids, ema
         )
-    elif cfg.train.finetune:
-        finetune_from(trainee.detector, cfg)
+    elif start is not None:
+        finetune_from(trainee.detector, cfg, start)
         if ema is not None:
             ema.module.load_state_dict(trainee.detector.state_dict())  # the average starts from the loaded weights
     if env.is_main:
