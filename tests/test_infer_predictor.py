@@ -8,7 +8,7 @@ import torch
 from _viz_utils import shapes_image, tiny_config, tiny_model, write_checkpoint, write_image
 from PIL import Image
 
-from deformable.inference import Detections, ImageError, Predictor, as_rgb
+from deformable.inference import Detections, ImageError, Predictor, as_rgb, read_image
 from deformable.inference.run import run_inference
 from models.config import config_to_dict
 
@@ -49,7 +49,7 @@ def test_a_path_gives_what_infer_writes(tmp_path, files, predictor) -> None:
     written = run_inference(
         tiny_config(), files["checkpoint"], [files["wide"]], str(tmp_path), score_threshold=0.0,
         device=torch.device("cpu"), show_progress=False,
-    )  # fmt: skip
+    ).results  # fmt: skip
     assert len(written) == len(found)
     for entry, mine in zip(written, found.to_coco(1), strict=True):
         assert entry["category_id"] == mine["category_id"] and entry["score"] == pytest.approx(mine["score"], abs=1e-6)
@@ -85,6 +85,44 @@ def test_a_list_gives_a_list_and_batching_keeps_each_image(files, predictor) -> 
     assert len(predictor((files["small"],))) == 1
 
 
+def test_by_default_each_image_is_detected_alone_as_infer_does(tmp_path, files, predictor) -> None:
+    """Predictor and infer agree on one image per pass, so a list gives each image's own detections; a batch pads
+    the smaller image, which moves its detections (the reason the default is 1)."""
+    small = predictor(files["small"])
+    assert_same(predictor([files["wide"], files["small"]])[1], small)
+    padded = Predictor(files["checkpoint"], device="cpu", threshold=0.0, batch_size=2)([files["wide"], files["small"]])
+    assert not torch.allclose(padded[1].boxes, small.boxes, atol=1e-3)
+    run = run_inference(
+        tiny_config(), files["checkpoint"], [files["wide"], files["small"]], str(tmp_path), score_threshold=0.0,
+        device=torch.device("cpu"), show_progress=False,
+    )  # fmt: skip
+    written = [entry for entry in run.results if entry["image_id"] == 2]
+    assert len(written) == len(small)
+    for entry, mine in zip(written, small.to_coco(2), strict=True):
+        assert entry["score"] == pytest.approx(mine["score"], abs=1e-6)
+        assert entry["bbox"] == pytest.approx(mine["bbox"], abs=1e-4)
+
+
+def test_pil_images_are_decoded_as_their_files(tmp_path) -> None:
+    """16-bit pixels scaled (not clipped to white) and the EXIF orientation applied, as for a path."""
+    deep = (np.arange(40 * 50, dtype=np.uint32).reshape(40, 50) * 31).astype(np.uint16)
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    for image in (Image.fromarray(deep), Image.open(tmp_path / "deep.png")):
+        assert image.mode.startswith("I")
+        np.testing.assert_array_equal(as_rgb(image), read_image(str(tmp_path / "deep.png")))
+    assert as_rgb(Image.fromarray(deep)).max() < 255  # the largest value, 61969, is not white
+
+    upright = shapes_image(30, 50)
+    stored = Image.fromarray(np.ascontiguousarray(np.rot90(upright, k=1)))  # sideways, with the tag to turn it back
+    exif = stored.getexif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "phone.jpg", quality=95, exif=exif)
+    opened = Image.open(tmp_path / "phone.jpg")
+    pixels = as_rgb(opened)
+    assert pixels.shape == (30, 50, 3) and opened.size == (30, 50)  # upright; the caller's image is not turned
+    np.testing.assert_array_equal(pixels, read_image(str(tmp_path / "phone.jpg")))
+
+
 def test_the_threshold_keeps_the_scores_at_or_above_it(files, predictor) -> None:
     everything = predictor(files["wide"])
     cut = float(everything.scores[len(everything) // 2])
@@ -111,6 +149,7 @@ def test_class_names_label_the_detections_and_other_labels_are_dropped(files) ->
         (torch.full((3, 8, 8), 2.0), "must lie in [0, 1], got values in [2.0, 2.0]"),
         (torch.zeros(3, 8, 8, dtype=torch.int32), "uint8 or float in [0, 1], got torch.int32"),
         ([[1, 2]], "got list"),
+        (Image.fromarray(np.zeros((8, 8), np.float32)), "32-bit floating-point pixels"),
         ("/nonexistent/photo.jpg", "image /nonexistent/photo.jpg does not exist"),
     ],
 )

@@ -4,9 +4,19 @@
     python tools/infer.py [CONFIG] --checkpoint PATH INPUT... [--out DIR] [options] [section.key=value ...]
 
 INPUT: image files, folders (their images, hidden files left out) or quoted glob patterns ("photos/*.jpg").
-Writes DIR/<image>.jpg with the detections drawn, DIR/results.json (COCO results format: image_id, category_id,
-bbox [x, y, w, h] in original pixels, score) and DIR/images.json (the image ids). Class names come from the data
-set of the checkpoint's saved config (or CONFIG) when its annotation file is found, else numeric ids are shown.
+Writes DIR/<image>.jpg with the detections drawn (DIR/<image>.png, with a warning, for an image with a side longer
+than JPEG's 65500 pixels), DIR/results.json (COCO results format: image_id, category_id, bbox [x, y, w, h] in
+original pixels, score) and DIR/images.json (id, file_name, height, width of each image). An image of the data set
+of the config keeps its id there, so results.json can be scored against it; any other image gets an id above the
+data set's largest. The boxes drawn are those of results.json. Class names come from the checkpoint or the data set
+of its saved config (or CONFIG) when its annotation file is found, else numeric ids are shown.
+
+Nothing you saved is replaced: DIR may not be a folder that holds an input image (choose another --out), and an
+existing file of DIR is replaced only if an earlier run of infer wrote it (DIR/.infer-outputs.json lists them), so
+rerunning into the same DIR updates it. An image that cannot be read is skipped with a warning naming it, listed at
+the end, and the others are processed (exit status 0); the run fails only when no image can be read.
+--batch-size 1 (the default, as for Predictor) detects on each image alone; a larger batch is faster on a GPU but
+pads the smaller images of a batch to the largest, which may change their detections slightly (as in the original).
 """
 
 from __future__ import annotations
@@ -14,7 +24,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tqdm import tqdm
+
 from deformable.inference import ImageError, list_images, resolve_device
+from deformable.inference.predictor import DEFAULT_BATCH_SIZE, check_threshold
 from deformable.inference.run import run_inference
 from deformable.viz.detections import draw_detections
 from models.config import ConfigError
@@ -25,22 +38,37 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", help="[CONFIG] images, folders of images, section.key=value overrides")
     parser.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
-    parser.add_argument("--out", default="detections", help="output folder (default: detections)")
-    parser.add_argument("--score-threshold", type=float, default=0.3)
-    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument(
+        "--out", default="detections", help="output folder, not one that holds an input image (default: detections)"
+    )
+    parser.add_argument("--score-threshold", type=float, default=0.3, help="lowest score kept, in [0, 1] (0.3)")
+    parser.add_argument(
+        "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help=f"images per forward pass ({DEFAULT_BATCH_SIZE})"
+    )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     args = parser.parse_intermixed_args(argv)
     config, overrides, inputs = split_command_line(args.inputs)
+
+    def warn(message: str) -> None:
+        tqdm.write(f"warning: {message}", file=sys.stderr)  # above the progress bar, not through it
+
     try:
+        # The numbers first: a typo should not wait for the checkpoint to load.
+        check_threshold(args.score_threshold, "--score-threshold")
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size: batch size must be >= 1, got {args.batch_size}")
         cfg, checkpoint = config_and_checkpoint(config, overrides, args.checkpoint)
         paths = list_images(inputs)
-        kwargs = dict(score_threshold=args.score_threshold, batch_size=args.batch_size)
+        kwargs = dict(score_threshold=args.score_threshold, batch_size=args.batch_size, draw=draw_detections)
         device = resolve_device(args.device)
-        results = run_inference(cfg, checkpoint, paths, args.out, device=device, draw=draw_detections, **kwargs)
+        run = run_inference(cfg, checkpoint, paths, args.out, device=device, warn=warn, **kwargs)
     except (ConfigError, FileNotFoundError, ImageError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"{len(results)} detections in {len(paths)} images written to {args.out}")
+    print(f"{len(run.results)} detections in {len(run.images)} images written to {args.out}")
+    if run.skipped:
+        listed = "\n".join(f"  {path}" for path in run.skipped)
+        print(f"warning: {len(run.skipped)} unreadable image(s) skipped (reasons above):\n{listed}", file=sys.stderr)
     return 0
 
 

@@ -52,6 +52,21 @@ def read_rgb(path: str, name: str | None = None) -> np.ndarray:
         raise DatasetError(f"cannot read image {name}: {exc}") from exc
 
 
+def pil_to_rgb(picture: Image.Image, name: str = "image") -> np.ndarray:
+    """An opened PIL image as ``(H, W, 3)`` uint8 RGB, decoded as :func:`read_rgb` decodes its file (EXIF orientation
+    applied, on a copy: the image given is not changed), so ``Image.open(path)`` and ``path`` give the same pixels.
+
+    Raises:
+        DatasetError: as :func:`read_rgb`, naming the image as ``name``.
+    """
+    try:
+        return _rgb(ImageOps.exif_transpose(picture), name)
+    except DatasetError:
+        raise
+    except _READ_ERRORS as exc:  # an opened file that turns out truncated or undecodable
+        raise DatasetError(f"cannot read image {name}: {exc}") from exc
+
+
 def _rgb(picture: Image.Image, name: str) -> np.ndarray:
     """A decoded PIL image of any mode -> ``(H, W, 3)`` uint8 RGB."""
     if picture.mode in _SIXTEEN_BIT:  # 16-bit grey: 0..65535 onto 0..255, as OpenCV reads it

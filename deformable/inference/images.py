@@ -17,7 +17,7 @@ from PIL import Image
 from torchvision import tv_tensors
 
 from deformable.data import DatasetError, build_transforms, collate
-from deformable.data.decode import IMAGE_EXTENSIONS, read_rgb
+from deformable.data.decode import IMAGE_EXTENSIONS, pil_to_rgb, read_rgb
 from models.config import DataConfig
 
 # One image as :class:`~deformable.inference.predictor.Predictor` takes it (see :func:`as_rgb`).
@@ -83,7 +83,8 @@ def read_image(path: str) -> np.ndarray:
 def as_rgb(image: ImageInput, where: str = "image") -> np.ndarray:
     """One image -> ``(H, W, 3)`` uint8 RGB.
 
-    Accepted: a file path; a ``PIL.Image`` (any mode, converted to RGB); a uint8 numpy array ``(H, W)``, ``(H, W, 1)``,
+    Accepted: a file path; a ``PIL.Image`` (any mode, read as a file is: EXIF orientation applied, 16-bit scaled to
+    8 bits, alpha dropped; the image given is left as it is); a uint8 numpy array ``(H, W)``, ``(H, W, 1)``,
     ``(H, W, 3)`` RGB or ``(H, W, 4)`` RGBA (alpha dropped; an OpenCV image is BGR: convert it with
     ``cv2.cvtColor(image, cv2.COLOR_BGR2RGB)``); a torch tensor ``(3, H, W)`` or ``(1, H, W)``, uint8 or float in
     ``[0, 1]`` (torchvision's convention).
@@ -95,7 +96,7 @@ def as_rgb(image: ImageInput, where: str = "image") -> np.ndarray:
     if isinstance(image, (str, os.PathLike)):
         return read_image(os.fspath(image))
     if isinstance(image, Image.Image):
-        return np.array(image.convert("RGB"))  # a writable copy
+        return _pil_to_rgb(image, where)
     if isinstance(image, torch.Tensor):
         return _tensor_to_rgb(image, where)
     if isinstance(image, np.ndarray):
@@ -103,6 +104,16 @@ def as_rgb(image: ImageInput, where: str = "image") -> np.ndarray:
     raise ImageError(
         f"{where}: expected a path, a numpy array, a PIL image or a torch tensor, got {type(image).__name__}"
     )
+
+
+def _pil_to_rgb(image: Image.Image, where: str) -> np.ndarray:
+    """A PIL image -> RGB exactly as :func:`read_image` decodes its file: the same orientation and conversion code
+    (:mod:`deformable.data.decode`), so ``Image.open(path)`` and ``path`` give the same pixels (a plain
+    ``convert("RGB")`` would turn a 16-bit image white and a phone photo on its side)."""
+    try:
+        return pil_to_rgb(image, where)
+    except DatasetError as exc:  # floating-point pixels, a truncated file
+        raise ImageError(str(exc)) from exc
 
 
 def _array_to_rgb(array: np.ndarray, where: str) -> np.ndarray:

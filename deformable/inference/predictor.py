@@ -8,15 +8,18 @@ weights (``weights_only=True``), class names, one batched call.
     for box, score, name in zip(found.boxes.tolist(), found.scores.tolist(), found.names):
         print(name, score, box)                            # box: (x0, y0, x1, y1) in the photo's pixels
 
-The resize, normalisation, padding and post-processing are those of ``tools/infer.py`` and of evaluation, so a
-predictor returns what ``infer`` writes for the same image and checkpoint.
+The resize, normalisation, padding and post-processing are those of ``tools/infer.py`` and of evaluation, and both
+keep the same detections (:func:`select_detections`), so a predictor returns what ``infer`` writes for the same image,
+checkpoint and batch size. Both take one image at a time by default (:data:`DEFAULT_BATCH_SIZE`). A batch of several
+images is padded to the largest of them, so the detections of a smaller image may change slightly with the images
+beside it (the original DETR behaves the same way); the largest image of a batch is not padded.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +35,11 @@ from models.device import resolve_device
 from models.loading import config_and_checkpoint
 
 from .images import ImageInput, as_rgb, prepare_batch
+
+# One image per forward pass, for Predictor and tools/infer.py alike: an image's detections then never depend on the
+# other images given with it (padding in a batch moves them slightly), as with Ultralytics' and detectron2's
+# predictors. A larger batch is faster on a GPU: pass batch_size (Predictor) or --batch-size (infer).
+DEFAULT_BATCH_SIZE = 1
 
 
 def load_detector(
@@ -122,7 +130,8 @@ class Predictor:
         overrides: ``section.key=value`` strings applied on top (e.g. ``"data.val_size=800"``).
         device: ``"auto"`` (a GPU when one is visible), ``"cpu"`` or ``"cuda"``.
         threshold: the default score threshold of :meth:`__call__`.
-        batch_size: images per forward pass.
+        batch_size: images per forward pass (:data:`DEFAULT_BATCH_SIZE` by default). More than one is faster on a GPU
+            but pads the smaller images of a batch, which may change their detections slightly.
 
     Raises:
         FileNotFoundError, models.CheckpointError, models.config.ConfigError: as the tools do, naming the file or
@@ -137,9 +146,9 @@ class Predictor:
         *,
         device: str = "auto",
         threshold: float = 0.3,
-        batch_size: int = 4,
+        batch_size: int = DEFAULT_BATCH_SIZE,
     ) -> None:
-        _check_threshold(threshold)
+        check_threshold(threshold, "Predictor: threshold")
         if batch_size < 1:
             raise ValueError(f"Predictor: batch_size must be >= 1, got {batch_size}")
         self.cfg, read = config_and_checkpoint(config, list(overrides), checkpoint)
@@ -160,7 +169,7 @@ class Predictor:
             threshold: the lowest score kept; the predictor's ``threshold`` by default.
         """
         threshold = self.threshold if threshold is None else threshold
-        _check_threshold(threshold)
+        check_threshold(threshold, "Predictor: threshold")
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
         found: list[Detections] = []
@@ -175,14 +184,26 @@ class Predictor:
     def _detections(self, result: dict[str, torch.Tensor], threshold: float, size: tuple[int, int]) -> Detections:
         """One post-processed result -> :class:`Detections`: the scores at or above ``threshold`` and, where the
         checkpoint names its classes, the labels that are one of them (as ``tools/infer.py`` writes them)."""
-        keep = result["scores"] >= threshold
-        if self.class_names:
-            keep &= torch.isin(result["labels"], torch.tensor(sorted(self.class_names)))
-        labels = result["labels"][keep]
-        names = tuple(self.class_names.get(int(label), str(int(label))) for label in labels)
-        return Detections(result["boxes"][keep].float(), result["scores"][keep].float(), labels, names, size)
+        kept = select_detections(result, threshold, self.class_names)
+        names = tuple(self.class_names.get(int(label), str(int(label))) for label in kept["labels"])
+        return Detections(kept["boxes"].float(), kept["scores"].float(), kept["labels"], names, size)
 
 
-def _check_threshold(threshold: float) -> None:
+def select_detections(
+    result: Mapping[str, torch.Tensor], threshold: float, class_names: Mapping[int, str]
+) -> dict[str, torch.Tensor]:
+    """The detections of one post-processed result that a user is shown: score at or above ``threshold`` and, where
+    the checkpoint names its classes (``class_names`` not empty), a label that is one of them (the unused class 0 of
+    the original's convention is none). :class:`Predictor`, the results ``tools/infer.py`` writes and the boxes it
+    draws all keep these, so that they agree."""
+    keep = result["scores"] >= threshold
+    if class_names:
+        keep &= torch.isin(result["labels"], torch.tensor(sorted(class_names), dtype=result["labels"].dtype))
+    return {key: value[keep] for key, value in result.items()}
+
+
+def check_threshold(threshold: float, setting: str) -> None:
+    """Refuses a score threshold outside ``[0, 1]`` (NaN included: no score is compared true with it), naming
+    ``setting`` (``Predictor: threshold``, ``--score-threshold``)."""
     if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"Predictor: threshold must be a score in [0, 1], got {threshold}")
+        raise ValueError(f"{setting} must be a score in [0, 1], got {threshold}")

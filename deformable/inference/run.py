@@ -1,11 +1,18 @@
 """Detection over image files: batches with padding, a COCO-format results file and, with a drawing function passed
-in (:func:`deformable.viz.detections.draw_detections`, a layer above this one), annotated images."""
+in (:func:`deformable.viz.detections.draw_detections`, a layer above this one), annotated images.
+
+Nothing a user saved is lost: with drawing, the output folder may not be one that holds an input image (so a drawn
+image never lands on or among the inputs), an existing file of the output folder is replaced only when an earlier run
+wrote it (:class:`OutputFolder` keeps the list), and every file is written atomically.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -16,25 +23,56 @@ from deformable.data import dataset_image_ids
 from deformable.data.coco_eval import to_coco_results
 from models import build_postprocessor
 from models.config import Config
-from models.files import make_dir
+from models.files import FolderError, atomic_write, atomic_write_text, make_dir
 
-from .images import prepare_batch, read_image
-from .predictor import class_names, detect, load_detector
+from .images import ImageError, prepare_batch, read_image
+from .predictor import DEFAULT_BATCH_SIZE, check_threshold, class_names, detect, load_detector, select_detections
 
 # (image (H, W, 3) RGB, one result: scores (k,), labels (k,), boxes (k, 4) xyxy pixels, id -> name) -> BGR image
 DrawDetections = Callable[[np.ndarray, Mapping[str, torch.Tensor], Mapping[int, str]], np.ndarray]
 
+RESULTS, IMAGES = "results.json", "images.json"
+# The files of the output folder that runs wrote, so that a later run may replace them and nothing else. Hidden, as
+# tool metadata is; a run killed midway has already written it, so rerunning into the same folder works.
+MANIFEST = ".infer-outputs.json"
+JPEG_MAX_SIDE = 65500  # libjpeg's limit; a drawn image with a longer side is written as PNG
+
+
+@dataclass(frozen=True)
+class InferenceRun:
+    """What :func:`run_inference` wrote: ``results`` (results.json), ``images`` (images.json) and ``skipped``
+    (unreadable image path -> the reason, each reported as a warning when met)."""
+
+    results: list[dict]
+    images: list[dict]
+    skipped: dict[str, str] = field(default_factory=dict)
+
 
 def image_ids(paths: Sequence[str], cfg: Config) -> dict[str, int]:
-    """Path -> image id: the id of the same file name in the data set of ``cfg.data`` (any layout, so the results
-    can be scored against it), else its position (1-based) in ``paths``."""
+    """Path -> image id in results.json and images.json.
+
+    An image of the data set of ``cfg.data`` (matched by file name, in any layout, so that the results can be scored
+    against it) keeps its id there; where several inputs share that file name, the first listed gets it. Every other
+    image gets an id above the data set's largest (1, 2, ... without a data set), in the order given, so that no id
+    can point at another image of the data set. images.json maps the ids to the files.
+    """
     known = dataset_image_ids(cfg.data)
-    ids = {p: known.get(os.path.basename(p), i + 1) for i, p in enumerate(paths)}
-    return ids if len(set(ids.values())) == len(ids) else {p: i + 1 for i, p in enumerate(paths)}
+    next_id = max(known.values(), default=0) + 1
+    ids: dict[str, int] = {}
+    taken: set[int] = set()
+    for path in paths:
+        if path in ids:
+            continue
+        own = known.get(os.path.basename(path))
+        if own is None or own in taken:
+            own, next_id = next_id, next_id + 1
+        ids[path] = own
+        taken.add(own)
+    return ids
 
 
 def output_names(paths: Sequence[str]) -> dict[str, str]:
-    """Path -> ``<stem>.jpg``, with ``_<n>`` added where stems repeat."""
+    """Path -> ``<stem>.jpg``, the drawn image's name, with ``_<n>`` added where stems repeat."""
     names: dict[str, str] = {}
     used: set[str] = set()
     for path in paths:
@@ -47,6 +85,108 @@ def output_names(paths: Sequence[str]) -> dict[str, str]:
     return names
 
 
+def check_out_dir_holds_no_input(paths: Iterable[str], out_dir: str) -> None:
+    """Refuses an output folder that holds one of the input images (through a link too): drawn images written there
+    would sit among the user's photos and could replace one of them.
+
+    Raises:
+        FolderError: naming the input file and suggesting another folder.
+    """
+    if not os.path.isdir(out_dir):
+        return  # a folder still to be made holds nothing
+    for path in paths:
+        folders = {os.path.dirname(os.path.abspath(path)), os.path.dirname(os.path.realpath(path))}
+        if any(os.path.samefile(folder, out_dir) for folder in folders if os.path.isdir(folder)):
+            norm = os.path.normpath(out_dir)
+            other = "detections" if os.path.basename(norm) in (".", "..", "") else f"{norm}_detections"
+            raise FolderError(
+                f"the output folder {out_dir} holds the input image {path}: the drawn images would be written among "
+                f"your images and could replace them; choose another output folder (e.g. --out {other})"
+            )
+
+
+class OutputFolder:
+    """The output folder of a run: a file may be written there when it does not exist yet or when an earlier run
+    wrote it (the names in :data:`MANIFEST`); any other existing file is refused, never replaced."""
+
+    def __init__(self, path: str) -> None:
+        make_dir(path, "the output folder")
+        self.path = path
+        self.owned = self._earlier_outputs()
+
+    def _earlier_outputs(self) -> set[str]:
+        try:
+            with open(os.path.join(self.path, MANIFEST), encoding="utf-8") as f:
+                return {name for name in json.load(f)["files"] if isinstance(name, str)}
+        except FileNotFoundError:
+            return self._outputs_before_the_manifest()
+        except (OSError, ValueError, KeyError, TypeError):
+            return set()  # unreadable: nothing in the folder is known to be ours
+
+    def _outputs_before_the_manifest(self) -> set[str]:
+        """A folder that a version without the manifest wrote: its images.json lists the inputs, whose drawn names
+        :func:`output_names` gives (the same naming, in the same order)."""
+        try:
+            with open(os.path.join(self.path, IMAGES), encoding="utf-8") as f:
+                files = [entry["file_name"] for entry in json.load(f)]
+        except (OSError, ValueError, KeyError, TypeError):
+            return set()  # missing or not infer's images.json
+        if not all(isinstance(name, str) for name in files):
+            return set()
+        return {RESULTS, IMAGES, *output_names(files).values()}
+
+    def claim(self, names: Iterable[str]) -> None:
+        """Checks that every one of ``names`` may be written, then records them as this tool's (before they are
+        written, so that a run killed midway leaves a folder that the next run may write into).
+
+        Raises:
+            FolderError: some of ``names`` exist and no earlier run wrote them (the message names them).
+        """
+        names = list(names)
+        foreign = [n for n in names if n not in self.owned and os.path.lexists(os.path.join(self.path, n))]
+        if foreign:
+            shown = ", ".join(os.path.join(self.path, n) for n in foreign[:3])
+            more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+            raise FolderError(
+                f"the output folder {self.path} already holds {shown}{more}, which no earlier run of infer wrote: "
+                "infer never replaces such a file; move it away or choose another output folder (--out)"
+            )
+        if not set(names) <= self.owned:
+            self.owned |= set(names)
+            atomic_write_text(os.path.join(self.path, MANIFEST), json.dumps({"files": sorted(self.owned)}))
+
+    def write_drawn(self, name: str, image: np.ndarray, source: str, warn: Callable[[str], None]) -> str:
+        """Writes the BGR ``image`` drawn on ``source`` as ``name`` (JPEG), or as PNG with a warning where a side is
+        longer than JPEG allows. Returns the name written.
+
+        Raises:
+            FolderError: the image cannot be encoded or written (the message names the file and the reason).
+        """
+        height, width = image.shape[:2]
+        if max(height, width) > JPEG_MAX_SIDE:
+            png = os.path.splitext(name)[0] + ".png"
+            self.claim([png])
+            warn(
+                f"the drawn image of {source} is {width}x{height} pixels, beyond JPEG's {JPEG_MAX_SIDE}: written as "
+                f"{os.path.join(self.path, png)} instead of {name}"
+            )
+            name = png
+        target = os.path.join(self.path, name)
+        try:
+            ok, encoded = cv2.imencode(os.path.splitext(name)[1], image)
+        except cv2.error as exc:
+            ok, reason = False, str(exc).strip().splitlines()[-1]
+        else:
+            reason = "OpenCV could not encode it"
+        if not ok:
+            raise FolderError(f"cannot write the drawn image {target} ({width}x{height} pixels): {reason}")
+        try:
+            atomic_write(target, lambda f: f.write(encoded.tobytes()))
+        except OSError as exc:
+            raise FolderError(f"cannot write the drawn image {target}: {exc.strerror or exc}") from exc
+        return name
+
+
 def run_inference(
     cfg: Config,
     checkpoint: str | None,
@@ -54,50 +194,99 @@ def run_inference(
     out_dir: str,
     *,
     score_threshold: float = 0.3,
-    batch_size: int = 1,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     device: torch.device,
     show_progress: bool = True,
     draw: DrawDetections | None = None,
-) -> list[dict]:
-    """Detects on ``paths`` and writes ``out_dir/results.json`` (COCO results of the detections >= ``score_threshold``:
-    ``image_id``, ``category_id``, ``bbox`` xywh, ``score``), ``out_dir/images.json`` (COCO ``images`` entries: ``id``,
-    ``file_name``, ``height``, ``width``) and, with ``draw``, ``out_dir/<stem>.jpg``: the image ``draw`` returns for
-    those detections (``tools/infer.py`` passes :func:`deformable.viz.detections.draw_detections`).
+    warn: Callable[[str], None] | None = None,
+) -> InferenceRun:
+    """Detects on ``paths`` and writes ``out_dir/results.json`` (COCO results of the detections >= ``score_threshold``
+    whose label the checkpoint names, as :class:`~deformable.inference.Predictor` returns them: ``image_id``,
+    ``category_id``, ``bbox`` xywh, ``score``), ``out_dir/images.json`` (COCO ``images`` entries: ``id``,
+    ``file_name``, ``height``, ``width``; ids as :func:`image_ids` gives them) and, with ``draw``,
+    ``out_dir/<stem>.jpg``: the image ``draw`` returns for those same detections (``tools/infer.py`` passes
+    :func:`deformable.viz.detections.draw_detections`).
 
-    Returns the results list.
+    Before any work: with ``draw``, an ``out_dir`` that holds an input image is refused; an existing file of
+    ``out_dir`` that no earlier run wrote is never replaced (:class:`OutputFolder`). An image that cannot be read is
+    skipped: ``warn`` (by default :func:`warnings.warn`) is called with a message naming it and the run goes on.
+    ``batch_size`` > 1 pads the smaller images of a batch, which may change their detections slightly.
+
+    Raises:
+        ValueError: a batch size < 1 or a threshold outside [0, 1]. FolderError: ``out_dir`` cannot be used, or a
+        drawn image cannot be written (naming the file). ImageError: no image could be read.
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
-    make_dir(out_dir, "the output folder")
+    check_threshold(score_threshold, "score_threshold")
+    warn = warn or (lambda message: warnings.warn(message, stacklevel=3))
+    paths = _distinct(paths)
+    if draw is not None:
+        check_out_dir_holds_no_input(paths, out_dir)
+    folder = OutputFolder(out_dir)
+    ids, files = image_ids(paths, cfg), output_names(paths)
+    folder.claim([RESULTS, IMAGES, *(files.values() if draw is not None else ())])
     model, state = load_detector(cfg, checkpoint, device)
     postprocessor = build_postprocessor(cfg)
     names = class_names(cfg, state)
-    ids, files = image_ids(paths, cfg), output_names(paths)
-    results, images = [], []
+    results: list[dict] = []
+    images: list[dict] = []
+    skipped: dict[str, str] = {}
+
+    def skip(path: str, reason: str) -> None:
+        skipped[path] = reason
+        warn(f"{reason}; skipped")
+
     bar = tqdm(total=len(paths), desc="infer", unit="img", disable=not show_progress, dynamic_ncols=True)
-    for start in range(0, len(paths), batch_size):
-        batch = paths[start : start + batch_size]
-        pictures = [read_image(p) for p in batch]
+    for batch in _readable_batches(paths, batch_size, skip, bar):
+        pictures = [picture for _, picture in batch]
         sizes = torch.tensor([p.shape[:2] for p in pictures])
         _, detections = detect(model, postprocessor, *prepare_batch(pictures, cfg.data), sizes)
-        for path, picture, found in zip(batch, pictures, detections, strict=True):
-            kept = _above(found, score_threshold)
+        for (path, picture), found in zip(batch, detections, strict=True):
+            kept = select_detections(found, score_threshold, names)  # what is written is what is drawn
             if draw is not None:
-                cv2.imwrite(os.path.join(out_dir, files[path]), draw(picture, kept, names))
-            results += to_coco_results(ids[path], kept, sorted(names) or None)
+                folder.write_drawn(files[path], draw(picture, kept, names), path, warn)
+            results += to_coco_results(ids[path], kept)
             images.append({"id": ids[path], "file_name": path, "height": picture.shape[0], "width": picture.shape[1]})
-        bar.update(len(batch))
     bar.close()
-    _write_json(os.path.join(out_dir, "results.json"), results)
-    _write_json(os.path.join(out_dir, "images.json"), images)
-    return results
+    if paths and not images:
+        first = next(iter(skipped.values()))
+        raise ImageError(f"none of the {len(paths)} images could be read ({first}); nothing was written")
+    atomic_write_text(os.path.join(out_dir, RESULTS), json.dumps(results))
+    atomic_write_text(os.path.join(out_dir, IMAGES), json.dumps(images))
+    return InferenceRun(results, images, skipped)
 
 
-def _above(result: Mapping[str, torch.Tensor], threshold: float) -> dict[str, torch.Tensor]:
-    keep = result["scores"] >= threshold
-    return {k: v[keep] for k, v in result.items()}
+def _distinct(paths: Sequence[str]) -> list[str]:
+    """``paths`` with a file named twice (a folder and one of its files, ``a.jpg`` and ``./a.jpg``) kept once, first
+    place: twice in images.json it would be two images with one id."""
+    seen: set[str] = set()
+    kept = []
+    for path in paths:
+        real = os.path.realpath(path)
+        if real not in seen:
+            seen.add(real)
+            kept.append(path)
+    return kept
 
 
-def _write_json(path: str, payload: object) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(payload, f)
+def _readable_batches(
+    paths: Sequence[str], batch_size: int, skip: Callable[[str, str], None], bar: tqdm
+) -> Iterator[list[tuple[str, np.ndarray]]]:
+    """Batches of ``(path, RGB image)`` of up to ``batch_size`` readable images; each unreadable one is passed to
+    ``skip`` with the reason (naming the file) instead of ending the run."""
+    batch: list[tuple[str, np.ndarray]] = []
+    for path in paths:
+        try:
+            batch.append((path, read_image(path)))
+        except ImageError as exc:
+            skip(path, str(exc))
+            bar.update(1)
+            continue
+        if len(batch) == batch_size:
+            yield batch
+            bar.update(len(batch))
+            batch = []
+    if batch:
+        yield batch
+        bar.update(len(batch))

@@ -1,0 +1,176 @@
+"""What tools/infer.py writes and where: never over a file the user saved, ids that point at the right data-set
+image, the boxes drawn being those written, unreadable images skipped, drawn images too large for JPEG."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from _repo import load_tool
+from _viz_utils import shapes_image, tiny_config, tiny_model, tool_argv_config, write_checkpoint, write_image
+
+from deformable.inference.run import MANIFEST, OutputFolder, run_inference
+from models.config import config_to_dict
+from models.files import FolderError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+infer = load_tool("infer")
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    return write_checkpoint(str(tmp_path_factory.mktemp("ck") / "checkpoint.pth"), tiny_model(), tiny_config())
+
+
+def run_tool(tmp_path, checkpoint: str, *args: str) -> int:
+    return infer.main([*tool_argv_config(tmp_path), "--checkpoint", checkpoint, "--device", "cpu", *args])
+
+
+def contents(folder) -> dict[str, bytes]:
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+
+
+def test_an_output_folder_that_holds_an_input_is_refused_before_any_work(tmp_path, checkpoint, capsys) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    write_image(str(photos / "a.jpg"), shapes_image(30, 40))
+    write_image(str(photos / "b.png"), shapes_image(30, 40, seed=1))
+    before = contents(photos)
+    assert run_tool(tmp_path, checkpoint, str(photos), "--out", str(photos)) == 1
+    err = capsys.readouterr().err
+    assert f"holds the input image {photos / 'a.jpg'}" in err and f"--out {photos}_detections" in err
+    assert contents(photos) == before  # nothing replaced, nothing added
+    # An input reached through a link in another folder is the file in the output folder all the same.
+    links = tmp_path / "links"
+    links.mkdir()
+    os.symlink(photos / "a.jpg", links / "a.jpg")
+    with pytest.raises(FolderError, match="holds the input image"):  # before the (missing) checkpoint is read
+        run_inference(tiny_config(), str(tmp_path / "missing.pth"), [str(links / "a.jpg")], str(photos), device=CPU,
+                      draw=lambda image, result, names: image)  # fmt: skip
+    assert contents(photos) == before
+
+
+def test_a_file_no_run_wrote_is_never_replaced_and_earlier_outputs_are(tmp_path, checkpoint, capsys) -> None:
+    photo = write_image(str(tmp_path / "x.png"), shapes_image(30, 40))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x.jpg").write_bytes(b"the user's own x.jpg")
+    assert run_tool(tmp_path, checkpoint, photo, "--out", str(out)) == 1
+    assert f"already holds {out / 'x.jpg'}, which no earlier run of infer wrote" in capsys.readouterr().err
+    assert contents(out) == {"x.jpg": b"the user's own x.jpg"}  # and results.json was not written either
+
+    (out / "x.jpg").unlink()
+    assert run_tool(tmp_path, checkpoint, photo, "--out", str(out)) == 0
+    first = contents(out)
+    assert set(first) == {MANIFEST, "x.jpg", "results.json", "images.json"}
+    (out / "x.jpg").write_bytes(b"stale")
+    assert run_tool(tmp_path, checkpoint, photo, "--out", str(out)) == 0  # a rerun replaces its own files
+    assert contents(out) == first
+
+    # A folder written before the list of outputs existed: its images.json names the drawn images.
+    (out / MANIFEST).unlink()
+    assert run_tool(tmp_path, checkpoint, photo, "--out", str(out)) == 0
+    # A list that does not name a file leaves it alone.
+    (out / MANIFEST).write_text(json.dumps({"files": ["results.json", "images.json"]}))
+    assert run_tool(tmp_path, checkpoint, photo, "--out", str(out)) == 1
+    assert "x.jpg, which no earlier run of infer wrote" in capsys.readouterr().err
+
+
+def test_data_set_images_keep_their_ids_and_other_files_get_ids_above_them(tmp_path, checkpoint) -> None:
+    root = tmp_path / "data"
+    (root / "annotations").mkdir(parents=True)
+    (root / "val2017").mkdir()
+    entries = [{"id": 5, "file_name": "a.jpg", "width": 40, "height": 30}]
+    entries += [{"id": 9, "file_name": "b.jpg", "width": 40, "height": 30}]
+    payload = {"images": entries, "annotations": [], "categories": [{"id": 1, "name": "cat"}]}
+    (root / "annotations" / "instances_val2017.json").write_text(json.dumps(payload))
+    for name in ("a.jpg", "b.jpg"):
+        write_image(str(root / "val2017" / name), shapes_image(30, 40))
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("x.jpg", "a.jpg", "1.jpg"):  # another a.jpg: a name collision
+        write_image(str(other / name), shapes_image(30, 40, seed=2))
+    paths = [str(other / "x.jpg"), str(root / "val2017" / "b.jpg"), str(root / "val2017" / "a.jpg")]
+    paths += [str(other / "a.jpg"), str(other / "1.jpg")]
+    cfg = tiny_config(f"data.root={root}")
+    run = run_inference(cfg, checkpoint, paths, str(tmp_path / "out"), score_threshold=0.0, device=CPU,
+                        show_progress=False)  # fmt: skip
+    ids = {image["file_name"]: image["id"] for image in run.images}
+    assert ids == {paths[0]: 10, paths[1]: 9, paths[2]: 5, paths[3]: 11, paths[4]: 12}
+    with open(tmp_path / "out" / "images.json") as f:
+        assert {image["file_name"]: image["id"] for image in json.load(f)} == ids
+    assert {r["image_id"] for r in run.results} == set(ids.values())
+
+
+def test_the_drawn_boxes_are_those_written(tmp_path) -> None:
+    """Labels the checkpoint does not name (class 0 of the original's convention, here also 2) are neither written
+    nor drawn."""
+    named = str(tmp_path / "named.pth")
+    state = {"model": tiny_model().state_dict(), "config": config_to_dict(tiny_config())}
+    torch.save({**state, "class_names": {1: "cat", 3: "dog"}}, named)
+    photo = write_image(str(tmp_path / "p.png"), shapes_image(60, 80))
+    drawn: list[dict[str, torch.Tensor]] = []
+
+    def draw(image: np.ndarray, result, names) -> np.ndarray:
+        drawn.append(dict(result))
+        return cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+
+    unnamed = str(tmp_path / "unnamed.pth")
+    torch.save(state, unnamed)
+    kwargs = dict(score_threshold=0.0, device=CPU, show_progress=False, draw=draw)
+    everything = run_inference(tiny_config(), unnamed, [photo], str(tmp_path / "all"), **kwargs).results
+    assert {r["category_id"] for r in everything} - {1, 3}  # there is something to drop
+    drawn.clear()
+    run = run_inference(tiny_config(), named, [photo], str(tmp_path / "out"), **kwargs)
+    assert len(drawn) == 1 and set(drawn[0]["labels"].tolist()) <= {1, 3}
+    assert [r["category_id"] for r in run.results] == drawn[0]["labels"].tolist()
+    assert [r["score"] for r in run.results] == pytest.approx(drawn[0]["scores"].tolist())
+
+
+def test_an_unreadable_image_is_skipped_named_and_listed(tmp_path, checkpoint, capsys) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    write_image(str(photos / "a.jpg"), shapes_image(30, 40))
+    (photos / "b.jpg").write_bytes(b"not a JPEG")
+    write_image(str(photos / "c.png"), shapes_image(30, 40, seed=1))
+    out = tmp_path / "out"
+    assert run_tool(tmp_path, checkpoint, str(photos), "--out", str(out), "--batch-size", "2") == 0
+    captured = capsys.readouterr()
+    assert f"warning: cannot read image {photos / 'b.jpg'}" in captured.err and "; skipped" in captured.err
+    assert f"1 unreadable image(s) skipped (reasons above):\n  {photos / 'b.jpg'}" in captured.err
+    assert "in 2 images written" in captured.out
+    with open(out / "images.json") as f:
+        assert [os.path.basename(image["file_name"]) for image in json.load(f)] == ["a.jpg", "c.png"]
+    assert {"a.jpg", "c.jpg", "results.json"} <= set(os.listdir(out)) and "b.jpg" not in os.listdir(out)
+    assert not [name for name in os.listdir(out) if name.startswith(".tmp-")]  # written atomically
+
+
+@pytest.mark.parametrize("value", ["nan", "2", "-1"])
+def test_the_score_threshold_is_checked_first(tmp_path, value, capsys) -> None:
+    photo = write_image(str(tmp_path / "p.png"), shapes_image(20, 20))
+    out = tmp_path / "out"
+    assert run_tool(tmp_path, str(tmp_path / "missing.pth"), photo, "--out", str(out), "--score-threshold", value) == 1
+    err = capsys.readouterr().err
+    assert f"--score-threshold must be a score in [0, 1], got {float(value)}" in err and "missing.pth" not in err
+    assert not out.exists()
+
+
+def test_a_drawn_image_too_long_for_jpeg_is_written_as_png_and_said(tmp_path, monkeypatch) -> None:
+    folder = OutputFolder(str(tmp_path / "out"))
+    messages: list[str] = []
+    tall = np.zeros((65501, 2, 3), np.uint8)
+    assert folder.write_drawn("tall.jpg", tall, "photos/tall.png", messages.append) == "tall.png"
+    assert cv2.imread(str(tmp_path / "out" / "tall.png")).shape == tall.shape
+    assert not (tmp_path / "out" / "tall.jpg").exists()
+    assert len(messages) == 1 and "photos/tall.png is 2x65501 pixels, beyond JPEG's 65500" in messages[0]
+    assert "tall.png" in json.loads((tmp_path / "out" / MANIFEST).read_text())["files"]
+    # Any other failure to encode is an error naming the file.
+    monkeypatch.setattr(cv2, "imencode", lambda ext, image: (False, None))
+    with pytest.raises(FolderError, match=r"cannot write the drawn image .*small\.jpg \(2x2 pixels\)"):
+        folder.write_drawn("small.jpg", np.zeros((2, 2, 3), np.uint8), "small.png", messages.append)
