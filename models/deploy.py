@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import warnings
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -23,6 +24,7 @@ import deformable
 
 from .checkpoint import Checkpoint
 from .config import Config
+from .files import atomic_save
 from .loading import load_detector
 
 if TYPE_CHECKING:
@@ -74,8 +76,49 @@ def example_images(batch: int = 2, height: int = 512, width: int = 640, seed: in
 
 def dynamic_shapes() -> dict[str, dict[int, object]]:
     """``torch.export`` dynamic shapes of ``images``: batch from 1, height and width whatever the model allows
-    (each feature level at least 2 pixels: e.g. at least 65 px with the default 4 levels, stride 64 at the top)."""
+    (each feature level at least 2 pixels: e.g. at least 65 px with the default 4 levels, stride 64 at the top;
+    :func:`min_image_side`)."""
     return {"images": {0: torch.export.Dim("batch", min=1), 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}}
+
+
+def min_image_side(num_feature_levels: int, backbone_strides: Sequence[int]) -> int:
+    """The smallest image side (pixels) that an export with dynamic height and width can be traced at.
+
+    Each stride-2 step of the network (a 3x3 or 7x7 convolution with padding, or the max-pool) maps ``n`` pixels to
+    ``ceil(n / 2)``, so a map of stride ``s`` is ``ceil(side / s)`` pixels. The top level's stride is the
+    backbone's last map's (32, or 16 with DC5) doubled by each extra stride-2 level beyond the backbone's maps.
+    ``torch.export`` specialises a size that is 1 while tracing (0/1 sizes cannot stay symbolic): traced at 64 px,
+    a 4-level model's program takes sides 33..64 only. So every level needs at least 2 pixels: ``side >= top stride
+    + 1``, e.g. 33 px with 3 levels (or 1), 65 with the default 4 (traced at 65: sides 65 and up).
+
+    Args:
+        num_feature_levels: the detector's ``num_feature_levels``.
+        backbone_strides: the strides of the backbone maps it uses (its ``backbone.strides``), last the largest.
+    """
+    extra_levels = num_feature_levels - len(backbone_strides)
+    return int(backbone_strides[-1]) * 2 ** max(extra_levels, 0) + 1
+
+
+def check_export_size(height: int, width: int, model: nn.Module) -> None:
+    """Refuses an example size that an export cannot trace with dynamic height and width, before the minutes an
+    export takes: a side below :func:`min_image_side` of ``model`` (a detector: ``backbone.strides``,
+    ``num_feature_levels``).
+
+    Raises:
+        ValueError: naming the size, the minimum and why.
+    """
+    strides, levels = list(model.backbone.strides), int(model.num_feature_levels)
+    minimum = min_image_side(levels, strides)
+    if min(height, width) >= minimum:
+        return
+    extra = levels - len(strides)
+    top = f"the backbone's stride-{strides[-1]} map" + (f" and {extra} extra stride-2 level(s)" if extra > 0 else "")
+    raise ValueError(
+        f"example size {height}x{width} (--size H W) is too small: each side must be at least {minimum} px for this "
+        f"model. Its smallest feature map (stride {minimum - 1}: {top}) would be 1 px there, and torch.export "
+        f"specialises the graph to a 1-px map, so the program would not take larger images (height and width stay "
+        f"dynamic only when every level is at least 2 px)"
+    )
 
 
 def has_cope(model: nn.Module) -> bool:
@@ -95,7 +138,11 @@ def export_program(model: nn.Module, images: torch.Tensor) -> torch.export.Expor
     Returns:
         An ExportedProgram with dynamic batch, height and width (CoPE offsets included);
         ``program.module()(images)`` returns ``(pred_logits, pred_boxes)``; save it with ``torch.export.save``.
+
+    Raises:
+        ValueError: ``images`` smaller than :func:`min_image_side` (the program would not be dynamic).
     """
+    check_export_size(*images.shape[-2:], model)
     with torch.no_grad():
         return torch.export.export(ExportableDetector(model), (images,), dynamic_shapes=dynamic_shapes())
 
@@ -132,7 +179,8 @@ def export_onnx(
         The ``torch.onnx.ONNXProgram``, already saved.
 
     Raises:
-        ValueError: an opset below 18, or the exporter wrote another opset than asked for.
+        ValueError: an opset below 18, an example size below :func:`min_image_side`, or the exporter wrote another
+            opset than asked for.
         ImportError: onnx or onnxscript (which the exporter needs) is not installed.
     """
     if opset < MIN_OPSET:
@@ -140,6 +188,7 @@ def export_onnx(
             f"opset {opset} is not supported: the exporter writes opset {MIN_OPSET}+ (GridSample needs 16, but "
             f"converting the graph below 18 fails); use --opset {MIN_OPSET} or higher"
         )
+    check_export_size(*images.shape[-2:], model)
     missing = [name for name in ("onnx", "onnx_ir", "onnxscript") if importlib.util.find_spec(name) is None]
     if missing:
         raise ImportError(f"ONNX export needs {', '.join(missing)}: pip install '.[export]'")
@@ -160,7 +209,7 @@ def export_onnx(
     written = {entry.domain: entry.version for entry in program.model_proto.opset_import}.get("", 0)
     if written != opset:  # the exporter falls back to its own opset when conversion fails, with only a log line
         raise ValueError(f"asked for ONNX opset {opset}, the exporter wrote opset {written}")
-    program.save(os.fspath(path))
+    atomic_save(path, program.save)  # a failed or killed save leaves no torn file (nor a stray .data beside it)
     return program
 
 

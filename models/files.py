@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from typing import BinaryIO
@@ -18,6 +19,77 @@ TMP_PREFIX = ".tmp-"
 
 class FolderError(ValueError):
     """A folder the user named (``output_dir``, ``--out``) that cannot be used: the message names the setting."""
+
+
+class FileTargetError(ValueError, OSError):
+    """A file path to write that cannot be one: empty, a folder, under a file, or in a folder that cannot be written;
+    the message names the path (and the setting, when one is given). An OSError too: callers that caught what the
+    write itself raised before this check (IsADirectoryError, PermissionError...) still catch it."""
+
+
+def _blocking_ancestor(path: str) -> str | None:
+    """The nearest existing ancestor folder of ``path`` when it is not a folder (a file in the way), else None."""
+    parent = os.path.dirname(path)
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    return parent if parent and not os.path.isdir(parent) else None
+
+
+def _nearest_existing(path: str) -> str:
+    parent = os.path.dirname(path)
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    return parent or os.sep
+
+
+def check_file_target(path: str | os.PathLike, setting: str = "") -> str:
+    """Checks that ``path`` can be written as a file (its missing parent folders created), before any long work is
+    done for it. Returns its absolute form.
+
+    Raises:
+        FileTargetError: ``path`` is empty, ends with a separator (a folder's name), is an existing folder, lies under
+            an existing file, or its nearest existing folder is not writable; ``setting`` (e.g. ``--out``) named.
+    """
+    path = os.fspath(path)
+    what = f"{setting} " if setting else ""
+    if not path:
+        raise FileTargetError(f"{what}is empty: name the file to write")
+    if path.endswith((os.sep, "/")) or (os.altsep and path.endswith(os.altsep)):
+        raise FileTargetError(f"{what}{path} ends with a path separator, so it names a folder: name the file to write")
+    absolute = os.path.abspath(path)
+    if os.path.isdir(absolute):
+        raise FileTargetError(f"{what}{path} is a folder: name the file to write (e.g. {os.path.join(path, '...')})")
+    blocking = _blocking_ancestor(absolute)
+    if blocking is not None:
+        raise FileTargetError(f"{what}{path} cannot be written: {blocking} is a file, not a folder")
+    existing = _nearest_existing(absolute)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise FileTargetError(f"{what}{path} cannot be written: the folder {existing} is not writable")
+    return absolute
+
+
+def check_folder_target(path: str | os.PathLike, setting: str = "") -> str:
+    """Checks that ``path`` can be used as a folder to write into (created with its parents when missing). Returns
+    its absolute form.
+
+    Raises:
+        FileTargetError: ``path`` is empty, is an existing file, lies under an existing file, or its nearest existing
+            folder is not writable; ``setting`` named.
+    """
+    path = os.fspath(path)
+    what = f"{setting} " if setting else ""
+    if not path:
+        raise FileTargetError(f"{what}is empty: name the folder to write into")
+    absolute = os.path.abspath(path)
+    if os.path.exists(absolute) and not os.path.isdir(absolute):
+        raise FileTargetError(f"{what}{path} is a file, not a folder")
+    blocking = _blocking_ancestor(absolute)
+    if blocking is not None:
+        raise FileTargetError(f"{what}{path} cannot be created: {blocking} is a file, not a folder")
+    existing = absolute if os.path.isdir(absolute) else _nearest_existing(absolute)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise FileTargetError(f"{what}{path} cannot be written: the folder {existing} is not writable")
+    return absolute
 
 
 def make_dir(path: str | os.PathLike, setting: str) -> None:
@@ -66,9 +138,15 @@ def fsync_dir(directory: str) -> None:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
-    """Calls ``write(file)`` on a temporary file beside ``path``, fsyncs it and renames it onto ``path``."""
+    """Calls ``write(file)`` on a temporary file beside ``path``, fsyncs it and renames it onto ``path``.
+
+    Raises:
+        FileTargetError: ``path`` is no file path (:func:`check_file_target`), checked before anything is written:
+            an empty path would otherwise put the temporary file in the parent of the working folder, and a folder
+            would fail only at the final rename.
+    """
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
+    directory = os.path.dirname(check_file_target(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=TMP_PREFIX + os.path.basename(path) + ".")
     try:
@@ -85,12 +163,46 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     fsync_dir(directory)
 
 
+def atomic_save(path: str | os.PathLike, save: Callable[[str], None]) -> None:
+    """Atomic writing for writers that take a path and may write files beside it (ONNX's external ``.data``):
+    ``save(tmp)`` writes into a private temporary folder beside ``path`` under ``path``'s own name, so that the files
+    it names inside each other keep their names; each file is fsynced and renamed into ``path``'s folder, ``path``
+    itself last. A failure leaves no file behind, and an existing ``path`` untouched.
+
+    Raises:
+        FileTargetError: ``path`` is no file path (:func:`check_file_target`).
+    """
+    path = check_file_target(path)
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=directory, prefix=TMP_PREFIX + os.path.basename(path) + ".")
+    try:
+        staged = os.path.join(tmp, os.path.basename(path))
+        save(staged)
+        if not os.path.isfile(staged):
+            raise FileNotFoundError(f"the writer of {path} wrote no file")
+        names = sorted(os.listdir(tmp), key=lambda name: name == os.path.basename(path))  # path itself last
+        for name in names:
+            source = os.path.join(tmp, name)
+            os.chmod(source, _mode_for(os.path.join(directory, name)))
+            with open(source, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(source, os.path.join(directory, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    fsync_dir(directory)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Writes ``text`` as UTF-8 to ``path`` atomically."""
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def remove_stale_temp_files(directory: str | os.PathLike) -> None:
-    """Deletes the temporary files that a killed writer left in ``directory``."""
+    """Deletes the temporary files and folders (:func:`atomic_save`'s, a transformers folder being written) that a
+    killed writer left in ``directory``."""
     for path in glob.glob(os.path.join(os.fspath(directory), TMP_PREFIX + "*")):
-        os.unlink(path)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)

@@ -13,6 +13,7 @@ torchvision's. Key names are mapped by :mod:`models.hf_names`; this module handl
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -22,12 +23,25 @@ from typing import Any
 import torch
 
 from .checkpoint import HF_WEIGHTS, CheckpointError, options_from_weights, torch_load
-from .config import ModelConfig
-from .files import atomic_write, atomic_write_text, fsync_dir
-from .hf_names import backbone_from_hf, hf_backbone, hf_to_original, learned_position_prefix, original_to_hf
+from .config import DataConfig, ModelConfig
+from .files import TMP_PREFIX, FileTargetError, atomic_write, check_folder_target, fsync_dir
+from .hf_names import (
+    backbone_from_hf,
+    fill_tied_class_heads,
+    hf_backbone,
+    hf_to_original,
+    learned_position_prefix,
+    original_to_hf,
+)
+from .hf_preprocessor import PREPROCESSOR_NAME, preprocessor_config, read_json_object
+from .weights import box_refine_in_weights
+
+logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 WEIGHT_NAMES = HF_WEIGHTS  # in order of preference
+# Every file a transformers folder is read from: an existing one is replaced only when the writer is told to.
+HF_FILES = (CONFIG_NAME, PREPROCESSOR_NAME, *WEIGHT_NAMES)
 MODEL_TYPE = "deformable_detr"
 ARCHITECTURE = "DeformableDetrForObjectDetection"
 # transformers' DeformableDetrConfig defaults (4.x and 5.x agree), for config.json files that omit a key.
@@ -94,13 +108,7 @@ def _locate(path: str) -> tuple[str, str]:
 
 
 def _read_config(path: str) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is not readable JSON ({exc}); expected a transformers config.json") from exc
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path} holds a JSON {type(config).__name__}, expected a transformers config object")
+    config = read_json_object(path, "a transformers config.json")
     if config.get("model_type") != MODEL_TYPE:
         raise CheckpointError(
             f"{path} describes model_type {config.get('model_type')!r}, expected {MODEL_TYPE!r} "
@@ -148,6 +156,8 @@ def read_hf(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
         ``(state_dict, config)``: tensors on the CPU under the original's key names (see
         :func:`models.hf_names.hf_to_original`), and the parsed ``config.json``. transformers saves a tied head
         under one of its names; the others are absent, and the strict loader counts a head covered by any alias.
+        A box-refinement (not two-stage) folder that transformers 5 saved holds ``class_embed.0`` only (it ties
+        the others to it): the missing heads are filled from it (:func:`models.hf_names.fill_tied_class_heads`).
 
     Raises:
         FileNotFoundError: no such path, no weights file, or no ``config.json``.
@@ -162,9 +172,20 @@ def read_hf(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
         raise CheckpointError(f"{config_path}: {exc}") from exc
     state = _read_weights(weights_path)
     try:
-        return hf_to_original(state, weights_path), config
+        state = hf_to_original(state, weights_path)
     except ValueError as exc:
         raise CheckpointError(str(exc)) from exc
+    if config.get("with_box_refine", False) and not config.get("two_stage", False):
+        layers = int(config.get("decoder_layers", HF_DEFAULTS["decoder_layers"]))
+        filled = fill_tied_class_heads(state, layers)
+        if filled:
+            logger.info(
+                "%s: class_embed.1..%d are absent (transformers 5 ties them to class_embed.0 and saves that one): "
+                "every decoder layer uses class_embed.0, as transformers 5 runs this model",
+                weights_path,
+                layers - 1,
+            )
+    return state, config
 
 
 def _check_supported(hf_config: Mapping[str, Any]) -> None:
@@ -330,7 +351,7 @@ def _check_weights(state: Mapping[str, torch.Tensor], model_cfg: ModelConfig) ->
     lines = [
         f"{k}: config {getattr(model_cfg, k)!r}, weights {v!r}" for k, v in shown.items() if getattr(model_cfg, k) != v
     ]
-    refine = any(k.startswith("transformer.decoder.bbox_embed.") for k in state)
+    refine = box_refine_in_weights(state)
     if refine != model_cfg.with_box_refine:
         lines.append(f"with_box_refine: config {model_cfg.with_box_refine!r}, weights {refine!r}")
     if lines:
@@ -342,51 +363,91 @@ def write_hf(
     state_dict: Mapping[str, torch.Tensor],
     model_cfg: ModelConfig,
     class_names: Mapping[int, str] | None = None,
+    inference_size: tuple[int, int] | None = None,
+    overwrite: bool = False,
 ) -> None:
-    """Writes a transformers Deformable DETR folder: ``config.json`` and ``model.safetensors``.
+    """Writes a transformers Deformable DETR folder: ``config.json``, ``model.safetensors`` and
+    ``preprocessor_config.json``.
 
-    ``DeformableDetrForObjectDetection.from_pretrained(folder)`` then predicts what our detector predicts. A new
-    folder appears complete or not at all (written beside it, then renamed); in an existing folder each file is
-    replaced atomically.
+    ``DeformableDetrForObjectDetection.from_pretrained(folder)`` then predicts what our detector predicts, and
+    ``AutoImageProcessor.from_pretrained(folder)`` resizes as the tools do (``inference_size``), so that the folder
+    read back (:func:`inference_size_from_hf`) keeps the inference size. A new folder appears complete or not at
+    all (written beside it, then renamed); in an existing folder each file is replaced atomically.
 
     Args:
-        folder: the output folder.
+        folder: the output folder; it may exist, but holds none of :data:`HF_FILES` unless ``overwrite``.
         state_dict: the detector's state_dict, the original's key names (aliases may share storage).
         model_cfg: the detector's config; it must describe ``state_dict``.
         class_names: category id -> name for ``id2label`` (unnamed ids get ``LABEL_<id>``).
+        inference_size: ``(data.val_size, data.val_max_size)``; None: the config's defaults (800, 1333).
+        overwrite: replace the transformers files an existing folder holds.
 
     Raises:
         ValueError: a backbone transformers does not build (not a ResNet or timm model), options it cannot express
             (CoPE offsets, 2 feature levels, two-stage without box refinement), a state_dict that does not fit
             ``model_cfg``, or a key with no transformers counterpart.
+        FileTargetError (a ValueError): ``folder`` is empty, a file, under a file, not writable, or holds a
+            transformers model and ``overwrite`` is False.
     """
     _check_writable(model_cfg)
     _check_weights(state_dict, model_cfg)
     config = hf_config(model_cfg, class_names)
+    if inference_size is None:
+        defaults = DataConfig()
+        inference_size = (defaults.val_size, defaults.val_max_size)
+    preprocessor = preprocessor_config(*inference_size)
+    folder = check_hf_destination(folder, overwrite)  # what cannot be written is named first, then where
     hf_state = original_to_hf(state_dict, learned_position_prefix())
     # safetensors refuses tensors sharing storage (tied heads, the q/k/v views of in_proj): store each one alone.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in hf_state.items()}
     from safetensors.torch import save
 
     weights = save(tensors, metadata={"format": "pt"})  # transformers refuses safetensors files without "format"
-    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    _write_folder(os.path.abspath(os.fspath(folder)), weights, text)
+    # config.json last: a folder is recognised only once its config.json is there.
+    files = {
+        WEIGHT_NAMES[0]: weights,
+        PREPROCESSOR_NAME: _json_bytes(preprocessor),
+        CONFIG_NAME: _json_bytes(config),
+    }
+    _write_folder(folder, files)
 
 
-def _write_folder(folder: str, weights: bytes, config_text: str) -> None:
-    """Weights first, config.json last: a folder is recognised only once its config.json is there."""
+def _json_bytes(content: Mapping[str, Any]) -> bytes:
+    return (json.dumps(content, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def check_hf_destination(folder: str | os.PathLike, overwrite: bool = False) -> str:
+    """Checks that a transformers folder can be written at ``folder`` before anything is read or converted; returns
+    its absolute path.
+
+    Raises:
+        FileTargetError: ``folder`` is empty, a file, under a file or not writable; or it holds a transformers file
+            (:data:`HF_FILES`) and ``overwrite`` is False (it is never replaced without being asked).
+    """
+    absolute = check_folder_target(folder, "the transformers folder")
+    present = os.path.isdir(absolute)
+    held = [name for name in HF_FILES if present and os.path.lexists(os.path.join(absolute, name))]
+    if held and not overwrite:
+        raise FileTargetError(
+            f"{os.fspath(folder)} already holds {', '.join(held)}: not replaced (--overwrite, or overwrite=True, "
+            "replaces them)"
+        )
+    return absolute
+
+
+def _write_folder(folder: str, files: Mapping[str, bytes]) -> None:
+    """Writes ``files`` (name -> content, in that order) into ``folder``: into an existing folder each file
+    atomically; a new folder is assembled beside it and renamed, so it appears complete or not at all."""
     if os.path.isdir(folder):
-        atomic_write(os.path.join(folder, WEIGHT_NAMES[0]), lambda f: f.write(weights))
-        atomic_write_text(os.path.join(folder, CONFIG_NAME), config_text)
+        for name, content in files.items():
+            atomic_write(os.path.join(folder, name), lambda f, content=content: f.write(content))
         return
-    if os.path.exists(folder):
-        raise ValueError(f"{folder} exists and is not a folder")
     parent = os.path.dirname(folder)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(folder)}.")
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f"{TMP_PREFIX}{os.path.basename(folder)}.")
     try:
-        atomic_write(os.path.join(tmp, WEIGHT_NAMES[0]), lambda f: f.write(weights))
-        atomic_write_text(os.path.join(tmp, CONFIG_NAME), config_text)
+        for name, content in files.items():
+            atomic_write(os.path.join(tmp, name), lambda f, content=content: f.write(content))
         os.replace(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -14,7 +14,7 @@ Not a pure renaming: the original's decoder self-attention is an ``nn.MultiheadA
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -175,6 +175,43 @@ def _add_head_twins(out: dict[str, torch.Tensor]) -> None:
     the original: two-stage registers the class heads there, box refinement the box heads)."""
     for key in [k for k in out if k.startswith(_OUR_DECODER) and k[len(_OUR_DECODER) :].startswith(HEAD_PREFIXES)]:
         out.setdefault(key[len(_OUR_DECODER) :], out[key])
+
+
+def fill_tied_class_heads(out: dict[str, torch.Tensor], num_heads: int) -> list[str]:
+    """Adds ``class_embed.1 .. num_heads-1`` as ``class_embed.0`` when the file has none of them; returns the keys
+    added.
+
+    transformers 5 ties every ``class_embed.N`` to ``class_embed.0`` (its ``_tied_weights_keys``) unless two-stage
+    unties them, so ``save_pretrained`` of a box-refinement model writes ``class_embed.0`` only, and transformers 5
+    runs each decoder layer with that one head. The original (and transformers 4, and the hub's files) has one head
+    per layer; the caller fills them only for a box-refinement, not two-stage config (the only case where the
+    original's heads are separate and transformers 5's tied) and only when every one of them is absent, so that a
+    file holding some of them stays an error of the strict loader.
+    """
+    first = {p: out.get(f"class_embed.0.{p}") for p in ("weight", "bias")}
+    if any(t is None for t in first.values()) or num_heads < 2:
+        return []
+    others = [f"class_embed.{i}.{p}" for i in range(1, num_heads) for p in first]
+    if any(k in out for k in others):
+        return []
+    for key in others:
+        out[key] = first[key.rsplit(".", 1)[1]]
+    return others
+
+
+def transformers_named_keys(keys: Iterable[str]) -> list[str]:
+    """The keys among ``keys`` that only transformers names so (``model.encoder.layers.0.fc1.weight``,
+    ``model.backbone.conv_encoder...``, the decoder's ``q_proj``...), for telling a transformers weights file read
+    without its ``config.json`` from a state_dict of another model. Keys both name alike (the top-level heads
+    ``class_embed.N``, ``bbox_embed.N``) do not count."""
+    found = []
+    for key in keys:
+        if not key.startswith("model."):
+            continue
+        hf_key = normalise_hf_key(key)
+        if _HF_QKV.match(hf_key) or _translate(hf_key, _HF_TO_OURS) is not None:
+            found.append(key)
+    return found
 
 
 def original_to_hf(

@@ -21,6 +21,7 @@ from torch import nn
 from .checkpoint import Checkpoint, CheckpointError, read_checkpoint
 from .config import Config, ConfigError, ModelConfig, apply_overrides, apply_values, config_from_dict, load_config
 from .detector import build_detector
+from .hf_preprocessor import inference_size_from_hf
 from .weights import load_checkpoint
 
 # Model options that change the state_dict or the outputs; a checkpoint stating another value than the config for
@@ -130,8 +131,9 @@ def check_architecture(model: ModelConfig, checkpoint: Checkpoint, finetune: boo
 
 def config_from_checkpoint(checkpoint: Checkpoint, overrides: Iterable[str] = ()) -> Config:
     """The config a checkpoint states: a project checkpoint's saved config, else the defaults (the original's) with
-    the model options of its ``args`` / ``config.json`` / weights; then ``overrides``. The backbone is never
-    downloaded (the checkpoint holds it)."""
+    the model options of its ``args`` / ``config.json`` / weights and, for a transformers folder, the inference
+    resize of its ``preprocessor_config.json`` (:func:`models.hf_preprocessor.inference_size_from_hf`); then
+    ``overrides``. The backbone is never downloaded (the checkpoint holds it)."""
     if checkpoint.config is not None:
         try:
             cfg = config_from_dict(checkpoint.config)
@@ -140,6 +142,9 @@ def config_from_checkpoint(checkpoint: Checkpoint, overrides: Iterable[str] = ()
     else:
         known = {f.name for f in dataclasses.fields(ModelConfig)}
         cfg = apply_values(Config(), {"model": {k: v for k, v in checkpoint.options.items() if k in known}})
+        size = inference_size_from_hf(checkpoint.path) if checkpoint.format == "hf" else None
+        if size is not None:  # the folder's preprocessor_config.json: the resize its model was made for
+            cfg.data.val_size, cfg.data.val_max_size = size
     cfg.model.pretrained_backbone = False
     return apply_overrides(cfg, overrides)
 

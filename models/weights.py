@@ -16,12 +16,15 @@ from torch import nn
 
 from .checkpoint import Checkpoint, read_checkpoint, state_dict_of
 from .heads import reset_class_head
+from .hf_names import transformers_named_keys
 
 logger = logging.getLogger(__name__)
 
 # Keys of the class heads, which legitimately differ in shape when fine-tuning on another class count.
 CLASS_HEAD_KEY = re.compile(r"^(transformer\.decoder\.)?class_embed\.\d+\.(weight|bias)$")
 MAX_KEYS_SHOWN = 8
+# With box refinement the box heads are also the decoder's (one per layer): only such a model has these keys.
+REFINE_PREFIX = "transformer.decoder.bbox_embed."
 
 
 @dataclass
@@ -62,6 +65,24 @@ def _state_of(source: str | os.PathLike | Mapping | Checkpoint) -> Mapping[str, 
     return state_dict_of(source, "the given dict")
 
 
+def box_refine_in_weights(state: Mapping[str, torch.Tensor]) -> bool:
+    """True when a state_dict (the original's names) is a ``with_box_refine`` model's: its box heads are registered
+    in the decoder too (``transformer.decoder.bbox_embed.*``), which only box refinement does."""
+    return any(k.startswith(REFINE_PREFIX) for k in state)
+
+
+def _refuse_transformers_names(state: Mapping[str, torch.Tensor]) -> None:
+    """A transformers weights file read without its config.json is a state_dict in transformers' names, which fit
+    no key of this detector: say what it is and what it needs instead of listing hundreds of missing keys."""
+    named = transformers_named_keys(state)
+    if state and len(named) * 2 > len(state):
+        raise ValueError(
+            f"these are transformers DeformableDetrForObjectDetection weights (keys named as transformers does, e.g. "
+            f"{_show(named[:2])}), read without their config.json: put the config.json that came with them beside "
+            f"the weights file (config.json + model.safetensors in one folder) and pass the folder"
+        )
+
+
 def _show(keys: list[str]) -> str:
     shown = ", ".join(keys[:MAX_KEYS_SHOWN])
     return shown + (f" and {len(keys) - MAX_KEYS_SHOWN} more" if len(keys) > MAX_KEYS_SHOWN else "")
@@ -75,16 +96,20 @@ def _alias_groups(model: nn.Module) -> list[list[str]]:
     return [g for g in groups.values() if len(g) > 1]
 
 
-def _check_shared(state: Mapping, groups: list[list[str]]) -> None:
-    """A checkpoint with different values for keys the model shares was made by another architecture."""
+def _check_shared(state: Mapping, groups: list[list[str]], model_refines: bool) -> None:
+    """A checkpoint with different values for keys the model shares was made by another architecture: a
+    box-refinement one (separate heads per layer) when its keys say so and the model has shared heads."""
     for group in groups:
         present = [k for k in group if k in state]
         first = state[present[0]] if present else None
         if any(state[k].shape == first.shape and not torch.equal(state[k], first) for k in present[1:]):
-            raise ValueError(
-                f"checkpoint has different values for {_show(present)}, which this model shares; was it trained "
-                f"with another with_box_refine setting?"
-            )
+            message = f"checkpoint has different values for {_show(present)}, which this model shares"
+            if box_refine_in_weights(state) and not model_refines:
+                raise ValueError(
+                    f"{message}: the checkpoint has a box head per decoder layer ({REFINE_PREFIX}*), a box-refinement "
+                    f"model; set model.with_box_refine=true"
+                )
+            raise ValueError(f"{message}; was it trained with another with_box_refine setting?")
 
 
 def _classify(state: Mapping, own: Mapping, groups: list[list[str]]) -> LoadResult:
@@ -156,9 +181,11 @@ def load_checkpoint(
         TypeError: ``source`` is neither a path nor a dict.
     """
     state = _state_of(source)
+    _refuse_transformers_names(state)
     groups = _alias_groups(model)
-    _check_shared(state, groups)
-    result = _classify(state, model.state_dict(), groups)
+    own = model.state_dict()
+    _check_shared(state, groups, box_refine_in_weights(own))
+    result = _classify(state, own, groups)
     if fresh_cope:
         _fresh_cope(result, state, model)
     if result.reinitialised and not reinit_class_heads:

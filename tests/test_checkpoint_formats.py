@@ -287,3 +287,15 @@ def test_convert_a_transformers_folder_and_back(hf_folder, tmp_path, capsys) -> 
         got = _outputs(load_detector(config_from_checkpoint(checkpoint), checkpoint)[0])
         torch.testing.assert_close(got["pred_logits"], expected["pred_logits"], rtol=0, atol=0)
         torch.testing.assert_close(got["pred_boxes"], expected["pred_boxes"], rtol=0, atol=0)
+
+
+def test_a_training_checkpoint_is_never_converted_onto_itself(run, tmp_path, capsys) -> None:
+    """Converting a run's checkpoint onto itself would replace it with one that keeps no optimizer, schedule or
+    epoch: refused, even with --overwrite. (Round trips through transformers: tests/test_convert_guards.py; this
+    run's 2 feature levels cannot be written for transformers.)"""
+    copy = tmp_path / "checkpoint.pth"
+    with open(run["project"], "rb") as f:
+        copy.write_bytes(f.read())
+    assert load_tool("convert_checkpoint").main([str(copy), str(copy), "--overwrite"]) == 1
+    assert "is the source" in capsys.readouterr().err
+    assert {"optimizer", "lr_scheduler", "epoch"} <= read_checkpoint(copy).entries.keys()

@@ -21,6 +21,7 @@ from models.deploy import (
     export_program,
     input_ranges,
     load_for_export,
+    min_image_side,
     onnx_max_difference,
     onnx_session,
 )
@@ -104,6 +105,63 @@ def test_export_onnx_tool_reports_bad_inputs(trained, tmp_path, capsys):
     assert tool.main([CONFIG, "--checkpoint", trained[1], *out, "--opset", "17", *TINY]) == 2
     assert "opset 17 is not supported" in capsys.readouterr().err
     assert not (tmp_path / "model.onnx").exists()
+
+
+def _smallest_level(model: torch.nn.Module, side: int) -> int:
+    """The smallest side of the detector's feature levels for a ``side`` x ``side`` image (its backbone maps, then
+    its extra stride-2 levels, as the detector computes them)."""
+    with torch.no_grad():
+        features = model.backbone(torch.zeros(1, 3, side, side), torch.zeros(1, side, side, dtype=torch.bool))[0]
+        sizes, src = [f.shape[-1] for f in features], features[-1]
+        for level in range(len(features), model.num_feature_levels):
+            src = model.input_proj[level][0](src)  # its stride-2 conv (the GroupNorm after it keeps the size)
+            sizes.append(src.shape[-1])
+    return min(sizes)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["model.num_feature_levels=4"], 65),  # stride 32 map + 1 extra stride-2 level: stride 64
+        (["model.num_feature_levels=3"], 33),
+        (["model.num_feature_levels=1"], 33),
+        (["model.num_feature_levels=5"], 129),
+        (["model.backbone=resnet50", "model.dilation=true", "model.num_feature_levels=1"], 17),  # DC5: stride 16
+    ],
+    ids=["4-levels", "3-levels", "1-level", "5-levels", "dc5-1-level"],
+)
+def test_min_image_side_follows_the_model(overrides, expected):
+    model = build_detector(load_config(CONFIG, [*TINY, *overrides])).eval()
+    assert min_image_side(model.num_feature_levels, model.backbone.strides) == expected
+    for side, smallest in ((expected, 2), (expected - 1, 1)):  # the real modules: at one pixel less, a 1-px level
+        assert _smallest_level(model, side) == smallest
+    with pytest.raises(ValueError, match=rf"each side must be at least {expected} px"):
+        export_program(model, example_images(2, expected - 1, 200))  # refused before tracing
+
+
+@pytest.mark.parametrize("tool_name", ["export_torch", "export_onnx"])
+def test_export_tools_check_size_and_out_before_exporting(trained, tmp_path, capsys, tool_name):
+    tool = load_tool(tool_name)
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("the export started before the arguments were checked")
+
+    tool.export_program = tool.export_onnx = no_export
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "a_file").write_bytes(b"kept")
+    base = [CONFIG, "--checkpoint", trained[1], *TINY]
+    cases = [
+        (["--size", "16", "16", "--out", str(tmp_path / "m.out")], "example size 16x16 (--size H W) is too small"),
+        (["--size", "0", "0", "--out", str(tmp_path / "m.out")], "each side must be at least 65 px"),
+        (["--size", "-4", "96", "--out", str(tmp_path / "m.out")], "stride 64: the backbone's stride-32 map"),
+        (["--out", str(tmp_path / "folder")], f"--out {tmp_path / 'folder'} is a folder"),
+        (["--out", str(tmp_path / "a_file" / "m.out")], f"{tmp_path / 'a_file'} is a file, not a folder"),
+        (["--out", ""], "--out is empty"),
+    ]
+    for argv, message in cases:
+        assert tool.main([*base, *argv]) == 2
+        assert message in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "folder"] and os.listdir(tmp_path / "folder") == []
 
 
 def test_load_for_export(trained):

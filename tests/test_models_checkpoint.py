@@ -109,3 +109,32 @@ def test_bad_files_and_objects(tmp_path):
         load_checkpoint(model, {"model": {"a": 1}})
     with pytest.raises(ValueError, match="shares no key with this detector"):
         load_checkpoint(model, {"encoder.weight": torch.ones(2)})
+
+
+def test_a_box_refinement_state_dict_names_the_override():
+    """A bare state_dict states no with_box_refine; its per-layer box heads show it, and the message names the
+    override."""
+    refined = build_detector(tiny_config("model.with_box_refine=true"))
+    perturb(refined)
+    with pytest.raises(ValueError, match=r"a box-refinement model; set model\.with_box_refine=true"):
+        load_checkpoint(build_detector(tiny_config()), refined.state_dict())
+
+
+def test_transformers_weights_without_their_config_are_named(tmp_path):
+    """A transformers model.safetensors copied without its config.json reads as a bare state_dict in transformers'
+    names: the message says what it is and what it needs, not hundreds of missing keys."""
+    from safetensors.torch import load_file
+
+    from models import load_detector, read_checkpoint
+    from models.hf_format import write_hf
+
+    cfg = tiny_config()
+    write_hf(tmp_path / "hf", build_detector(cfg).state_dict(), cfg.model)
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "model.safetensors").write_bytes((tmp_path / "hf" / "model.safetensors").read_bytes())
+    message = r"these are transformers DeformableDetrForObjectDetection weights .* read without their config\.json"
+    with pytest.raises(ValueError, match=message):
+        load_checkpoint(build_detector(cfg), load_file(lone / "model.safetensors"))
+    with pytest.raises(ValueError, match=rf"lone/model\.safetensors: {message}: put the config\.json"):
+        load_detector(cfg, read_checkpoint(lone / "model.safetensors"))

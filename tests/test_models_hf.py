@@ -386,7 +386,8 @@ def test_written_config_is_the_hub_layout(tmp_path) -> None:
     assert written["id2label"]["1"] == "cat" and written["label2id"]["LABEL_0"] == 0 and len(written["id2label"]) == 5
     overrides = model_overrides_from_hf(written)
     assert (overrides["num_queries"], overrides["num_classes"], overrides["hidden_dim"]) == (12, 5, 64)
-    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]  # no temporary files left
+    # no temporary files left
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors", "preprocessor_config.json"]
 
 
 def test_write_hf_without_transformers_writes_the_same_keys(tmp_path, monkeypatch) -> None:
@@ -408,6 +409,69 @@ def test_write_hf_without_transformers_writes_the_same_keys(tmp_path, monkeypatc
     assert written["architectures"] == ["DeformableDetrForObjectDetection"] and written["use_timm_backbone"] is True
     assert model_overrides_from_hf(written)["num_feature_levels"] == 1
     models.load_checkpoint(models.build_detector(cfg), read_state)
+
+
+def _tiny_hf_config(**options) -> dict:
+    return dict(
+        use_timm_backbone=True,
+        backbone="resnet18",
+        use_pretrained_backbone=False,
+        d_model=64,
+        encoder_layers=1,
+        decoder_layers=3,
+        encoder_ffn_dim=96,
+        decoder_ffn_dim=96,
+        num_queries=12,
+        two_stage_num_proposals=12,
+        num_labels=5,
+        **options,
+    )
+
+
+def test_transformers_5_box_refine_save_with_tied_class_heads_loads(tmp_path) -> None:
+    """transformers 5 ties class_embed.N to class_embed.0 in a box-refinement (not two-stage) model and saves only
+    class_embed.0: the folder loads strictly, every layer's class head that one, and predicts what transformers
+    predicts."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(1)
+    hf = transformers.DeformableDetrForObjectDetection(
+        transformers.DeformableDetrConfig(**_tiny_hf_config(with_box_refine=True))
+    )
+    perturb(hf, seed=1).eval()
+    hf.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "model.safetensors")
+    if "class_embed.1.weight" in saved:
+        pytest.skip(f"transformers {transformers.__version__} saves every class head (no tying to reproduce)")
+    cfg = load_cfg("coco_box_refine.yaml", *TINY, "model.backbone=resnet18", "model.dec_layers=3")
+    ours, _ = models.load_detector(cfg, tmp_path)  # strict, as every tool loads
+    for i in range(1, 3):
+        assert torch.equal(ours.class_embed[i].weight, saved["class_embed.0.weight"])
+    assert_same_predictions(ours, hf)
+
+
+def test_tied_class_heads_are_filled_only_for_box_refinement_and_only_when_all_are_absent(tmp_path) -> None:
+    """Without transformers: a written box-refinement folder with class_embed.1.. removed (what transformers 5
+    saves) reads with class_embed.0 in their place; one of them left, or another model, is not filled."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = load_cfg("coco_box_refine.yaml", *TINY)
+    write_hf(tmp_path / "hf", build_ours(cfg).state_dict(), cfg.model)
+    path = str(tmp_path / "hf" / "model.safetensors")
+    full = load_file(path)
+    tied = {k: v for k, v in full.items() if not (k.startswith("class_embed.") and not k.startswith("class_embed.0."))}
+    save_file(tied, path, metadata={"format": "pt"})
+    state, _ = read_hf(tmp_path / "hf")
+    assert torch.equal(state["class_embed.1.bias"], full["class_embed.0.bias"])
+    models.load_checkpoint(models.build_detector(cfg), state)  # strict
+
+    save_file({**tied, "class_embed.1.bias": full["class_embed.1.bias"]}, path, metadata={"format": "pt"})
+    assert "class_embed.1.weight" not in read_hf(tmp_path / "hf")[0]  # some present: left to the strict loader
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    save_file(tied, path, metadata={"format": "pt"})
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "with_box_refine": False}))
+    assert "class_embed.1.weight" not in read_hf(tmp_path / "hf")[0]  # not box refinement: nothing filled
 
 
 def test_read_checkpoint_takes_the_folder(tmp_path) -> None:

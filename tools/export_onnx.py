@@ -9,6 +9,10 @@ h in [0, 1]). The deformable attention goes through its pure-PyTorch path (``def
 which becomes ONNX GridSample. The file is checked with ``onnx.checker``; when onnxruntime is installed its outputs
 are compared with PyTorch's (native op) at the export size and at another size and batch, and the tool fails when
 they differ by more than ``--atol``. Without ``--checkpoint`` the weights are random (for testing the pipeline).
+
+``--out`` and ``--size`` are checked before the export: ``--out`` must name a file (not a folder) in a folder that can
+be created and written; each side of ``--size`` must be at least the model's smallest (every feature level >= 2 px:
+65 px with 4 levels, 33 with 3; ``models.deploy.min_image_side``). The file is written atomically.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import deformable
 from models.config import ConfigError
 from models.deploy import (
     DEFAULT_OPSET,
+    check_export_size,
     check_onnx,
     example_images,
     export_onnx,
@@ -31,7 +36,7 @@ from models.deploy import (
     onnx_max_difference,
     onnx_session,
 )
-from models.files import make_dir
+from models.files import check_file_target, make_dir
 from models.loading import CHECKPOINT_HELP, CONFIG_HELP, config_and_checkpoint, split_config_args
 
 
@@ -70,15 +75,17 @@ def verify(path: str, model, height: int, width: int, atol: float) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    height, width = args.size
     try:
+        out = check_file_target(args.out, "--out")  # a folder or a path under a file: said now, not after the export
         config, overrides = split_config_args(args.args)
         cfg, checkpoint = config_and_checkpoint(config, overrides, args.checkpoint)
-        make_dir(os.path.dirname(os.path.abspath(args.out)), "--out's folder")  # before the export's minutes
         model = load_for_export(cfg, checkpoint)
+        check_export_size(height, width, model)  # the model's smallest size: the graph would not be dynamic
+        make_dir(os.path.dirname(out), "--out's folder")  # before the export's minutes
     except (ConfigError, FileNotFoundError, ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    height, width = args.size
     start = time.perf_counter()
     try:
         export_onnx(model, args.out, example_images(2, height, width), opset=args.opset)

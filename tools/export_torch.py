@@ -7,6 +7,10 @@ Writes a ``torch.export.save`` archive of ``images (B, 3, H, W) -> (pred_logits,
 images; no mask), loads it back and compares it with the eager model at another size and batch. The graph calls
 ``torch.ops.deformable.ms_deform_attn``: run ``import deformable`` before ``torch.export.load`` so that the op is
 registered. Without ``--checkpoint`` the weights are random (for testing the pipeline).
+
+``--out`` and ``--size`` are checked before the export: ``--out`` must name a file (not a folder) in a folder that can
+be created and written; each side of ``--size`` must be at least the model's smallest (every feature level >= 2 px:
+65 px with 4 levels, 33 with 3; ``models.deploy.min_image_side``). The file is written atomically.
 """
 
 from __future__ import annotations
@@ -21,12 +25,13 @@ import torch
 from models.config import ConfigError
 from models.deploy import (
     ExportableDetector,
+    check_export_size,
     example_images,
     export_program,
     input_ranges,
     load_for_export,
 )
-from models.files import make_dir
+from models.files import atomic_write, check_file_target, make_dir
 from models.loading import CHECKPOINT_HELP, CONFIG_HELP, config_and_checkpoint, split_config_args
 
 
@@ -39,19 +44,26 @@ def main(argv: list[str] | None = None) -> int:
         "--size", type=int, nargs=2, default=(512, 640), metavar=("H", "W"), help="example image size to trace with"
     )
     args = parser.parse_intermixed_args(argv)
+    height, width = args.size
     try:
+        out = check_file_target(args.out, "--out")  # a folder or a path under a file: said now, not after the export
         config, overrides = split_config_args(args.args)
         model = load_for_export(*config_and_checkpoint(config, overrides, args.checkpoint))
-        make_dir(os.path.dirname(os.path.abspath(args.out)), "--out's folder")  # before the export's minutes
+        check_export_size(height, width, model)  # the model's smallest size: the program would not be dynamic
+        make_dir(os.path.dirname(out), "--out's folder")  # before the export's minutes
     except (ConfigError, FileNotFoundError, ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    height, width = args.size
     start = time.perf_counter()
-    torch.export.save(export_program(model, example_images(2, height, width)), args.out)
-    loaded = torch.export.load(args.out)
-    ranges = ", ".join(f"{name} {lo}..{hi}" for name, (lo, hi) in input_ranges(loaded).items())
-    print(f"wrote {args.out} in {time.perf_counter() - start:.0f} s; accepted sizes: {ranges}")
+    program = export_program(model, example_images(2, height, width))
+    ranges = input_ranges(program)
+    if not {"height", "width"} <= ranges.keys():  # check_export_size keeps them dynamic; never save one that is not
+        print(f"error: the exported program fixed the image size ({ranges}); nothing written", file=sys.stderr)
+        return 1
+    atomic_write(out, lambda f: torch.export.save(program, f))  # a failed write leaves no torn file
+    loaded = torch.export.load(out)
+    shown = ", ".join(f"{name} {lo}..{hi}" for name, (lo, hi) in input_ranges(loaded).items())
+    print(f"wrote {args.out} in {time.perf_counter() - start:.0f} s; accepted sizes: {shown}")
 
     images = example_images(1, height + 32, width + 64, seed=1)  # another batch and size than traced
     with torch.no_grad():
