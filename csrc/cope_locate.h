@@ -86,6 +86,10 @@ CopeLines<T> line_pointers(std::vector<at::Tensor>& lines) {
 }
 
 constexpr double kDensityFloor = 1e-12;  // a segment the search picks has E[k + 1] > E[k]; this only bounds 1 / d
+// Added before flooring a reference's line index: a reference on the edge between two lines (every encoder point of
+// a coarser level lies on one of a finer level) then reads the same line whichever way rounding left it, e.g. 7 and
+// 6.9999995 with and without padding in the batch. Python: deformable.cope_locate.LINE_SNAP.
+constexpr double kLineSnap = 1e-3;
 
 // Where an edge coordinate lies on a line: region -1 below 0, +1 beyond W (slope 1 there), 0 inside pixel k.
 template <typename T>
@@ -157,10 +161,11 @@ struct CopeUnit {
   int axis;      // 0: x, 1: y
 };
 
-// The line index a reference reads across its axis: floor(v * lines) clamped to [0, lines - 1]; NaN reads 0.
+// The line index a reference reads across its axis: floor(v * lines + kLineSnap) clamped to [0, lines - 1]; NaN
+// reads 0.
 template <typename T>
 DEFORMABLE_HOST_DEVICE int64_t line_across(T v, int64_t lines) {
-  const T x = v * T(lines);
+  const T x = v * T(lines) + T(kLineSnap);
   if (!(x >= T(0))) return 0;
   if (x >= T(lines - 1)) return lines - 1;
   return static_cast<int64_t>(::floor(x));

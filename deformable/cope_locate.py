@@ -26,6 +26,16 @@ from . import _extension
 from .ops import use_native
 
 DENSITY_FLOOR = 1e-12  # bounds 1 / density on a segment; a segment the search picks has positive density
+# Added before flooring a reference's line index (in lines): a reference on the edge between two lines (every encoder
+# point of a coarser level lies on one of a finer level) then reads the same line whichever way rounding left it,
+# e.g. 7 and 6.9999995 with and without padding in the batch. The kernels use the same (kLineSnap).
+LINE_SNAP = 1e-3
+
+
+def line_across(v: torch.Tensor, n_lines: int) -> torch.Tensor:
+    """The line a normalised reference coordinate ``v`` reads across its axis (int64, any shape):
+    ``floor(v * n_lines + LINE_SNAP)`` clamped to ``[0, n_lines - 1]``; NaN reads line 0."""
+    return (v.detach().nan_to_num(0.0) * n_lines + LINE_SNAP).floor().clamp(0, n_lines - 1).long()
 
 
 def cope_locate_lines(
@@ -123,7 +133,7 @@ def cope_locate_pytorch(
         for axis in (0, 1):
             line_edges = edges[2 * lvl + axis]
             size, n_lines = line_edges.shape[1] - 1, edges[2 * lvl + 1 - axis].shape[1] - 1
-            across = (ref[..., 1 - axis].detach().nan_to_num(0.0) * n_lines).floor().clamp(0, n_lines - 1).long()
+            across = line_across(ref[..., 1 - axis], n_lines)
             first = (torch.arange(n, device=device)[:, None] * n_lines + across) * (n_heads * channels)  # (N, Lq)
             index = first[:, :, None, None] + heads + torch.arange(channels, device=device)  # (N, Lq, M, R)
             u = offsets[:, :, :, lvl, :, axis]  # (N, Lq, M, P)

@@ -25,12 +25,10 @@ edge k; the count is linear inside a pixel with slope ``density_j``, and continu
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from .cope_locate import cope_locate
+from .cope_locate import cope_locate, line_across
 from .reference import spatial_shape_list
 
 _RMS_EPS = 1e-6
@@ -223,9 +221,8 @@ class CoPESampling(nn.Module):
         out = []
         for lvl, density in enumerate(self.densities(input_flatten, shapes, padding_mask, dtype)):
             h, w = shapes[lvl]
-            ref = reference_points[lvl]
-            row = min(max(math.floor(float(ref[1]) * h), 0), h - 1)
-            col = min(max(math.floor(float(ref[0]) * w), 0), w - 1)
+            ref = reference_points[lvl].to(dtype)  # the dtype the module places its points in: the same lines
+            row, col = int(line_across(ref[1], h)), int(line_across(ref[0], w))
             along_row = (density[0, row] * mix[None, :, 0]).sum(-1).T  # (M, W)
             along_col = (density[0, :, col] * mix[None, :, 1]).sum(-1).T  # (M, H)
             out.append((along_row, along_col))

@@ -31,6 +31,10 @@ RESNET_WEIGHTS = {  # the weights the original's ``pretrained=True`` loads
     "resnet50": "ResNet50_Weights",
     "resnet101": "ResNet101_Weights",
 }
+# The input normalisation the ImageNet-trained backbones (and the original) expect: applied by the data pipeline
+# (deformable.data.transforms) and stated in a transformers folder's preprocessor_config.json.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 MAX_BACKBONE_LEVELS = 3  # multi-scale uses at most the last three stages (strides 8/16/32)
 MAX_EXTRA_LEVELS = 3  # stride-2 convolutions on top of the last stage
 

@@ -14,6 +14,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from .backbone import IMAGENET_MEAN, IMAGENET_STD
 from .checkpoint import CheckpointError
 
 # transformers' image processor settings (AutoImageProcessor.from_pretrained reads it): the inference resize.
@@ -25,9 +26,7 @@ HF_DEFAULT_SIZE = (800, 1333)
 
 
 def _normalisation() -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The mean and std every tool normalises with (imported here: the data pipeline is heavy for plain reading)."""
-    from deformable.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-
+    """The mean and std every tool normalises with (the backbone's input normalisation)."""
     return tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)
 
 

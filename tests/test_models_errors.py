@@ -43,12 +43,12 @@ def test_bad_images_and_masks(model, images, mask, error, message):
     [
         (["model.backbone=resnet42"], "unknown backbone 'resnet42'"),
         (["model.backbone=timm/"], "unknown backbone 'timm/'"),
-        (["model.num_feature_levels=0"], "num_feature_levels must be between 1 and 6 .* got 0"),
+        (["model.num_feature_levels=0"], "'model.num_feature_levels' must be >= 1, got 0"),
         (["model.num_feature_levels=7"], "got 7"),
         (["model.position_embedding=rope"], "position_embedding must be 'sine' or 'learned', got 'rope'"),
         (["model.hidden_dim=48"], "hidden_dim must be a multiple of 32"),
         (["model.dilation=true"], "DC5.* resnet50/resnet101, not resnet18"),
-        (["model.num_queries=0"], "must be positive"),
+        (["model.num_queries=0"], "'model.num_queries' must be >= 1, got 0"),
     ],
 )
 def test_bad_model_configs(overrides, message):

@@ -66,8 +66,21 @@ def test_proposals_are_relative_to_the_valid_region():
     torch.testing.assert_close(proposals.sigmoid().view(3, 4, 4)[1, 1], torch.tensor([1.5 / 2, 1.5 / 3, 0.05, 0.05]))
 
 
-@pytest.mark.parametrize(("two_stage", "refine"), [(False, False), (False, True), (True, True), (True, False)])
-def test_transformer_is_exactly_padding_invariant(two_stage, refine):
+@pytest.mark.parametrize(
+    ("two_stage", "refine", "offsets"),
+    [
+        (False, False, "linear"),
+        (False, True, "linear"),
+        (True, True, "linear"),
+        (True, False, "linear"),
+        # CoPE reads the row and column through each reference point; an encoder point of a coarser level lies on
+        # a line edge of the finer ones, where rounding alone (7 or 6.9999995 with padding) must not change the line.
+        (False, False, "cope"),
+        (False, True, "cope"),
+        (True, True, "cope"),
+    ],
+)
+def test_transformer_is_exactly_padding_invariant(two_stage, refine, offsets):
     torch.manual_seed(0)
     transformer = DeformableTransformer(
         d_model=64,
@@ -79,6 +92,8 @@ def test_transformer_is_exactly_padding_invariant(two_stage, refine):
         num_feature_levels=3,
         two_stage=two_stage,
         two_stage_num_proposals=10,
+        enc_offset_mode=offsets,
+        dec_offset_mode=offsets,
     ).eval()
     class_embed, bbox_embed = make_heads(64, 5, 4 if two_stage else 3, shared=not refine, two_stage=two_stage)
     if refine:

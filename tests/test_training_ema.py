@@ -75,7 +75,11 @@ def test_resuming_needs_the_same_ema_setting(shapes_root, tmp_path) -> None:
     with_ema, without = str(tmp_path / "ema"), str(tmp_path / "plain")
     engine.fit(tiny_config(shapes_root, with_ema, *EMA))
     engine.fit(tiny_config(shapes_root, without, "train.eval_every=0"))
-    with pytest.raises(CheckpointError, match="trained with a moving average.*train.ema_decay"):
+    off = r"train.ema_decay: the checkpoint was trained with 0.9, the config says 0.0 \(override: train.ema_decay=0.9\)"
+    with pytest.raises(CheckpointError, match=off):
         engine.fit(tiny_config(shapes_root, with_ema, "train.epochs=2", "train.resume=auto", "train.eval_every=0"))
-    with pytest.raises(CheckpointError, match="no 'training_weights' entry.*train.ema_decay=0"):
+    on = r"train.ema_decay: the checkpoint was trained with 0.0, the config says 0.9 \(override: train.ema_decay=0.0\)"
+    with pytest.raises(CheckpointError, match=on):
         engine.fit(tiny_config(shapes_root, without, "train.epochs=2", "train.resume=auto", *EMA))
+    with pytest.raises(CheckpointError, match="trained with 0.9, the config says 0.5"):  # another decay, too
+        engine.fit(tiny_config(shapes_root, with_ema, "train.epochs=2", "train.resume=auto", "train.ema_decay=0.5"))

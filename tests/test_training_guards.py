@@ -99,6 +99,7 @@ def test_train_tool_reports_a_bad_setting_without_a_traceback(capsys) -> None:
         ("train.lr=0.01", "train.lr: the checkpoint was trained with 0.0005, the config says 0.01 (override: "),
         ("train.lr_drop=100", "train.lr_drop: the checkpoint was trained with"),
         ("train.weight_decay=0.05", "train.weight_decay: the checkpoint was trained with"),
+        ("train.seed=7", "train.seed: the checkpoint was trained with 42, the config says 7 (override: train.seed=42)"),
     ],
 )
 def test_resume_under_other_optimiser_settings_is_refused(finished, shapes_root, tmp_path, override, line) -> None:
@@ -218,3 +219,79 @@ def test_conflicting_builder_options_are_reported_without_a_traceback(shapes_roo
     overrides = tiny_overrides(shapes_root, str(tmp_path / "run"), "model.two_stage=true")
     assert train_tool.main([SHAPES_CONFIG, *overrides, "training_queries.query_groups=2"]) == 1
     assert "training_queries.query_groups=2 needs learned queries" in capsys.readouterr().err
+
+
+def test_resuming_another_runs_checkpoint_into_a_run_is_refused(finished, shapes_root, tmp_path) -> None:
+    """train.resume=PATH continues PATH's run in output_dir: where output_dir holds another run, that run's checkpoint
+    and log would be replaced."""
+    other = _copy(finished, tmp_path / "other")
+    run = _copy(finished, tmp_path / "run")
+    before = _files(run)
+    resume = f"train.resume={os.path.join(other, 'checkpoint.pth')}"
+    with pytest.raises(ConfigError, match=r"would continue in output_dir .*run, which holds another run"):
+        engine.fit(tiny_config(shapes_root, run, "train.epochs=2", resume))
+    assert _files(run) == before
+    # Its own checkpoint named by path is the run itself; another run's into a new folder is a continuation.
+    engine.fit(
+        tiny_config(shapes_root, run, "train.epochs=2", "train.eval_every=0", f"train.resume={run}/checkpoint.pth")
+    )
+    engine.fit(tiny_config(shapes_root, str(tmp_path / "new"), "train.epochs=2", "train.eval_every=0", resume))
+    assert read_checkpoint(str(tmp_path / "new" / "checkpoint.pth")).entries["epoch"] == 1
+
+
+def _log(run: str) -> list[dict]:
+    with open(os.path.join(run, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_an_epoch_saved_but_not_logged_is_evaluated_and_logged_on_resume(shapes_root, tmp_path, monkeypatch) -> None:
+    """An evaluation that fails (or a kill during it) comes after the checkpoint is saved: resuming logs that epoch
+    from the training record the checkpoint holds, evaluated, and writes its periodic copy."""
+    run = str(tmp_path / "run")
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        raise FileNotFoundError("an image went missing")
+
+    real = engine.evaluate
+    monkeypatch.setattr(engine, "evaluate", failing)
+    with pytest.raises(FileNotFoundError):
+        engine.fit(tiny_config(shapes_root, run, "train.epochs=2", "train.checkpoint_every=1"))
+    assert calls and (not os.path.exists(os.path.join(run, "log.jsonl")) or _log(run) == [])
+    os.remove(os.path.join(run, "checkpoint_0000.pth"))  # as if killed before the copy, too
+    monkeypatch.setattr(engine, "evaluate", real)
+    engine.fit(tiny_config(shapes_root, run, "train.epochs=2", "train.checkpoint_every=1", "train.resume=auto"))
+    records = _log(run)
+    assert [r["epoch"] for r in records] == [0, 1]
+    assert all("AP" in r and r["train_loss"] > 0 for r in records)
+    assert os.path.isfile(os.path.join(run, "checkpoint_0000.pth"))
+    assert os.path.isfile(os.path.join(run, "checkpoint_0001.pth"))
+
+
+def test_the_log_holds_strict_json_and_skipped_steps_leave_the_gradient_norm_finite(tmp_path, monkeypatch) -> None:
+    from deformable.training.run_log import append_log
+
+    path = str(tmp_path / "log.jsonl")
+    append_log(path, {"epoch": 0, "train_grad_norm": float("nan"), "lr": float("inf"), "AP": 0.5})
+    with open(path) as f:
+        assert json.loads(f.read(), parse_constant=lambda name: pytest.fail(f"{name} in log.jsonl")) == {
+            "epoch": 0,
+            "train_grad_norm": None,
+            "lr": None,
+            "AP": 0.5,
+        }
+    norms = iter([float("inf"), 2.0, 4.0])  # fp16: the scaler skipped the first step (overflow)
+    monkeypatch.setattr(engine, "_backward_step", lambda *args: next(norms))
+    model = build_detector(load_config(SHAPES_CONFIG, TINY_MODEL))
+
+    def criterion(outputs, targets):
+        loss = outputs["pred_logits"].float().mean() * 0 + 1.0
+        return {"loss": loss, "loss_ce": loss}
+
+    criterion.train = lambda: None
+    batch = (torch.zeros(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool), [{}])
+    stats = engine.train_one_epoch(
+        model, criterion, [batch] * 3, torch.optim.SGD(model.parameters(), lr=0.0), epoch=0, device=torch.device("cpu")
+    )
+    assert stats["grad_norm"] == pytest.approx(3.0) and stats["loss"] == pytest.approx(1.0)

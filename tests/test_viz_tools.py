@@ -64,6 +64,12 @@ def test_encoder_view_and_cope_strips(tmp_path, files) -> None:
     assert code == 0 and cv2.imread(out).shape[1] > 160  # the column strips are on the right
 
 
+def test_a_fractional_pixel_reads_the_pixel_that_holds_it(tmp_path, files) -> None:
+    """The image is 80 x 60: (79.9, 59.9) lies in its last pixel, whose query is shown."""
+    code, out = _run(tmp_path, files, "--checkpoint", files["checkpoint"], "--pixel", "79.9,59.9", "--scale", "1")
+    assert code == 0 and cv2.imread(out).shape[1] == 80
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -72,6 +78,7 @@ def test_encoder_view_and_cope_strips(tmp_path, files) -> None:
         (("--pixel", "ten"), "--pixel must be X,Y"),
         (("--layer", "5"), "layer 5 does not exist: the decoder has layers 0..1"),
         (("--checkpoint", "nowhere.pth"), "checkpoint nowhere.pth does not exist"),
+        (("--query-level", "1"), "--query-level picks the query of the encoder view: give --pixel X,Y with it"),
     ],
 )
 def test_errors_name_the_problem(tmp_path, files, capsys, args, message) -> None:

@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--color-by", choices=("level", "head"), default="level")
     parser.add_argument("--panels", action="store_true", help="one panel per detection")
     parser.add_argument("--pixel", help="X,Y: encoder view of the query at this image pixel")
-    parser.add_argument("--query-level", type=int, default=0, help="encoder view: level of the query")
+    parser.add_argument("--query-level", type=int, default=None, help="encoder view (--pixel): level of the query (0)")
     parser.add_argument("--scale", type=int, help="canvas enlargement (default: small images are enlarged)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     args = parser.parse_intermixed_args(argv)
@@ -62,12 +62,15 @@ def main(argv: list[str] | None = None) -> int:
         config, overrides = split_config_args(args.args)
         cfg, checkpoint = config_and_checkpoint(config, overrides, args.checkpoint)
         pixel = _pixel(args.pixel) if args.pixel else None
+        if pixel is None and args.query_level is not None:
+            raise ValueError("--query-level picks the query of the encoder view: give --pixel X,Y with it")
         image = read_image(args.image)
         model, state = load_detector(cfg, checkpoint, resolve_device(args.device))
         outputs, records = run_recorded(model, image, cfg.data)
         style = dict(layer=args.layer, color_by=args.color_by, scale=args.scale)
         if pixel is not None:
-            figure = encoder_figure(model, records, image, pixel, query_level=args.query_level, **style)
+            level = 0 if args.query_level is None else args.query_level
+            figure = encoder_figure(model, records, image, pixel, query_level=level, **style)
         else:
             style.update(top_k=args.top_k, threshold=args.score_threshold, panels=args.panels)
             figure = decoder_figure(model, records, outputs, image, names=class_names(cfg, state), **style)

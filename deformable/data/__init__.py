@@ -18,7 +18,13 @@ from .build import (
     dataset_image_ids,
     resolve_num_classes,
 )
-from .categories import align_for_training, align_to_checkpoint, checkpoint_ids, classes_without_training_boxes
+from .categories import (
+    align_for_training,
+    align_to_checkpoint,
+    checkpoint_ids,
+    classes_without_training_boxes,
+    in_dataset_ids,
+)
 from .coco import coco_annotation_file
 from .dataset import DetectionDataset, coco_api, coco_target
 from .errors import DatasetError
@@ -46,6 +52,7 @@ __all__ = [
     "check_has_boxes",
     "check_num_classes",
     "checkpoint_ids",
+    "in_dataset_ids",
     "classes_without_training_boxes",
     "coco_annotation_file",
     "coco_api",

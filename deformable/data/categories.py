@@ -63,6 +63,8 @@ def align_to_checkpoint(dataset: DetectionDataset, checkpoint_names: Mapping[int
     (:func:`checkpoint_ids`); returns the messages to print."""
     mapping, messages = checkpoint_ids(dataset.class_names(), checkpoint_names)
     if mapping:
+        previous = dataset.renumbered or {cat_id: cat_id for cat_id in mapping}  # the file's id -> the current one
+        dataset.renumbered = {file_id: mapping[current] for file_id, current in previous.items()}
         coco = dataset.data.coco
         for ann in coco["annotations"]:
             ann["category_id"] = mapping[ann["category_id"]]
@@ -71,6 +73,16 @@ def align_to_checkpoint(dataset: DetectionDataset, checkpoint_names: Mapping[int
         )
         dataset.coco = coco_api(coco)
     return messages
+
+
+def in_dataset_ids(detections: list[dict], dataset: DetectionDataset) -> list[dict]:
+    """COCO results in the ids of a data set that :func:`align_to_checkpoint` renumbered, back in the ids of its
+    annotation file (so that they score against it); a detection of a class the data set lacks is left out (no id
+    of the file names it). Unchanged when nothing was renumbered."""
+    if not dataset.renumbered:
+        return detections
+    original = {new: old for old, new in dataset.renumbered.items()}
+    return [{**d, "category_id": original[d["category_id"]]} for d in detections if d["category_id"] in original]
 
 
 def align_for_training(

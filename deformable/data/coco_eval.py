@@ -88,7 +88,11 @@ def coco_scores(
     table = {}
     for k, cat_id in enumerate(evaluator.params.catIds):
         table[names[cat_id]] = {"AP": _mean_defined(precision[:, :, k]), "AP50": _mean_defined(precision[0, :, k])}
-    agnostic = _cocoeval(coco_gt, detections, image_ids, use_categories=False).stats
+    # useCats=0 still gathers detections by the ground truth's category ids, so one of another category (a class the
+    # model was trained on that this data set lacks) would be left out: every detection gets one known id.
+    any_id = evaluator.params.catIds[0] if evaluator.params.catIds else 0
+    relabelled = [{**d, "category_id": any_id} for d in detections]
+    agnostic = _cocoeval(coco_gt, relabelled, image_ids, use_categories=False).stats
     table[ANY_CLASS] = {"AP": float(agnostic[0]), "AP50": float(agnostic[1])}
     return metrics, table
 

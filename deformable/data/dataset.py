@@ -45,6 +45,9 @@ class DetectionDataset(Dataset):
         self.transforms = transforms
         self.coco = coco_api(data.coco)
         self.ids = sorted(self.coco.imgs)
+        # The annotation file's category id -> the id used now, where the ids were renumbered to a checkpoint's
+        # (deformable.data.categories.align_to_checkpoint); empty while they are the file's.
+        self.renumbered: dict[int, int] = {}
 
     @property
     def layout(self) -> str:

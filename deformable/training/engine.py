@@ -9,7 +9,7 @@ import contextlib
 import math
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -20,7 +20,7 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from deformable.data import resolve_num_classes, set_epoch
+from deformable.data import in_dataset_ids, resolve_num_classes, set_epoch
 from deformable.data.coco_eval import coco_scores, to_coco_results
 from models import build_criterion, build_postprocessor, load_detector, read_checkpoint
 from models.checkpoint import Checkpoint, copy_checkpoint, save_checkpoint
@@ -52,7 +52,7 @@ from .resume import (
     rng_state,
     training_state,
 )
-from .run_log import append_log, epoch_record, format_metrics, truncate_log, write_json
+from .run_log import append_log, epoch_record, format_metrics, logged_epochs, truncate_log, write_json
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -108,6 +108,7 @@ def train_one_epoch(
     criterion.train()
     total = len(loader) if max_iters <= 0 else min(max_iters, len(loader))
     sums: dict[str, float] = {}
+    norms = 0  # steps with a finite gradient norm
     bar = tqdm(total=total, desc=f"epoch {epoch}", disable=not show_progress, dynamic_ncols=True, leave=True)
     for step, (images, mask, targets) in enumerate(loader):
         if step >= total:
@@ -124,12 +125,15 @@ def train_one_epoch(
         grad_norm = _backward_step(loss, model, optimizer, scaler, clip_max_norm)
         if ema is not None:
             ema.update_parameters(_detector(model))
-        for key, value in {**_items(losses), "grad_norm": grad_norm}.items():
+        for key, value in _items(losses).items():
             sums[key] = sums.get(key, 0.0) + value
+        if math.isfinite(grad_norm):  # fp16: a step the scaler skipped (overflow) has no gradient to measure
+            sums["grad_norm"], norms = sums.get("grad_norm", 0.0) + grad_norm, norms + 1
         bar.set_postfix(loss=f"{sums['loss'] / (step + 1):.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
         bar.update()
     bar.close()
     means = {key: value / max(total, 1) for key, value in sums.items()}
+    means["grad_norm"] = sums.get("grad_norm", math.nan) / max(norms, 1)  # over the steps taken
     return distributed.reduce_mean(means, device)
 
 
@@ -191,8 +195,13 @@ def evaluate(
     show_progress: bool = True,
     verbose: bool = False,
     per_class: bool = False,
+    class_ids: Iterable[int] = (),
 ) -> tuple[dict[str, float], list[dict], dict[str, dict[str, float]]]:
     """Detects on every image of ``loader`` (sharded over processes) and scores with COCOeval on rank 0.
+
+    The detections kept are those whose label is a category of ``coco_gt`` or one of ``class_ids`` (the classes the
+    model was trained on): per class, pycocotools scores the ground truth's categories only, and the class-agnostic
+    row counts every kept detection (a box named as a class the ground truth lacks still finds its object).
 
     Returns the 12 COCO metrics (identical on every process) and, on rank 0, every detection in the COCO results
     format (boxes xywh in original image pixels) and, with ``per_class``, AP / AP50 per class and class-agnostic
@@ -201,7 +210,7 @@ def evaluate(
     """
     model.eval()
     per_image: dict[int, list[dict]] = {}
-    category_ids = sorted(coco_gt.cats)
+    category_ids = sorted(set(coco_gt.cats) | set(class_ids))
     with torch.random.fork_rng(devices=[]):  # evaluating leaves the training RNG stream untouched
         for images, mask, targets in tqdm(loader, desc="eval", disable=not show_progress, dynamic_ncols=True):
             with autocast(amp, device):
@@ -237,8 +246,7 @@ def _fit(cfg: Config, env: DistEnv) -> dict[str, float]:
     prepare_output_dir(cfg, env)
     # Rank 0 decides for all: the other ranks may not see output_dir (checked with a clear message on restoring).
     resume = distributed.broadcast(resume_path(cfg.train.resume, cfg.output_dir) if env.is_main else None)
-    if resume is None:
-        _refuse_overwrite(cfg.output_dir)
+    _refuse_overwrite(cfg.output_dir, resume)
     cfg = resolve_data_options(cfg, env)
     start = read_start(cfg, env, resume)  # the checkpoint resumed or fine-tuned from (None: from scratch)
     data = build_data(cfg, env, checkpoint_names=start and start.class_names, resuming=resume is not None)
@@ -276,9 +284,15 @@ def _fit(cfg: Config, env: DistEnv) -> dict[str, float]:
 
     def run_eval() -> dict[str, float]:
         evaluated_model = model if ema is None else ema.module
-        return evaluate(evaluated_model, postprocessor, data.val_loader, data.val_set.coco, **eval_args)[0]
+        classes = data.train_set.coco.cats  # what the model learns to name
+        return evaluate(
+            evaluated_model, postprocessor, data.val_loader, data.val_set.coco, class_ids=classes, **eval_args
+        )[0]
 
-    metrics = run_eval() if start_epoch >= cfg.train.epochs else {}  # a finished run: report what it reached
+    logged = _log_unlogged_epoch(cfg, env, resume, start, start_epoch, run_eval)  # stopped between save and log
+    metrics = logged if logged is not None else {}
+    if start_epoch >= cfg.train.epochs and logged is None:
+        metrics = run_eval()  # a finished run: report what it reached
     for epoch in range(start_epoch, cfg.train.epochs):
         began, lr = time.time(), optimizer.param_groups[0]["lr"]
         set_epoch(data.train_loader, epoch, cfg.train.seed, env.rank)
@@ -287,8 +301,19 @@ def _fit(cfg: Config, env: DistEnv) -> dict[str, float]:
         rngs = distributed.all_gather(rng_state())  # every rank's, so that each resumes its own stream
         if env.is_main:
             names = {int(i): str(c["name"]) for i, c in data.train_set.coco.cats.items()}
+            epoch_log = {"lr": lr, "stats": stats, "seconds": time.time() - began}  # logged after evaluation
             state = training_state(
-                model, optimizer, scheduler, scaler, epoch, config_to_dict(cfg), rngs, names, trainee.aids, ema
+                model,
+                optimizer,
+                scheduler,
+                scaler,
+                epoch,
+                config_to_dict(cfg),
+                rngs,
+                names,
+                trainee.aids,
+                ema,
+                epoch_log,
             )
             _save(state, cfg.output_dir, epoch, cfg.train.checkpoint_every)
         # Saved before evaluation, which may fail (an unreadable image) or be killed: the trained epoch is kept.
@@ -316,16 +341,55 @@ def _run_summary(cfg: Config, env: DistEnv, data: Data, trainee: TrainingDetecto
     )
 
 
-def _refuse_overwrite(output_dir: str) -> None:
-    """Raises ConfigError when a new run (no ``train.resume``) would train over an earlier run's checkpoint in
-    ``output_dir`` (rank 0 looks, every rank raises): nothing a user trained is replaced without being asked."""
+def _refuse_overwrite(output_dir: str, resume: str | None) -> None:
+    """Raises ConfigError when a run would train over a checkpoint in ``output_dir`` that it does not continue: a
+    new run (no ``train.resume``), or one resuming another checkpoint (rank 0 looks, every rank raises). Nothing a
+    user trained is replaced without being asked."""
     latest = latest_checkpoint(output_dir)
-    if distributed.broadcast(os.path.isfile(latest)):
+    exists = os.path.isfile(latest)
+    continued = exists and resume is not None and os.path.samefile(resume, latest)
+    if not distributed.broadcast(exists and not continued):
+        return
+    if resume is None:
         raise ConfigError(
             f"{latest} exists: output_dir holds an earlier run, which a new run would overwrite. Continue it with "
             "train.resume=auto, start from its weights in another output_dir with train.finetune=PATH, or delete "
             "the checkpoint to start afresh there"
         )
+    raise ConfigError(
+        f"train.resume={resume} would continue in output_dir {output_dir}, which holds another run ({latest}) that "
+        "it would overwrite, its log included. Resume into that checkpoint's own output_dir or a new one, or use "
+        "train.resume=auto to continue the run in output_dir"
+    )
+
+
+def _log_unlogged_epoch(
+    cfg: Config,
+    env: DistEnv,
+    resume: str | None,
+    start: Checkpoint | None,
+    start_epoch: int,
+    run_eval: Callable[[], dict[str, float]],
+) -> dict[str, float] | None:
+    """A run stopped (killed, or its evaluation failed) after saving an epoch's checkpoint and before logging it
+    leaves that epoch out of ``log.jsonl``: resuming evaluates it (where it was due) and logs it from the training
+    record the checkpoint holds, and writes its periodic copy if that is missing too. Returns the metrics when it
+    evaluated, else None."""
+    epoch = start_epoch - 1
+    record = (start.entries.get("epoch_log") if start is not None and resume is not None else None) or None
+    log = os.path.join(cfg.output_dir, "log.jsonl")
+    if not distributed.broadcast(env.is_main and record is not None and epoch not in logged_epochs(log)):
+        return None
+    evaluated = _evaluates_after(epoch, cfg.train)
+    metrics = run_eval() if evaluated else {}
+    if env.is_main:
+        print(f"epoch {epoch} was saved but not logged (the run stopped before): logging it now", flush=True)
+        append_log(log, epoch_record(epoch, record["lr"], record["stats"], metrics, record["seconds"]))
+        every = cfg.train.checkpoint_every
+        copy = os.path.join(cfg.output_dir, f"checkpoint_{epoch:04d}.pth")
+        if every > 0 and (epoch + 1) % every == 0 and not os.path.isfile(copy):
+            copy_checkpoint(resume, copy)
+    return metrics if evaluated else None
 
 
 def _evaluates_after(epoch: int, train: TrainConfig) -> bool:
@@ -385,7 +449,8 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Checkpoint) -> dict[str, 
     """Evaluates ``checkpoint`` (any format :func:`models.read_checkpoint` reads) on the validation split; rank 0
     prints the 12 COCO metrics and a table of AP / AP50 per class and with the classes ignored
     (:func:`~deformable.data.coco_eval.class_metrics`), and writes ``output_dir/eval.json`` (the metrics; the table
-    under ``per_class``) and ``output_dir/detections_<val_split>.json`` (COCO results format)."""
+    under ``per_class``) and ``output_dir/detections_<val_split>.json`` (COCO results format, in the data set's own
+    category ids, so that it scores against the split's annotation file)."""
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = read_checkpoint(checkpoint)
     env = distributed.init_distributed(cfg.train.device)
@@ -404,9 +469,11 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Checkpoint) -> dict[str, 
             show_progress=env.is_main,
             verbose=env.is_main,
             per_class=True,
+            class_ids=checkpoint.class_names,
         )
         if env.is_main:
             print(class_table(per_class))
+            detections = in_dataset_ids(detections, data.val_set)
             summary = {"checkpoint": checkpoint.path, "split": data.val_set.split, "images": len(data.val_set)}
             summary = {**metrics, **summary, "per_class": per_class}
             written = [os.path.join(cfg.output_dir, "eval.json")]

@@ -67,9 +67,10 @@ def resume_path(resume: str, output_dir: str) -> str | None:
     return resume
 
 
-# What a resumed run takes from the checkpoint's optimiser and schedule state, whatever its config says: a run can
-# only resume with the values it was trained with.
-RESTORED_SETTINGS = ("lr", "lr_backbone", "lr_linear_proj_mult", "weight_decay", "lr_drop")
+# What a resumed run takes from the checkpoint's optimiser and schedule state, whatever its config says, and what
+# else its continuation depends on (the weight average's decay, the seed of the data order): a run can only resume
+# with the values it was trained with, which config.yaml then states for the whole run.
+RESTORED_SETTINGS = ("lr", "lr_backbone", "lr_linear_proj_mult", "weight_decay", "lr_drop", "ema_decay", "seed")
 
 
 def check_resumable(checkpoint: Checkpoint, train: TrainConfig) -> None:
@@ -86,7 +87,7 @@ def check_resumable(checkpoint: Checkpoint, train: TrainConfig) -> None:
     if lines:
         raise CheckpointError(
             f"checkpoint {checkpoint.path} cannot resume with this config: a resumed run continues the checkpoint's "
-            "optimiser and learning-rate schedule, so these must be as it was trained:\n  "
+            "optimiser, learning-rate schedule, weight average and data order, so these must be as it was trained:\n  "
             + "\n  ".join(lines)
             + "\nto train on with other values, start a new run from its weights with train.finetune=PATH"
         )
@@ -109,13 +110,16 @@ def training_state(
     class_names: Mapping[int, str] | None = None,
     aids: nn.Module | None = None,
     ema: AveragedModel | None = None,
+    epoch_log: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The checkpoint dict after ``epoch`` (0-based, completed); ``rng`` holds every process's RNG state and
     ``class_names`` maps category ids (labels) to names, so that inference can name what it finds. ``model`` is the
     detector's own state_dict; the training-only query ``aids`` (``models.training_queries.QueryAids``), when
     given, go to a separate ``query_aids`` entry that only resuming reads. With the weights' moving average ``ema``
     (:mod:`.ema`), ``model`` holds the average (what every tool loads) and ``training_weights`` / ``ema_updates``
-    the optimiser's weights and the average's step count (what resuming reads)."""
+    the optimiser's weights and the average's step count (what resuming reads). ``epoch_log`` is the epoch's
+    training record for ``log.jsonl`` (``lr``, ``stats``, ``seconds``): a run stopped after saving and before logging
+    writes it on resuming (``engine._log_unlogged_epoch``)."""
     state = {
         "model": (model if ema is None else ema.module).state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -132,6 +136,8 @@ def training_state(
     if ema is not None:
         state["training_weights"] = model.state_dict()
         state["ema_updates"] = ema_updates(ema)
+    if epoch_log is not None:
+        state["epoch_log"] = dict(epoch_log)
     return state
 
 

@@ -25,9 +25,19 @@ def epoch_record(
 
 
 def append_log(path: str, record: Mapping[str, Any]) -> None:
-    """Appends one JSON line to ``log.jsonl``."""
+    """Appends one JSON line to ``log.jsonl``; a value that is no finite number (a mean over no step) is written as
+    ``null``: strict JSON has no NaN or Infinity, and readers such as jq refuse them."""
+    finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(dict(record)) + "\n")
+        f.write(json.dumps(finite) + "\n")
+
+
+def logged_epochs(path: str) -> set[float]:
+    """The epochs ``log.jsonl`` holds a line for (none when there is no log)."""
+    if not os.path.isfile(path):
+        return set()
+    with open(path, encoding="utf-8") as f:
+        return {_epoch_of(line) for line in f}
 
 
 def truncate_log(path: str, start_epoch: int) -> None:

@@ -8,6 +8,7 @@ The figures are BGR images for ``cv2.imwrite``.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping
 
@@ -119,7 +120,9 @@ def encoder_figure(
     x, y = pixel
     if not (0 <= x < size[1] and 0 <= y < size[0]):
         raise ValueError(f"pixel ({x:g}, {y:g}) is outside the image (width {size[1]}, height {size[0]})")
-    query = query_at_pixel(x + 0.5, y + 0.5, size, record.spatial_shapes, record.valid_ratios()[0], query_level)
+    # The centre of the pixel that holds (x, y): inside the image whenever (x, y) is, fractional or not.
+    centre = (math.floor(x) + 0.5, math.floor(y) + 0.5)
+    query = query_at_pixel(*centre, size, record.spatial_shapes, record.valid_ratios()[0], query_level)
     view = _with_densities(query_view(record, query, size), module, record, query)
     caption = f"{name}, query of level {query_level} at pixel ({x:g}, {y:g})"
     return render(image, [view], color_by=color_by, scale=scale, caption=caption)
