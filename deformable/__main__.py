@@ -10,6 +10,8 @@ import torch
 
 from . import __version__, _extension
 
+CPU_ISAS = ("base", "avx2", "avx512")  # what csrc/cpu/isa_dispatch.cpp accepts in DEFORMABLE_CPU_ISA
+
 
 def diagnose() -> str:
     lines = [
@@ -26,8 +28,12 @@ def diagnose() -> str:
     else:
         lines.append(f"native op: NOT loaded: {_extension.LOAD_ERROR}")
         lines.append(f"  to fix: {_extension.BUILD_HINT}")
-    if os.environ.get("DEFORMABLE_CPU_ISA"):
-        lines.append(f"DEFORMABLE_CPU_ISA={os.environ['DEFORMABLE_CPU_ISA']}: caps the CPU kernels' instruction set")
+    isa = os.environ.get("DEFORMABLE_CPU_ISA")
+    if isa and isa not in CPU_ISAS:  # the kernels refuse it on every call (case matters)
+        allowed = ", ".join(CPU_ISAS)
+        lines.append(f"DEFORMABLE_CPU_ISA={isa}: INVALID, every CPU op call will fail: use one of {allowed}")
+    elif isa:
+        lines.append(f"DEFORMABLE_CPU_ISA={isa}: caps the CPU kernels' instruction set")
     if _extension.forced_pytorch():
         lines.append("DEFORMABLE_BACKEND=pytorch: the PyTorch path is forced")
     lines.append(f"backend in use: {'native' if _extension.native_available() else 'pytorch'}")

@@ -104,6 +104,17 @@ def register_native_op(
         grads = iter(backward_op(grad_output, *inputs))
         return tuple(next(grads) if flag else None for flag in differentiable)
 
+    def no_second_derivative(ctx, *grads):
+        raise RuntimeError(
+            f"{qualified}: the native kernels have no second derivative (a gradient of a gradient, e.g. a gradient "
+            "penalty); run such a computation on the PyTorch path: with deformable.backend('pytorch'): ... or "
+            "DEFORMABLE_BACKEND=pytorch"
+        )
+
     torch.library.register_fake(qualified)(forward_fake)
     torch.library.register_fake(f"{qualified}_backward")(backward_fake)
     torch.library.register_autograd(qualified, backward, setup_context=setup_context)
+    # Without it autograd would treat the backward op as constant and a double backward would silently give zeros.
+    torch.library.register_autograd(
+        f"{qualified}_backward", no_second_derivative, setup_context=lambda ctx, inputs, output: None
+    )

@@ -16,6 +16,8 @@ def spatial_shape_list(spatial_shapes: SpatialShapes) -> list[tuple[int, int]]:
     """Returns the ``(H, W)`` rows of ``spatial_shapes`` (an ``(L, 2)`` tensor or a sequence of pairs) as ints,
     symbolic ints (``torch.SymInt``) when traced with dynamic shapes (torch.export, ONNX export)."""
     rows = spatial_shapes.tolist() if isinstance(spatial_shapes, torch.Tensor) else spatial_shapes
+    if any(not isinstance(row, (list, tuple)) or len(row) != 2 for row in rows):
+        raise ValueError(f"spatial_shapes must hold (H, W) pairs, one per level, got {rows!r}")
     return [(_size(h), _size(w)) for h, w in rows]
 
 
@@ -41,7 +43,9 @@ def ms_deform_attn_pytorch(
         attention_weights: ``(N, Lq, M, L, P)``, normally softmaxed over ``L * P``.
 
     Returns:
-        ``(N, Lq, M * D)`` in value's dtype.
+        ``(N, Lq, M * D)`` in value's dtype. float16 / bfloat16 values are sampled and weighted in float32 (as the
+        kernels accumulate), then cast back: torch's half-precision ``grid_sample`` on the CPU is inaccurate and can
+        crash. A NaN or infinite location contributes zero, as in the kernels (``grid_sample`` would spread NaN).
     """
     check_shapes(value, sampling_locations, attention_weights, spatial_shapes, level_start_index)
     shapes = spatial_shape_list(spatial_shapes)
@@ -55,8 +59,14 @@ def ms_deform_attn_pytorch(
         link = value.sum() + sampling_locations.sum() + attention_weights.sum()
         return value.new_zeros(n, lq, m * d) + 0 * link.to(value.dtype)
 
+    out_dtype = value.dtype
+    if value.dtype in (torch.float16, torch.bfloat16):
+        value = value.float()
     value_levels = value.split([h * w for h, w in shapes], dim=1)
-    grids = 2 * sampling_locations.to(value.dtype) - 1  # grid_sample wants [-1, 1]
+    locations = sampling_locations.to(value.dtype)
+    # A non-finite location is moved outside the map, where zero padding makes it contribute (and pass) nothing.
+    locations = torch.where(locations.isfinite(), locations, torch.full_like(locations, -2.0))
+    grids = 2 * locations - 1  # grid_sample wants [-1, 1]
     sampled = []
     for lvl, (h, w) in enumerate(shapes):
         if not symbolic and h * w == 0:
@@ -67,4 +77,4 @@ def ms_deform_attn_pytorch(
         sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
     weights = attention_weights.to(value.dtype).transpose(1, 2).reshape(n * m, 1, lq, n_levels * n_points)
     out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)  # (N*M, D, Lq)
-    return out.view(n, m * d, lq).transpose(1, 2).contiguous()
+    return out.view(n, m * d, lq).transpose(1, 2).contiguous().to(out_dtype)

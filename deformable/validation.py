@@ -55,6 +55,11 @@ def check_shapes(
             f"ms_deform_attn: attention_weights has shape {tuple(attention_weights.shape)} but sampling_locations "
             f"{tuple(sampling_locations.shape)} requires (N, Lq, M, L, P) = {tuple(sampling_locations.shape[:5])}"
         )
+    if isinstance(spatial_shapes, torch.Tensor) and (spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2):
+        raise ValueError(
+            f"ms_deform_attn: spatial_shapes must have shape (L, 2), (H, W) per level, got shape "
+            f"{tuple(spatial_shapes.shape)}"
+        )
     named = {"value": value, "sampling_locations": sampling_locations, "attention_weights": attention_weights}
     for name, t in (("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index)):
         if isinstance(t, torch.Tensor):
@@ -68,6 +73,8 @@ def check_levels(shapes: list[tuple[int, int]], spatial: int, levels: int) -> No
     """Raises ValueError unless ``shapes`` (``(H_l, W_l)`` per level, ints or SymInts) describes ``levels`` levels of
     non-negative size that sum to ``spatial`` positions. Symbolic sizes are not checked by value (a check would fix
     the traced graph to one image size)."""
+    if not levels:
+        raise ValueError("ms_deform_attn: sampling_locations has no level (L = 0): give at least one feature map")
     if len(shapes) != levels:
         raise ValueError(
             f"ms_deform_attn: spatial_shapes describes {len(shapes)} levels, sampling_locations has {levels}"

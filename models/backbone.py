@@ -41,6 +41,8 @@ MAX_EXTRA_LEVELS = 3  # stride-2 convolutions on top of the last stage
 
 def resize_mask(mask: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
     """``(B, H, W)`` bool padding mask -> ``(B, h, w)`` bool by nearest interpolation of the float mask."""
+    if mask.shape[0] == 0:  # interpolate refuses an empty batch
+        return mask.new_zeros((0, *tuple(size)))
     return F.interpolate(mask[None].float(), size=tuple(size)).to(torch.bool)[0]
 
 

@@ -58,7 +58,7 @@ def encoder_proposals(
         scale = torch.stack([valid_w, valid_h], -1).view(b, 1, 1, 2)
         grid = (grid.unsqueeze(0).expand(b, -1, -1, -1) + 0.5) / scale
         wh = torch.ones_like(grid) * (PROPOSAL_BASE_SIZE * 2.0**lvl)
-        proposals.append(torch.cat((grid, wh), -1).view(b, -1, 4))
+        proposals.append(torch.cat((grid, wh), -1).view(b, h * w, 4))  # h * w, not -1: b may be 0
         start += h * w
     proposals = torch.cat(proposals, 1)
     low, high = PROPOSAL_VALID_RANGE

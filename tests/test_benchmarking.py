@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _repo import config_path, load_tool
 
 from deformable.benchmarking import Timing, machine_info, machine_lines, set_threads, time_calls, time_once
 
@@ -48,3 +49,11 @@ def test_machine_description() -> None:
     assert lines[0].startswith("- CPU: ") and f"{info['threads']} torch threads" in lines[0]
     assert lines[-2].startswith(f"- torch {torch.__version__}, deformable._C built for: ")
     assert lines[-1].startswith("- command: `")
+
+
+def test_benchmark_detector_finds_a_config_by_name_and_names_a_missing_one(capsys) -> None:
+    tool = load_tool("benchmarks/benchmark_detector")
+    assert tool._config_path("shapes.yaml") == config_path("shapes.yaml")  # a bare name: the checkout's configs/
+    with pytest.raises(SystemExit, match=r"error: --config nope.yaml: config file not found: .*configs/nope.yaml"):
+        tool.main(["--config", "nope.yaml"])
+    assert capsys.readouterr().out == ""  # said before any table

@@ -56,6 +56,23 @@ def test_bad_model_configs(overrides, message):
         build_detector(tiny_config(*overrides))
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        (),
+        ("model.two_stage=true", "model.with_box_refine=true"),
+        ("model.enc_offset_mode=cope", "model.dec_offset_mode=cope"),
+    ],
+    ids=["plain", "two-stage", "cope"],
+)
+def test_an_empty_batch_gives_empty_outputs(overrides):
+    model = build_detector(tiny_config(*overrides)).eval()
+    with torch.no_grad():
+        out = model(torch.randn(0, 3, 96, 112), torch.zeros(0, 96, 112, dtype=torch.bool))
+    assert out["pred_logits"].shape[0] == 0 and out["pred_boxes"].shape[0] == 0
+    assert out["pred_boxes"].shape[1:] == (model.num_queries, 4)
+
+
 def test_unknown_timm_model():
     pytest.importorskip("timm")
     with pytest.raises(ValueError, match="unknown or unsupported timm backbone 'timm/not_a_model'"):

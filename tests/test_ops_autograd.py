@@ -82,6 +82,25 @@ def test_opcheck_backward_op(dtype):
     torch.library.opcheck(torch.ops.deformable.ms_deform_attn_backward.default, [grad_output, *inputs])
 
 
+@requires_native
+def test_a_second_derivative_is_refused_on_the_native_path_and_computed_on_the_pytorch_one():
+    """The kernels have first derivatives only: a gradient penalty through the native op must fail, not give zeros."""
+    value, shapes, starts, locations, weights = sample_inputs(dtype=torch.float64)
+    locations = locations.clone().requires_grad_()
+
+    def penalty() -> torch.Tensor:
+        out = ms_deform_attn(value, shapes, starts, locations, weights)
+        (grad,) = torch.autograd.grad(out.square().sum(), locations, create_graph=True)
+        return grad.square().sum()
+
+    with pytest.raises(RuntimeError, match=r"no second derivative .*deformable.backend\('pytorch'\)"):
+        penalty().backward()
+    locations.grad = None
+    with deformable.backend("pytorch"):
+        penalty().backward()
+    assert locations.grad.abs().sum() > 0
+
+
 def _compare_compiled(fn, inputs, backend: str) -> None:
     torch._dynamo.reset()
     compiled = torch.compile(fn, fullgraph=True, backend=backend)
@@ -217,3 +236,6 @@ def test_diagnosis_reports_the_instruction_set_cap(monkeypatch):
     assert "DEFORMABLE_CPU_ISA=avx2: caps the CPU kernels' instruction set" in diagnose()
     monkeypatch.delenv("DEFORMABLE_CPU_ISA")
     assert "DEFORMABLE_CPU_ISA" not in diagnose()
+    for bad in ("bogus", "AVX2"):
+        monkeypatch.setenv("DEFORMABLE_CPU_ISA", bad)
+        assert f"DEFORMABLE_CPU_ISA={bad}: INVALID, every CPU op call will fail: use one of base, avx2" in diagnose()

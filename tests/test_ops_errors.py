@@ -245,3 +245,24 @@ def test_direct_op_call_checks(case):
 def test_direct_backward_call_checks(grad_output, message):
     with pytest.raises(RuntimeError, match=message):
         torch.ops.deformable.ms_deform_attn_backward(grad_output, *sample_inputs())
+
+
+@pytest.mark.parametrize(
+    ("shapes", "message"),
+    [
+        (torch.tensor([4, 6]), r"spatial_shapes must have shape \(L, 2\), \(H, W\) per level, got shape \(2,\)"),
+        (torch.tensor([[4, 6, 1], [2, 3, 1]]), r"spatial_shapes must have shape \(L, 2\).* got shape \(2, 3\)"),
+        ([(4, 6), (2,)], r"spatial_shapes must hold \(H, W\) pairs"),
+    ],
+)
+def test_malformed_spatial_shapes_are_named_on_the_pytorch_path(shapes, message, monkeypatch):
+    monkeypatch.setenv("DEFORMABLE_BACKEND", "pytorch")
+    value, _, starts, locations, weights = sample_inputs()
+    with pytest.raises(ValueError, match=message):
+        ms_deform_attn(value, shapes, starts, locations, weights)
+
+
+def test_no_level_at_all_is_named():
+    value, shapes, starts, locations, weights = sample_inputs()
+    with pytest.raises(ValueError, match=r"sampling_locations has no level \(L = 0\)"):
+        ms_deform_attn_pytorch(value, shapes[:0], starts[:0], locations[:, :, :, :0], weights[:, :, :, :0])

@@ -12,6 +12,7 @@ import torch
 from _repo import ROOT
 from tiny_training import SHAPES_CONFIG, tiny_overrides
 
+from deformable.data.loader import ShardedBatches
 from models.checkpoint import read_checkpoint
 
 
@@ -64,3 +65,16 @@ def test_torchrun_two_cpu_processes(tmp_path, ema_decay) -> None:
         records = [json.loads(line) for line in f]
     assert [r["epoch"] for r in records] == [0, 1] and "AP" in records[-1]
     assert result.stdout.count("validation AP") == 1  # printed by rank 0 only
+
+
+@pytest.mark.parametrize(
+    ("size", "batch_size", "world_size"), [(15, 2, 2), (16, 4, 3), (3, 2, 4), (0, 2, 2), (7, 1, 2)]
+)
+def test_validation_shards_keep_the_single_process_batches(size: int, batch_size: int, world_size: int) -> None:
+    """Batching pads an image with its batch's neighbours, which moves its detections slightly: every process
+    count must batch the same images together, each image once, for the metrics not to depend on it."""
+    single = list(ShardedBatches(size, batch_size, rank=0, world_size=1))
+    assert single == [list(range(i, min(i + batch_size, size))) for i in range(0, size, batch_size)]
+    shards = [list(ShardedBatches(size, batch_size, rank, world_size)) for rank in range(world_size)]
+    assert sorted(batch for shard in shards for batch in shard) == single
+    assert [len(ShardedBatches(size, batch_size, r, world_size)) for r in range(world_size)] == list(map(len, shards))

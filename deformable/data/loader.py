@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from .errors import DatasetError
 
@@ -30,13 +30,37 @@ def collate(
     return padded, mask, [target for _, target in batch]
 
 
+class ShardedBatches(Sampler[list[int]]):
+    """The batches of one process's validation shard: the single-process batches in order (images ``0..B-1``,
+    ``B..2B-1``, ...), batch ``i`` on rank ``i % world_size``. Each image is then padded together with the same
+    images whatever the number of processes (padding moves detections slightly), so metrics do not depend on it;
+    every image is read once."""
+
+    def __init__(self, size: int, batch_size: int, rank: int, world_size: int) -> None:
+        self.size, self.batch_size, self.rank, self.world_size = size, batch_size, rank, world_size
+
+    def _starts(self) -> range:
+        return range(self.rank * self.batch_size, self.size, self.world_size * self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for start in self._starts():
+            yield list(range(start, min(start + self.batch_size, self.size)))
+
+    def __len__(self) -> int:
+        return len(self._starts())
+
+
 def build_loader(
     dataset: Dataset, *, batch_size: int, train: bool, num_workers: int, rank: int, world_size: int, seed: int
 ) -> DataLoader:
     """Shards ``dataset`` over ``world_size`` processes; training shuffles (per epoch, see :func:`set_epoch`) and
-    drops the last incomplete batch, validation keeps every image (the sampler pads shards by repeating images)."""
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=train, seed=seed)
-    if train and len(sampler) < batch_size:
+    drops the last incomplete batch, validation keeps every image in the single-process batches
+    (:class:`ShardedBatches`)."""
+    if not train:
+        batches = ShardedBatches(len(dataset), batch_size, rank, world_size)
+        return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=num_workers)
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    if len(sampler) < batch_size:
         raise DatasetError(
             f"the training split has {len(dataset)} images, fewer than train.batch_size={batch_size} per process "
             f"x {world_size} process(es); lower train.batch_size"
@@ -45,7 +69,7 @@ def build_loader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
-        drop_last=train,
+        drop_last=True,
         collate_fn=collate,
         num_workers=num_workers,
         generator=torch.Generator(),

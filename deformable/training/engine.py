@@ -221,7 +221,7 @@ def evaluate(
                 image_id = int(target["image_id"])
                 per_image[image_id] = to_coco_results(image_id, result, category_ids)
     merged: dict[int, list[dict]] = {}
-    for part in distributed.all_gather(per_image):  # shards repeat images to even out; the dict keeps one copy
+    for part in distributed.all_gather(per_image):  # every image is in one shard (ShardedBatches)
         merged.update(part)
     detections = [entry for image_id in sorted(merged) for entry in merged[image_id]]
     metrics, table = None, {}

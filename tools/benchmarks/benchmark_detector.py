@@ -45,7 +45,7 @@ from deformable import _extension
 from deformable.benchmarking import machine_info, machine_lines, set_threads, synchronize, time_calls
 from deformable.training.engine import AMP_DTYPES, autocast, to_float
 from models import build_criterion, build_detector, load_config
-from models.config import Config
+from models.config import Config, ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout: configs/
 PARTS = ("backbone", "encoder", "decoder", "loss")
@@ -241,7 +241,9 @@ def _models(cfg: Config, backends: list[str], device: torch.device) -> dict[str,
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=os.path.join(ROOT, "configs", "coco.yaml"), help="(default: coco.yaml)")
+    parser.add_argument(
+        "--config", default="coco.yaml", help="a config file, or the name of one in configs/ (default: coco.yaml)"
+    )
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
@@ -264,8 +266,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _config_path(name: str) -> str:
+    """``name`` as given when it is a file, else the file of that name in the checkout's configs/."""
+    return name if os.path.isfile(name) else os.path.join(ROOT, "configs", name)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    try:  # before any output: a wrong name is said at once
+        cfg = load_config(_config_path(args.config), ["model.pretrained_backbone=false"])
+    except (ConfigError, FileNotFoundError) as exc:
+        raise SystemExit(f"error: --config {args.config}: {exc}") from None
     set_threads(args.threads)
     backends = args.backends.split(",")
     info = machine_info(args.devices.split(","))
@@ -275,7 +286,6 @@ def main(argv: list[str] | None = None) -> None:
     print("|---" * (6 + len(PARTS)) + "|", flush=True)
     records = []
     for device in [torch.device(d) for d in args.devices.split(",")]:
-        cfg = load_config(args.config, ["model.pretrained_backbone=false"])
         models = _models(cfg, backends, device)
         for backend in backends:
             kind = "transformers" if backend == "transformers" else "ours"
