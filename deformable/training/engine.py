@@ -9,7 +9,7 @@ import contextlib
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -24,7 +24,7 @@ from deformable.data import in_dataset_ids, resolve_num_classes, set_epoch
 from deformable.data.coco_eval import coco_scores, to_coco_results
 from models import build_criterion, build_postprocessor, load_detector, read_checkpoint
 from models.checkpoint import Checkpoint, copy_checkpoint, save_checkpoint
-from models.config import Config, ConfigError, TrainConfig, config_to_dict
+from models.config import Config, config_to_dict
 from models.files import make_dir
 from models.loading import check_architecture
 from models.training_queries import TrainingDetector
@@ -46,13 +46,16 @@ from .ema import build_ema
 from .optim import build_lr_scheduler, build_optimizer
 from .resume import (
     check_resumable,
+    evaluates_after,
     latest_checkpoint,
+    log_unlogged_epoch,
+    refuse_overwrite,
     restore_training_state,
     resume_path,
     rng_state,
     training_state,
 )
-from .run_log import append_log, epoch_record, format_metrics, logged_epochs, truncate_log, write_json
+from .run_log import append_log, epoch_record, format_metrics, truncate_log, write_json
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -246,7 +249,7 @@ def _fit(cfg: Config, env: DistEnv) -> dict[str, float]:
     prepare_output_dir(cfg, env)
     # Rank 0 decides for all: the other ranks may not see output_dir (checked with a clear message on restoring).
     resume = distributed.broadcast(resume_path(cfg.train.resume, cfg.output_dir) if env.is_main else None)
-    _refuse_overwrite(cfg.output_dir, resume)
+    refuse_overwrite(cfg.output_dir, resume)
     cfg = resolve_data_options(cfg, env)
     start = read_start(cfg, env, resume)  # the checkpoint resumed or fine-tuned from (None: from scratch)
     data = build_data(cfg, env, checkpoint_names=start and start.class_names, resuming=resume is not None)
@@ -289,7 +292,7 @@ def _fit(cfg: Config, env: DistEnv) -> dict[str, float]:
             evaluated_model, postprocessor, data.val_loader, data.val_set.coco, class_ids=classes, **eval_args
         )[0]
 
-    logged = _log_unlogged_epoch(cfg, env, resume, start, start_epoch, run_eval)  # stopped between save and log
+    logged = log_unlogged_epoch(cfg, env, resume, start, start_epoch, run_eval)  # stopped between save and log
     metrics = logged if logged is not None else {}
     if start_epoch >= cfg.train.epochs and logged is None:
         metrics = run_eval()  # a finished run: report what it reached
@@ -318,7 +321,7 @@ def _fit(cfg: Config, env: DistEnv) -> dict[str, float]:
             _save(state, cfg.output_dir, epoch, cfg.train.checkpoint_every)
         # Saved before evaluation, which may fail (an unreadable image) or be killed: the trained epoch is kept.
         # Evaluation draws from no random state the run resumes (its loader has its own generator).
-        evaluated = _evaluates_after(epoch, cfg.train)
+        evaluated = evaluates_after(epoch, cfg.train)
         if evaluated:
             metrics = run_eval()
         if env.is_main:
@@ -339,62 +342,6 @@ def _run_summary(cfg: Config, env: DistEnv, data: Data, trainee: TrainingDetecto
         f"training {cfg.output_dir}: {len(data.train_set)} train / {len(data.val_set)} val images, "
         f"{trainable:,} trainable parameters{aids}, {env.world_size} process(es) on {env.device}, {epochs}"
     )
-
-
-def _refuse_overwrite(output_dir: str, resume: str | None) -> None:
-    """Raises ConfigError when a run would train over a checkpoint in ``output_dir`` that it does not continue: a
-    new run (no ``train.resume``), or one resuming another checkpoint (rank 0 looks, every rank raises). Nothing a
-    user trained is replaced without being asked."""
-    latest = latest_checkpoint(output_dir)
-    exists = os.path.isfile(latest)
-    continued = exists and resume is not None and os.path.samefile(resume, latest)
-    if not distributed.broadcast(exists and not continued):
-        return
-    if resume is None:
-        raise ConfigError(
-            f"{latest} exists: output_dir holds an earlier run, which a new run would overwrite. Continue it with "
-            "train.resume=auto, start from its weights in another output_dir with train.finetune=PATH, or delete "
-            "the checkpoint to start afresh there"
-        )
-    raise ConfigError(
-        f"train.resume={resume} would continue in output_dir {output_dir}, which holds another run ({latest}) that "
-        "it would overwrite, its log included. Resume into that checkpoint's own output_dir or a new one, or use "
-        "train.resume=auto to continue the run in output_dir"
-    )
-
-
-def _log_unlogged_epoch(
-    cfg: Config,
-    env: DistEnv,
-    resume: str | None,
-    start: Checkpoint | None,
-    start_epoch: int,
-    run_eval: Callable[[], dict[str, float]],
-) -> dict[str, float] | None:
-    """A run stopped (killed, or its evaluation failed) after saving an epoch's checkpoint and before logging it
-    leaves that epoch out of ``log.jsonl``: resuming evaluates it (where it was due) and logs it from the training
-    record the checkpoint holds, and writes its periodic copy if that is missing too. Returns the metrics when it
-    evaluated, else None."""
-    epoch = start_epoch - 1
-    record = (start.entries.get("epoch_log") if start is not None and resume is not None else None) or None
-    log = os.path.join(cfg.output_dir, "log.jsonl")
-    if not distributed.broadcast(env.is_main and record is not None and epoch not in logged_epochs(log)):
-        return None
-    evaluated = _evaluates_after(epoch, cfg.train)
-    metrics = run_eval() if evaluated else {}
-    if env.is_main:
-        print(f"epoch {epoch} was saved but not logged (the run stopped before): logging it now", flush=True)
-        append_log(log, epoch_record(epoch, record["lr"], record["stats"], metrics, record["seconds"]))
-        every = cfg.train.checkpoint_every
-        copy = os.path.join(cfg.output_dir, f"checkpoint_{epoch:04d}.pth")
-        if every > 0 and (epoch + 1) % every == 0 and not os.path.isfile(copy):
-            copy_checkpoint(resume, copy)
-    return metrics if evaluated else None
-
-
-def _evaluates_after(epoch: int, train: TrainConfig) -> bool:
-    """After every ``train.eval_every``-th epoch (0: none of them) and after the last one."""
-    return epoch + 1 == train.epochs or (train.eval_every > 0 and (epoch + 1) % train.eval_every == 0)
 
 
 def _start_epoch(

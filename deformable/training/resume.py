@@ -1,5 +1,7 @@
 """Resuming a run: the training state a checkpoint holds (optimiser, schedule, scaler, every process's RNG, the
-training-only query aids) and how it is restored. Reading and writing the files is :mod:`models.checkpoint`'s.
+training-only query aids) and how it is restored; what a run refuses so as not to replace another (a checkpoint in
+its output_dir it does not continue), and the epoch a stopped run saved but did not log. Reading and writing the files
+is :mod:`models.checkpoint`'s.
 """
 
 from __future__ import annotations
@@ -7,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -15,11 +17,14 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from models.checkpoint import Checkpoint, CheckpointError
-from models.config import TrainConfig
+from models.checkpoint import Checkpoint, CheckpointError, copy_checkpoint
+from models.config import Config, ConfigError, TrainConfig
 from models.weights import load_checkpoint
 
+from . import distributed
+from .distributed import DistEnv
 from .ema import ema_updates, restore_ema
+from .run_log import append_log, epoch_record, logged_epochs
 
 
 def rng_state() -> dict[str, Any]:
@@ -119,7 +124,7 @@ def training_state(
     (:mod:`.ema`), ``model`` holds the average (what every tool loads) and ``training_weights`` / ``ema_updates``
     the optimiser's weights and the average's step count (what resuming reads). ``epoch_log`` is the epoch's
     training record for ``log.jsonl`` (``lr``, ``stats``, ``seconds``): a run stopped after saving and before logging
-    writes it on resuming (``engine._log_unlogged_epoch``)."""
+    writes it on resuming (:func:`log_unlogged_epoch`)."""
     state = {
         "model": (model if ema is None else ema.module).state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -235,3 +240,59 @@ def _restore_aids(checkpoint: Checkpoint, aids: nn.Module | None) -> None:
             f"checkpoint {path}: its query_aids do not fit the training_queries options ({exc}); resume with the "
             "config it was trained with (config.yaml beside it)"
         ) from exc
+
+
+def refuse_overwrite(output_dir: str, resume: str | None) -> None:
+    """Raises ConfigError when a run would train over a checkpoint in ``output_dir`` that it does not continue: a
+    new run (no ``train.resume``), or one resuming another checkpoint (rank 0 looks, every rank raises). Nothing a
+    user trained is replaced without being asked."""
+    latest = latest_checkpoint(output_dir)
+    exists = os.path.isfile(latest)
+    continued = exists and resume is not None and os.path.samefile(resume, latest)
+    if not distributed.broadcast(exists and not continued):
+        return
+    if resume is None:
+        raise ConfigError(
+            f"{latest} exists: output_dir holds an earlier run, which a new run would overwrite. Continue it with "
+            "train.resume=auto, start from its weights in another output_dir with train.finetune=PATH, or delete "
+            "the checkpoint to start afresh there"
+        )
+    raise ConfigError(
+        f"train.resume={resume} would continue in output_dir {output_dir}, which holds another run ({latest}) that "
+        "it would overwrite, its log included. Resume into that checkpoint's own output_dir or a new one, or use "
+        "train.resume=auto to continue the run in output_dir"
+    )
+
+
+def log_unlogged_epoch(
+    cfg: Config,
+    env: DistEnv,
+    resume: str | None,
+    start: Checkpoint | None,
+    start_epoch: int,
+    run_eval: Callable[[], dict[str, float]],
+) -> dict[str, float] | None:
+    """A run stopped (killed, or its evaluation failed) after saving an epoch's checkpoint and before logging it
+    leaves that epoch out of ``log.jsonl``: resuming evaluates it (where it was due) and logs it from the training
+    record the checkpoint holds, and writes its periodic copy if that is missing too. Returns the metrics when it
+    evaluated, else None."""
+    epoch = start_epoch - 1
+    record = (start.entries.get("epoch_log") if start is not None and resume is not None else None) or None
+    log = os.path.join(cfg.output_dir, "log.jsonl")
+    if not distributed.broadcast(env.is_main and record is not None and epoch not in logged_epochs(log)):
+        return None
+    evaluated = evaluates_after(epoch, cfg.train)
+    metrics = run_eval() if evaluated else {}
+    if env.is_main:
+        print(f"epoch {epoch} was saved but not logged (the run stopped before): logging it now", flush=True)
+        append_log(log, epoch_record(epoch, record["lr"], record["stats"], metrics, record["seconds"]))
+        every = cfg.train.checkpoint_every
+        copy = os.path.join(cfg.output_dir, f"checkpoint_{epoch:04d}.pth")
+        if every > 0 and (epoch + 1) % every == 0 and not os.path.isfile(copy):
+            copy_checkpoint(resume, copy)
+    return metrics if evaluated else None
+
+
+def evaluates_after(epoch: int, train: TrainConfig) -> bool:
+    """After every ``train.eval_every``-th epoch (0: none of them) and after the last one."""
+    return epoch + 1 == train.epochs or (train.eval_every > 0 and (epoch + 1) % train.eval_every == 0)
