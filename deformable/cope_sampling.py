@@ -153,6 +153,13 @@ class CoPESampling(nn.Module):
         """
         coord = torch.float64 if query.dtype == torch.float64 else torch.float32
         shapes = spatial_shape_list(spatial_shapes)
+        # Eager only: traced sizes may be symbolic, and a branch on them would fix the graph to one size.
+        if not torch.compiler.is_compiling() and any(h * w == 0 for h, w in shapes):  # a count over no pixel
+            raise ValueError(
+                f"MSDeformAttn(offset_mode='cope'): spatial_shapes {shapes} has an empty level; CoPE counts along "
+                "the rows and columns of every level and needs each to be at least 1 x 1 (offset_mode='linear' "
+                "reads nothing from an empty level)"
+            )
         edges = []
         for density in self.densities(input_flatten, shapes, padding_mask, coord):  # (N, H, W, M, R)
             n, h, w = density.shape[:3]

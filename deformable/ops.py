@@ -30,6 +30,8 @@ def use_native(value: torch.Tensor) -> bool:
             f"PyTorch path. To get the fast kernels, {_extension.BUILD_HINT}.",
         )
         return False
+    if value.device.type == "meta":  # shapes only: the fake kernels answer (the PyTorch path reads spatial_shapes)
+        return True
     if value.device.type not in _extension.NATIVE_DEVICES:
         _warn_once(
             f"device-{value.device.type}",

@@ -330,3 +330,11 @@ def test_the_cost_benchmark_interleaves_the_two_modules(monkeypatch) -> None:
     linear_ms, cope_ms = bench.measure_interleaved(args, len_q=5, ref_dim=2, backward=False)
     assert calls == ["linear", "cope", "linear", "cope", "cope", "linear", "linear", "cope"]
     assert linear_ms >= 0 and cope_ms >= 0
+
+
+def test_an_empty_level_is_named() -> None:
+    attn = MSDeformAttn(d_model=32, n_levels=2, n_heads=2, n_points=2, offset_mode="cope")
+    query, value = torch.randn(1, 5, 32), torch.randn(1, 6, 32)
+    shapes, starts = torch.tensor([[0, 5], [2, 3]]), torch.tensor([0, 0])
+    with pytest.raises(ValueError, match=r"spatial_shapes \[\(0, 5\), \(2, 3\)\] has an empty level; CoPE counts"):
+        attn(query, torch.rand(1, 5, 2, 2), value, shapes, starts)

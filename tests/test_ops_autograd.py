@@ -239,3 +239,17 @@ def test_diagnosis_reports_the_instruction_set_cap(monkeypatch):
     for bad in ("bogus", "AVX2"):
         monkeypatch.setenv("DEFORMABLE_CPU_ISA", bad)
         assert f"DEFORMABLE_CPU_ISA={bad}: INVALID, every CPU op call will fail: use one of base, avx2" in diagnose()
+
+
+@requires_native
+def test_meta_tensors_get_shapes_from_the_fake_kernels_without_a_warning():
+    inputs = [x.to("meta") for x in sample_inputs()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = ms_deform_attn(*inputs)
+        attn = MSDeformAttn(d_model=32, n_levels=2, n_heads=2, n_points=2).to("meta")
+        shapes = torch.tensor([[4, 4], [2, 2]], device="meta")
+        args = (torch.empty(1, 5, 32, device="meta"), torch.empty(1, 5, 2, 2, device="meta"))
+        module_out = attn(*args, torch.empty(1, 20, 32, device="meta"), shapes, torch.tensor([0, 16], device="meta"))
+    assert out.device.type == "meta" and out.shape == (inputs[0].shape[0], inputs[3].shape[1], 2 * 4)
+    assert module_out.shape == (1, 5, 32)
