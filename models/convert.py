@@ -9,7 +9,7 @@ from collections.abc import Iterable
 
 from .checkpoint import read_checkpoint, save_checkpoint
 from .config import config_to_dict
-from .files import FileTargetError, check_file_target
+from .files import FileTargetError, check_file_target, check_folder_target
 from .hf_format import HF_FILES, check_hf_destination, is_hf_source, write_hf
 from .loading import load_detector, resolve_config
 
@@ -53,7 +53,7 @@ def check_destination(
         raise FileNotFoundError(f"checkpoint {source} does not exist")
     sources = _source_paths(source)
     if to == "hf":
-        folder = check_hf_destination(destination, overwrite=True)  # existing files are judged below
+        folder = check_folder_target(destination, "the transformers folder")  # its files are judged below
         written = [folder, *(os.path.join(folder, name) for name in HF_FILES)]
         if any(_is_source(path, sources) for path in written):
             raise FileTargetError(

@@ -9,6 +9,8 @@
   ``deformable.ms_deform_attn`` (native, and PyTorch through ``DEFORMABLE_BACKEND``).
 - ``shapes_root``: a folder for the synthetic shapes data set, shared by the whole session; the first training run
   that names it as ``data.root`` generates the data there (``data.synthetic=shapes`` and the folder missing).
+- ``finished``: the output folder of a 1-epoch tiny training run on ``shapes_root`` (one per module), read-only for
+  the tests (each copies what it changes).
 - ``official_keys``: the official checkpoint's state_dict keys and shapes, from the JSON file that
   ``DEFORMABLE_OFFICIAL_KEYS`` names; the test is skipped, saying so, when it is not set.
 
@@ -64,3 +66,15 @@ def official_keys() -> dict[str, dict]:
     path = path_from_env("DEFORMABLE_OFFICIAL_KEYS", what, "file", default)
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def finished(shapes_root: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A 1-epoch tiny run's output folder (checkpoint.pth, config.yaml, log.jsonl), read-only for the tests."""
+    from tiny_training import tiny_config  # here: the op tests need not load the training stack
+
+    from deformable.training import engine
+
+    out = str(tmp_path_factory.mktemp("finished"))
+    engine.fit(tiny_config(shapes_root, out, "train.eval_every=0"))
+    return out

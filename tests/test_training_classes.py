@@ -23,14 +23,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 eval_tool = load_tool("eval")
 
 
-@pytest.fixture(scope="module")
-def finished(shapes_root, tmp_path_factory) -> str:
-    """A 1-epoch run's output folder, read-only for the tests (each copies what it changes)."""
-    out = str(tmp_path_factory.mktemp("finished"))
-    engine.fit(tiny_config(shapes_root, out, "train.eval_every=0"))
-    return out
-
-
 def _renamed_copy(shapes_root: str, to: Path, rename: dict[str, str]) -> str:
     """The shapes data with category names changed (ids, images and boxes as they were)."""
     shutil.copytree(shapes_root, to)

@@ -28,14 +28,6 @@ train_tool = load_tool("train")
 eval_tool = load_tool("eval")
 
 
-@pytest.fixture(scope="module")
-def finished(shapes_root, tmp_path_factory) -> str:
-    """A 1-epoch run's output folder, read-only for the tests (each copies what it changes)."""
-    out = str(tmp_path_factory.mktemp("finished"))
-    engine.fit(tiny_config(shapes_root, out, "train.eval_every=0"))
-    return out
-
-
 def _copy(run: str, to: Path) -> str:
     to.mkdir()
     for name, content in _files(run).items():
