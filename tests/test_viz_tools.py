@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import warnings
 
@@ -12,7 +11,7 @@ import pytest
 from _repo import load_tool
 from _viz_utils import shapes_image, tiny_config, tiny_model, tool_argv_config, write_checkpoint, write_image
 
-from deformable.viz.curves import _log_ticks
+from deformable.viz.curves import plot_curves
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -112,7 +111,7 @@ def test_plot_log(tmp_path, capsys) -> None:
     out = str(tmp_path / "curves.png")
     assert plot_log.main([log, "--out", out]) == 0
     figure = cv2.imread(out)
-    assert figure.shape == (340, 3 * 520 + 2 * 8, 3)  # losses, learning rate, AP
+    assert figure.shape == (340, 3 * 520, 3)  # losses, learning rate, AP: 5.2 x 3.4 inches each at 100 dpi
     assert plot_log.main([str(tmp_path), "--out", out]) == 0  # the run folder works too
     from deformable.viz.curves import chart_groups
 
@@ -159,18 +158,29 @@ def test_plot_log_skips_an_unfinished_last_line(tmp_path, capsys) -> None:
     assert cv2.imread(str(tmp_path / "c.png")) is not None
 
 
-@pytest.mark.parametrize(
-    ("low", "high", "labels"),
-    [
-        (2e-4, 2e-4, ["1e-04", "2e-04", "5e-04"]),
-        (2e-5, 2e-4, ["2e-05", "5e-05", "1e-04", "2e-04"]),
-        (5e-7, 5e-4, ["1e-07", "1e-06", "1e-05", "1e-04", "1e-03"]),
-    ],
-)
-def test_log_axis_labels_name_the_values_their_lines_stand_at(low, high, labels) -> None:
-    """The learning-rate chart's grid lines: each label, printed with one digit, is the value at its line (lines
-    at 1, 2 and 5 times a power of ten, or the powers only over a wide range), and they cover the data."""
-    ticks = _log_ticks(math.log10(low), math.log10(high))
-    assert [f"{10.0**t:.0e}" for t in ticks] == labels
-    assert all(abs(10.0**t - float(label)) < 1e-12 for t, label in zip(ticks, labels, strict=True))
-    assert ticks[0] <= math.log10(low) + 1e-9 and ticks[-1] >= math.log10(high) - 1e-9
+def test_the_learning_rate_is_drawn_on_a_log_axis_covering_it() -> None:
+    """Losses and AP on linear axes, the learning rate on a log axis whose limits hold every value (a run with a
+    step drop, and one with a constant rate: a flat line gets a range around it); epochs are whole numbers."""
+    for rates in ([2e-4, 2e-4, 2e-5], [1e-4, 1e-4, 1e-4]):
+        records = [{"epoch": e, "lr": lr, "train_loss": 3.0 - e, "AP": 0.1 * e} for e, lr in enumerate(rates)]
+        figure = plot_curves(records)
+        figure.canvas.draw()  # the limits and ticks are settled on drawing
+        losses, rate, ap = figure.axes
+        assert [a.get_title() for a in figure.axes] == ["losses", "learning rate", "COCO AP"]
+        assert (losses.get_yscale(), rate.get_yscale(), ap.get_yscale()) == ("linear", "log", "linear")
+        low, high = rate.get_ylim()
+        assert low < min(rates) and max(rates) < high
+        assert all(float(t).is_integer() for t in rate.get_xticks())
+
+
+@pytest.mark.parametrize(("out", "message"), [("curves", "no extension matplotlib writes"), ("c.xyz", "use one of")])
+def test_plot_log_names_an_output_format_it_cannot_write(tmp_path, capsys, out, message) -> None:
+    log = _write_log(str(tmp_path / "log.jsonl"), ['{"epoch": 0, "lr": 0.1, "train_loss": 2.0}'])
+    assert plot_log.main([log, "--out", str(tmp_path / out)]) == 1
+    assert message in capsys.readouterr().err and not os.path.exists(tmp_path / out)
+
+
+def test_plot_log_writes_vector_formats(tmp_path) -> None:
+    log = _write_log(str(tmp_path / "log.jsonl"), ['{"epoch": 0, "lr": 0.1, "train_loss": 2.0}'])
+    assert plot_log.main([log, "--out", str(tmp_path / "new" / "curves.svg")]) == 0
+    assert (tmp_path / "new" / "curves.svg").read_text().lstrip().startswith("<?xml")

@@ -3,7 +3,8 @@
 
     python tools/plot_log.py RUN_DIR/log.jsonl --out curves.png
 
-Reads the log.jsonl that tools/train.py writes (one JSON object per epoch); draws with OpenCV.
+Reads the log.jsonl that tools/train.py writes (one JSON object per epoch); draws with matplotlib, into any format
+it writes (.png, .pdf, .svg, ...).
 """
 
 from __future__ import annotations
@@ -12,24 +13,22 @@ import argparse
 import os
 import sys
 
-from deformable.viz.curves import LogError, plot_curves, read_log
-from deformable.viz.draw import save_image
+from deformable.viz.curves import LogError, check_figure_path, plot_curves, read_log, save_figure
+from models.files import FolderError
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("log", help="log.jsonl written by tools/train.py (or its run folder)")
-    parser.add_argument("--out", default="curves.png", help="output PNG (default: curves.png)")
+    parser.add_argument(
+        "--out", default="curves.png", help="output image; format from the extension (default: curves.png)"
+    )
     args = parser.parse_args(argv)
     path = os.path.join(args.log, "log.jsonl") if os.path.isdir(args.log) else args.log
     try:
-        figure = plot_curves(read_log(path))
-    except LogError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    try:
-        save_image(args.out, figure)
-    except OSError as exc:
+        check_figure_path(args.out)  # before the log is read: a typo in --out is named at once
+        save_figure(args.out, plot_curves(read_log(path)))
+    except (LogError, FolderError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"wrote {args.out}")

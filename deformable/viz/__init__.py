@@ -1,2 +1,2 @@
 """Figures: sampling points of deformable attention over the image (the paper's figure), detections, and training
-curves, drawn with OpenCV."""
+curves (matplotlib; the rest is drawn with OpenCV)."""

@@ -1,18 +1,20 @@
 """Training curves from ``log.jsonl`` (one JSON object per epoch, written by :mod:`deformable.training.engine`):
-the loss terms, the learning rate and the COCO AP metrics against the epoch, as line charts drawn with OpenCV."""
+the loss terms, the learning rate and the COCO AP metrics against the epoch, as matplotlib line charts."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import warnings
 from collections.abc import Mapping, Sequence
 
-import cv2
-import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-from . import draw
+from models.files import atomic_write, make_dir
 
 Series = dict[str, tuple[list[float], list[float]]]  # name -> (epochs, values)
 AUX = re.compile(r"_\d+$")  # auxiliary decoder-layer losses (loss_ce_0 ...): left out, they crowd the chart
@@ -81,87 +83,52 @@ def chart_groups(records: Sequence[Mapping]) -> list[tuple[str, Series, bool]]:
     return [group for group in groups if group[1]]
 
 
-def plot_curves(records: Sequence[Mapping], panel_size: tuple[int, int] = (520, 340)) -> np.ndarray:
-    """One line chart per group of :func:`chart_groups`, side by side. Returns a BGR image."""
+def plot_curves(records: Sequence[Mapping], panel_size: tuple[float, float] = (5.2, 3.4), dpi: int = 100) -> Figure:
+    """One line chart per group of :func:`chart_groups`, side by side, each ``panel_size = (width, height)`` inches.
+    Returns a matplotlib figure (not attached to pyplot: nothing global is touched) for :func:`save_figure`."""
     groups = chart_groups(records)
     if not groups:
         raise LogError("the log has no loss, lr or AP values to plot")
-    charts = [line_chart(title, s, panel_size, log_y) for title, s, log_y in groups]
-    return draw.tile(charts, columns=len(groups))
+    width, height = panel_size
+    figure = Figure(figsize=(width * len(groups), height), dpi=dpi, layout="constrained")
+    for axes, (title, data, log_y) in zip(figure.subplots(1, len(groups), squeeze=False)[0], groups, strict=True):
+        for name, (epochs, values) in data.items():
+            axes.plot(epochs, values, marker="o" if len(epochs) <= 30 else None, markersize=3, label=name)
+        axes.set_title(title)
+        axes.set_xlabel("epoch")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+        if log_y:
+            axes.set_yscale("log")
+        axes.grid(True, which="major", alpha=0.3)
+        axes.legend(fontsize="small")
+    return figure
 
 
-def _ticks(low: float, high: float, count: int = 5) -> np.ndarray:
-    """About ``count`` round tick values covering ``[low, high]``."""
-    if high <= low:
-        low, high = low - 0.5 * (abs(low) or 1.0), high + 0.5 * (abs(high) or 1.0)
-    raw = (high - low) / count
-    step = 10 ** math.floor(math.log10(raw))
-    step *= next(m for m in (1, 2, 2.5, 5, 10) if m * step >= raw)
-    return np.arange(math.floor(low / step), math.ceil(high / step) + 1) * step
+def figure_formats() -> list[str]:
+    """The file extensions :func:`save_figure` writes (matplotlib's: png, pdf, svg, jpg, ...)."""
+    return sorted(FigureCanvasAgg.get_supported_filetypes())
 
 
-def _log_ticks(low: float, high: float, most: int = 8) -> np.ndarray:
-    """Tick positions on a log10 axis covering ``[low, high]`` (log10 values) at 1, 2 and 5 times a power of ten
-    (only the powers when that gives more than ``most``), so that each label, printed with one digit, is the value
-    its line stands at."""
-    first, last = math.floor(low) - 1, math.ceil(high) + 1
-    marks = [e + math.log10(m) for e in range(first, last + 1) for m in (1, 2, 5)]
-    if 3 * (high - low) + 1 > most:  # three 1-2-5 marks per power of ten: too many, so the powers only
-        marks = [float(e) for e in range(first, last + 1)]
-    eps = 1e-9
-    below = max(t for t in marks if t <= low + eps)
-    above = min(t for t in marks if t >= high - eps)
-    if above - below < eps:  # one value: a mark either side
-        below, above = max(t for t in marks if t < below - eps), min(t for t in marks if t > above + eps)
-    return np.array([t for t in marks if below - eps <= t <= above + eps])
+def check_figure_path(path: str) -> str:
+    """The format (extension without the dot, lower case) of ``path``.
+
+    Raises:
+        LogError: ``path`` has no extension matplotlib writes, naming the ones it does.
+    """
+    extension = os.path.splitext(path)[1].lower().lstrip(".")
+    if extension not in figure_formats():
+        raise LogError(f"--out {path!r} has no extension matplotlib writes; use one of {', '.join(figure_formats())}")
+    return extension
 
 
-def line_chart(title: str, data: Series, size: tuple[int, int] = (520, 340), log_y: bool = False) -> np.ndarray:
-    """A white ``size = (width, height)`` chart of ``data`` against the epoch with axes, ticks and a legend
-    (``log_y``: positive values on a log10 axis)."""
-    if log_y:
-        data = {k: (xv, [math.log10(y) for y in yv]) for k, (xv, yv) in data.items()}
-    width, height = size
-    left, right, top, bottom = 64, 12, 28, 36
-    canvas = np.full((height, width, 3), 255, dtype=np.uint8)
-    xs = [x for xv, _ in data.values() for x in xv]
-    ys = [y for _, yv in data.values() for y in yv]
-    x_ticks = _ticks(min(xs), max(xs))
-    y_ticks = _log_ticks(min(ys), max(ys)) if log_y else _ticks(min(ys), max(ys))
-    x_ticks = x_ticks[x_ticks == np.round(x_ticks)]  # epochs are integers
-    x_lo, x_hi = min(x_ticks[0], min(xs)), max(x_ticks[-1], max(xs))
-    y_lo, y_hi = y_ticks[0], y_ticks[-1]
+def save_figure(path: str, figure: Figure) -> None:
+    """Writes ``figure`` to ``path`` (format from the extension) atomically, creating its folder.
 
-    def to_px(x: float, y: float) -> tuple[float, float]:
-        px = left + (x - x_lo) / max(x_hi - x_lo, 1e-12) * (width - left - right)
-        return px, top + (y_hi - y) / max(y_hi - y_lo, 1e-12) * (height - top - bottom)
-
-    _axes(canvas, title, x_ticks, y_ticks, to_px, (left, top, width - right, height - bottom), log_y)
-    for i, (xv, yv) in enumerate(data.values()):
-        points = np.array([to_px(x, y) for x, y in zip(xv, yv, strict=True)])
-        fixed = np.round(points * (1 << draw.SHIFT)).astype(np.int32)
-        cv2.polylines(canvas, [fixed], False, draw.colour(i), 2, cv2.LINE_AA, draw.SHIFT)
-        if len(points) <= 30:
-            for x, y in points:
-                cv2.circle(canvas, draw.fixed_point(x, y), 3 << draw.SHIFT, draw.colour(i), -1, cv2.LINE_AA, draw.SHIFT)
-    entries = [(draw.colour(i), name) for i, name in enumerate(data)]
-    key = draw.stack([draw.legend([entry], 150, scale=0.4) for entry in entries])  # one entry per line
-    canvas[top + 1 : top + 1 + key.shape[0], width - right - 151 : width - right - 1] = key
-    return canvas
-
-
-def _axes(canvas: np.ndarray, title: str, x_ticks, y_ticks, to_px, box: tuple[int, int, int, int], log_y: bool) -> None:
-    """Frame, grid lines, tick labels and title."""
-    x0, y0, x1, y1 = box
-    grey = (220, 220, 220)
-    for y in y_ticks:
-        py = round(to_px(x_ticks[0], y)[1])
-        cv2.line(canvas, (x0, py), (x1, py), grey, 1)
-        text = f"{10.0**y:.0e}" if log_y else f"{y:.3g}"
-        cv2.putText(canvas, text, (4, py + 4), draw.FONT, 0.38, draw.BLACK, 1, cv2.LINE_AA)
-    for x in x_ticks:
-        px = round(to_px(x, y_ticks[0])[0])
-        cv2.line(canvas, (px, y1), (px, y1 + 4), draw.BLACK, 1)
-        cv2.putText(canvas, f"{x:g}", (px - 6, y1 + 18), draw.FONT, 0.38, draw.BLACK, 1, cv2.LINE_AA)
-    cv2.rectangle(canvas, (x0, y0), (x1, y1), draw.BLACK, 1)
-    cv2.putText(canvas, f"{title} (x: epoch)", (x0, y0 - 9), draw.FONT, 0.5, draw.BLACK, 1, cv2.LINE_AA)
+    Raises:
+        LogError: an extension matplotlib does not write (:func:`check_figure_path`).
+        OSError: naming the path when it cannot be written (a folder, no permission).
+    """
+    extension = check_figure_path(path)
+    make_dir(os.path.dirname(os.path.abspath(path)), "the figure's folder")
+    FigureCanvasAgg(figure)  # the figure draws on Agg, whatever backend pyplot may use elsewhere
+    atomic_write(path, lambda f: figure.savefig(f, format=extension))
