@@ -83,6 +83,7 @@ def test_resume_continues_like_an_uninterrupted_run(shapes_root, tmp_path) -> No
         "checkpoint.pth",
         "checkpoint_0000.pth",
         "checkpoint_0001.pth",
+        "checkpoint_best.pth",  # the last epoch, the only one evaluated
     ]
 
 

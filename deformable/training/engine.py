@@ -45,8 +45,11 @@ from .distributed import DistEnv
 from .ema import build_ema
 from .optim import build_lr_scheduler, build_optimizer
 from .resume import (
+    BEST_METRIC,
+    best_checkpoint,
     check_resumable,
     evaluates_after,
+    keep_best,
     latest_checkpoint,
     log_unlogged_epoch,
     refuse_overwrite,
@@ -55,7 +58,7 @@ from .resume import (
     rng_state,
     training_state,
 )
-from .run_log import append_log, epoch_record, format_metrics, truncate_log, write_json
+from .run_log import append_log, best_logged, epoch_record, format_metrics, truncate_log, write_json
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -325,10 +328,15 @@ def _fit(cfg: Config, env: DistEnv) -> dict[str, float]:
         if evaluated:
             metrics = run_eval()
         if env.is_main:
+            if evaluated:
+                keep_best(cfg.output_dir, latest_checkpoint(cfg.output_dir), epoch, metrics)
             record = epoch_record(epoch, lr, stats, metrics if evaluated else {}, time.time() - began)
             append_log(os.path.join(cfg.output_dir, "log.jsonl"), record)
     if env.is_main:
         print(format_metrics(metrics), flush=True)
+        best = best_logged(os.path.join(cfg.output_dir, "log.jsonl"), BEST_METRIC)
+        if best is not None and os.path.isfile(best_checkpoint(cfg.output_dir)):
+            print(f"best {BEST_METRIC} {best[0]:.3f} at epoch {best[1]}: {best_checkpoint(cfg.output_dir)}", flush=True)
     return metrics
 
 

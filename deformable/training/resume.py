@@ -7,6 +7,8 @@ is :mod:`models.checkpoint`'s.
 from __future__ import annotations
 
 import dataclasses
+import glob
+import math
 import os
 import random
 from collections.abc import Callable, Mapping
@@ -24,7 +26,9 @@ from models.weights import load_checkpoint
 from . import distributed
 from .distributed import DistEnv
 from .ema import ema_updates, restore_ema
-from .run_log import append_log, epoch_record, logged_epochs
+from .run_log import append_log, best_logged, epoch_record, logged_epochs
+
+BEST_METRIC = "AP"  # COCO AP@[.5:.95]: the validation score whose highest epoch checkpoint_best.pth keeps
 
 
 def rng_state() -> dict[str, Any]:
@@ -52,6 +56,25 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 def latest_checkpoint(output_dir: str) -> str:
     """``output_dir/checkpoint.pth``: where a run saves after every epoch and ``train.resume=auto`` looks."""
     return os.path.join(output_dir, "checkpoint.pth")
+
+
+def best_checkpoint(output_dir: str) -> str:
+    """``output_dir/checkpoint_best.pth``: a copy of the checkpoint of the epoch with the highest validation AP."""
+    return os.path.join(output_dir, "checkpoint_best.pth")
+
+
+def keep_best(output_dir: str, source: str, epoch: int, metrics: Mapping[str, float]) -> bool:
+    """Copies ``source``, the checkpoint of ``epoch`` just evaluated to ``metrics``, to ``checkpoint_best.pth`` when
+    its AP is above that of every earlier epoch in ``log.jsonl`` (called before ``epoch`` is logged). Returns
+    whether it copied."""
+    value = metrics.get(BEST_METRIC)
+    if value is None or not math.isfinite(value):
+        return False
+    best = best_logged(os.path.join(output_dir, "log.jsonl"), BEST_METRIC, before_epoch=epoch)
+    if best is not None and value <= best[0]:
+        return False
+    copy_checkpoint(source, best_checkpoint(output_dir))
+    return True
 
 
 def resume_path(resume: str, output_dir: str) -> str | None:
@@ -243,24 +266,26 @@ def _restore_aids(checkpoint: Checkpoint, aids: nn.Module | None) -> None:
 
 
 def refuse_overwrite(output_dir: str, resume: str | None) -> None:
-    """Raises ConfigError when a run would train over a checkpoint in ``output_dir`` that it does not continue: a
-    new run (no ``train.resume``), or one resuming another checkpoint (rank 0 looks, every rank raises). Nothing a
-    user trained is replaced without being asked."""
+    """Raises ConfigError when a run would train over checkpoints in ``output_dir`` that it does not continue (the
+    latest, the best, the periodic copies): a new run (no ``train.resume``), or one resuming another checkpoint
+    (rank 0 looks, every rank raises). Nothing a user trained is replaced without being asked."""
     latest = latest_checkpoint(output_dir)
-    exists = os.path.isfile(latest)
-    continued = exists and resume is not None and os.path.samefile(resume, latest)
-    if not distributed.broadcast(exists and not continued):
+    earlier = sorted(glob.glob(os.path.join(glob.escape(output_dir), "checkpoint*.pth")))
+    continued = os.path.isfile(latest) and resume is not None and os.path.samefile(resume, latest)
+    if not distributed.broadcast(bool(earlier) and not continued):
         return
     if resume is None:
+        found = f"{latest} exists" if os.path.isfile(latest) else f"{', '.join(earlier)} exist(s)"
         raise ConfigError(
-            f"{latest} exists: output_dir holds an earlier run, which a new run would overwrite. Continue it with "
+            f"{found}: output_dir holds an earlier run, which a new run would overwrite. Continue it with "
             "train.resume=auto, start from its weights in another output_dir with train.finetune=PATH, or delete "
-            "the checkpoint to start afresh there"
+            "its checkpoint*.pth files to start afresh there"
         )
     raise ConfigError(
-        f"train.resume={resume} would continue in output_dir {output_dir}, which holds another run ({latest}) that "
-        "it would overwrite, its log included. Resume into that checkpoint's own output_dir or a new one, or use "
-        "train.resume=auto to continue the run in output_dir"
+        f"train.resume={resume} would continue in output_dir {output_dir}, which holds another run "
+        f"({latest if os.path.isfile(latest) else ', '.join(earlier)}) that it would overwrite, its log included. "
+        "Resume into that checkpoint's own output_dir or a new one, or use train.resume=auto to continue the run in "
+        "output_dir"
     )
 
 
@@ -285,6 +310,7 @@ def log_unlogged_epoch(
     metrics = run_eval() if evaluated else {}
     if env.is_main:
         print(f"epoch {epoch} was saved but not logged (the run stopped before): logging it now", flush=True)
+        keep_best(cfg.output_dir, resume, epoch, metrics)
         append_log(log, epoch_record(epoch, record["lr"], record["stats"], metrics, record["seconds"]))
         every = cfg.train.checkpoint_every
         copy = os.path.join(cfg.output_dir, f"checkpoint_{epoch:04d}.pth")

@@ -40,6 +40,25 @@ def logged_epochs(path: str) -> set[float]:
         return {_epoch_of(line) for line in f}
 
 
+def best_logged(path: str, metric: str, before_epoch: float = math.inf) -> tuple[float, int] | None:
+    """``(value, epoch)`` of the highest finite ``metric`` among the ``log.jsonl`` records of epochs before
+    ``before_epoch`` (the earliest on a tie); None when no such record has it (or there is no log)."""
+    if not os.path.isfile(path):
+        return None
+    best = None
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+                epoch, value = record["epoch"], record.get(metric)
+            except (ValueError, KeyError, TypeError):  # half a line (a kill), or no object
+                continue
+            finite = isinstance(value, (int, float)) and math.isfinite(value)
+            if finite and epoch < before_epoch and (best is None or value > best[0]):
+                best = (float(value), int(epoch))
+    return best
+
+
 def truncate_log(path: str, start_epoch: int) -> None:
     """Keeps the ``log.jsonl`` lines of epochs before ``start_epoch``: a run killed after its last checkpoint may
     have logged a later epoch, or half a line."""
