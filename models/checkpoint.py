@@ -9,7 +9,8 @@
   ``.safetensors``);
 - ``hf``: a Hugging Face transformers Deformable DETR folder (``config.json`` + ``model.safetensors`` or
   ``pytorch_model.bin``), or one of those weight files with ``config.json`` beside it; names are mapped onto the
-  original's state_dict (:mod:`models.hf_format`).
+  original's state_dict (:mod:`models.hf_format`); a hub model id (``SenseTime/deformable-detr``) where no such
+  local path exists is fetched into the hub cache and read as that folder (:mod:`models.hub`).
 
 Whatever the format, the result is a :class:`Checkpoint`: the state_dict in the original's key names, the model
 options the file states (its config, its ``args``, its ``config.json``, and what the weights' shapes show) and the
@@ -31,6 +32,7 @@ import torch
 
 from .coco_classes import COCO_CLASSES
 from .files import atomic_write
+from .hub import resolve_checkpoint
 
 FORMATS = ("project", "original", "state_dict", "hf")
 # transformers' weights file names in order of preference, read with config.json beside; an index.json lists the
@@ -103,10 +105,10 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Reads a checkpoint of any format in :data:`FORMATS` (see the module docstring).
 
     Raises:
-        FileNotFoundError: no such file or folder.
+        FileNotFoundError: no such file or folder (nor hub model).
         CheckpointError: corrupt, truncated or foreign content; the message names the file and what was expected.
     """
-    path = os.fspath(path)
+    path = resolve_checkpoint(path)  # a hub id: its snapshot folder in the hub cache
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     beside = os.path.join(os.path.dirname(path), "config.json")

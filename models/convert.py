@@ -11,6 +11,7 @@ from .checkpoint import read_checkpoint, save_checkpoint
 from .config import config_to_dict
 from .files import FileTargetError, check_file_target, check_folder_target
 from .hf_format import HF_FILES, check_hf_destination, is_hf_source, write_hf
+from .hub import resolve_checkpoint
 from .loading import load_detector, resolve_config
 
 TARGETS = ("project", "hf")
@@ -103,6 +104,7 @@ def convert_checkpoint(
     or a checkpoint that does not fit its config: the options and their overrides named) and
     ``FileNotFoundError``.
     """
+    source = resolve_checkpoint(source)  # a hub id: its snapshot folder, which the destination must not be
     check_destination(source, destination, to, overwrite)
     checkpoint = read_checkpoint(source)
     cfg = resolve_config(config, overrides, checkpoint)

@@ -52,8 +52,8 @@ CONFIG_SUFFIXES = (".yaml", ".yml")
 # The tools' help for the positional config and the checkpoint (every tool reads the same formats).
 CONFIG_HELP = "the YAML config (default: the checkpoint's own), then section.key=value overrides"
 CHECKPOINT_HELP = (
-    "this project's checkpoint, an original Deformable-DETR .pth, a state_dict, or a transformers folder "
-    "(config.json + model.safetensors)"
+    "this project's checkpoint, an original Deformable-DETR .pth, a state_dict, a transformers folder "
+    "(config.json + model.safetensors), or a Hugging Face hub model id (e.g. SenseTime/deformable-detr)"
 )
 
 

@@ -28,7 +28,7 @@ from models.loading import CONFIG_HELP, split_command_line
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", help="the checkpoint to convert (file or transformers folder)")
+    parser.add_argument("source", help="the checkpoint to convert (file, transformers folder or hub model id)")
     parser.add_argument("destination", help="the .pth file (--to project) or folder (--to hf) to write")
     parser.add_argument("args", nargs="*", metavar="[CONFIG] [section.key=value]", help=CONFIG_HELP)
     parser.add_argument("--to", choices=TARGETS, default="project", help="the format to write (default: project)")
