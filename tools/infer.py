@@ -3,7 +3,8 @@
 
     python tools/infer.py [CONFIG] --checkpoint PATH INPUT... [--out DIR] [options] [section.key=value ...]
 
-INPUT: image files, folders (their images, hidden files left out) or quoted glob patterns ("photos/*.jpg").
+INPUT: image or video files, folders (their images and videos, hidden files left out) or quoted glob patterns
+("photos/*.jpg").
 Writes DIR/<image>.jpg with the detections drawn (DIR/<image>.png, with a warning, for an image with a side longer
 than JPEG's 65500 pixels), DIR/results.json (COCO results format: image_id, category_id, bbox [x, y, w, h] in
 original pixels, score) and DIR/images.json (id, file_name, height, width of each image). An image of the data set
@@ -15,6 +16,9 @@ Nothing you saved is replaced: DIR may not be a folder that holds an input image
 existing file of DIR is replaced only if an earlier run of infer wrote it (DIR/.infer-outputs.json lists them), so
 rerunning into the same DIR updates it. An image that cannot be read is skipped with a warning naming it, listed at
 the end, and the others are processed (exit status 0); the run fails only when no image can be read.
+A video (.mp4, .avi, .mov, .mkv, .webm, ...) gives DIR/<video>.mp4, its frames with the detections drawn, and
+DIR/<video>.json: frame rate, size and, per frame, its index, time and detections (category_id, name, bbox [x, y, w, h]
+in pixels, score); --video-stride N detects on every N-th frame only (the drawn video then plays at 1/N of the rate).
 --batch-size 1 (the default, as for Predictor) detects on each image alone; a larger batch is faster on a GPU but
 pads the smaller images of a batch to the largest, which may change their detections slightly (as in the original).
 """
@@ -26,7 +30,7 @@ import sys
 
 from tqdm import tqdm
 
-from deformable.inference import ImageError, list_images, resolve_device
+from deformable.inference import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, ImageError, list_images, resolve_device
 from deformable.inference.predictor import DEFAULT_BATCH_SIZE, check_threshold
 from deformable.inference.run import run_inference
 from deformable.viz.detections import draw_detections
@@ -45,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help=f"images per forward pass ({DEFAULT_BATCH_SIZE})"
     )
+    parser.add_argument("--video-stride", type=int, default=1, help="detect on every N-th frame of a video (1)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     args = parser.parse_intermixed_args(argv)
     config, overrides, inputs = split_command_line(args.inputs)
@@ -57,15 +62,20 @@ def main(argv: list[str] | None = None) -> int:
         check_threshold(args.score_threshold, "--score-threshold")
         if args.batch_size < 1:
             raise ValueError(f"--batch-size: batch size must be >= 1, got {args.batch_size}")
+        if args.video_stride < 1:
+            raise ValueError(f"--video-stride must be >= 1, got {args.video_stride}")
         cfg, checkpoint = config_and_checkpoint(config, overrides, args.checkpoint)
-        paths = list_images(inputs)
+        paths = list_images(inputs, IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)
         kwargs = dict(score_threshold=args.score_threshold, batch_size=args.batch_size, draw=draw_detections)
+        kwargs.update(video_stride=args.video_stride)
         device = resolve_device(args.device)
         run = run_inference(cfg, checkpoint, paths, args.out, device=device, warn=warn, **kwargs)
     except (ConfigError, FileNotFoundError, ImageError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"{len(run.results)} detections in {len(run.images)} images written to {args.out}")
+    parts = [f"{len(run.results)} detections in {len(run.images)} images"] if run.images or not run.videos else []
+    parts += [f"{len(run.videos)} video(s) (<video>.mp4, <video>.json)"] if run.videos else []
+    print(f"{' and '.join(parts)} written to {args.out}")
     if run.skipped:
         listed = "\n".join(f"  {path}" for path in run.skipped)
         print(f"warning: {len(run.skipped)} unreadable image(s) skipped (reasons above):\n{listed}", file=sys.stderr)

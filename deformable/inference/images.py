@@ -28,38 +28,42 @@ class ImageError(ValueError):
     """An image path that does not exist, is no image, or cannot be decoded; the message names the file."""
 
 
-def list_images(inputs: Iterable[str]) -> list[str]:
-    """Files, folders and glob patterns -> image files.
+def list_images(inputs: Iterable[str], extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[str]:
+    """Files, folders and glob patterns -> the files to detect on: images, or whatever ``extensions`` names
+    (``tools/infer.py`` adds videos).
 
-    A folder contributes its images (by extension, sorted, not recursive), leaving out hidden files (names starting
-    with ``.``, such as the ``._photo.jpg`` metadata macOS writes beside copies); a pattern that names no file
-    (``"photos/*.jpg"`` quoted, so the shell did not expand it) contributes the files it matches, sorted.
+    A folder contributes its files with one of ``extensions`` (sorted, not recursive), leaving out hidden files
+    (names starting with ``.``, such as the ``._photo.jpg`` metadata macOS writes beside copies); a pattern that
+    names no file (``"photos/*.jpg"`` quoted, so the shell did not expand it) contributes the files it matches,
+    sorted. A file named is taken whatever its extension (reading it says what it is).
 
     Raises:
-        ImageError: an input does not exist, or a folder or pattern holds no image.
+        ImageError: an input does not exist, or a folder or pattern holds no such file.
     """
+    kind = "image" if extensions == IMAGE_EXTENSIONS else "image or video"
     paths: list[str] = []
     for item in inputs:
         if os.path.isdir(item):
             found = sorted(
                 os.path.join(item, name)
                 for name in os.listdir(item)
-                if name.lower().endswith(IMAGE_EXTENSIONS)
+                if name.lower().endswith(extensions)
                 and not name.startswith(".")
                 and os.path.isfile(os.path.join(item, name))
             )
             if not found:
-                raise ImageError(f"folder {item} holds no image ({', '.join(IMAGE_EXTENSIONS)})")
+                raise ImageError(f"folder {item} holds no {kind} ({', '.join(extensions)})")
             paths.extend(found)
         elif os.path.isfile(item):
             paths.append(item)
         elif any(c in item for c in "*?["):  # a glob pattern
-            found = sorted(p for p in glob.glob(item) if os.path.isfile(p) and p.lower().endswith(IMAGE_EXTENSIONS))
+            found = sorted(p for p in glob.glob(item) if os.path.isfile(p) and p.lower().endswith(extensions))
             if not found:
-                raise ImageError(f"pattern {item} matches no image ({', '.join(IMAGE_EXTENSIONS)})")
+                raise ImageError(f"pattern {item} matches no {kind} ({', '.join(extensions)})")
             paths.extend(found)
         else:
-            raise ImageError(f"image {item} does not exist")
+            what = "image" if kind == "image" or item.lower().endswith(IMAGE_EXTENSIONS) else "input"
+            raise ImageError(f"{what} {item} does not exist")
     return paths
 
 

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -35,6 +36,7 @@ from models.device import resolve_device
 from models.loading import config_and_checkpoint
 
 from .images import ImageInput, as_rgb, prepare_batch
+from .video import batched, read_frames, video_info
 
 # One image per forward pass, for Predictor and tools/infer.py alike: an image's detections then never depend on the
 # other images given with it (padding in a batch moves them slightly), as with Ultralytics' and detectron2's
@@ -120,6 +122,23 @@ class Detections:
         return to_coco_results(image_id, {"scores": self.scores, "labels": self.labels, "boxes": self.boxes})
 
 
+@dataclass(frozen=True)
+class VideoFrame:
+    """One frame of a video and its detections (:meth:`Predictor.video`).
+
+    Attributes:
+        index: the frame's number in the video, from 0.
+        time_s: its time in seconds (index over the frame rate the video states; None when it states none).
+        image: ``(H, W, 3)`` uint8 RGB.
+        detections: as :meth:`Predictor.__call__` returns them for ``image``.
+    """
+
+    index: int
+    time_s: float | None
+    image: np.ndarray
+    detections: Detections
+
+
 class Predictor:
     """A detector loaded once, for detection on many images.
 
@@ -180,6 +199,20 @@ class Predictor:
             _, results = detect(self.model, self.postprocessor, *prepare_batch(batch, self.cfg.data), sizes)
             found += [self._detections(r, threshold, tuple(p.shape[:2])) for r, p in zip(results, batch, strict=True)]
         return found[0] if single else found
+
+    def video(self, path: str | os.PathLike, threshold: float | None = None, stride: int = 1) -> Iterator[VideoFrame]:
+        """Detects on every ``stride``-th frame of the video file ``path``, ``batch_size`` frames per forward pass;
+        yields a :class:`VideoFrame` per frame, in order, as they are decoded (a long video is never held whole).
+
+        Raises:
+            ImageError: the video cannot be opened or decoded (naming the file). ValueError: ``stride`` < 1.
+        """
+        path = os.fspath(path)
+        fps = video_info(path).fps
+        for chunk in batched(read_frames(path, stride), self.batch_size):
+            found = self([frame for _, frame in chunk], threshold)
+            for (index, frame), detections in zip(chunk, found, strict=True):
+                yield VideoFrame(index, index / fps if fps else None, frame, detections)
 
     def _detections(self, result: dict[str, torch.Tensor], threshold: float, size: tuple[int, int]) -> Detections:
         """One post-processed result -> :class:`Detections`: the scores at or above ``threshold`` and, where the

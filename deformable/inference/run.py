@@ -23,10 +23,11 @@ from deformable.data import dataset_image_ids
 from deformable.data.coco_eval import to_coco_results
 from models import build_postprocessor
 from models.config import Config
-from models.files import FolderError, atomic_write, atomic_write_text, make_dir
+from models.files import FolderError, atomic_save, atomic_write, atomic_write_text, make_dir
 
 from .images import ImageError, prepare_batch, read_image
 from .predictor import DEFAULT_BATCH_SIZE, check_threshold, class_names, detect, load_detector, select_detections
+from .video import DEFAULT_FPS, VideoInfo, batched, is_video, read_frames, video_info
 
 # (image (H, W, 3) RGB, one result: scores (k,), labels (k,), boxes (k, 4) xyxy pixels, id -> name) -> BGR image
 DrawDetections = Callable[[np.ndarray, Mapping[str, torch.Tensor], Mapping[int, str]], np.ndarray]
@@ -40,12 +41,14 @@ JPEG_MAX_SIDE = 65500  # libjpeg's limit; a drawn image with a longer side is wr
 
 @dataclass(frozen=True)
 class InferenceRun:
-    """What :func:`run_inference` wrote: ``results`` (results.json), ``images`` (images.json) and ``skipped``
-    (unreadable image path -> the reason, each reported as a warning when met)."""
+    """What :func:`run_inference` wrote: ``results`` (results.json), ``images`` (images.json), ``skipped``
+    (unreadable input path -> the reason, each reported as a warning when met) and ``videos`` (the videos
+    detected on, each with its ``<stem>.json``)."""
 
     results: list[dict]
     images: list[dict]
     skipped: dict[str, str] = field(default_factory=dict)
+    videos: list[str] = field(default_factory=list)
 
 
 def image_ids(paths: Sequence[str], cfg: Config) -> dict[str, int]:
@@ -72,9 +75,10 @@ def image_ids(paths: Sequence[str], cfg: Config) -> dict[str, int]:
 
 
 def output_names(paths: Sequence[str]) -> dict[str, str]:
-    """Path -> ``<stem>.jpg``, the drawn image's name, with ``_<n>`` added where stems repeat."""
+    """Path -> ``<stem>.jpg``, the drawn image's name, with ``_<n>`` added where stems repeat or are those of
+    results.json and images.json (a video's outputs are ``<stem>.mp4`` and ``<stem>.json``)."""
     names: dict[str, str] = {}
-    used: set[str] = set()
+    used = {os.path.splitext(name)[0] + ".jpg" for name in (RESULTS, IMAGES)}
     for path in paths:
         stem = os.path.splitext(os.path.basename(path))[0]
         name, n = f"{stem}.jpg", 1
@@ -199,33 +203,43 @@ def run_inference(
     show_progress: bool = True,
     draw: DrawDetections | None = None,
     warn: Callable[[str], None] | None = None,
+    video_stride: int = 1,
 ) -> InferenceRun:
-    """Detects on ``paths`` and writes ``out_dir/results.json`` (COCO results of the detections >= ``score_threshold``
-    whose label the checkpoint names, as :class:`~deformable.inference.Predictor` returns them: ``image_id``,
-    ``category_id``, ``bbox`` xywh, ``score``), ``out_dir/images.json`` (COCO ``images`` entries: ``id``,
-    ``file_name``, ``height``, ``width``; ids as :func:`image_ids` gives them) and, with ``draw``,
-    ``out_dir/<stem>.jpg``: the image ``draw`` returns for those same detections (``tools/infer.py`` passes
-    :func:`deformable.viz.detections.draw_detections`).
+    """Detects on ``paths`` (images, and videos by their extension: :data:`~.video.VIDEO_EXTENSIONS`) and writes
+    ``out_dir/results.json`` (COCO results of the images' detections >= ``score_threshold`` whose label the
+    checkpoint names, as :class:`~deformable.inference.Predictor` returns them: ``image_id``, ``category_id``,
+    ``bbox`` xywh, ``score``), ``out_dir/images.json`` (COCO ``images`` entries: ``id``, ``file_name``, ``height``,
+    ``width``; ids as :func:`image_ids` gives them) and, with ``draw``, ``out_dir/<stem>.jpg``: the image ``draw``
+    returns for those same detections (``tools/infer.py`` passes
+    :func:`deformable.viz.detections.draw_detections`). A video gives ``out_dir/<stem>.json`` (its frame rate, size
+    and, for every ``video_stride``-th frame, the index, time and detections) and, with ``draw``, ``<stem>.mp4``: those
+    frames drawn, at the frame rate divided by ``video_stride``.
 
-    Before any work: with ``draw``, an ``out_dir`` that holds an input image is refused; an existing file of
-    ``out_dir`` that no earlier run wrote is never replaced (:class:`OutputFolder`). An image that cannot be read is
+    Before any work: with ``draw``, an ``out_dir`` that holds an input is refused; an existing file of ``out_dir``
+    that no earlier run wrote is never replaced (:class:`OutputFolder`). An image or video that cannot be read is
     skipped: ``warn`` (by default :func:`warnings.warn`) is called with a message naming it and the run goes on.
     ``batch_size`` > 1 pads the smaller images of a batch, which may change their detections slightly.
 
     Raises:
-        ValueError: a batch size < 1 or a threshold outside [0, 1]. FolderError: ``out_dir`` cannot be used, or a
-        drawn image cannot be written (naming the file). ImageError: no image could be read.
+        ValueError: a batch size or stride < 1 or a threshold outside [0, 1]. FolderError: ``out_dir`` cannot be
+        used, or a drawn image or video cannot be written (naming the file). ImageError: no input could be read.
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    if video_stride < 1:
+        raise ValueError(f"video stride must be >= 1, got {video_stride}")
     check_threshold(score_threshold, "score_threshold")
     warn = warn or (lambda message: warnings.warn(message, stacklevel=3))
     paths = _distinct(paths)
     if draw is not None:
         check_out_dir_holds_no_input(paths, out_dir)
+    videos = [path for path in paths if is_video(path)]
+    stills = [path for path in paths if not is_video(path)]
     folder = OutputFolder(out_dir)
-    ids, files = image_ids(paths, cfg), output_names(paths)
-    folder.claim([RESULTS, IMAGES, *(files.values() if draw is not None else ())])
+    ids, files = image_ids(stills, cfg), output_names(paths)
+    stems = {path: os.path.splitext(files[path])[0] for path in videos}
+    drawn = [files[path] for path in stills] + [stems[path] + ".mp4" for path in videos] if draw is not None else []
+    folder.claim([RESULTS, IMAGES, *drawn, *(stems[path] + ".json" for path in videos)])
     model, state = load_detector(cfg, checkpoint, device)
     postprocessor = build_postprocessor(cfg)
     names = class_names(cfg, state)
@@ -237,24 +251,84 @@ def run_inference(
         skipped[path] = reason
         warn(f"{reason}; skipped")
 
-    bar = tqdm(total=len(paths), desc="infer", unit="img", disable=not show_progress, dynamic_ncols=True)
-    for batch in _readable_batches(paths, batch_size, skip, bar):
-        pictures = [picture for _, picture in batch]
+    def detect_kept(pictures: list[np.ndarray]) -> list[dict[str, torch.Tensor]]:
+        """Each picture's detections as written and drawn (:func:`select_detections`)."""
         sizes = torch.tensor([p.shape[:2] for p in pictures])
         _, detections = detect(model, postprocessor, *prepare_batch(pictures, cfg.data), sizes)
-        for (path, picture), found in zip(batch, detections, strict=True):
-            kept = select_detections(found, score_threshold, names)  # what is written is what is drawn
+        return [select_detections(found, score_threshold, names) for found in detections]
+
+    bar = tqdm(total=len(stills), desc="infer", unit="img", disable=not show_progress or not stills, dynamic_ncols=True)
+    for batch in _readable_batches(stills, batch_size, skip, bar):
+        for (path, picture), kept in zip(batch, detect_kept([picture for _, picture in batch]), strict=True):
             if draw is not None:
                 folder.write_drawn(files[path], draw(picture, kept, names), path, warn)
             results += to_coco_results(ids[path], kept)
             images.append({"id": ids[path], "file_name": path, "height": picture.shape[0], "width": picture.shape[1]})
     bar.close()
-    if paths and not images:
+    draw_frame = None if draw is None else (lambda picture, kept: draw(picture, kept, names))
+    for path in videos:
+        try:
+            _detect_video(path, folder, stems[path], draw_frame, detect_kept, batch_size, video_stride, names)
+        except ImageError as exc:
+            skip(path, str(exc))
+    if paths and len(skipped) == len(paths):
         first = next(iter(skipped.values()))
-        raise ImageError(f"none of the {len(paths)} images could be read ({first}); nothing was written")
+        raise ImageError(f"none of the {len(paths)} inputs could be read ({first}); nothing was written")
     atomic_write_text(os.path.join(out_dir, RESULTS), json.dumps(results))
     atomic_write_text(os.path.join(out_dir, IMAGES), json.dumps(images))
-    return InferenceRun(results, images, skipped)
+    return InferenceRun(results, images, skipped, [path for path in videos if path not in skipped])
+
+
+def _detect_video(
+    path: str,
+    folder: OutputFolder,
+    stem: str,
+    draw_frame: Callable[[np.ndarray, dict[str, torch.Tensor]], np.ndarray] | None,
+    detect_kept: Callable[[list[np.ndarray]], list[dict[str, torch.Tensor]]],
+    batch_size: int,
+    stride: int,
+    names: Mapping[int, str],
+) -> None:
+    """One video: ``folder/<stem>.json`` and, with ``draw_frame``, the drawn frames as ``folder/<stem>.mp4``
+    (MPEG-4, written beside and renamed into place once complete)."""
+    info = video_info(path)
+    if info.fps == 0:
+        warnings.warn(f"video {path} states no frame rate: {DEFAULT_FPS} frames per second assumed", stacklevel=3)
+    fps = info.fps or DEFAULT_FPS
+    frames: list[dict] = []
+
+    def run(writer: cv2.VideoWriter | None) -> None:
+        total = -(-info.frames // stride) if info.frames else None
+        bar = tqdm(total=total, desc=os.path.basename(path), unit="frame", dynamic_ncols=True, leave=False)
+        for chunk in batched(read_frames(path, stride), batch_size):
+            for (index, picture), kept in zip(chunk, detect_kept([picture for _, picture in chunk]), strict=True):
+                if writer is not None:
+                    writer.write(draw_frame(picture, kept))
+                entries = to_coco_results(index, kept)
+                for entry in entries:
+                    del entry["image_id"]
+                    entry["name"] = names.get(entry["category_id"], str(entry["category_id"]))
+                frames.append({"frame": index, "time_s": round(index / fps, 4), "detections": entries})
+            bar.update(len(chunk))
+        bar.close()
+
+    if draw_frame is None:
+        run(None)
+    else:
+        target = os.path.join(folder.path, stem + ".mp4")
+        atomic_save(target, lambda staged: _write_video(staged, info, fps / stride, run))
+    summary = {"video": path, "fps": info.fps, "width": info.width, "height": info.height, "stride": stride}
+    atomic_write_text(os.path.join(folder.path, stem + ".json"), json.dumps({**summary, "frames": frames}))
+
+
+def _write_video(target: str, info: VideoInfo, fps: float, run: Callable[[cv2.VideoWriter], None]) -> None:
+    writer = cv2.VideoWriter(target, cv2.VideoWriter_fourcc(*"mp4v"), fps, (info.width, info.height))
+    if not writer.isOpened():
+        raise FolderError(f"cannot write the drawn video {target}: OpenCV has no MPEG-4 (mp4v) writer here")
+    try:
+        run(writer)
+    finally:
+        writer.release()
 
 
 def _distinct(paths: Sequence[str]) -> list[str]:
