@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from tiny_training import tiny_config
 
-from deformable.training import engine
+from deformable.training import engine, fit
 from deformable.training.run_log import best_logged
 from models.checkpoint import read_checkpoint
 from models.config import ConfigError
@@ -36,7 +36,7 @@ def _epoch_of(path: Path) -> int:
 
 
 def _fit(shapes_root: str, run: Path, epochs: int, *extra: str) -> None:
-    engine.fit(tiny_config(shapes_root, str(run), f"train.epochs={epochs}", "train.checkpoint_every=1", *extra))
+    fit(tiny_config(shapes_root, str(run), f"train.epochs={epochs}", "train.checkpoint_every=1", *extra))  # public API
 
 
 def test_the_best_epoch_is_kept_and_survives_resumes(shapes_root, tmp_path, monkeypatch, capsys) -> None:

@@ -3,5 +3,10 @@
 ``engine`` (the loop: train_one_epoch, evaluate, fit), ``build`` (run setup: data, model, output folder),
 ``resume`` (the training state a checkpoint holds), ``distributed``, ``optim`` and ``run_log`` (log.jsonl,
 eval.json). COCO evaluation is :mod:`deformable.data.coco_eval`; checkpoints are :mod:`models.checkpoint`. The tools
-in ``tools/`` are the entry points.
+in ``tools/`` are the entry points; from Python, :func:`fit` is what ``tools/train.py`` runs and
+:func:`evaluate_checkpoint` what ``tools/eval.py`` runs.
 """
+
+from .engine import evaluate_checkpoint, fit
+
+__all__ = ["evaluate_checkpoint", "fit"]
