@@ -8,6 +8,9 @@ original's ``backbone.0.body.*`` layout.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torchvision
 from torch import nn
@@ -15,7 +18,7 @@ from torch.nn import functional as F
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import FrozenBatchNorm2d
 
-from .config import Config
+from .config import Config, ConfigError
 from .position_encoding import build_position_encoding
 
 # Output channels of layer2, layer3, layer4 (strides 8, 16, 32).
@@ -128,12 +131,13 @@ def resnet_backbone(
         )
     weights = getattr(torchvision.models, RESNET_WEIGHTS[name]).IMAGENET1K_V1 if pretrained else None
     group_norm = norm == "gn"
-    net = getattr(torchvision.models, name)(
-        weights=weights,
-        replace_stride_with_dilation=[False, False, dilation],
-        norm_layer=(lambda channels: nn.GroupNorm(32, channels)) if group_norm else FrozenBatchNorm2d,
-        zero_init_residual=group_norm,
-    )
+    with _downloading(name, pretrained):
+        net = getattr(torchvision.models, name)(
+            weights=weights,
+            replace_stride_with_dilation=[False, False, dilation],
+            norm_layer=(lambda channels: nn.GroupNorm(32, channels)) if group_norm else FrozenBatchNorm2d,
+            zero_init_residual=group_norm,
+        )
     trainable = (("",) if group_norm else ("layer2", "layer3", "layer4")) if train_backbone else None
     _freeze(net, trainable)
     layers = ["layer2", "layer3", "layer4"][-num_levels:]
@@ -150,14 +154,36 @@ def timm_backbone(
     import timm  # slow to import; only needed here
     from timm.layers import freeze_batch_norm_2d
 
-    kwargs = {"output_stride": 16} if dilation else {}
+    kwargs = {"output_stride": 16, "features_only": True, "out_indices": (-3, -2, -1)}
+    kwargs = kwargs if dilation else {k: v for k, v in kwargs.items() if k != "output_stride"}
     try:
-        net = timm.create_model(name, pretrained=pretrained, features_only=True, out_indices=(-3, -2, -1), **kwargs)
+        net = timm.create_model(name, pretrained=False, **kwargs)  # the name and stages checked before any download
     except (RuntimeError, ValueError, IndexError, AssertionError) as exc:  # unknown name, too few stages, ...
         raise ValueError(f"unknown or unsupported timm backbone 'timm/{name}': {exc}") from exc
+    if pretrained:
+        with _downloading(f"timm/{name}", pretrained):
+            net = timm.create_model(name, pretrained=True, **kwargs)
     net = freeze_batch_norm_2d(net)
     _freeze_before(net, net.feature_info.module_name()[0], name, train_backbone)
     return Backbone(net, net.feature_info.reduction()[-num_levels:], net.feature_info.channels()[-num_levels:])
+
+
+@contextlib.contextmanager
+def _downloading(name: str, pretrained: bool) -> Iterator[None]:
+    """Turns a failure to fetch the ImageNet weights of backbone ``name`` (no network, a proxy, a broken download)
+    into a ConfigError that says how to go on without them."""
+    try:
+        yield
+    except Exception as exc:  # urllib, huggingface_hub and httpx errors share no base class
+        if not pretrained or isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(
+            f"model.pretrained_backbone=true: the ImageNet weights of the backbone {name} could not be downloaded "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else 'no message'}). Without a "
+            "network, start from a checkpoint (train.finetune=PATH, which holds the backbone) or set "
+            "model.pretrained_backbone=false (a random backbone: far slower to train); once downloaded, the weights "
+            "are cached (TORCH_HOME, HF_HOME)"
+        ) from exc
 
 
 def _freeze_before(net: nn.Module, first_stage: str, name: str, train_backbone: bool) -> None:

@@ -208,8 +208,13 @@ def build_detector(cfg: Config) -> DeformableDETR:
             f"model.num_classes, num_queries and dec_layers must be positive, got {m.num_classes}, "
             f"{m.num_queries}, {m.dec_layers}"
         )
-    backbone = build_backbone(cfg)
-    transformer = build_transformer(cfg)
+    try:
+        backbone = build_backbone(cfg)
+        transformer = build_transformer(cfg)
+    except ConfigError:
+        raise
+    except ValueError as exc:  # what the builders refuse is the config's doing: say so, as the tools report it
+        raise ConfigError(str(exc)) from exc
     return DeformableDETR(
         backbone,
         transformer,

@@ -174,3 +174,18 @@ def test_a_drawn_image_too_long_for_jpeg_is_written_as_png_and_said(tmp_path, mo
     monkeypatch.setattr(cv2, "imencode", lambda ext, image: (False, None))
     with pytest.raises(FolderError, match=r"cannot write the drawn image .*small\.jpg \(2x2 pixels\)"):
         folder.write_drawn("small.jpg", np.zeros((2, 2, 3), np.uint8), "small.png", messages.append)
+
+
+def test_a_data_set_the_config_names_but_that_is_not_found_is_said(tmp_path, checkpoint, monkeypatch) -> None:
+    """A checkpoint's saved data.root is often relative to where training ran: from elsewhere the data set is not
+    found, and the ids, starting at 1, could be those of its other images."""
+    photo = write_image(str(tmp_path / "x.png"), shapes_image(30, 40))
+    messages: list[str] = []
+    monkeypatch.chdir(tmp_path)
+    options = dict(device=CPU, show_progress=False, warn=messages.append)
+    run_inference(tiny_config("data.root=../somewhere/raccoon"), checkpoint, [photo], str(tmp_path / "out"), **options)
+    assert len(messages) == 1 and "data.root=../somewhere/raccoon) is not found from" in messages[0]
+    messages.clear()
+    default = tiny_config("data.root=data/coco")  # COCO weights name no data set of the user's
+    run_inference(default, checkpoint, [photo], str(tmp_path / "o2"), **options)
+    assert messages == []

@@ -91,8 +91,11 @@ def test_a_new_run_over_a_best_checkpoint_alone_is_refused(shapes_root, tmp_path
         if name != "checkpoint_best.pth" and name.startswith("checkpoint"):
             os.remove(run / name)
     before = (run / "checkpoint_best.pth").read_bytes()
-    with pytest.raises(ConfigError, match=r"checkpoint_best\.pth exist\(s\): output_dir holds an earlier run"):
+    with pytest.raises(ConfigError, match=r"checkpoint_best\.pth exist\(s\): output_dir holds checkpoints") as info:
         _fit(shapes_root, run, 1)
+    assert "train.resume=auto" not in str(info.value)  # there is no checkpoint.pth to resume
+    with pytest.raises(ConfigError, match="exist"):
+        _fit(shapes_root, run, 1, "train.resume=auto")  # auto finds nothing to resume: still a new run
     assert (run / "checkpoint_best.pth").read_bytes() == before
 
 

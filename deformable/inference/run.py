@@ -22,7 +22,7 @@ from tqdm import tqdm
 from deformable.data import dataset_image_ids
 from deformable.data.coco_eval import to_coco_results
 from models import build_postprocessor
-from models.config import Config
+from models.config import Config, DataConfig
 from models.files import FolderError, atomic_save, atomic_write, atomic_write_text, make_dir
 
 from .images import ImageError, prepare_batch, read_image
@@ -51,15 +51,23 @@ class InferenceRun:
     videos: list[str] = field(default_factory=list)
 
 
-def image_ids(paths: Sequence[str], cfg: Config) -> dict[str, int]:
+def image_ids(paths: Sequence[str], cfg: Config, warn: Callable[[str], None] | None = None) -> dict[str, int]:
     """Path -> image id in results.json and images.json.
 
     An image of the data set of ``cfg.data`` (matched by file name, in any layout, so that the results can be scored
     against it) keeps its id there; where several inputs share that file name, the first listed gets it. Every other
     image gets an id above the data set's largest (1, 2, ... without a data set), in the order given, so that no id
-    can point at another image of the data set. images.json maps the ids to the files.
+    can point at another image of the data set. images.json maps the ids to the files. A data set the config names
+    (any ``data.root`` but the default's) that cannot be found from here is reported to ``warn``: the ids then start
+    at 1 and may be those of other images of it.
     """
     known = dataset_image_ids(cfg.data)
+    root = cfg.data.root
+    if paths and not known and warn is not None and root and root != DataConfig().root and not os.path.isdir(root):
+        warn(
+            f"the config's data set (data.root={root}) is not found from {os.getcwd()}: image ids start at 1 and may "
+            "be those of other images in it; run from the folder its path is relative to, or pass data.root=PATH"
+        )
     next_id = max(known.values(), default=0) + 1
     ids: dict[str, int] = {}
     taken: set[int] = set()
@@ -236,7 +244,7 @@ def run_inference(
     videos = [path for path in paths if is_video(path)]
     stills = [path for path in paths if not is_video(path)]
     folder = OutputFolder(out_dir)
-    ids, files = image_ids(stills, cfg), output_names(paths)
+    ids, files = image_ids(stills, cfg, warn), output_names(paths)
     stems = {path: os.path.splitext(files[path])[0] for path in videos}
     drawn = [files[path] for path in stills] + [stems[path] + ".mp4" for path in videos] if draw is not None else []
     folder.claim([RESULTS, IMAGES, *drawn, *(stems[path] + ".json" for path in videos)])

@@ -274,12 +274,17 @@ def refuse_overwrite(output_dir: str, resume: str | None) -> None:
     continued = os.path.isfile(latest) and resume is not None and os.path.samefile(resume, latest)
     if not distributed.broadcast(bool(earlier) and not continued):
         return
-    if resume is None:
-        found = f"{latest} exists" if os.path.isfile(latest) else f"{', '.join(earlier)} exist(s)"
+    if resume is None and os.path.isfile(latest):
         raise ConfigError(
-            f"{found}: output_dir holds an earlier run, which a new run would overwrite. Continue it with "
+            f"{latest} exists: output_dir holds an earlier run, which a new run would overwrite. Continue it with "
             "train.resume=auto, start from its weights in another output_dir with train.finetune=PATH, or delete "
             "its checkpoint*.pth files to start afresh there"
+        )
+    if resume is None:  # copies only (the best, periodic ones): nothing to resume from
+        raise ConfigError(
+            f"{', '.join(earlier)} exist(s): output_dir holds checkpoints of an earlier run (no checkpoint.pth to "
+            "resume), which a new run would overwrite. Train into another output_dir (train.finetune=PATH starts "
+            "from one of them), or move them away to start afresh there"
         )
     raise ConfigError(
         f"train.resume={resume} would continue in output_dir {output_dir}, which holds another run "
