@@ -19,7 +19,7 @@ def diagnose() -> str:
         f"python     {platform.python_version()} ({sys.executable})",
         f"torch      {torch.__version__} (CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()})",
         f"CUDA device: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none visible'}",
-        f"CPU threads: {torch.get_num_threads()}, vector ISA: {torch.backends.cpu.get_cpu_capability()}",
+        f"CPU threads: {torch.get_num_threads()}, CPU vector ISA (torch): {torch.backends.cpu.get_cpu_capability()}",
     ]
     if _extension.extension_loaded():
         lines.append(f"native op: loaded, built for: {_extension.build_info()}")
@@ -33,7 +33,7 @@ def diagnose() -> str:
         allowed = ", ".join(CPU_ISAS)
         lines.append(f"DEFORMABLE_CPU_ISA={isa}: INVALID, every CPU op call will fail: use one of {allowed}")
     elif isa:
-        lines.append(f"DEFORMABLE_CPU_ISA={isa}: caps the CPU kernels' instruction set")
+        lines.append(f"DEFORMABLE_CPU_ISA={isa}: caps the deformable CPU kernels' instruction set at {isa}")
     if _extension.forced_pytorch():
         lines.append("DEFORMABLE_BACKEND=pytorch: the PyTorch path is forced")
     lines.append(f"backend in use: {'native' if _extension.native_available() else 'pytorch'}")
