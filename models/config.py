@@ -25,6 +25,10 @@ from .files import atomic_write_text
 BACKBONE_NORMS = ("frozen_bn", "gn")
 DEVICES = ("auto", "cpu", "cuda")
 AMP_MODES = ("none", "bf16", "fp16")
+# data.format: "auto" or a layout of deformable.data.layouts.LAYOUTS (a test keeps the two lists alike)
+DATA_FORMATS = ("auto", "coco", "roboflow", "yolo", "voc", "roboflow-voc")
+SYNTHETIC_SETS = ("", "shapes")  # data.synthetic: none, or the shapes demo set (deformable.data.shapes)
+MIN_IMAGE_SIDE = 32  # data.image_size N: the short side, at least one stride-32 cell (deformable.data.sizes.STEP)
 
 
 def _at_least(low: float) -> tuple[typing.Callable[[Any], bool], str]:
@@ -37,6 +41,17 @@ def _sizes(count: str = "") -> tuple[typing.Callable[[Any], bool], str]:
     if count == "pair":
         return (lambda v: len(v) == 2 and 1 <= v[0] <= v[1]), "two sizes [min, max] with 1 <= min <= max"
     return (lambda v: len(v) > 0 and min(v) >= 1), "a non-empty list of sizes >= 1"
+
+
+def _one_of(values: tuple[str, ...]) -> tuple[typing.Callable[[Any], bool], str]:
+    return (lambda v: v in values), f"one of {', '.join(values)}"
+
+
+def _image_size(value: Any) -> bool:
+    """``data.image_size``: 0 (the sizes as set), ``auto`` or a short side >= :data:`MIN_IMAGE_SIDE`."""
+    if isinstance(value, str):
+        return value == "auto"
+    return isinstance(value, int) and (value == 0 or value >= MIN_IMAGE_SIDE)
 
 
 # What the values of a section may be, beyond their type: (test, what the message says it must be).
@@ -58,7 +73,15 @@ LOSS_LIMITS = {
     "focal_alpha": ((lambda v: 0 <= v <= 1), "in [0, 1]"),
     "num_select": _at_least(1),
 }
+TRAINING_QUERIES_LIMITS = {
+    "dn_groups": _at_least(0),
+    "dn_label_noise": ((lambda v: 0 <= v <= 1), "in [0, 1]"),
+    "dn_box_noise": ((lambda v: 0 <= v <= 1), "in [0, 1]"),
+    "query_groups": _at_least(1),
+}
 DATA_LIMITS = {
+    "format": _one_of(DATA_FORMATS),
+    "image_size": (_image_size, f"0, 'auto' or a short side >= {MIN_IMAGE_SIDE}"),
     "num_workers": _at_least(0),
     "min_image_size": _at_least(32),
     "max_image_size": _at_least(32),
@@ -68,6 +91,11 @@ DATA_LIMITS = {
     "crop_size": _sizes("pair"),
     "val_size": _at_least(1),
     "val_max_size": _at_least(1),
+    "synthetic": ((lambda v: v in SYNTHETIC_SETS), "'' (none) or 'shapes'"),
+    "synthetic_train_images": _at_least(1),
+    "synthetic_val_images": _at_least(1),
+    "synthetic_image_size": _at_least(8),  # each side drawn in [0.75, 1] x this: 6 px at least
+    "synthetic_max_objects": _at_least(1),
 }
 TRAIN_LIMITS = {
     "epochs": _at_least(1),
@@ -82,8 +110,8 @@ TRAIN_LIMITS = {
     "eval_every": _at_least(0),
     "checkpoint_every": _at_least(0),
     "max_iters_per_epoch": _at_least(0),
-    "amp": ((lambda v: v in AMP_MODES), f"one of {', '.join(AMP_MODES)}"),
-    "device": ((lambda v: v in DEVICES), f"one of {', '.join(DEVICES)}"),
+    "amp": _one_of(AMP_MODES),
+    "device": _one_of(DEVICES),
 }
 
 
@@ -182,17 +210,24 @@ class TrainingQueriesConfig:
     dn_box_noise: float = 0.4  # centre shift up to this x half the size, size x [1 - this, 1 + this] (DN-DETR's)
     query_groups: int = 1  # query groups, each matched one-to-one on its own (Group DETR); 1: off; not two-stage
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        _check_limit("training_queries", name, value, TRAINING_QUERIES_LIMITS)
+        super().__setattr__(name, value)
+
 
 @dataclass
 class DataConfig:
-    """The data set in ``root``: COCO, Roboflow COCO export, Ultralytics YOLO or Pascal VOC (``deformable.data``)."""
+    """The data set in ``root``: COCO, Roboflow COCO export, Ultralytics YOLO, Pascal VOC or Roboflow Pascal VOC
+    export (``deformable.data``)."""
 
     root: str = "data/coco"
-    format: str = "auto"  # auto (detected from root) | coco | roboflow | yolo | voc
+    format: str = "auto"  # auto (detected from root) | coco | roboflow | yolo | voc | roboflow-voc
     train_split: str = "auto"  # auto: coco train2017, roboflow train, yolo data.yaml's train, voc train (trainval)
     val_split: str = "auto"  # auto: coco val2017, roboflow valid, yolo data.yaml's val, voc val (test)
-    train_ann: str = ""  # coco: the train annotation file (relative to root); "": annotations/instances_<split>.json
-    val_ann: str = ""  # coco: the val annotation file; "": annotations/instances_<split>.json
+    # coco: the train / val annotation file (relative to root unless absolute; either set, format auto reads COCO);
+    # "": annotations/instances_<split>.json
+    train_ann: str = ""
+    val_ann: str = ""
     image_size: int | str = 0  # 0: the sizes below as set; auto: short side from the data; N: short side N px
     min_image_size: int = 256  # limits of image_size: auto (deformable.data.sizes)
     max_image_size: int = 640

@@ -151,7 +151,7 @@ class QueryAids(nn.Module):
         two_stage: bool = False,
     ) -> None:
         super().__init__()
-        _check_options(dn_groups, dn_label_noise, dn_box_noise, query_groups, two_stage)
+        check_query_options(dn_groups, dn_label_noise, dn_box_noise, query_groups, two_stage)
         self.hidden_dim, self.num_classes, self.num_queries = hidden_dim, num_classes, num_queries
         self.dn_groups, self.dn_label_noise, self.dn_box_noise = dn_groups, dn_label_noise, dn_box_noise
         self.query_groups, self.two_stage = query_groups, two_stage
@@ -221,7 +221,11 @@ class QueryAids(nn.Module):
         return tuple(x.unsqueeze(0).expand(batch_size, -1, -1) for x in (tgt, query_pos, reference_points))
 
 
-def _check_options(dn_groups: int, label_noise: float, box_noise: float, query_groups: int, two_stage: bool) -> None:
+def check_query_options(
+    dn_groups: int, label_noise: float, box_noise: float, query_groups: int, two_stage: bool
+) -> None:
+    """Refuses ``training_queries`` values out of range or that contradict ``model.two_stage`` (ConfigError naming
+    the option); training checks them before it writes anything."""
     if dn_groups < 0:
         raise ConfigError(f"training_queries.dn_groups must be >= 0, got {dn_groups}")
     if not 0.0 <= label_noise <= 1.0:

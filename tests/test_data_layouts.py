@@ -19,7 +19,7 @@ from deformable.data import (
     detect_layout,
     summarise,
 )
-from models.config import DataConfig
+from models.config import ConfigError, DataConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -80,7 +80,7 @@ def test_transformed_samples_are_normalised_cxcywh(layout: str, tmp_path) -> Non
 def test_format_can_be_forced_and_an_unknown_one_is_named(tmp_path) -> None:
     root = write_voc(str(tmp_path / "v"))
     assert build_dataset(_cfg(root, format="voc"), "val", transforms=False).layout == "voc"
-    with pytest.raises(DatasetError, match="data.format must be auto or one of coco, roboflow, yolo, voc"):
+    with pytest.raises(ConfigError, match="'data.format' must be one of auto, coco, roboflow, yolo, voc, roboflow-voc"):
         build_dataset(_cfg(root, format="kitti"), "val")
     with pytest.raises(DatasetError, match=r"instances_val2017.json does not exist"):
         build_dataset(_cfg(root, format="coco"), "val")

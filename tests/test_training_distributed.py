@@ -60,7 +60,7 @@ def test_torchrun_two_cpu_processes(tmp_path, ema_decay) -> None:
             assert torch.equal(state.model[key], value), key
     # 8 training images, 2 processes x batch 2: 2 steps per epoch and process, Adam counts 2 epochs x 2 steps
     assert {int(s["step"]) for s in state.entries["optimizer"]["state"].values()} == {4}
-    assert sorted(os.listdir(out)) == ["checkpoint.pth", "config.yaml", "log.jsonl"]
+    assert sorted(os.listdir(out)) == ["checkpoint.pth", "checkpoint_best.pth", "config.yaml", "log.jsonl"]
     with open(os.path.join(out, "log.jsonl")) as f:
         records = [json.loads(line) for line in f]
     assert [r["epoch"] for r in records] == [0, 1] and "AP" in records[-1]

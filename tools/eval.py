@@ -20,7 +20,7 @@ import sys
 # for cores those processes hold and make two threads several times slower than one.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from deformable.data import DatasetError
+from deformable.data import DatasetError, error_message
 from deformable.training.engine import evaluate_checkpoint
 from models import config_from_checkpoint, load_config, read_checkpoint
 from models.checkpoint import CheckpointError
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = results_folder(args.checkpoint, overrides)
         evaluate_checkpoint(cfg if folder is None else dataclasses.replace(cfg, output_dir=folder), checkpoint)
     except (DatasetError, CheckpointError, ConfigError, FileNotFoundError, FolderError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {error_message(exc)}", file=sys.stderr)  # a DataLoader worker's error: its own message
         return 1
     return 0
 

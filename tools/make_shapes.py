@@ -17,19 +17,27 @@ import sys
 
 from deformable.data import make_shapes_from_config
 from models.config import ConfigError, load_config
+from models.loading import split_config_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout: configs/ beside tools/
+DEFAULT_CONFIG = os.path.join(ROOT, "configs", "shapes.yaml")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", nargs="?", default=os.path.join(ROOT, "configs", "shapes.yaml"))
-    parser.add_argument("overrides", nargs="*", help="e.g. data.root=data/shapes data.synthetic_train_images=500")
+    parser.add_argument(
+        "args",
+        nargs="*",
+        metavar="[CONFIG] [section.key=value]",
+        help="the YAML config (default: configs/shapes.yaml), then overrides, e.g. data.root=data/shapes "
+        "data.synthetic_train_images=500",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="regenerate data.root if this tool generated it")
     args = parser.parse_intermixed_args(argv)
     try:
-        data = load_config(args.config, args.overrides).data
+        config, overrides = split_config_args(args.args)
+        data = load_config(config or DEFAULT_CONFIG, overrides).data
     except (ConfigError, FileNotFoundError) as exc:
         parser.error(str(exc))
     try:

@@ -21,7 +21,7 @@ import sys
 # for cores those processes hold and make two threads several times slower than one.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from deformable.data import DatasetError
+from deformable.data import DatasetError, error_message
 from deformable.training.engine import fit
 from models.checkpoint import CheckpointError
 from models.config import ConfigError, load_config
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         fit(cfg)
     except (DatasetError, CheckpointError, ConfigError, FolderError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {error_message(exc)}", file=sys.stderr)  # a DataLoader worker's error: its own message
         return 1
     return 0
 

@@ -1,5 +1,5 @@
-"""Detection data: reading the COCO, Roboflow COCO, YOLO and VOC layouts into one in-memory COCO dict, the
-original's augmentation, batching, the synthetic shapes set and the summary printed before training.
+"""Detection data: reading the COCO, Roboflow COCO, YOLO, VOC and Roboflow VOC layouts into one in-memory COCO
+dict, the original's augmentation, batching, the synthetic shapes set and the summary printed before training.
 
 Conventions: boxes are pixel ``[x, y, w, h]`` in the COCO dicts (``dataset.coco``); after the transforms, targets
 hold ``boxes`` (n, 4) normalised cxcywh and ``labels`` (n,) category ids. Modules: ``layouts`` (detection, split
@@ -7,7 +7,8 @@ names), ``coco`` / ``yolo`` / ``voc`` (the readers), ``split`` (the COCO dict an
 files -> upright RGB pixels, the one decoder of every tool), ``dataset`` (:class:`DetectionDataset`),
 ``transforms``, ``loader`` (collate, loader, per-epoch seeds), ``shapes`` (the synthetic demo set), ``summary``,
 ``build`` (the builders that read the config), ``categories`` (ids across splits and checkpoints), ``coco_eval``
-(detections in the COCO results format and pycocotools' 12 metrics, for training and inference alike).
+(detections in the COCO results format and pycocotools' 12 metrics, for training and inference alike), ``errors``
+(:class:`DatasetError`; the message of an error a DataLoader worker raised).
 """
 
 from .build import (
@@ -27,7 +28,7 @@ from .categories import (
 )
 from .coco import coco_annotation_file
 from .dataset import DetectionDataset, coco_api, coco_target
-from .errors import DatasetError
+from .errors import DatasetError, error_message
 from .layouts import LAYOUTS, check_data_root, detect_layout, fix_hint, read_class_names, read_split
 from .loader import build_loader, collate, set_epoch
 from .shapes import CATEGORIES as SHAPES_CATEGORIES
@@ -62,6 +63,7 @@ __all__ = [
     "dataset_image_ids",
     "detect_layout",
     "ensure_synthetic",
+    "error_message",
     "fix_hint",
     "make_shapes",
     "make_shapes_from_config",

@@ -91,9 +91,10 @@ class DetectionDataset(Dataset):
         info = self.coco.imgs[image_id]
         expected = (info.get("height"), info.get("width"))
         if None not in expected and tuple(pixels.shape[:2]) != expected:
+            stated_by = self.data.size_sources.get(image_id, self.source)  # VOC: the image's XML, not the split list
             raise DatasetError(
                 f"image {path} (image id {image_id}) is {pixels.shape[1]}x{pixels.shape[0]} (width x height, EXIF "
-                f"orientation applied) but {self.source} gives {expected[1]}x{expected[0]}: the boxes were drawn on "
+                f"orientation applied) but {stated_by} gives {expected[1]}x{expected[0]}: the boxes were drawn on "
                 "another version of the image; re-export the annotations or fix the image's width/height there"
             )
         return tv_tensors.Image(torch.from_numpy(pixels).permute(2, 0, 1).contiguous())

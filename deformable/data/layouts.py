@@ -81,17 +81,19 @@ def no_match_message(root: str) -> str:
     return (
         f"data.root {root} matches none of the layouts looked for:{needs}\n"
         f"found at the top of {root}: {', '.join(shown) or 'nothing'}{more}\n"
-        "point data.root at the folder holding these files, or set data.format to the layout it is in"
+        "point data.root at the folder holding these files, or set data.format to the layout it is in (COCO "
+        "annotation files of other names or places: data.train_ann / data.val_ann)"
     )
 
 
 def resolve_layout(cfg: DataConfig) -> str:
-    """``cfg.format``, or the detected layout when it is ``auto``."""
+    """``cfg.format``, or when it is ``auto`` the layout detected in ``cfg.root``: COCO when ``data.train_ann`` or
+    ``data.val_ann`` names an annotation file (only that layout reads them), else :func:`detect_layout`'s."""
     check_data_root(cfg)
-    if cfg.format != "auto":
-        if cfg.format not in LAYOUTS:
-            raise DatasetError(f"data.format must be auto or one of {', '.join(LAYOUTS)}, got {cfg.format!r}")
+    if cfg.format != "auto":  # one of LAYOUTS: DataConfig refuses any other value
         return cfg.format
+    if cfg.train_ann or cfg.val_ann:
+        return "coco"
     layout = detect_layout(cfg.root)
     if layout is None:
         raise DatasetError(no_match_message(cfg.root))

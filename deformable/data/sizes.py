@@ -93,7 +93,7 @@ def resolve_image_size(cfg: Config, train_coco: Mapping[str, Any] | None = None)
     value = data.image_size
     if value == 0:
         return cfg, ""
-    _refuse_sizes_set_beside(data)
+    check_image_size(data)
     if value == "auto":
         if train_coco is None:
             from .layouts import read_split  # the readers; imported here to keep this module light
@@ -108,12 +108,22 @@ def resolve_image_size(cfg: Config, train_coco: Mapping[str, Any] | None = None)
             if len(relative)
             else f"data.image_size=auto -> {size} px (no boxes in the training split)"
         )
-    elif isinstance(value, int) and value >= STEP:
-        size, why = _round(value), f"data.image_size={value} -> short side {_round(value)} px"
     else:
-        raise ConfigError(f"config key 'data.image_size' must be 0, 'auto' or a short side >= {STEP}, got {value!r}")
+        size, why = _round(value), f"data.image_size={value} -> short side {_round(value)} px"
     resolved = dataclasses.replace(data, image_size=0, **sizes_for(size))
     return dataclasses.replace(cfg, data=resolved), why
+
+
+def check_image_size(data: DataConfig) -> None:
+    """Raises ConfigError when ``data.image_size`` cannot be resolved as it is set: a value other than 0, ``auto`` or
+    a short side >= 32 (set in Python: a config read from a file or overrides refuses it already), or sizes set beside
+    it that it would replace. Reads no data: training checks this before it generates or reads any."""
+    value = data.image_size
+    if value == 0:
+        return
+    if value != "auto" and not (isinstance(value, int) and not isinstance(value, bool) and value >= STEP):
+        raise ConfigError(f"config key 'data.image_size' must be 0, 'auto' or a short side >= {STEP}, got {value!r}")
+    _refuse_sizes_set_beside(data)
 
 
 def _refuse_sizes_set_beside(data: DataConfig) -> None:

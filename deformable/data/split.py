@@ -27,14 +27,16 @@ class SplitData:
     """A split read from disk: the COCO dict (module docstring), where its images are and what described it.
 
     ``clipped`` / ``dropped`` count the boxes that reached outside their image (clipped to it) and those with no
-    area left inside it (removed from the dict); ``notes`` are remarks for the summary.
+    area left inside it (removed from the dict); ``notes`` are remarks for the summary. ``size_sources`` names, per
+    image id, the file that states the image's width and height where that is not ``source`` (VOC: the image's XML).
     """
 
-    layout: str  # coco | roboflow | yolo | voc
+    layout: str  # coco | roboflow | yolo | voc | roboflow-voc
     split: str  # the split's name in that layout, e.g. val2017, valid, val
     image_root: str  # file_name of each image is relative to this folder
     coco: dict[str, Any]
     source: str  # the file (or folder) that lists the split, named in messages
+    size_sources: dict[int, str] = field(default_factory=dict)  # image id -> the file giving its size, if not source
     clipped: int = 0
     dropped: int = 0
     notes: list[str] = field(default_factory=list)

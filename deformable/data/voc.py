@@ -96,11 +96,13 @@ def parse_annotation(path: str) -> VocRecord:
 
 @dataclass
 class VocEntry:
-    """One annotated image of a split: where it is listed (for messages), its id (file stem) and its record."""
+    """One annotated image of a split: where it is listed (for messages), its id (file stem), its record and the XML
+    file it was read from."""
 
     where: str  # "<split list> line N" or the XML file
     image_id: str
     record: VocRecord
+    xml: str
 
 
 def split_folder(root: str, split: str) -> str:
@@ -128,7 +130,7 @@ def _read_list(root: str, split: str) -> list[VocEntry]:
         where = f"{split_file(root, split)} line {number}"
         if not os.path.isfile(xml):
             raise DatasetError(f"{where}: {image_id} has no annotation file {xml}")
-        entries.append(VocEntry(where, image_id, parse_annotation(xml)))
+        entries.append(VocEntry(where, image_id, parse_annotation(xml), xml))
     return entries
 
 
@@ -141,7 +143,8 @@ def _read_folder(root: str, split: str) -> list[VocEntry]:
             "data.train_split / data.val_split to one of them"
         )
     names = sorted(n for n in os.listdir(folder) if n.lower().endswith(".xml") and not n.startswith("."))
-    return [VocEntry(os.path.join(folder, n), n[:-4], parse_annotation(os.path.join(folder, n))) for n in names]
+    paths = [os.path.join(folder, n) for n in names]
+    return [VocEntry(path, n[:-4], parse_annotation(path), path) for n, path in zip(names, paths, strict=True)]
 
 
 def read_entries(root: str, split: str, layout: str = "voc") -> list[VocEntry]:
@@ -179,6 +182,7 @@ def read_voc(root: str, split: str, class_splits: list[str], layout: str = "voc"
     image_root = os.path.join(root, "JPEGImages") if layout == "voc" else split_folder(root, split)
     coco: dict[str, Any] = {"images": [], "annotations": [], "categories": []}
     coco["categories"] = [{"id": i, "name": name} for name, i in ids.items()]
+    size_sources: dict[int, str] = {}  # the XML whose <size> gives an image's size (messages name it on a mismatch)
     for image_number, entry in enumerate(entries, start=1):
         record = entry.record
         name = _image_name(image_root, entry)
@@ -190,13 +194,15 @@ def read_voc(root: str, split: str, class_splits: list[str], layout: str = "voc"
         height, width = record.height, record.width
         if height <= 0 or width <= 0:
             height, width = image_size(os.path.join(image_root, name))
+        else:
+            size_sources[image_number] = f"{entry.xml} (<size>)"
         coco["images"].append({"id": image_number, "file_name": name, "height": height, "width": width})
         for obj in record.objects:
             xmin, ymin, xmax, ymax = obj.box
             ann = {"id": len(coco["annotations"]) + 1, "image_id": image_number, "category_id": ids[obj.name]}
             bbox = [xmin - 1, ymin - 1, xmax - xmin + 1, ymax - ymin + 1]
             coco["annotations"].append({**ann, "bbox": bbox, "iscrowd": int(obj.difficult)})
-    data = SplitData(layout, split, image_root, coco, source=split_source(root, split, layout))
+    data = SplitData(layout, split, image_root, coco, split_source(root, split, layout), size_sources)
     if layout != "voc":
         unlabelled = _images_without_xml(image_root, coco["images"])
         if unlabelled:

@@ -22,21 +22,62 @@ from deformable.data import (
     ensure_synthetic,
     summarise,
 )
-from deformable.data.sizes import resolve_image_size
+from deformable.data.sizes import check_image_size, resolve_image_size
 from models import build_detector, load_checkpoint, read_checkpoint
 from models.checkpoint import Checkpoint, CheckpointError
 from models.config import Config, save_config
 from models.files import make_dir, remove_stale_temp_files
 from models.loading import check_architecture
-from models.training_queries import TrainingDetector, build_query_aids
+from models.training_queries import TrainingDetector, build_query_aids, check_query_options
 
 from . import distributed
 from .distributed import DistEnv
+from .resume import check_resumable
+
+
+def check_options(cfg: Config) -> None:
+    """The checks of options that depend on one another and need no data, made before a run writes anything:
+    ``data.image_size`` beside sizes it would replace, ``training_queries`` against ``model.two_stage`` (what
+    :func:`build_query_aids` checks again). A value out of its own range is refused when the config is read.
+
+    Raises:
+        ConfigError: naming the options and how to make them agree.
+    """
+    check_image_size(cfg.data)
+    q = cfg.training_queries
+    check_query_options(q.dn_groups, q.dn_label_noise, q.dn_box_noise, q.query_groups, cfg.model.two_stage)
+
+
+def check_start(cfg: Config, resume: str | None, start: Checkpoint | None) -> None:
+    """The checks of the checkpoint a run starts from that need no data, made before a run writes anything: resuming
+    (``resume`` given), its architecture and class count must be the config's and the optimiser and schedule
+    settings those it was trained with (:func:`~.resume.check_resumable`); fine-tuning, its architecture must fit
+    (:func:`finetune_from`). ``model.num_classes=auto`` is resolved from the data later, and checked again then.
+
+    Raises:
+        CheckpointError: naming the checkpoint (``train.finetune`` when fine-tuning) and the overrides that fit it.
+    """
+    if start is None:
+        return
+    model = cfg.model
+    classes = start.options.get("num_classes")
+    if model.num_classes == "auto" and isinstance(classes, int) and not isinstance(classes, bool) and classes >= 1:
+        model = dataclasses.replace(model, num_classes=classes)
+    if resume is not None:
+        check_architecture(model, start)  # names the overrides, where loading would list keys
+        check_resumable(start, cfg.train)
+        return
+    try:
+        check_architecture(model, start, finetune=True)
+    except ValueError as exc:
+        raise CheckpointError(f"train.finetune={cfg.train.finetune}: {exc}") from exc
 
 
 def prepare_output_dir(cfg: Config, env: DistEnv) -> None:
     """Rank 0 creates ``output_dir``, clears temporary files of a killed run and generates the synthetic data set
-    if asked (only into a folder it generated itself); the other ranks wait for it."""
+    if asked (only into a folder it generated itself); the other ranks wait for it. Called once every check that
+    can refuse the run without reading the data has passed (:func:`check_options`, the overwrite refusal,
+    :func:`check_start`): a refused run leaves the data set, and output_dir, as they were."""
     if env.is_main:
         make_dir(cfg.output_dir, "output_dir")
         remove_stale_temp_files(cfg.output_dir)

@@ -35,6 +35,8 @@ from .build import (
     build_data,
     build_model,
     build_trainee,
+    check_options,
+    check_start,
     finetune_from,
     prepare_output_dir,
     read_start,
@@ -249,12 +251,15 @@ def fit(cfg: Config) -> dict[str, float]:
 
 def _fit(cfg: Config, env: DistEnv) -> dict[str, float]:
     torch.manual_seed(cfg.train.seed + env.rank)
-    prepare_output_dir(cfg, env)
+    # Every refusal that needs no data comes first: a refused run writes nothing, nor (re)generates the synthetic set.
+    check_options(cfg)
     # Rank 0 decides for all: the other ranks may not see output_dir (checked with a clear message on restoring).
     resume = distributed.broadcast(resume_path(cfg.train.resume, cfg.output_dir) if env.is_main else None)
     refuse_overwrite(cfg.output_dir, resume)
-    cfg = resolve_data_options(cfg, env)
     start = read_start(cfg, env, resume)  # the checkpoint resumed or fine-tuned from (None: from scratch)
+    check_start(cfg, resume, start)
+    prepare_output_dir(cfg, env)
+    cfg = resolve_data_options(cfg, env)
     data = build_data(cfg, env, checkpoint_names=start and start.class_names, resuming=resume is not None)
     cfg = resolve_num_classes(cfg, data.train_set)
     model = build_model(cfg, env.device, from_checkpoint=resume is not None or bool(cfg.train.finetune))
