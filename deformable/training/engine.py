@@ -117,29 +117,29 @@ def train_one_epoch(
     total = len(loader) if max_iters <= 0 else min(max_iters, len(loader))
     sums: dict[str, float] = {}
     norms = 0  # steps with a finite gradient norm
-    bar = tqdm(total=total, desc=f"epoch {epoch}", disable=not show_progress, dynamic_ncols=True, leave=True)
-    for step, (images, mask, targets) in enumerate(loader):
-        if step >= total:
-            break
-        images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
-        targets = to_device(targets, device)
-        with autocast(amp, device):
-            outputs = _forward(model, images, mask, targets)
-        losses = criterion(to_float(outputs), targets)
-        loss = losses["loss"]
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {step}: {_items(losses)}")
-        optimizer.zero_grad(set_to_none=True)
-        grad_norm = _backward_step(loss, model, optimizer, scaler, clip_max_norm)
-        if ema is not None:
-            ema.update_parameters(_detector(model))
-        for key, value in _items(losses).items():
-            sums[key] = sums.get(key, 0.0) + value
-        if math.isfinite(grad_norm):  # fp16: a step the scaler skipped (overflow) has no gradient to measure
-            sums["grad_norm"], norms = sums.get("grad_norm", 0.0) + grad_norm, norms + 1
-        bar.set_postfix(loss=f"{sums['loss'] / (step + 1):.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-        bar.update()
-    bar.close()
+    # closed on an error too, before the tool prints it: the message gets a line of its own
+    with tqdm(total=total, desc=f"epoch {epoch}", disable=not show_progress, dynamic_ncols=True, leave=True) as bar:
+        for step, (images, mask, targets) in enumerate(loader):
+            if step >= total:
+                break
+            images, mask = images.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+            targets = to_device(targets, device)
+            with autocast(amp, device):
+                outputs = _forward(model, images, mask, targets)
+            losses = criterion(to_float(outputs), targets)
+            loss = losses["loss"]
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {step}: {_items(losses)}")
+            optimizer.zero_grad(set_to_none=True)
+            grad_norm = _backward_step(loss, model, optimizer, scaler, clip_max_norm)
+            if ema is not None:
+                ema.update_parameters(_detector(model))
+            for key, value in _items(losses).items():
+                sums[key] = sums.get(key, 0.0) + value
+            if math.isfinite(grad_norm):  # fp16: a step the scaler skipped (overflow) has no gradient to measure
+                sums["grad_norm"], norms = sums.get("grad_norm", 0.0) + grad_norm, norms + 1
+            bar.set_postfix(loss=f"{sums['loss'] / (step + 1):.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+            bar.update()
     means = {key: value / max(total, 1) for key, value in sums.items()}
     means["grad_norm"] = sums.get("grad_norm", math.nan) / max(norms, 1)  # over the steps taken
     return distributed.reduce_mean(means, device)
@@ -219,8 +219,9 @@ def evaluate(
     model.eval()
     per_image: dict[int, list[dict]] = {}
     category_ids = sorted(set(coco_gt.cats) | set(class_ids))
-    with torch.random.fork_rng(devices=[]):  # evaluating leaves the training RNG stream untouched
-        for images, mask, targets in tqdm(loader, desc="eval", disable=not show_progress, dynamic_ncols=True):
+    bar = tqdm(loader, desc="eval", disable=not show_progress, dynamic_ncols=True)
+    with torch.random.fork_rng(devices=[]), bar:  # the RNG: evaluating leaves the training stream untouched
+        for images, mask, targets in bar:
             with autocast(amp, device):
                 outputs = model(images.to(device), mask.to(device))
             sizes = torch.stack([t["orig_size"] for t in targets]).to(device)  # (B, 2) as (h, w)
