@@ -12,6 +12,7 @@ torchvision's. Key names are mapped by :mod:`models.hf_names`; this module handl
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -21,11 +22,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch import nn
 
 from .checkpoint import HF_WEIGHTS, CheckpointError, options_from_weights, torch_load
 from .config import DataConfig, ModelConfig
 from .files import TMP_PREFIX, FileTargetError, atomic_write, check_folder_target, fsync_dir
 from .hf_names import (
+    RESNETS,
     backbone_from_hf,
     fill_tied_class_heads,
     hf_backbone,
@@ -67,6 +70,12 @@ HF_DEFAULTS: dict[str, Any] = {
     "num_channels": 3,
 }
 HF_NUM_LABELS_DEFAULT = 2  # what transformers builds when config.json has neither num_labels nor id2label
+# transformers' timm backbone: it asks timm for feature stages [2, 3, 4] ([4] for one level), this project for the last
+# three (-3, -2, -1, of which it keeps the last one for one level): the same stages for a model with five only.
+HF_TIMM_OUT_INDICES = (2, 3, 4)
+# transformers replaces every nn.BatchNorm2d of its backbone (subclasses too) by its frozen BatchNorm, which has this
+# eps and no activation.
+HF_BATCH_NORM_EPS = 1e-5
 
 
 def _weights_in(folder: str) -> str | None:
@@ -162,14 +171,26 @@ def read_hf(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     Raises:
         FileNotFoundError: no such path, no weights file, or no ``config.json``.
         CheckpointError (a ValueError): unreadable JSON, another ``model_type``, a backbone this project cannot
-            build, a corrupt weights file, or a key with no counterpart (named with the file).
+            build or that transformers runs otherwise (:func:`hf_backbone_differences`: timm's BatchNormAct2d, a
+            BatchNorm eps other than 1e-5, other than five feature stages), a corrupt weights file, or a key with no
+            counterpart (named with the file).
     """
     config_path, weights_path = _locate(os.fspath(path))
     config = _read_config(config_path)
     try:
-        model_overrides_from_hf(config)  # an unsupported backbone makes the keys meaningless: say so first
+        backbone = model_overrides_from_hf(config)["backbone"]  # an unsupported one makes the keys meaningless
     except ValueError as exc:
         raise CheckpointError(f"{config_path}: {exc}") from exc
+    try:
+        differences = hf_backbone_differences(backbone)
+    except ValueError as exc:
+        raise CheckpointError(f"{config_path}: {exc}") from exc
+    if differences:
+        raise CheckpointError(
+            f"{config_path}: its backbone {hf_backbone(backbone)!r} runs otherwise in transformers than as this "
+            f"project's model.backbone={backbone}, so the project cannot reproduce what transformers computes for "
+            "this folder: " + "; ".join(differences)
+        )
     state = _read_weights(weights_path)
     try:
         state = hf_to_original(state, weights_path)
@@ -186,6 +207,83 @@ def read_hf(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
                 layers - 1,
             )
     return state, config
+
+
+def _more_than_norm(module: nn.BatchNorm2d) -> str:
+    """What a BatchNorm2d subclass computes besides the norm (timm's BatchNormAct2d: its activation and dropout, unless
+    both are Identity), described; empty for a plain BatchNorm."""
+    if type(module).forward is nn.BatchNorm2d.forward:
+        return ""
+    children = list(module.children())
+    if not children:
+        return "with a forward of its own"
+    extra = [type(c).__name__ for c in children if not isinstance(c, nn.Identity)]
+    return f"with {', '.join(extra)} after the norm" if extra else ""
+
+
+@functools.lru_cache(maxsize=32)
+def _timm_differences(name: str) -> tuple[str, ...]:
+    """How transformers would run the timm model ``name`` otherwise than this project: its structure (built without
+    weights, ``features_only`` as both build it) is inspected for BatchNorm layers transformers would change and for
+    the feature stages each takes; empty when both run it alike."""
+    try:
+        import timm
+    except ImportError as exc:
+        raise ValueError(f"checking the timm backbone {name!r} for transformers needs timm (pip install timm)") from exc
+
+    def create() -> nn.Module:
+        return timm.create_model(name, pretrained=False, features_only=True, out_indices=(-3, -2, -1))
+
+    try:
+        try:
+            with torch.device("meta"):  # the structure only: no memory, no initialisation
+                net = create()
+        except Exception:  # a model whose initialisation needs real tensors: built on the CPU
+            net = create()
+    except (RuntimeError, ValueError, IndexError, AssertionError) as exc:  # unknown name, too few stages, ...
+        raise ValueError(f"unknown or unsupported timm backbone {name!r}: {exc}") from exc
+    found = []
+    stages = len(net.feature_info.info)
+    ours = tuple(range(stages)[-3:])
+    if ours != HF_TIMM_OUT_INDICES:
+        found.append(
+            f"it has {stages} feature stages: transformers takes stages {list(HF_TIMM_OUT_INDICES)} (out_indices), "
+            f"this project the last three {list(ours)}; they are the same stages only for a model with five"
+        )
+    norms = [(n, m) for n, m in net.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    changed = [(n, m, _more_than_norm(m)) for n, m in norms]
+    changed = [(n, m, extra) for n, m, extra in changed if extra]
+    if changed:
+        layer, module, extra = changed[0]
+        found.append(
+            f"{len(changed)} of its BatchNorm layers do more than normalise (e.g. {layer}, a {type(module).__name__} "
+            f"{extra}): transformers replaces each by its plain frozen BatchNorm, dropping that, where this project "
+            "keeps it"
+        )
+    other_eps = [(n, m.eps) for n, m in norms if m.eps != HF_BATCH_NORM_EPS]
+    if other_eps:
+        layer, eps = other_eps[0]
+        found.append(
+            f"{len(other_eps)} of its BatchNorm layers have eps {eps} (e.g. {layer}): transformers' frozen BatchNorm "
+            f"uses {HF_BATCH_NORM_EPS}"
+        )
+    return tuple(found)
+
+
+def hf_backbone_differences(backbone: str) -> tuple[str, ...]:
+    """How transformers would run our ``backbone`` (``resnet50``, ``timm/<name>``) otherwise than this project; empty
+    when alike.
+
+    transformers builds a timm model for it, like this project, but takes feature stages [2, 3, 4] (this project
+    the last three) and replaces every BatchNorm with a plain frozen one of eps 1e-5 (this project keeps timm's
+    BatchNormAct2d activations and each layer's eps). The ResNets are torchvision's networks (five stages, plain
+    BatchNorm): not built; any other is built without weights and inspected (:func:`_timm_differences`).
+
+    Raises:
+        ValueError: a backbone transformers does not build (not a ResNet nor timm's), or an unknown timm model.
+    """
+    name = hf_backbone(backbone)
+    return () if name.split(".")[0] in RESNETS else _timm_differences(name)
 
 
 def _check_supported(hf_config: Mapping[str, Any]) -> None:
@@ -298,6 +396,14 @@ def _check_writable(model_cfg: ModelConfig) -> None:
         )
     if model_cfg.two_stage and not model_cfg.with_box_refine:
         raise ValueError("two_stage without with_box_refine cannot be written for transformers (it requires both)")
+    differences = hf_backbone_differences(model_cfg.backbone)
+    if differences:
+        raise ValueError(
+            f"model.backbone={model_cfg.backbone} cannot be written for transformers, which would run it otherwise "
+            f"than this project (its predictions would differ from this model's): {'; '.join(differences)}. "
+            "transformers runs the ResNets, and timm models with five feature stages and plain BatchNorm, as this "
+            "project does"
+        )
 
 
 def hf_config(model_cfg: ModelConfig, class_names: Mapping[int, str] | None) -> dict[str, Any]:
@@ -383,8 +489,9 @@ def write_hf(
         overwrite: replace the transformers files an existing folder holds.
 
     Raises:
-        ValueError: a backbone transformers does not build (not a ResNet or timm model), options it cannot express
-            (CoPE offsets, 2 feature levels, two-stage without box refinement), a state_dict that does not fit
+        ValueError: a backbone transformers does not build (not a ResNet or timm model) or would run otherwise
+            (:func:`hf_backbone_differences`), options it cannot express (CoPE offsets, 2 feature levels,
+            two-stage without box refinement), a state_dict that does not fit
             ``model_cfg``, or a key with no transformers counterpart.
         FileTargetError (a ValueError): ``folder`` is empty, a file, under a file, not writable, or holds a
             transformers model and ``overwrite`` is False.

@@ -72,6 +72,8 @@ _HF_QKV = re.compile(r"^model\.decoder\.layers\.(\d+)\.self_attn\.([qkv]_proj)\.
 _OUR_QKV = re.compile(r"^transformer\.decoder\.layers\.(\d+)\.self_attn\.in_proj_(weight|bias)$")
 # timm ResNets are torchvision's networks with torchvision's parameter names; they map onto our torchvision backbones.
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+# Those whose torchvision network has basic blocks, which cannot dilate (DC5): a dilated one is timm's (output_stride).
+BASIC_BLOCK_RESNETS = ("resnet18", "resnet34")
 HEAD_PREFIXES = ("class_embed.", "bbox_embed.")
 _OUR_DECODER = "transformer.decoder."
 # transformers 5 writes the learned position embedding under its in-memory name (it has no rename for it).
@@ -163,9 +165,19 @@ def hf_to_original(state: Mapping[str, torch.Tensor], source: str) -> dict[str, 
     return out
 
 
+def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when two tensors hold the same values: same shape and dtype, equal elementwise, NaN equal to NaN (two
+    names of one tensor stay one tensor when its values are NaN; :func:`torch.equal` says they differ)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if not a.is_floating_point() and not a.is_complex():
+        return torch.equal(a, b)
+    return torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True)
+
+
 def _put(out: dict[str, torch.Tensor], key: str, value: torch.Tensor, hf_key: str, source: str) -> None:
     """Sets ``out[key]``; two transformers names of one tensor (both naming conventions) must agree."""
-    if key in out and not (out[key].shape == value.shape and torch.equal(out[key], value)):
+    if key in out and not same_values(out[key], value):
         raise ValueError(f"{source}: {hf_key!r} and another key both map to {key!r} with different values")
     out[key] = value
 
@@ -250,6 +262,9 @@ def backbone_from_hf(hf_config: Mapping[str, Any]) -> str:
     """Our ``backbone`` for config.json's: 4.x names a timm model in ``backbone`` (``use_timm_backbone``, the
     default), 5.x in ``backbone_config`` (``model_type: timm_backbone``).
 
+    timm's ResNets map onto our torchvision ones (the same network and names), except a dilated (DC5, config.json's
+    ``dilation``) ResNet-18/34: torchvision's basic blocks cannot dilate, so that one stays timm's (``timm/resnet18``).
+
     Raises:
         ValueError: a transformers-native backbone (``use_timm_backbone: false``), which names its layers otherwise.
     """
@@ -269,6 +284,8 @@ def backbone_from_hf(hf_config: Mapping[str, Any]) -> str:
             f"timm model name such as 'resnet50') map onto this project's backbones"
         )
     architecture = name.split(".")[0]  # a pretrained tag (resnet50.a1_in1k) only names weights the file replaces
+    if architecture in BASIC_BLOCK_RESNETS and hf_config.get("dilation"):
+        return f"timm/{architecture}"
     return architecture if architecture in RESNETS else f"timm/{name}"
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from .checkpoint import Checkpoint, read_checkpoint, state_dict_of
 from .heads import reset_class_head
-from .hf_names import transformers_named_keys
+from .hf_names import same_values, transformers_named_keys
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +25,7 @@ CLASS_HEAD_KEY = re.compile(r"^(transformer\.decoder\.)?class_embed\.\d+\.(weigh
 MAX_KEYS_SHOWN = 8
 # With box refinement the box heads are also the decoder's (one per layer): only such a model has these keys.
 REFINE_PREFIX = "transformer.decoder.bbox_embed."
+BOX_HEAD = re.compile(r"^bbox_embed\.(\d+)\.(.+)$")
 
 
 @dataclass
@@ -96,13 +97,25 @@ def _alias_groups(model: nn.Module) -> list[list[str]]:
     return [g for g in groups.values() if len(g) > 1]
 
 
+def _refuse_non_finite(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> None:
+    """Weights holding NaN or inf (a diverged training) make a detector that outputs NaN: refused, the first such key
+    named (only keys the model has; the strict loader reports the others)."""
+    for key, value in state.items():
+        if key in own and value.is_floating_point() and not torch.isfinite(value).all():
+            count = int((~torch.isfinite(value)).sum())
+            raise ValueError(
+                f"the weight {key} holds {count} NaN/inf value(s) of {value.numel()}: a detector with these weights "
+                "outputs NaN (did its training diverge?); use an earlier checkpoint"
+            )
+
+
 def _check_shared(state: Mapping, groups: list[list[str]], model_refines: bool) -> None:
     """A checkpoint with different values for keys the model shares was made by another architecture: a
     box-refinement one (separate heads per layer) when its keys say so and the model has shared heads."""
     for group in groups:
         present = [k for k in group if k in state]
         first = state[present[0]] if present else None
-        if any(state[k].shape == first.shape and not torch.equal(state[k], first) for k in present[1:]):
+        if any(state[k].shape == first.shape and not same_values(state[k], first) for k in present[1:]):
             message = f"checkpoint has different values for {_show(present)}, which this model shares"
             if box_refine_in_weights(state) and not model_refines:
                 raise ValueError(
@@ -110,6 +123,41 @@ def _check_shared(state: Mapping, groups: list[list[str]], model_refines: bool) 
                     f"model; set model.with_box_refine=true"
                 )
             raise ValueError(f"{message}; was it trained with another with_box_refine setting?")
+
+
+def _box_heads(state: Mapping[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
+    """The top-level box heads of a state_dict: layer index -> {parameter name inside the head: tensor}."""
+    heads: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        match = BOX_HEAD.match(key)
+        if match:
+            heads.setdefault(int(match[1]), {})[match[2]] = value
+    return heads
+
+
+def _check_box_refinement(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> None:
+    """A box-refinement model (a box head per decoder layer, ``transformer.decoder.bbox_embed.N`` aliases of
+    ``bbox_embed.N``) refuses a checkpoint of a model without it: one box head shared by every layer, saved under each
+    ``bbox_embed.N`` with the same values and without the decoder's names. The strict loader alone counts the model's
+    heads covered through their aliases and loads it (fine-tuning may start a box-refinement model so), but the
+    detector then refines boxes with heads not trained to: not the checkpoint's outputs. (A box-refinement checkpoint
+    saved under the top-level names only has per-layer values: loaded.)"""
+    if not box_refine_in_weights(own) or box_refine_in_weights(state):
+        return
+    mine, theirs = _box_heads(own), _box_heads(state)
+    if len(mine) < 2 or set(theirs) != set(mine):
+        return  # one layer shows nothing; other heads are the strict loader's to report
+    first = theirs[min(theirs)]
+    shared = all(
+        head.keys() == first.keys() and all(same_values(head[name], first[name]) for name in first)
+        for head in theirs.values()
+    )
+    if shared:
+        raise ValueError(
+            f"the checkpoint's box heads bbox_embed.0..{max(theirs)} are one head shared by every decoder layer (same "
+            f"values, no {REFINE_PREFIX}* keys): a model without box refinement, which this box-refinement model "
+            "would run differently; set model.with_box_refine=false"
+        )
 
 
 def _classify(state: Mapping, own: Mapping, groups: list[list[str]]) -> LoadResult:
@@ -168,7 +216,9 @@ def load_checkpoint(
             so a checkpoint of another architecture is never loaded partially; when False those keys are skipped
             and reported.
         reinit_class_heads: when False, class heads of another class count are an error too (evaluation, inference,
-            export and resuming need the checkpoint's own heads).
+            export and resuming need the checkpoint's own heads), and so is a checkpoint without box refinement for a
+            box-refinement model (its box heads shared by every decoder layer: other outputs than the checkpoint's
+            model), which fine-tuning may start from.
         fresh_cope: CoPE offsets switched on over a checkpoint with linear ones (fine-tuning): the gate parameters of
             an ``offset_mode="cope"`` attention the checkpoint has no key of keep their initialisation, at which the
             attention is exactly the plain one, so the detector starts with the checkpoint's outputs.
@@ -177,14 +227,17 @@ def load_checkpoint(
         A :class:`LoadResult`; what was dropped is also logged.
 
     Raises:
-        FileNotFoundError: no such file. ValueError: unreadable file or another architecture (the keys named).
-        TypeError: ``source`` is neither a path nor a dict.
+        FileNotFoundError: no such file. ValueError: unreadable file, another architecture (the keys named), or
+            NaN/inf weights (the first key named). TypeError: ``source`` is neither a path nor a dict.
     """
     state = _state_of(source)
     _refuse_transformers_names(state)
     groups = _alias_groups(model)
     own = model.state_dict()
+    _refuse_non_finite(state, own)
     _check_shared(state, groups, box_refine_in_weights(own))
+    if not reinit_class_heads:  # the checkpoint's own model is wanted, not a start for fine-tuning
+        _check_box_refinement(state, own)
     result = _classify(state, own, groups)
     if fresh_cope:
         _fresh_cope(result, state, model)
