@@ -109,6 +109,7 @@ TRAIN_LIMITS = {
     "ema_decay": ((lambda v: 0 <= v < 1), "in [0, 1)"),
     "eval_every": _at_least(0),
     "checkpoint_every": _at_least(0),
+    "patience": _at_least(0),
     "max_iters_per_epoch": _at_least(0),
     "amp": _one_of(AMP_MODES),
     "device": _one_of(DEVICES),
@@ -269,6 +270,7 @@ class TrainConfig:
     ema_decay: float = 0.0
     eval_every: int = 1
     checkpoint_every: int = 5  # also keep checkpoint_<epoch>.pth every this many epochs (0: never)
+    patience: int = 0  # stop when the validation AP has not improved for this many epochs (0: never stop early)
     resume: str = ""  # "", "auto" (latest in output_dir) or a checkpoint path
     finetune: str = ""  # a checkpoint to start from, class heads re-initialised when the class count differs
     amp: str = "none"  # none | bf16 | fp16

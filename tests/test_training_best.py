@@ -107,3 +107,24 @@ def test_best_logged_reads_what_a_killed_run_leaves(tmp_path) -> None:
     assert best_logged(str(log), "AP") == (0.4, 3)
     assert best_logged(str(log), "AP", before_epoch=3) == (0.2, 0)
     assert best_logged(str(log), "AP", before_epoch=0) is None
+
+
+def test_patience_stops_a_run_whose_ap_stalls_and_it_stays_stopped(shapes_root, tmp_path, monkeypatch, capsys) -> None:
+    """train.patience=2: the best AP at epoch 1, none better at epochs 2 and 3: the run stops after epoch 3; resumed,
+    it is evaluated only; resumed with a larger patience, it trains on."""
+    run = tmp_path / "run"
+    left = _scores(monkeypatch, [0.1, 0.3, 0.2, 0.25, 0.9, 0.9])
+    _fit(shapes_root, run, 8, "train.patience=2")
+    assert left == [0.9, 0.9] and _epoch_of(run / "checkpoint.pth") == 3
+    with open(run / "log.jsonl") as f:
+        assert [json.loads(line)["epoch"] for line in f] == [0, 1, 2, 3]
+    assert "stopping early after epoch 3: validation AP has not improved for 2 epochs, since epoch 1" in (
+        capsys.readouterr().out
+    )
+    _fit(shapes_root, run, 8, "train.patience=2", "train.resume=auto")
+    assert left == [0.9] and _epoch_of(run / "checkpoint.pth") == 3  # evaluated only
+    assert "evaluating it only (a larger train.patience continues it)" in capsys.readouterr().out
+    left = _scores(monkeypatch, [0.5, 0.4, 0.4, 0.4, 0.4, 0.4])
+    _fit(shapes_root, run, 10, "train.patience=3", "train.resume=auto")  # epoch 3 was 2 epochs past the best
+    assert _epoch_of(run / "checkpoint.pth") == 7 and len(left) == 2  # the new best at epoch 4, 3 epochs later: stop
+    assert _epoch_of(run / "checkpoint_best.pth") == 4

@@ -45,6 +45,7 @@ def _files(run: str) -> dict[str, bytes]:
         ("train.lr_drop=0", "'train.lr_drop' must be >= 1, got 0"),
         ("train.lr_drop=-1", "'train.lr_drop' must be >= 1, got -1"),
         ("train.epochs=0", "'train.epochs' must be >= 1, got 0"),
+        ("train.patience=-1", "'train.patience' must be >= 0, got -1"),
         ("train.lr=0", "'train.lr' must be > 0, got 0.0"),
         ("train.lr_backbone=-1e-5", "'train.lr_backbone' must be >= 0"),
         ("train.batch_size=0", "'train.batch_size' must be >= 1, got 0"),

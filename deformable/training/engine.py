@@ -58,6 +58,7 @@ from .resume import (
     restore_training_state,
     resume_path,
     rng_state,
+    stalled,
     training_state,
 )
 from .run_log import append_log, best_logged, epoch_record, format_metrics, truncate_log, write_json
@@ -303,9 +304,17 @@ def _fit(cfg: Config, env: DistEnv) -> dict[str, float]:
 
     logged = log_unlogged_epoch(cfg, env, resume, start, start_epoch, run_eval)  # stopped between save and log
     metrics = logged if logged is not None else {}
-    if start_epoch >= cfg.train.epochs and logged is None:
+    # A run that stopped early stays stopped (unless resumed with a larger train.patience).
+    stopped = start_epoch > 0 and distributed.broadcast(
+        stalled(cfg.output_dir, start_epoch - 1, cfg.train.patience)
+        if env.is_main and evaluates_after(start_epoch - 1, cfg.train)
+        else None
+    )
+    if stopped and env.is_main:
+        print(f"{resume}: {stopped}; evaluating it only (a larger train.patience continues it)", flush=True)
+    if (start_epoch >= cfg.train.epochs or stopped) and logged is None:
         metrics = run_eval()  # a finished run: report what it reached
-    for epoch in range(start_epoch, cfg.train.epochs):
+    for epoch in range(start_epoch, start_epoch if stopped else cfg.train.epochs):
         began, lr = time.time(), optimizer.param_groups[0]["lr"]
         set_epoch(data.train_loader, epoch, cfg.train.seed, env.rank)
         stats = train_one_epoch(train_model, criterion, data.train_loader, optimizer, epoch=epoch, **step_args)
@@ -338,6 +347,11 @@ def _fit(cfg: Config, env: DistEnv) -> dict[str, float]:
                 keep_best(cfg.output_dir, latest_checkpoint(cfg.output_dir), epoch, metrics)
             record = epoch_record(epoch, lr, stats, metrics if evaluated else {}, time.time() - began)
             append_log(os.path.join(cfg.output_dir, "log.jsonl"), record)
+        stop = distributed.broadcast(stalled(cfg.output_dir, epoch, cfg.train.patience) if env.is_main else None)
+        if evaluated and stop:  # judged where the AP was measured
+            if env.is_main:
+                print(stop, flush=True)
+            break
     if env.is_main:
         print(format_metrics(metrics), flush=True)
         best = best_logged(os.path.join(cfg.output_dir, "log.jsonl"), BEST_METRIC)

@@ -77,6 +77,20 @@ def keep_best(output_dir: str, source: str, epoch: int, metrics: Mapping[str, fl
     return True
 
 
+def stalled(output_dir: str, epoch: int, patience: int) -> str | None:
+    """``train.patience``: when ``patience`` > 0 and the best validation AP in ``log.jsonl`` up to ``epoch`` is
+    ``patience`` or more epochs old, the message that says the run stops there; else None."""
+    if patience <= 0:
+        return None
+    best = best_logged(os.path.join(output_dir, "log.jsonl"), BEST_METRIC, before_epoch=epoch + 1)
+    if best is None or epoch - best[1] < patience:
+        return None
+    return (
+        f"stopping early after epoch {epoch}: validation {BEST_METRIC} has not improved for {epoch - best[1]} epochs, "
+        f"since epoch {best[1]} ({best[0]:.3f}; train.patience={patience})"
+    )
+
+
 def resume_path(resume: str, output_dir: str) -> str | None:
     """``train.resume``: "" -> None; "auto" -> ``output_dir/checkpoint.pth`` when it exists; else the path itself.
 
