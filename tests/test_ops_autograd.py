@@ -233,7 +233,7 @@ def test_diagnosis_reports_the_forced_backend(monkeypatch):
 
 def test_diagnosis_reports_the_instruction_set_cap(monkeypatch):
     monkeypatch.setenv("DEFORMABLE_CPU_ISA", "avx2")
-    assert "DEFORMABLE_CPU_ISA=avx2: caps the CPU kernels' instruction set" in diagnose()
+    assert "DEFORMABLE_CPU_ISA=avx2: caps the deformable CPU kernels' instruction set at avx2" in diagnose()
     monkeypatch.delenv("DEFORMABLE_CPU_ISA")
     assert "DEFORMABLE_CPU_ISA" not in diagnose()
     for bad in ("bogus", "AVX2"):
