@@ -15,6 +15,16 @@ from collections.abc import Callable
 from typing import BinaryIO
 
 TMP_PREFIX = ".tmp-"
+# Bytes of the target's name kept in a temporary name: with the prefix, the dot and mkstemp's 8 random characters it
+# stays within the 255 bytes a file name may have, however long the target's name.
+TMP_NAME_BYTES = 200
+
+
+def temp_prefix(path: str | os.PathLike) -> str:
+    """The prefix of the temporary file or folder written beside ``path``: :data:`TMP_PREFIX`, ``path``'s name (cut
+    to :data:`TMP_NAME_BYTES` bytes, at a character boundary) and a dot."""
+    name = os.path.basename(os.fspath(path)).encode("utf-8", "surrogateescape")[:TMP_NAME_BYTES]
+    return TMP_PREFIX + name.decode("utf-8", "ignore") + "."
 
 
 class FolderError(ValueError):
@@ -148,7 +158,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     path = os.fspath(path)
     directory = os.path.dirname(check_file_target(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=TMP_PREFIX + os.path.basename(path) + ".")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=temp_prefix(path))
     try:
         os.chmod(tmp, _mode_for(path))  # mkstemp's file is private (0600)
         with os.fdopen(fd, "wb") as f:
@@ -175,7 +185,7 @@ def atomic_save(path: str | os.PathLike, save: Callable[[str], None]) -> None:
     path = check_file_target(path)
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=directory, prefix=TMP_PREFIX + os.path.basename(path) + ".")
+    tmp = tempfile.mkdtemp(dir=directory, prefix=temp_prefix(path))
     try:
         staged = os.path.join(tmp, os.path.basename(path))
         save(staged)

@@ -26,7 +26,7 @@ from torch import nn
 
 from .checkpoint import HF_WEIGHTS, CheckpointError, options_from_weights, torch_load
 from .config import DataConfig, ModelConfig
-from .files import TMP_PREFIX, FileTargetError, atomic_write, check_folder_target, fsync_dir
+from .files import FileTargetError, atomic_write, check_folder_target, fsync_dir, temp_prefix
 from .hf_names import (
     RESNETS,
     backbone_from_hf,
@@ -551,7 +551,7 @@ def _write_folder(folder: str, files: Mapping[str, bytes]) -> None:
         return
     parent = os.path.dirname(folder)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f"{TMP_PREFIX}{os.path.basename(folder)}.")
+    tmp = tempfile.mkdtemp(dir=parent, prefix=temp_prefix(folder))
     try:
         for name, content in files.items():
             atomic_write(os.path.join(tmp, name), lambda f, content=content: f.write(content))

@@ -33,12 +33,14 @@ from models.loading import CHECKPOINT_HELP, CONFIG_HELP, split_config_args
 def results_folder(checkpoint: str, overrides: list[str]) -> str | None:
     """Where the results go when ``output_dir`` is not among ``overrides``: beside the checkpoint (a config's or the
     checkpoint's own ``output_dir`` is the training run's, possibly another run's or another machine's), or
-    ``runs/eval/OWNER--NAME`` for a hub model id; else None (the override stands)."""
+    ``runs/eval/OWNER--NAME[@REVISION]`` for a hub model id; else None (the override stands)."""
     if any(parse_override(o)[0] == ["output_dir"] for o in overrides):
         return None
     hub = hub_id(checkpoint)
-    if hub is not None:  # not into the hub's cache
-        return os.path.join("runs", "eval", hub[0].replace("/", "--"))
+    if hub is not None:  # not into the hub's cache; one folder per revision
+        repo, revision = hub
+        name = repo.replace("/", "--") + ("@" + revision.replace("/", "--") if revision else "")
+        return os.path.join("runs", "eval", name)
     return checkpoint if os.path.isdir(checkpoint) else os.path.dirname(os.path.abspath(checkpoint))
 
 

@@ -23,7 +23,7 @@ from deformable.data import dataset_image_ids
 from deformable.data.coco_eval import to_coco_results
 from models import build_postprocessor
 from models.config import Config, DataConfig
-from models.files import FolderError, atomic_save, atomic_write, atomic_write_text, make_dir
+from models.files import FolderError, atomic_save, atomic_write, atomic_write_text, make_dir, remove_stale_temp_files
 
 from .images import ImageError, prepare_batch, read_image
 from .predictor import DEFAULT_BATCH_SIZE, check_threshold, class_names, detect, load_detector, select_detections
@@ -84,9 +84,9 @@ def image_ids(paths: Sequence[str], cfg: Config, warn: Callable[[str], None] | N
 
 def output_names(paths: Sequence[str]) -> dict[str, str]:
     """Path -> ``<stem>.jpg``, the drawn image's name, with ``_<n>`` added where stems repeat or are those of
-    results.json and images.json (a video's outputs are ``<stem>.mp4`` and ``<stem>.json``)."""
+    results.json, images.json and the manifest (a video's outputs are ``<stem>.mp4`` and ``<stem>.json``)."""
     names: dict[str, str] = {}
-    used = {os.path.splitext(name)[0] + ".jpg" for name in (RESULTS, IMAGES)}
+    used = {os.path.splitext(name)[0] + ".jpg" for name in (RESULTS, IMAGES, MANIFEST)}
     for path in paths:
         stem = os.path.splitext(os.path.basename(path))[0]
         name, n = f"{stem}.jpg", 1
@@ -123,6 +123,7 @@ class OutputFolder:
 
     def __init__(self, path: str) -> None:
         make_dir(path, "the output folder")
+        remove_stale_temp_files(path)  # what a killed run was writing (a drawn video, beside its place)
         self.path = path
         self.owned = self._earlier_outputs()
 
@@ -241,6 +242,7 @@ def run_inference(
     paths = _distinct(paths)
     if draw is not None:
         check_out_dir_holds_no_input(paths, out_dir)
+    model, state = load_detector(cfg, checkpoint, device)  # a checkpoint that does not fit: nothing written yet
     videos = [path for path in paths if is_video(path)]
     stills = [path for path in paths if not is_video(path)]
     folder = OutputFolder(out_dir)
@@ -248,7 +250,6 @@ def run_inference(
     stems = {path: os.path.splitext(files[path])[0] for path in videos}
     drawn = [files[path] for path in stills] + [stems[path] + ".mp4" for path in videos] if draw is not None else []
     folder.claim([RESULTS, IMAGES, *drawn, *(stems[path] + ".json" for path in videos)])
-    model, state = load_detector(cfg, checkpoint, device)
     postprocessor = build_postprocessor(cfg)
     names = class_names(cfg, state)
     results: list[dict] = []
@@ -276,7 +277,7 @@ def run_inference(
     draw_frame = None if draw is None else (lambda picture, kept: draw(picture, kept, names))
     for path in videos:
         try:
-            _detect_video(path, folder, stems[path], draw_frame, detect_kept, batch_size, video_stride, names)
+            _detect_video(path, folder, stems[path], draw_frame, detect_kept, batch_size, video_stride, names, warn)
         except ImageError as exc:
             skip(path, str(exc))
     if paths and len(skipped) == len(paths):
@@ -296,19 +297,21 @@ def _detect_video(
     batch_size: int,
     stride: int,
     names: Mapping[int, str],
+    warn: Callable[[str], None],
 ) -> None:
     """One video: ``folder/<stem>.json`` and, with ``draw_frame``, the drawn frames as ``folder/<stem>.mp4``
-    (MPEG-4, written beside and renamed into place once complete)."""
+    (MPEG-4, written beside and renamed into place once complete; a size OpenCV's writer refuses gets the JSON
+    alone, with a warning)."""
     info = video_info(path)
     if info.fps == 0:
-        warnings.warn(f"video {path} states no frame rate: {DEFAULT_FPS} frames per second assumed", stacklevel=3)
+        warn(f"video {path} states no frame rate: {DEFAULT_FPS} frames per second assumed")
     fps = info.fps or DEFAULT_FPS
     frames: list[dict] = []
 
     def run(writer: cv2.VideoWriter | None) -> None:
         total = -(-info.frames // stride) if info.frames else None
         bar = tqdm(total=total, desc=os.path.basename(path), unit="frame", dynamic_ncols=True, leave=False)
-        for chunk in batched(read_frames(path, stride), batch_size):
+        for chunk in batched(read_frames(path, stride, warn), batch_size):
             for (index, picture), kept in zip(chunk, detect_kept([picture for _, picture in chunk]), strict=True):
                 if writer is not None:
                     writer.write(draw_frame(picture, kept))
@@ -324,15 +327,26 @@ def _detect_video(
         run(None)
     else:
         target = os.path.join(folder.path, stem + ".mp4")
-        atomic_save(target, lambda staged: _write_video(staged, info, fps / stride, run))
+        try:
+            atomic_save(target, lambda staged: _write_video(staged, info, fps / stride, run))
+        except _NoVideoWriter as exc:
+            warn(f"cannot write the drawn video {target}: {exc}; its detections are in {stem}.json")
+            run(None)
     summary = {"video": path, "fps": info.fps, "width": info.width, "height": info.height, "stride": stride}
     atomic_write_text(os.path.join(folder.path, stem + ".json"), json.dumps({**summary, "frames": frames}))
 
 
+class _NoVideoWriter(RuntimeError):
+    """OpenCV cannot open a writer for the drawn video (its size); the video's detections are still written."""
+
+
 def _write_video(target: str, info: VideoInfo, fps: float, run: Callable[[cv2.VideoWriter], None]) -> None:
     writer = cv2.VideoWriter(target, cv2.VideoWriter_fourcc(*"mp4v"), fps, (info.width, info.height))
-    if not writer.isOpened():
-        raise FolderError(f"cannot write the drawn video {target}: OpenCV has no MPEG-4 (mp4v) writer here")
+    if not writer.isOpened():  # before any frame is read: nothing to undo
+        raise _NoVideoWriter(
+            f"OpenCV's MPEG-4 (mp4v) writer refuses a {info.width}x{info.height} video (too large or too small a "
+            "side for MPEG-4)"
+        )
     try:
         run(writer)
     finally:

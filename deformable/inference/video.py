@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 
@@ -72,9 +72,12 @@ def video_info(path: str) -> VideoInfo:
         capture.release()
 
 
-def read_frames(path: str, stride: int = 1) -> Iterator[tuple[int, np.ndarray]]:
+def read_frames(
+    path: str, stride: int = 1, warn: Callable[[str], None] | None = None
+) -> Iterator[tuple[int, np.ndarray]]:
     """``(index, frame)`` for every ``stride``-th frame of the video ``path`` (indices 0, stride, 2 stride, ...);
-    each frame ``(H, W, 3)`` uint8 RGB.
+    each frame ``(H, W, 3)`` uint8 RGB. A video shorter than its header says is reported to ``warn`` (by default
+    :func:`warnings.warn`).
 
     Raises:
         ValueError: ``stride`` < 1. ImageError: the video cannot be opened, or no frame can be decoded.
@@ -99,7 +102,8 @@ def read_frames(path: str, stride: int = 1) -> Iterator[tuple[int, np.ndarray]]:
     if index == 0:
         raise ImageError(f"cannot read video {path}: no frame could be decoded")
     if expected and index < expected - 1:  # headers may count one frame more than there is
-        warnings.warn(f"video {path}: its header states {expected} frames, {index} could be read", stacklevel=2)
+        message = f"video {path}: its header states {expected} frames, {index} could be read"
+        (warn or (lambda text: warnings.warn(text, stacklevel=3)))(message)
 
 
 def batched(items: Iterable, size: int) -> Iterator[list]:

@@ -25,7 +25,7 @@ from deformable.data import (
 from deformable.data.sizes import check_image_size, resolve_image_size
 from models import build_detector, load_checkpoint, read_checkpoint
 from models.checkpoint import Checkpoint, CheckpointError
-from models.config import Config, save_config
+from models.config import Config, ConfigError, save_config
 from models.files import make_dir, remove_stale_temp_files
 from models.loading import check_architecture
 from models.training_queries import TrainingDetector, build_query_aids, check_query_options
@@ -37,13 +37,19 @@ from .resume import check_resumable
 
 def check_options(cfg: Config) -> None:
     """The checks of options that depend on one another and need no data, made before a run writes anything:
-    ``data.image_size`` beside sizes it would replace, ``training_queries`` against ``model.two_stage`` (what
-    :func:`build_query_aids` checks again). A value out of its own range is refused when the config is read.
+    ``data.image_size`` beside sizes it would replace, ``train.patience`` without evaluations to judge by,
+    ``training_queries`` against ``model.two_stage`` (what :func:`build_query_aids` checks again). A value out of its
+    own range is refused when the config is read.
 
     Raises:
         ConfigError: naming the options and how to make them agree.
     """
     check_image_size(cfg.data)
+    if cfg.train.patience > 0 and cfg.train.eval_every == 0:
+        raise ConfigError(
+            f"train.patience={cfg.train.patience} stops a run on its validation AP, which train.eval_every=0 measures "
+            "after the last epoch only: set train.eval_every >= 1, or train.patience=0"
+        )
     q = cfg.training_queries
     check_query_options(q.dn_groups, q.dn_label_noise, q.dn_box_noise, q.query_groups, cfg.model.two_stage)
 

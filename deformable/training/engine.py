@@ -348,7 +348,7 @@ def _fit(cfg: Config, env: DistEnv) -> dict[str, float]:
             record = epoch_record(epoch, lr, stats, metrics if evaluated else {}, time.time() - began)
             append_log(os.path.join(cfg.output_dir, "log.jsonl"), record)
         stop = distributed.broadcast(stalled(cfg.output_dir, epoch, cfg.train.patience) if env.is_main else None)
-        if evaluated and stop:  # judged where the AP was measured
+        if evaluated and stop and epoch + 1 < cfg.train.epochs:  # judged where the AP was measured
             if env.is_main:
                 print(stop, flush=True)
             break

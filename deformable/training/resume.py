@@ -68,7 +68,7 @@ def keep_best(output_dir: str, source: str, epoch: int, metrics: Mapping[str, fl
     its AP is above that of every earlier epoch in ``log.jsonl`` (called before ``epoch`` is logged). Returns
     whether it copied."""
     value = metrics.get(BEST_METRIC)
-    if value is None or not math.isfinite(value):
+    if value is None or not math.isfinite(value) or value < 0:  # COCO's -1: nothing to measure it on
         return False
     best = best_logged(os.path.join(output_dir, "log.jsonl"), BEST_METRIC, before_epoch=epoch)
     if best is not None and value <= best[0]:

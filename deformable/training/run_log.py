@@ -41,8 +41,9 @@ def logged_epochs(path: str) -> set[float]:
 
 
 def best_logged(path: str, metric: str, before_epoch: float = math.inf) -> tuple[float, int] | None:
-    """``(value, epoch)`` of the highest finite ``metric`` among the ``log.jsonl`` records of epochs before
-    ``before_epoch`` (the earliest on a tie); None when no such record has it (or there is no log)."""
+    """``(value, epoch)`` of the highest finite, non-negative ``metric`` among the ``log.jsonl`` records of epochs
+    before ``before_epoch`` (the earliest on a tie); None when no such record has it (or there is no log). COCO writes
+    -1 for a metric it cannot measure (no ground truth): not a score."""
     if not os.path.isfile(path):
         return None
     best = None
@@ -53,8 +54,8 @@ def best_logged(path: str, metric: str, before_epoch: float = math.inf) -> tuple
                 epoch, value = record["epoch"], record.get(metric)
             except (ValueError, KeyError, TypeError):  # half a line (a kill), or no object
                 continue
-            finite = isinstance(value, (int, float)) and math.isfinite(value)
-            if finite and epoch < before_epoch and (best is None or value > best[0]):
+            finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if finite and value >= 0 and epoch < before_epoch and (best is None or value > best[0]):
                 best = (float(value), int(epoch))
     return best
 

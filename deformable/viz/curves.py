@@ -48,6 +48,8 @@ def read_log(path: str) -> list[dict]:
             raise LogError(f"{path} line {number} is not JSON ({exc.msg})") from exc
         if not isinstance(record, dict) or "epoch" not in record:
             raise LogError(f"{path} line {number} is not an object with an 'epoch' key")
+        if not _number(record["epoch"]):
+            raise LogError(f"{path} line {number}: its epoch {record['epoch']!r} is not a number")
         records.append(record)
     if not records:
         raise LogError(f"{path} holds no records")
@@ -66,7 +68,13 @@ def series(records: Sequence[Mapping], keys: Sequence[str], floor: float = -math
 
 
 def _number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite int or float (not a bool; an int too large for a float is none)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def chart_groups(records: Sequence[Mapping]) -> list[tuple[str, Series, bool]]:
@@ -97,6 +105,9 @@ def plot_curves(records: Sequence[Mapping], panel_size: tuple[float, float] = (5
         axes.set_title(title)
         axes.set_xlabel("epoch")
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+        epochs = {x for xs, _ in data.values() for x in xs}
+        if len(epochs) == 1:  # one epoch: its tick alone (the locator would spread fractions around it)
+            axes.set_xticks(sorted(epochs))
         if log_y:
             axes.set_yscale("log")
         axes.grid(True, which="major", alpha=0.3)
@@ -105,8 +116,9 @@ def plot_curves(records: Sequence[Mapping], panel_size: tuple[float, float] = (5
 
 
 def figure_formats() -> list[str]:
-    """The file extensions :func:`save_figure` writes (matplotlib's: png, pdf, svg, jpg, ...)."""
-    return sorted(FigureCanvasAgg.get_supported_filetypes())
+    """The file extensions :func:`save_figure` writes (matplotlib's: png, pdf, svg, jpg, ...; not pgf, which needs a
+    LaTeX installation)."""
+    return sorted(set(FigureCanvasAgg.get_supported_filetypes()) - {"pgf"})
 
 
 def check_figure_path(path: str) -> str:
@@ -131,4 +143,7 @@ def save_figure(path: str, figure: Figure) -> None:
     extension = check_figure_path(path)
     make_dir(os.path.dirname(os.path.abspath(path)), "the figure's folder")
     FigureCanvasAgg(figure)  # the figure draws on Agg, whatever backend pyplot may use elsewhere
-    atomic_write(path, lambda f: figure.savefig(f, format=extension))
+    try:
+        atomic_write(path, lambda f: figure.savefig(f, format=extension))
+    except OSError as exc:  # named by the path asked for, not the temporary file beside it
+        raise OSError(f"could not write {path}: {exc.strerror or exc}") from exc
