@@ -277,7 +277,8 @@ def run_inference(
     draw_frame = None if draw is None else (lambda picture, kept: draw(picture, kept, names))
     for path in videos:
         try:
-            _detect_video(path, folder, stems[path], draw_frame, detect_kept, batch_size, video_stride, names, warn)
+            options = dict(batch_size=batch_size, stride=video_stride, names=names, warn=warn, progress=show_progress)
+            _detect_video(path, folder, stems[path], draw_frame, detect_kept, **options)
         except ImageError as exc:
             skip(path, str(exc))
     if paths and len(skipped) == len(paths):
@@ -294,41 +295,45 @@ def _detect_video(
     stem: str,
     draw_frame: Callable[[np.ndarray, dict[str, torch.Tensor]], np.ndarray] | None,
     detect_kept: Callable[[list[np.ndarray]], list[dict[str, torch.Tensor]]],
+    *,
     batch_size: int,
     stride: int,
     names: Mapping[int, str],
     warn: Callable[[str], None],
+    progress: bool,
 ) -> None:
     """One video: ``folder/<stem>.json`` and, with ``draw_frame``, the drawn frames as ``folder/<stem>.mp4``
     (MPEG-4, written beside and renamed into place once complete; a size OpenCV's writer refuses gets the JSON
-    alone, with a warning)."""
+    alone, with a warning). A video that states no frame rate is drawn at :data:`DEFAULT_FPS` (said), and its
+    frames' ``time_s`` are null."""
     info = video_info(path)
     if info.fps == 0:
-        warn(f"video {path} states no frame rate: {DEFAULT_FPS} frames per second assumed")
-    fps = info.fps or DEFAULT_FPS
+        warn(f"video {path} states no frame rate: drawn at {DEFAULT_FPS} frames per second, frame times unknown")
     frames: list[dict] = []
 
     def run(writer: cv2.VideoWriter | None) -> None:
+        frames.clear()  # a second pass (the writer refused) starts afresh
         total = -(-info.frames // stride) if info.frames else None
-        bar = tqdm(total=total, desc=os.path.basename(path), unit="frame", dynamic_ncols=True, leave=False)
-        for chunk in batched(read_frames(path, stride, warn), batch_size):
-            for (index, picture), kept in zip(chunk, detect_kept([picture for _, picture in chunk]), strict=True):
-                if writer is not None:
-                    writer.write(draw_frame(picture, kept))
-                entries = to_coco_results(index, kept)
-                for entry in entries:
-                    del entry["image_id"]
-                    entry["name"] = names.get(entry["category_id"], str(entry["category_id"]))
-                frames.append({"frame": index, "time_s": round(index / fps, 4), "detections": entries})
-            bar.update(len(chunk))
-        bar.close()
+        bar = tqdm(total=total, desc=os.path.basename(path), unit="frame", disable=not progress, leave=False)
+        with bar:
+            for chunk in batched(read_frames(path, stride, warn), batch_size):
+                for (index, picture), kept in zip(chunk, detect_kept([p for _, p in chunk]), strict=True):
+                    if writer is not None:
+                        writer.write(draw_frame(picture, kept))
+                    entries = to_coco_results(index, kept)
+                    for entry in entries:
+                        del entry["image_id"]
+                        entry["name"] = names.get(entry["category_id"], str(entry["category_id"]))
+                    time_s = round(index / info.fps, 4) if info.fps else None
+                    frames.append({"frame": index, "time_s": time_s, "detections": entries})
+                bar.update(len(chunk))
 
     if draw_frame is None:
         run(None)
     else:
         target = os.path.join(folder.path, stem + ".mp4")
         try:
-            atomic_save(target, lambda staged: _write_video(staged, info, fps / stride, run))
+            atomic_save(target, lambda staged: _write_video(staged, info, (info.fps or DEFAULT_FPS) / stride, run))
         except _NoVideoWriter as exc:
             warn(f"cannot write the drawn video {target}: {exc}; its detections are in {stem}.json")
             run(None)
