@@ -32,6 +32,7 @@ import torch
 
 from .coco_classes import COCO_CLASSES
 from .files import atomic_write
+from .hf_names import same_values
 from .hub import resolve_checkpoint
 
 FORMATS = ("project", "original", "state_dict", "hf")
@@ -52,6 +53,17 @@ EXPECTED = (
 FIRST_ATTENTION = {
     "enc_offset_mode": "transformer.encoder.layers.0.self_attn",
     "dec_offset_mode": "transformer.decoder.layers.0.cross_attn",
+}
+# With box refinement the box heads are also the decoder's (one per layer): only such a model has these keys.
+REFINE_PREFIX = "transformer.decoder.bbox_embed."
+BOX_HEAD = re.compile(r"^bbox_embed\.(\d+)\.(.+)$")
+# The torchvision ResNets by (blocks in layer1..layer4, bottleneck blocks): their keys under the detector's body.
+RESNET_BLOCK = re.compile(r"^backbone\.0\.body\.layer([1-4])\.(\d+)\.")
+RESNET_DEPTHS = {
+    ((2, 2, 2, 2), False): "resnet18",
+    ((3, 4, 6, 3), False): "resnet34",
+    ((3, 4, 6, 3), True): "resnet50",
+    ((3, 4, 23, 3), True): "resnet101",
 }
 # ModelConfig fields an original checkpoint's argparse ``args`` carries under the same names.
 ORIGINAL_ARGS = (
@@ -239,8 +251,9 @@ def _from_dict(content: Any, path: str) -> Checkpoint:
 
 def options_from_weights(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """The ``ModelConfig`` fields that a state_dict's keys and shapes show: class count, width, queries, levels,
-    layer counts, feed-forward width, two-stage, a ResNet backbone's norm, and the offset modes (CoPE offsets have
-    gate parameters; their counting channels)."""
+    layer counts, feed-forward width, two-stage, box refinement (the decoder's box heads, or per-layer values), which
+    torchvision ResNet the backbone is and its norm, and the offset modes (CoPE offsets have gate parameters; their
+    counting channels)."""
     options: dict[str, Any] = {}
     if "class_embed.0.bias" in state:
         options["num_classes"] = int(state["class_embed.0.bias"].shape[0])
@@ -255,6 +268,12 @@ def options_from_weights(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     if "transformer.encoder.layers.0.linear1.weight" in state:
         options["dim_feedforward"] = int(state["transformer.encoder.layers.0.linear1.weight"].shape[0])
     options["two_stage"] = "transformer.enc_output.weight" in state
+    refine = _refinement_shown(state)
+    if refine is not None:
+        options["with_box_refine"] = refine
+    resnet = _resnet_shown(state)
+    if resnet is not None:
+        options["backbone"] = resnet
     if "backbone.0.body.bn1.weight" in state:  # a ResNet's stem norm: frozen BatchNorm has statistics, GroupNorm none
         options["backbone_norm"] = "frozen_bn" if "backbone.0.body.bn1.running_mean" in state else "gn"
     for key, attention in FIRST_ATTENTION.items():
@@ -266,6 +285,50 @@ def options_from_weights(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         else:
             options[key], options["cope_channels"] = "cope", int(gate_query.shape[1])
     return options
+
+
+def box_refine_in_weights(state: Mapping[str, torch.Tensor]) -> bool:
+    """True when a state_dict (the original's names) is a ``with_box_refine`` model's: its box heads are registered
+    in the decoder too (``transformer.decoder.bbox_embed.*``), which only box refinement does."""
+    return any(k.startswith(REFINE_PREFIX) for k in state)
+
+
+def box_heads(state: Mapping[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
+    """The top-level box heads of a state_dict: layer index -> {parameter name inside the head: tensor}."""
+    heads: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        match = BOX_HEAD.match(key)
+        if match:
+            heads.setdefault(int(match[1]), {})[match[2]] = value
+    return heads
+
+
+def _resnet_shown(state: Mapping[str, torch.Tensor]) -> str | None:
+    """The torchvision ResNet (``resnet18`` .. ``resnet101``) whose blocks the backbone keys hold, else None (a timm
+    backbone of another family, or none). A timm ResNet of the same depth has the same names and shapes."""
+    blocks: dict[int, set[int]] = {}
+    for key in state:
+        match = RESNET_BLOCK.match(key)
+        if match:
+            blocks.setdefault(int(match[1]), set()).add(int(match[2]))
+    counts = tuple(len(blocks.get(layer, ())) for layer in (1, 2, 3, 4))
+    return RESNET_DEPTHS.get((counts, "backbone.0.body.layer1.0.conv3.weight" in state))
+
+
+def _refinement_shown(state: Mapping[str, torch.Tensor]) -> bool | None:
+    """Box refinement as the weights show it: the decoder's box-head names, or, saved without them, box heads whose
+    values differ between layers (without refinement one head is shared, saved with the same values under every
+    ``bbox_embed.N``). None when fewer than two box heads are there to compare."""
+    if box_refine_in_weights(state):
+        return True
+    heads = list(box_heads(state).values())
+    if len(heads) < 2:
+        return None
+    first = heads[0]
+    return any(
+        head.keys() != first.keys() or not all(same_values(head[name], first[name]) for name in first)
+        for head in heads[1:]
+    )
 
 
 def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> None:

@@ -14,7 +14,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .checkpoint import Checkpoint, read_checkpoint, state_dict_of
+from .checkpoint import (
+    REFINE_PREFIX,
+    Checkpoint,
+    box_heads,
+    box_refine_in_weights,
+    read_checkpoint,
+    state_dict_of,
+)
 from .heads import reset_class_head
 from .hf_names import same_values, transformers_named_keys
 
@@ -23,9 +30,6 @@ logger = logging.getLogger(__name__)
 # Keys of the class heads, which legitimately differ in shape when fine-tuning on another class count.
 CLASS_HEAD_KEY = re.compile(r"^(transformer\.decoder\.)?class_embed\.\d+\.(weight|bias)$")
 MAX_KEYS_SHOWN = 8
-# With box refinement the box heads are also the decoder's (one per layer): only such a model has these keys.
-REFINE_PREFIX = "transformer.decoder.bbox_embed."
-BOX_HEAD = re.compile(r"^bbox_embed\.(\d+)\.(.+)$")
 
 
 @dataclass
@@ -64,12 +68,6 @@ def _state_of(source: str | os.PathLike | Mapping | Checkpoint) -> Mapping[str, 
     if not isinstance(source, Mapping):
         raise TypeError(f"a checkpoint must be a path, a Checkpoint or a dict, got {type(source).__name__}")
     return state_dict_of(source, "the given dict")
-
-
-def box_refine_in_weights(state: Mapping[str, torch.Tensor]) -> bool:
-    """True when a state_dict (the original's names) is a ``with_box_refine`` model's: its box heads are registered
-    in the decoder too (``transformer.decoder.bbox_embed.*``), which only box refinement does."""
-    return any(k.startswith(REFINE_PREFIX) for k in state)
 
 
 def _refuse_transformers_names(state: Mapping[str, torch.Tensor]) -> None:
@@ -125,16 +123,6 @@ def _check_shared(state: Mapping, groups: list[list[str]], model_refines: bool) 
             raise ValueError(f"{message}; was it trained with another with_box_refine setting?")
 
 
-def _box_heads(state: Mapping[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
-    """The top-level box heads of a state_dict: layer index -> {parameter name inside the head: tensor}."""
-    heads: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in state.items():
-        match = BOX_HEAD.match(key)
-        if match:
-            heads.setdefault(int(match[1]), {})[match[2]] = value
-    return heads
-
-
 def _check_box_refinement(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> None:
     """A box-refinement model (a box head per decoder layer, ``transformer.decoder.bbox_embed.N`` aliases of
     ``bbox_embed.N``) refuses a checkpoint of a model without it: one box head shared by every layer, saved under each
@@ -144,7 +132,7 @@ def _check_box_refinement(state: Mapping[str, torch.Tensor], own: Mapping[str, t
     saved under the top-level names only has per-layer values: loaded.)"""
     if not box_refine_in_weights(own) or box_refine_in_weights(state):
         return
-    mine, theirs = _box_heads(own), _box_heads(state)
+    mine, theirs = box_heads(own), box_heads(state)
     if len(mine) < 2 or set(theirs) != set(mine):
         return  # one layer shows nothing; other heads are the strict loader's to report
     first = theirs[min(theirs)]

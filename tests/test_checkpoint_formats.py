@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+import torchvision
 from _repo import load_tool
 from tiny_training import SHAPES_CONFIG, TINY_MODEL, tiny_overrides
 
@@ -81,6 +82,8 @@ def test_each_format_reads_with_what_it_states(run) -> None:
         "dec_layers": 2,
         "dim_feedforward": 64,
         "two_stage": False,
+        "with_box_refine": False,  # the two decoder layers' box heads hold the same values: one shared head
+        "backbone": "resnet18",  # two BasicBlocks per layer
         "backbone_norm": "frozen_bn",
         "enc_offset_mode": "linear",
         "dec_offset_mode": "linear",
@@ -299,3 +302,14 @@ def test_a_training_checkpoint_is_never_converted_onto_itself(run, tmp_path, cap
     assert load_tool("convert_checkpoint").main([str(copy), str(copy), "--overwrite"]) == 1
     assert "is the source" in capsys.readouterr().err
     assert {"optimizer", "lr_scheduler", "epoch"} <= read_checkpoint(copy).entries.keys()
+
+
+@pytest.mark.parametrize("depth", ["resnet18", "resnet34", "resnet50", "resnet101"])
+def test_a_state_dict_shows_which_resnet_its_backbone_is(depth) -> None:
+    """Block counts per layer and the bottleneck's third conv tell the four torchvision ResNets apart; a backbone of
+    another family states none."""
+    body = getattr(torchvision.models, depth)(weights=None).state_dict()
+    state = {f"backbone.0.body.{k}": v for k, v in body.items() if not k.startswith("fc.")}
+    assert options_from_weights(state)["backbone"] == depth
+    other = {k.replace(".layer3.", ".stages.2."): v for k, v in state.items()}
+    assert "backbone" not in options_from_weights(other)

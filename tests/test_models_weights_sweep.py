@@ -130,8 +130,30 @@ def test_weights_without_box_refinement_are_refused_by_a_refining_model(made, lo
     torch.save(built(*made).state_dict(), path)
     with pytest.raises(ValueError, match=r"one head shared by every decoder layer.*set model.with_box_refine=false"):
         load_checkpoint(models.build_detector(tiny_config(*loaded)), path, reinit_class_heads=False)
-    with pytest.raises(CheckpointError, match="set model.with_box_refine=false"):
+    stated = r"with_box_refine: the config says True, the checkpoint False \(override: model.with_box_refine=false\)"
+    with pytest.raises(CheckpointError, match=stated):
         models.load_detector(tiny_config(*loaded), path)
+
+
+@pytest.mark.parametrize("aliases", [True, False], ids=["decoder-names", "top-level-names-only"])
+def test_a_bare_state_dict_states_its_box_refinement(aliases, tmp_path) -> None:
+    """A state_dict without a config builds the model it came from (its backbone, a resnet18, read from its blocks):
+    box refinement is read from the decoder's box-head names or, without them, from box heads whose values differ
+    between layers; one head shared reads as none."""
+    model = built("model.with_box_refine=true")
+    state = model.state_dict()
+    if not aliases:
+        state = {k: v for k, v in state.items() if not k.startswith("transformer.decoder.bbox_embed.")}
+    torch.save(state, tmp_path / "refining.pth")
+    torch.save(built().state_dict(), tmp_path / "plain.pth")
+    assert read_checkpoint(tmp_path / "refining.pth").options["with_box_refine"] is True
+    assert read_checkpoint(tmp_path / "plain.pth").options["with_box_refine"] is False
+    checkpoint = read_checkpoint(tmp_path / "refining.pth")
+    loaded, _ = models.load_detector(models.config_from_checkpoint(checkpoint), checkpoint)  # no config given
+    assert loaded.with_box_refine
+    expected, got = outputs(model), outputs(loaded)
+    for key in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(got[key], expected[key])
 
 
 def test_convert_refuses_weights_without_box_refinement_as_a_refining_model(tmp_path) -> None:

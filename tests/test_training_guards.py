@@ -15,6 +15,7 @@ import yaml
 from _repo import load_tool
 from tiny_training import SHAPES_CONFIG, TINY_MODEL, tiny_config, tiny_overrides
 
+from deformable.data import DatasetError
 from deformable.training import engine
 from models import build_detector
 from models.checkpoint import CheckpointError, read_checkpoint
@@ -288,3 +289,27 @@ def test_the_log_holds_strict_json_and_skipped_steps_leave_the_gradient_norm_fin
         model, criterion, [batch] * 3, torch.optim.SGD(model.parameters(), lr=0.0), epoch=0, device=torch.device("cpu")
     )
     assert stats["grad_norm"] == pytest.approx(3.0) and stats["loss"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("kind", ["missing", "no-layout"])
+def test_a_data_root_without_data_is_refused_before_anything_is_written(tmp_path, capsys, kind) -> None:
+    """A data.root that does not exist, or holds none of the layouts, is refused before output_dir is created:
+    a mistyped path leaves no empty run folder behind (training, and evaluating a checkpoint)."""
+    root = tmp_path / "data"
+    if kind == "no-layout":
+        root.mkdir()
+        (root / "notes.txt").write_text("x")
+    out = tmp_path / "run"
+    args = [*tiny_overrides(str(root), str(out)), "data.synthetic="]
+    assert train_tool.main([SHAPES_CONFIG, *args]) == 1
+    expected = "does not exist" if kind == "missing" else "matches none of the layouts"
+    assert f"data.root {root} {expected}" in capsys.readouterr().err
+    assert not out.exists()
+    model = build_detector(tiny_config(str(root), str(out)))
+    checkpoint = tmp_path / "model.pth"
+    torch.save({"model": model.state_dict()}, checkpoint)
+    with pytest.raises(DatasetError, match=expected):
+        engine.evaluate_checkpoint(
+            tiny_config(str(root), str(out), "data.synthetic=", "train.device=cpu"), str(checkpoint)
+        )
+    assert not out.exists()

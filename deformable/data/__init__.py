@@ -29,7 +29,15 @@ from .categories import (
 from .coco import coco_annotation_file
 from .dataset import DetectionDataset, coco_api, coco_target
 from .errors import DatasetError, error_message
-from .layouts import LAYOUTS, check_data_root, detect_layout, fix_hint, read_class_names, read_split
+from .layouts import (
+    LAYOUTS,
+    check_data_root,
+    detect_layout,
+    fix_hint,
+    read_class_names,
+    read_split,
+    resolve_layout,
+)
 from .loader import build_loader, collate, set_epoch
 from .shapes import CATEGORIES as SHAPES_CATEGORIES
 from .shapes import MARKER, ensure_synthetic, make_shapes, make_shapes_from_config
@@ -70,6 +78,7 @@ __all__ = [
     "max_objects",
     "read_class_names",
     "read_split",
+    "resolve_layout",
     "resized_shape",
     "resolve_num_classes",
     "set_epoch",

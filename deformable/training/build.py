@@ -20,6 +20,7 @@ from deformable.data import (
     check_num_classes,
     classes_without_training_boxes,
     ensure_synthetic,
+    resolve_layout,
     summarise,
 )
 from deformable.data.sizes import check_image_size, resolve_image_size
@@ -54,6 +55,18 @@ def check_options(cfg: Config) -> None:
     check_query_options(q.dn_groups, q.dn_label_noise, q.dn_box_noise, q.query_groups, cfg.model.two_stage)
 
 
+def check_data_location(cfg: Config) -> None:
+    """Refuses a ``data.root`` that does not exist or holds none of the layouts read (unless ``data.synthetic``
+    generates the data there), before a run or an evaluation writes anything; the annotation files themselves are
+    read, and checked, with the data.
+
+    Raises:
+        DatasetError: naming ``data.root``, the layouts looked for and what the folder holds.
+    """
+    if not cfg.data.synthetic:
+        resolve_layout(cfg.data)
+
+
 def check_start(cfg: Config, resume: str | None, start: Checkpoint | None) -> None:
     """The checks of the checkpoint a run starts from that need no data, made before a run writes anything: resuming
     (``resume`` given), its architecture and class count must be the config's and the optimiser and schedule
@@ -85,9 +98,9 @@ def prepare_output_dir(cfg: Config, env: DistEnv) -> None:
     can refuse the run without reading the data has passed (:func:`check_options`, the overwrite refusal,
     :func:`check_start`): a refused run leaves the data set, and output_dir, as they were."""
     if env.is_main:
+        ensure_synthetic(cfg.data)  # first: it refuses a data.root that holds other data
         make_dir(cfg.output_dir, "output_dir")
         remove_stale_temp_files(cfg.output_dir)
-        ensure_synthetic(cfg.data)
     distributed.barrier()
 
 

@@ -35,6 +35,7 @@ from .build import (
     build_data,
     build_model,
     build_trainee,
+    check_data_location,
     check_options,
     check_start,
     finetune_from,
@@ -260,6 +261,7 @@ def _fit(cfg: Config, env: DistEnv) -> dict[str, float]:
     refuse_overwrite(cfg.output_dir, resume)
     start = read_start(cfg, env, resume)  # the checkpoint resumed or fine-tuned from (None: from scratch)
     check_start(cfg, resume, start)
+    check_data_location(cfg)
     prepare_output_dir(cfg, env)
     cfg = resolve_data_options(cfg, env)
     data = build_data(cfg, env, checkpoint_names=start and start.class_names, resuming=resume is not None)
@@ -430,6 +432,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Checkpoint) -> dict[str, 
         checkpoint = read_checkpoint(checkpoint)
     env = distributed.init_distributed(cfg.train.device)
     try:
+        check_data_location(cfg)
         if env.is_main:
             make_dir(cfg.output_dir, "output_dir")  # before the evaluation, not after it
         data = build_data(cfg, env, train=False, checkpoint_names=checkpoint.class_names)
