@@ -12,7 +12,13 @@ from _data_utils import SPLITS, voc_xml, write_coco, write_image, write_voc
 from _repo import load_tool
 from tiny_training import tiny_config, tiny_overrides
 
-from deformable.data import align_to_checkpoint, build_dataset, checkpoint_ids, classes_without_training_boxes
+from deformable.data import (
+    align_for_training,
+    align_to_checkpoint,
+    build_dataset,
+    checkpoint_ids,
+    classes_without_training_boxes,
+)
 from deformable.training import engine
 from models.config import DataConfig
 
@@ -110,3 +116,26 @@ def test_eval_renumbers_a_permuted_copy_of_the_validation_set_back(shapes_root, 
     assert eval_tool.main([*argv, *tiny_overrides(copy, str(tmp_path / "eval"))]) == 0
     assert "renumbered to the checkpoint's by name: " in capsys.readouterr().out
     assert scored == {a["id"]: a["category_id"] for a in original["annotations"]}
+
+
+def test_training_from_scratch_renumbers_the_validation_split_to_the_training_splits_ids(tmp_path) -> None:
+    """Two annotation files that number the same classes otherwise (val: dog 1, cat 2, where train has cat 1, dog 2):
+    the detector predicts the training split's ids, so validation is scored in them, by name, from scratch too."""
+    root = write_coco(str(tmp_path))
+    path = os.path.join(root, "annotations", "instances_val2017.json")
+    with open(path) as f:
+        payload = json.load(f)
+    swap = {1: 2, 2: 1}
+    payload["categories"] = [{**c, "id": swap[c["id"]]} for c in payload["categories"]]
+    payload["annotations"] = [{**a, "category_id": swap[a["category_id"]]} for a in payload["annotations"]]
+    with open(path, "w") as f:
+        json.dump(payload, f)
+    cfg = DataConfig(root=root, num_workers=0)
+    train, val = (build_dataset(cfg, split, transforms=False) for split in ("train", "val"))
+    assert train.class_names() == {1: "cat", 2: "dog"} and val.class_names() == {1: "dog", 2: "cat"}
+    by_name = {a["id"]: val.class_names()[a["category_id"]] for a in val.coco.dataset["annotations"]}
+    (message,) = align_for_training(train, val, {}, resuming=False)
+    assert message == "class ids of the data set renumbered to the training split's by name: dog 1 -> 2, cat 2 -> 1"
+    assert val.class_names() == train.class_names()
+    assert {a["id"]: train.class_names()[a["category_id"]] for a in val.coco.dataset["annotations"]} == by_name
+    assert align_for_training(train, val, {}, resuming=False) == []  # aligned: nothing more to say

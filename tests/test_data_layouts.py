@@ -19,7 +19,8 @@ from deformable.data import (
     detect_layout,
     summarise,
 )
-from models.config import ConfigError, DataConfig
+from deformable.inference.run import image_ids
+from models.config import Config, ConfigError, DataConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -227,7 +228,32 @@ def test_raccoon_reads_in_place(raccoon: str) -> None:
 def test_class_names_and_image_ids_for_inference(layout: str, tmp_path) -> None:
     root = WRITERS[layout](str(tmp_path / layout))
     assert dataset_class_names(_cfg(root)) == {1: "cat", 2: "dog"}
-    assert dataset_image_ids(_cfg(root)) == {"d.jpg": 1, "e.jpg": 2}
+    ids = dataset_image_ids(_cfg(root))
+    by_name = {key: image_id for key, image_id in ids.items() if not os.path.isabs(key)}
+    by_path = {os.path.basename(key): image_id for key, image_id in ids.items() if os.path.isabs(key)}
+    assert by_name == by_path == {"d.jpg": 1, "e.jpg": 2}
+    assert all(os.path.isfile(key) for key in ids if os.path.isabs(key))
+
+
+def test_inference_ids_follow_the_path_where_file_names_repeat(tmp_path, monkeypatch) -> None:
+    """COCO file names with folders (a/1.jpg, b/1.jpg): each keeps its own id when inferred on, by path; a unique
+    name (d/2.jpg) is also found by name alone (a copy elsewhere), a repeated one is not."""
+    split = tmp_path / "val2017"
+    files = {10: "a/1.jpg", 20: "b/1.jpg", 40: "d/2.jpg"}
+    for name in files.values():
+        write_image(str(split / name), 32, 32, [])
+    images = [{"id": i, "file_name": name, "width": 32, "height": 32} for i, name in files.items()]
+    payload = {"images": images, "annotations": [], "categories": [{"id": 1, "name": "cat"}]}
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "instances_val2017.json").write_text(json.dumps(payload))
+    elsewhere = tmp_path / "copies"
+    for name in ("1.jpg", "2.jpg"):
+        write_image(str(elsewhere / name), 32, 32, [])
+    monkeypatch.chdir(tmp_path)  # relative paths, as given on a command line
+    paths = ["val2017/b/1.jpg", "val2017/a/1.jpg", "val2017/d/2.jpg", "copies/2.jpg", "copies/1.jpg"]
+    cfg = Config(data=_cfg(str(tmp_path)))
+    assert image_ids(paths, cfg) == {paths[0]: 20, paths[1]: 10, paths[2]: 40, paths[3]: 41, paths[4]: 42}
+    assert image_ids(paths[3:], cfg) == {paths[3]: 40, paths[4]: 41}
 
 
 def test_class_names_need_no_images(tmp_path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections import Counter
 
 from models.config import Config, ConfigError, DataConfig
 
@@ -86,12 +87,20 @@ def dataset_class_names(cfg: DataConfig) -> dict[int, str]:
 
 
 def dataset_image_ids(cfg: DataConfig) -> dict[str, int]:
-    """Image file name (without folders) -> image id in the data set ``cfg`` describes (its val split, else its
-    train split), so that detections on those files can be scored against it; empty when neither can be read."""
+    """Image -> image id in the data set ``cfg`` describes (its val split, else its train split), so that detections
+    on those files can be scored against it; empty when neither can be read. Each image is keyed by its real
+    absolute path, and by its file name (without folders) where no other image of the split has that name: a copy
+    elsewhere is still found, and images of one name in several folders only by their own paths."""
     for split in ("val", "train"):
         try:
-            coco = read_split(cfg, split).coco
+            data = read_split(cfg, split)
         except (DatasetError, OSError):
             continue
-        return {os.path.basename(info["file_name"]): int(info["id"]) for info in coco["images"]}
+        images = data.coco["images"]
+        names = Counter(os.path.basename(info["file_name"]) for info in images)
+        ids = {os.path.basename(info["file_name"]): int(info["id"]) for info in images}
+        ids = {name: image_id for name, image_id in ids.items() if names[name] == 1}
+        for info in images:
+            ids[os.path.realpath(os.path.join(data.image_root, info["file_name"]))] = int(info["id"])
+        return ids
     return {}

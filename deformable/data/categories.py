@@ -20,8 +20,11 @@ def _names(categories: Mapping[int, str]) -> str:
     return ", ".join(f"{cat_id}: {name}" for cat_id, name in sorted(categories.items()))
 
 
-def checkpoint_ids(dataset_names: Mapping[int, str], checkpoint_names: Mapping[int, str]) -> tuple[dict, list[str]]:
-    """The renumbering of a data set's categories to a checkpoint's, by name, and what to tell the user.
+def checkpoint_ids(
+    dataset_names: Mapping[int, str], checkpoint_names: Mapping[int, str], owner: str = "the checkpoint"
+) -> tuple[dict, list[str]]:
+    """The renumbering of a data set's categories to a checkpoint's, by name, and what to tell the user (``owner``
+    names whose ids they are in the messages: the training split's, when a validation split is aligned to it).
 
     Returns:
         ``(mapping, messages)``: ``mapping`` data set id -> id (empty when nothing changes); a class the checkpoint
@@ -34,8 +37,8 @@ def checkpoint_ids(dataset_names: Mapping[int, str], checkpoint_names: Mapping[i
     by_name = {name: cat_id for cat_id, name in checkpoint_names.items()}
     if not set(by_name) & set(dataset_names.values()):
         return {}, [
-            f"warning: no class of the data set ({_names(dataset_names)}) is named as one of the checkpoint's "
-            f"({_names(checkpoint_names)}); the data set's ids are taken to mean the checkpoint's"
+            f"warning: no class of the data set ({_names(dataset_names)}) is named as one of {owner}'s "
+            f"({_names(checkpoint_names)}); the data set's ids are taken to mean {owner}'s"
         ]
     fresh = max(*checkpoint_names, *dataset_names) + 1
     mapping, unknown = {}, []
@@ -49,19 +52,21 @@ def checkpoint_ids(dataset_names: Mapping[int, str], checkpoint_names: Mapping[i
     moved = {cat_id: new for cat_id, new in mapping.items() if new != cat_id}
     if moved:
         changes = ", ".join(f"{dataset_names[cat_id]} {cat_id} -> {new}" for cat_id, new in moved.items())
-        messages.append(f"class ids of the data set renumbered to the checkpoint's by name: {changes}")
+        messages.append(f"class ids of the data set renumbered to {owner}'s by name: {changes}")
     if unknown:
         messages.append(
-            f"warning: the checkpoint has no class {', '.join(map(repr, unknown))}; its boxes stay in the ground "
+            f"warning: {owner} has no class {', '.join(map(repr, unknown))}; its boxes stay in the ground "
             "truth, which the detector cannot find (AP 0 for it)"
         )
     return (mapping if moved else {}), messages
 
 
-def align_to_checkpoint(dataset: DetectionDataset, checkpoint_names: Mapping[int, str]) -> list[str]:
+def align_to_checkpoint(
+    dataset: DetectionDataset, checkpoint_names: Mapping[int, str], owner: str = "the checkpoint"
+) -> list[str]:
     """Renumbers ``dataset``'s categories (its COCO dict and index, in place) to ``checkpoint_names``' ids by name
     (:func:`checkpoint_ids`); returns the messages to print."""
-    mapping, messages = checkpoint_ids(dataset.class_names(), checkpoint_names)
+    mapping, messages = checkpoint_ids(dataset.class_names(), checkpoint_names, owner)
     if mapping:
         previous = dataset.renumbered or {cat_id: cat_id for cat_id in mapping}  # the file's id -> the current one
         dataset.renumbered = {file_id: mapping[current] for file_id, current in previous.items()}
@@ -91,31 +96,33 @@ def align_for_training(
     """Renumbers both splits to the ids of the checkpoint that training starts from, by name, when the training
     split names the same classes (so that a class head keeps the class it learned); returns the messages to print.
 
-    A fine-tuning start that names other classes (or none) leaves the data's ids as they are: its class heads are
-    re-initialised when the count differs, and kept as a starting point when it does not (a message says so).
+    A fine-tuning start that names other classes (or none), and a start from scratch, leave the training split's ids
+    as they are (a fine-tuned class head is re-initialised when the count differs, and kept as a starting point when
+    it does not: a message says so), and the validation split is renumbered to the training split's ids by name: its
+    own annotation file may number the same classes otherwise, and the detector predicts the training split's ids.
 
     Raises:
         DatasetError: ``resuming`` and the training split's classes are not the checkpoint's (continuing would train
             its class heads on other classes).
     """
     data_names, start_names = train.class_names(), dict(checkpoint_names)
-    if not start_names:
-        return []
-    if set(data_names.values()) == set(start_names.values()):
+    if start_names and set(data_names.values()) == set(start_names.values()):
         messages = align_to_checkpoint(train, start_names)
         return messages + [m for m in align_to_checkpoint(val, start_names) if m not in messages]
-    if resuming:
+    if start_names and resuming:
         raise DatasetError(
             f"the checkpoint was trained on the classes {_names(start_names)}, but {train.source} has "
             f"{_names(data_names)}: resuming continues the same training on the same classes. To start from its "
             "weights on these classes, use train.finetune=<checkpoint> with a new output_dir"
         )
-    if len(data_names) == len(start_names):
-        return [
+    # A validation class the training split lacks gets its own warning (classes_without_training_boxes).
+    to_train = [m for m in align_to_checkpoint(val, data_names, "the training split") if "has no class" not in m]
+    if start_names and len(data_names) == len(start_names):
+        return to_train + [
             f"note: the checkpoint's classes ({_names(start_names)}) are not the data's ({_names(data_names)}); the "
             "class heads are kept as a starting point, class by class in id order"
         ]
-    return []
+    return to_train
 
 
 def classes_without_training_boxes(train: DetectionDataset, val: DetectionDataset) -> list[str]:

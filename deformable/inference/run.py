@@ -54,12 +54,12 @@ class InferenceRun:
 def image_ids(paths: Sequence[str], cfg: Config, warn: Callable[[str], None] | None = None) -> dict[str, int]:
     """Path -> image id in results.json and images.json.
 
-    An image of the data set of ``cfg.data`` (matched by file name, in any layout, so that the results can be scored
-    against it) keeps its id there; where several inputs share that file name, the first listed gets it. Every other
-    image gets an id above the data set's largest (1, 2, ... without a data set), in the order given, so that no id
-    can point at another image of the data set. images.json maps the ids to the files. A data set the config names
-    (any ``data.root`` but the default's) that cannot be found from here is reported to ``warn``: the ids then start
-    at 1 and may be those of other images of it.
+    An image of the data set of ``cfg.data`` (in any layout, matched by its path, or by its file name where that is
+    unique in the data set, so that the results can be scored against it) keeps its id there; where several inputs
+    match one image, the first listed gets it. Every other image gets an id above the data set's largest (1, 2, ...
+    without a data set), in the order given, so that no id can point at another image of the data set. images.json
+    maps the ids to the files. A data set the config names (any ``data.root`` but the default's) that cannot be found
+    from here is reported to ``warn``: the ids then start at 1 and may be those of other images of it.
     """
     known = dataset_image_ids(cfg.data)
     root = cfg.data.root
@@ -74,7 +74,9 @@ def image_ids(paths: Sequence[str], cfg: Config, warn: Callable[[str], None] | N
     for path in paths:
         if path in ids:
             continue
-        own = known.get(os.path.basename(path))
+        own = known.get(os.path.realpath(path))
+        if own is None:
+            own = known.get(os.path.basename(path))
         if own is None or own in taken:
             own, next_id = next_id, next_id + 1
         ids[path] = own
