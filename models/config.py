@@ -249,7 +249,7 @@ class DataConfig:
 
     def __setattr__(self, name: str, value: Any) -> None:
         _check_limit("data", name, value, DATA_LIMITS)
-        super().__setattr__(name, value)
+        super().__setattr__(name, _expand_user(value) if name in ("root", "train_ann", "val_ann") else value)
 
 
 @dataclass
@@ -280,7 +280,7 @@ class TrainConfig:
 
     def __setattr__(self, name: str, value: Any) -> None:
         _check_limit("train", name, value, TRAIN_LIMITS)
-        super().__setattr__(name, value)
+        super().__setattr__(name, _expand_user(value) if name in ("resume", "finetune") else value)
 
 
 @dataclass
@@ -291,6 +291,16 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output_dir: str = "runs/coco"
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, _expand_user(value) if name == "output_dir" else value)
+
+
+def _expand_user(value: Any) -> Any:
+    """A path with ``~`` expanded: a shell leaves ``data.root=~/x`` as it is, and Python's file functions would take
+    the ``~`` literally (a run would create a folder named ``~``). Set on every path key, however the config is made
+    (YAML, override, Python), so reads, messages and the saved config.yaml hold the path meant."""
+    return os.path.expanduser(value) if isinstance(value, str) else value
 
 
 class ConfigError(ValueError):

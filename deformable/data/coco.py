@@ -3,22 +3,24 @@ COCO layout (:func:`write_coco_split`, for the synthetic data sets).
 
 COCO: ``root/<split>/`` images and ``root/annotations/instances_<split>.json`` (``data.train_ann`` /
 ``data.val_ann`` name another file). Roboflow: ``root/<split>/`` holding the images and ``_annotations.coco.json``,
-splits ``train``, ``valid``, ``test``; Roboflow adds a category (often id 0) that only serves as the others'
-supercategory and has no box: it is dropped, the other ids are kept as given.
+splits ``train``, ``valid``, ``test``; Roboflow adds a category (often id 0, named as the project, which may be the
+name of the only class) that only serves as the others' supercategory and has no box in any split: it is dropped, the
+other ids are kept as given.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 import cv2
 import numpy as np
 
 from .decode import image_size
-from .errors import DatasetError
+from .errors import DatasetError, read_text
 from .split import SplitData, finish_split
 
 ROBOFLOW_FILE = "_annotations.coco.json"
@@ -31,8 +33,19 @@ def coco_annotation_file(root: str, split: str, ann: str = "") -> str:
     return os.path.join(root, "annotations", f"instances_{split}.json")
 
 
-def read_coco_file(ann_file: str, image_root: str, *, layout: str, split: str, hint: str = "") -> SplitData:
+def read_coco_file(
+    ann_file: str,
+    image_root: str,
+    *,
+    layout: str,
+    split: str,
+    hint: str = "",
+    used_elsewhere: Collection[int] = (),
+) -> SplitData:
     """Reads one COCO-format annotation file whose ``file_name`` entries are relative to ``image_root``.
+
+    ``used_elsewhere``: the category ids that the data set's other split files annotate (Roboflow: a category with
+    boxes there is a class, not the unused supercategory entry that is dropped).
 
     Raises:
         DatasetError: a missing file or folder, malformed JSON or entries, an unknown category id, a listed image
@@ -42,15 +55,11 @@ def read_coco_file(ann_file: str, image_root: str, *, layout: str, split: str, h
     for path, kind in ((ann_file, "annotation file"), (image_root, "image folder")):
         if not os.path.exists(path):
             raise DatasetError(f"{kind} {path} does not exist{suffix}")
-    try:
-        with open(ann_file, encoding="utf-8-sig") as f:
-            payload = json.load(f)
-    except (ValueError, UnicodeDecodeError) as exc:  # json.JSONDecodeError is a ValueError
-        raise DatasetError(f"annotation file {ann_file} is malformed ({type(exc).__name__}: {exc})") from exc
+    payload = _load(ann_file)
     _check_structure(payload, ann_file)
     _check_images(payload, image_root, ann_file)
     if layout == "roboflow":
-        payload["categories"] = drop_unused_supercategories(payload)
+        payload["categories"] = drop_unused_supercategories(payload, used_elsewhere)
     data = SplitData(layout=layout, split=split, image_root=image_root, coco=payload, source=ann_file)
     repeated = _renumber_repeated_annotation_ids(payload["annotations"])
     if repeated:
@@ -58,17 +67,36 @@ def read_coco_file(ann_file: str, image_root: str, *, layout: str, split: str, h
     return finish_split(data)
 
 
-def read_categories(ann_file: str, roboflow: bool = False) -> dict[int, str]:
+def read_categories(ann_file: str, roboflow: bool = False, used_elsewhere: Collection[int] = ()) -> dict[int, str]:
     """Category id -> name of a COCO-format annotation file, without looking at its images (Roboflow's unused
-    supercategory dropped when ``roboflow``)."""
+    supercategory dropped when ``roboflow``; ``used_elsewhere`` as :func:`read_coco_file`'s)."""
     try:
-        with open(ann_file, encoding="utf-8-sig") as f:
-            payload = json.load(f)
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        payload = _load(ann_file)
+    except OSError as exc:
         raise DatasetError(f"cannot read annotation file {ann_file}: {exc}") from exc
     _check_structure(payload, ann_file)
-    categories = drop_unused_supercategories(payload) if roboflow else payload["categories"]
+    categories = drop_unused_supercategories(payload, used_elsewhere) if roboflow else payload["categories"]
     return {cat["id"]: str(cat["name"]) for cat in sorted(categories, key=lambda c: c["id"])}
+
+
+def annotated_category_ids(ann_file: str) -> set[int]:
+    """The category ids that the annotations of a COCO-format file use (its entries not checked: reading that file
+    as a split checks them)."""
+    try:
+        payload = _load(ann_file)
+    except OSError as exc:
+        raise DatasetError(f"cannot read annotation file {ann_file}: {exc}") from exc
+    annotations = payload.get("annotations") if isinstance(payload, dict) else None
+    return {ann.get("category_id") for ann in annotations or [] if isinstance(ann, dict)}
+
+
+def _load(ann_file: str) -> Any:
+    """The parsed JSON of ``ann_file``; malformed JSON or bytes that are not UTF-8 are a DatasetError naming it."""
+    text = read_text(ann_file)
+    try:
+        return json.loads(text)
+    except ValueError as exc:  # json.JSONDecodeError is a ValueError
+        raise DatasetError(f"annotation file {ann_file} is malformed ({type(exc).__name__}: {exc})") from exc
 
 
 def _check_structure(payload: Any, ann_file: str) -> None:
@@ -148,6 +176,11 @@ def _check_annotation(ann: Any, image_ids: set, ann_file: str) -> None:
             f"annotation file {ann_file} is malformed: annotation id {ident} needs an 'id', 'bbox' [x, y, w, h], "
             f"an integer 'category_id' and a known 'image_id' (got {json.dumps(ann)[:200]})"
         )
+    if not all(math.isfinite(v) for v in bbox):  # Python's json writes NaN and Infinity, and reads them back
+        raise DatasetError(
+            f"annotation file {ann_file}: annotation id {ann['id']} (image id {ann['image_id']}) has a 'bbox' value "
+            f"that is not a finite number: {json.dumps(bbox)}; give the box in pixels, [x, y, w, h]"
+        )
 
 
 def _check_images(payload: dict[str, Any], image_root: str, ann_file: str) -> None:
@@ -164,17 +197,36 @@ def _check_images(payload: dict[str, Any], image_root: str, ann_file: str) -> No
             f"{os.path.join(image_root, missing[0])}"
         )
     for info in payload["images"]:
+        _check_image_size(info, ann_file)
         if not isinstance(info.get("height"), int) or not isinstance(info.get("width"), int):
             info["height"], info["width"] = image_size(os.path.join(image_root, info["file_name"]))
 
 
-def drop_unused_supercategories(payload: dict[str, Any]) -> list[dict[str, Any]]:
-    """The categories minus those without any annotation that are another category's ``supercategory`` (Roboflow's
-    extra category, e.g. id 0 "cells" above "red", "white"); ids are kept as given."""
-    used = {ann["category_id"] for ann in payload["annotations"]}
+def _check_image_size(info: dict[str, Any], ann_file: str) -> None:
+    """A ``width`` / ``height`` given as a number must be a positive finite one: boxes are clipped to it and sizes
+    chosen from it (a size given otherwise, e.g. a float, is read from the image)."""
+    for key in ("width", "height"):
+        value = info.get(key)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if number and not (math.isfinite(value) and value > 0):
+            raise DatasetError(
+                f"annotation file {ann_file}: image id {info['id']} ({info['file_name']}) has {key} "
+                f"{json.dumps(value)}; it must be the image's size in pixels, a number > 0"
+            )
+
+
+def drop_unused_supercategories(payload: dict[str, Any], used_elsewhere: Collection[int] = ()) -> list[dict[str, Any]]:
+    """The categories minus those without any annotation (in ``payload`` or, by id, ``used_elsewhere``) that are
+    another category's ``supercategory`` (Roboflow's extra category, e.g. id 0 "cells" above "red", "white"; or id 0
+    "fire" above id 1 "fire" when the project is named as its only class); ids are kept as given."""
+    used = {ann["category_id"] for ann in payload["annotations"]} | set(used_elsewhere)
     categories = payload["categories"]
-    parents = {cat.get("supercategory") for cat in categories if cat.get("supercategory") != cat["name"]}
-    return [cat for cat in categories if cat["id"] in used or cat["name"] not in parents]
+    children: dict[Any, set[int]] = {}  # supercategory name -> ids of the categories below it
+    for cat in categories:
+        children.setdefault(cat.get("supercategory"), set()).add(cat["id"])
+    # Other ids, not other names: the project's entry and its only class may share the name, the class then naming
+    # itself as its supercategory.
+    return [cat for cat in categories if cat["id"] in used or not children.get(cat["name"], set()) - {cat["id"]}]
 
 
 def write_coco_split(

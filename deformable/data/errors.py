@@ -1,12 +1,36 @@
-"""The one error type of the data package, and the message of an error a DataLoader worker raised."""
+"""The one error type of the data package, the reading of text files that raises it for bytes that are not UTF-8,
+and the message of an error a DataLoader worker raised."""
 
 from __future__ import annotations
 
+import codecs
 import re
 
 
 class DatasetError(RuntimeError):
     """Missing or malformed data; the message names the file (and the line where it applies) and how to fix it."""
+
+
+def read_text(path: str) -> str:
+    """The text of the UTF-8 file ``path``, without the byte order mark Windows tools write at its start.
+
+    Raises:
+        DatasetError: a byte that is not UTF-8 (a file saved as Latin-1 or Windows-1252), naming the file, the byte
+            and its position and line (a decoder's own error names neither the file nor the line).
+        OSError: the file cannot be read.
+    """
+    with open(path, "rb") as f:
+        raw = f.read()
+    start = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return raw[start:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        position = start + exc.start
+        line = raw[:position].count(b"\n") + 1
+        raise DatasetError(
+            f"{path} is not UTF-8 text: byte 0x{raw[position]:02x} at position {position} (line {line}) cannot be "
+            f"decoded ({exc.reason}); save the file as UTF-8"
+        ) from exc
 
 
 # How torch re-raises an error of a DataLoader worker process (torch._utils.ExceptionWrapper.reraise): an exception

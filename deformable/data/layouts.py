@@ -14,7 +14,7 @@ import os
 
 from models.config import DataConfig
 
-from .coco import ROBOFLOW_FILE, coco_annotation_file, read_categories, read_coco_file
+from .coco import ROBOFLOW_FILE, annotated_category_ids, coco_annotation_file, read_categories, read_coco_file
 from .errors import DatasetError
 from .split import SplitData
 from .voc import has_split, read_voc, voc_class_names
@@ -140,10 +140,17 @@ def read_split(cfg: DataConfig, which: str) -> SplitData:
         raise ValueError(f"split must be 'train' or 'val', got {which!r}")
     layout = resolve_layout(cfg)
     split = resolve_split(cfg, layout, which)
-    if layout in ("coco", "roboflow"):
-        hint = fix_hint(cfg) if layout == "coco" else ""
+    if layout == "coco":
         ann_file = _annotation_file(cfg, layout, which)
-        return read_coco_file(ann_file, os.path.join(cfg.root, split), layout=layout, split=split, hint=hint)
+        if not os.path.isfile(ann_file) and (cfg.train_ann or cfg.val_ann):
+            raise DatasetError(f"annotation file {ann_file} does not exist: {_annotation_hint(cfg, which)}")
+        return read_coco_file(ann_file, os.path.join(cfg.root, split), layout=layout, split=split, hint=fix_hint(cfg))
+    if layout == "roboflow":
+        ann_file = _annotation_file(cfg, layout, which)
+        if not os.path.isfile(ann_file):
+            raise DatasetError(_missing_roboflow_split(cfg, which, ann_file))
+        used = _used_in_other_splits(cfg, ann_file)
+        return read_coco_file(ann_file, os.path.join(cfg.root, split), layout=layout, split=split, used_elsewhere=used)
     if layout == "yolo":
         return read_yolo(_yaml_path(cfg.root), split)
     class_splits = [resolve_split(cfg, layout, "train"), resolve_split(cfg, layout, "val")]
@@ -170,4 +177,42 @@ def read_class_names(cfg: DataConfig) -> dict[int, str]:
     existing = [path for path in files if os.path.isfile(path)]
     if not existing:
         raise DatasetError(f"neither annotation file exists: {' nor '.join(files)}")
-    return read_categories(existing[0], roboflow=layout == "roboflow")
+    if layout == "roboflow":
+        return read_categories(existing[0], roboflow=True, used_elsewhere=_used_in_other_splits(cfg, existing[0]))
+    return read_categories(existing[0])
+
+
+def _used_in_other_splits(cfg: DataConfig, ann_file: str) -> set[int]:
+    """The category ids annotated in the Roboflow train and val files other than ``ann_file``: a category with boxes
+    in one split is a class in every split, not the unused supercategory entry that is dropped."""
+    used: set[int] = set()
+    for which in ("train", "val"):
+        other = _annotation_file(cfg, "roboflow", which)
+        if os.path.isfile(other) and not os.path.samefile(other, ann_file):
+            used |= annotated_category_ids(other)
+    return used
+
+
+def _missing_roboflow_split(cfg: DataConfig, which: str, ann_file: str) -> str:
+    """Why the Roboflow split ``which`` cannot be read: the split folders tried, those found, the key to set."""
+    key = f"data.{which}_split"
+    name = getattr(cfg, f"{which}_split")
+    tried = [name] if name != "auto" else ["train"] if which == "train" else ["valid", "val", "test"]
+    root = cfg.root
+    found = sorted(n for n in os.listdir(root) if os.path.isfile(os.path.join(root, n, ROBOFLOW_FILE)))
+    return (
+        f"annotation file {ann_file} does not exist: no {which} split (tried the split folder(s) "
+        f"{', '.join(tried)}; folders with {ROBOFLOW_FILE} found: {', '.join(found) or 'none'}); set {key} to one "
+        f"of them (e.g. {key}={found[0] if found else 'train'})"
+    )
+
+
+def _annotation_hint(cfg: DataConfig, which: str) -> str:
+    """What to do when the COCO annotation file of ``which`` is missing and data.train_ann or data.val_ann is set
+    (the data is not the COCO 2017 download then): correct the key, or set the one that is not (its default path,
+    ``annotations/instances_<split>.json``, is rarely where a file named by the other key has its partner)."""
+    key, other = f"data.{which}_ann", "data.val_ann" if which == "train" else "data.train_ann"
+    found = sorted(glob.glob(os.path.join(glob.escape(cfg.root), "annotations", "*.json")))
+    there = f" (.json files in {os.path.join(cfg.root, 'annotations')}: {', '.join(map(os.path.basename, found))})"
+    what = f"correct {key}" if getattr(cfg, f"{which}_ann") else f"{other} is set but {key} is not: set {key}=PATH"
+    return f"{what} (relative to data.root unless absolute){there if found else ''}"

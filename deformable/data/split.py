@@ -92,12 +92,20 @@ def finish_split(data: SplitData) -> SplitData:
     return data
 
 
+def is_hidden(name: str) -> bool:
+    """Whether a file or folder name is one that listings of a data folder leave out: hidden ones (``.name``, such as
+    the ``._photo.jpg`` metadata macOS writes beside copies on other file systems) and ``__MACOSX`` (where macOS
+    zips keep that metadata), as ``tools/infer.py`` does; they are no images, and reading one stops a run."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
 def list_image_files(folder: str) -> list[str]:
-    """Image files under ``folder`` (recursive, by extension), as sorted paths relative to ``folder``."""
+    """Image files under ``folder`` (recursive, by extension, hidden files and folders left out: :func:`is_hidden`),
+    as sorted paths relative to ``folder``."""
     found = []
     for directory, subdirs, names in os.walk(folder):
-        subdirs.sort()
+        subdirs[:] = sorted(d for d in subdirs if not is_hidden(d))  # in place: os.walk then skips the others
         for name in names:
-            if name.lower().endswith(IMAGE_EXTENSIONS):
+            if name.lower().endswith(IMAGE_EXTENSIONS) and not is_hidden(name):
                 found.append(os.path.relpath(os.path.join(directory, name), folder))
     return sorted(found)

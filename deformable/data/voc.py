@@ -6,20 +6,22 @@ Coordinates: VOC numbers pixels from 1 and ``xmin..xmax`` are the first and last
 COCO dict's continuous coordinates (the image spans [0, width]) that box is ``[xmin - 1, xmax]``, so its COCO
 ``bbox`` is ``[xmin - 1, ymin - 1, xmax - xmin + 1, ymax - ymin + 1]`` (the VOC devkit's and detectron2's reading).
 Classes: the object names of the train and val splits (``data.train_split``, ``data.val_split``), sorted
-alphabetically, become category ids 1..K, the same whichever split is read. ``difficult`` objects get
-``iscrowd: 1``: training ignores them and evaluation neither counts them nor penalises detections on them.
+alphabetically, become category ids 1..K, the same whichever split is read (names that differ only in case stay
+apart, with a warning among the split's notes). ``difficult`` objects get ``iscrowd: 1``: training ignores them and
+evaluation neither counts them nor penalises detections on them.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import Any
 
 from .decode import image_size
-from .errors import DatasetError
-from .split import IMAGE_EXTENSIONS, SplitData, finish_split
+from .errors import DatasetError, read_text
+from .split import IMAGE_EXTENSIONS, SplitData, finish_split, is_hidden
 
 
 @dataclass
@@ -59,16 +61,20 @@ def split_ids(root: str, split: str) -> list[tuple[int, str]]:
             "images in ImageSets/Main/<split>.txt, one image id (an Annotations/<id>.xml name without .xml) a "
             "line; write train.txt and val.txt there"
         )
-    with open(path, encoding="utf-8-sig") as f:
-        return [(n, line.split()[0]) for n, line in enumerate(f, start=1) if line.strip()]
+    lines = read_text(path).splitlines()
+    return [(n, line.split()[0]) for n, line in enumerate(lines, start=1) if line.strip()]
 
 
-def _number(node: ET.Element, tag: str, path: str) -> float:
+def _number(node: ET.Element, tag: str, path: str, what: str) -> float:
+    """The finite number in ``node``'s ``<tag>``; errors name the XML file ``path`` and ``what`` holds the tag."""
     text = node.findtext(tag)
     try:
-        return float(text)
+        value = float(text)
     except (TypeError, ValueError):
-        raise DatasetError(f"{path}: <{tag}> must be a number, got {text!r}") from None
+        raise DatasetError(f"{path}: <{tag}> must be a number, got {text!r} ({what})") from None
+    if not math.isfinite(value):  # float() reads "nan" and "inf", which would reach the boxes and sizes unnoticed
+        raise DatasetError(f"{path}: <{tag}> must be a finite number, got {text!r} ({what})")
+    return value
 
 
 def parse_annotation(path: str) -> VocRecord:
@@ -81,14 +87,14 @@ def parse_annotation(path: str) -> VocRecord:
     except OSError as exc:
         raise DatasetError(f"cannot read {path}: {exc}") from exc
     size = top.find("size")
-    width = int(_number(size, "width", path)) if size is not None and size.findtext("width") else 0
-    height = int(_number(size, "height", path)) if size is not None and size.findtext("height") else 0
+    width = int(_number(size, "width", path, "<size>")) if size is not None and size.findtext("width") else 0
+    height = int(_number(size, "height", path, "<size>")) if size is not None and size.findtext("height") else 0
     record = VocRecord(filename=(top.findtext("filename") or "").strip(), width=width, height=height)
     for i, node in enumerate(top.iter("object"), start=1):
         name, bndbox = (node.findtext("name") or "").strip(), node.find("bndbox")
         if not name or bndbox is None:
             raise DatasetError(f"{path}: object {i} needs a <name> and a <bndbox>")
-        box = [_number(bndbox, tag, path) for tag in ("xmin", "ymin", "xmax", "ymax")]
+        box = [_number(bndbox, tag, path, f"object {i} {name!r}") for tag in ("xmin", "ymin", "xmax", "ymax")]
         difficult = (node.findtext("difficult") or "0").strip().lower() in ("1", "true")
         record.objects.append(VocObject(name=name, box=box, difficult=difficult))
     return record
@@ -120,7 +126,7 @@ def has_split(root: str, split: str, layout: str) -> bool:
     if layout == "voc":
         return os.path.isfile(split_file(root, split))
     folder = split_folder(root, split)
-    return os.path.isdir(folder) and any(name.lower().endswith(".xml") for name in os.listdir(folder))
+    return os.path.isdir(folder) and any(n.lower().endswith(".xml") and not is_hidden(n) for n in os.listdir(folder))
 
 
 def _read_list(root: str, split: str) -> list[VocEntry]:
@@ -142,7 +148,7 @@ def _read_folder(root: str, split: str) -> list[VocEntry]:
             f"the split folder {folder} does not exist (folders found: {', '.join(there) or 'none'}); set "
             "data.train_split / data.val_split to one of them"
         )
-    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(".xml") and not n.startswith("."))
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(".xml") and not is_hidden(n))
     paths = [os.path.join(folder, n) for n in names]
     return [VocEntry(path, n[:-4], parse_annotation(path), path) for n, path in zip(names, paths, strict=True)]
 
@@ -152,12 +158,44 @@ def read_entries(root: str, split: str, layout: str = "voc") -> list[VocEntry]:
     return _read_list(root, split) if layout == "voc" else _read_folder(root, split)
 
 
-def _image_name(folder: str, entry: VocEntry) -> str | None:
-    """The image's file name in ``folder``: ``<id>.jpg`` (or another extension), else the XML's filename."""
-    for name in [entry.image_id + ext for ext in IMAGE_EXTENSIONS] + [entry.record.filename]:
-        if name and os.path.isfile(os.path.join(folder, name)):
-            return name
-    return None
+class _ImageFinder:
+    """Finds the image of each XML in one folder: ``<id>.jpg`` (or another extension), else the XML's
+    ``<filename>``, else ``<id>`` with an image extension in any case (a camera's ``PHOTO.JPG`` beside ``PHOTO.xml``,
+    which a case-sensitive file system does not find as ``PHOTO.jpg``). The folder is listed once, and only when an
+    image is not found by name."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self._by_stem: dict[str, str] | None = None
+
+    def find(self, entry: VocEntry) -> str | None:
+        """The image's file name in the folder, None when there is none."""
+        for name in [entry.image_id + ext for ext in IMAGE_EXTENSIONS] + [entry.record.filename]:
+            if name and os.path.isfile(os.path.join(self.folder, name)):
+                return name
+        if self._by_stem is None:
+            self._by_stem = {}
+            for name in _image_files(self.folder):
+                self._by_stem.setdefault(os.path.splitext(name)[0], name)
+        return self._by_stem.get(entry.image_id)
+
+
+def _image_files(folder: str) -> list[str]:
+    """The image files of ``folder`` (by extension in any case, hidden ones left out), sorted."""
+    return sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS) and not is_hidden(n))
+
+
+def _class_files(root: str, splits: list[str], read: dict[str, list[VocEntry]] | None, layout: str) -> dict[str, str]:
+    """Object name -> the first XML file with an object of that name, over the listed ``splits`` (those that exist);
+    ``read`` holds splits already parsed (split -> :func:`read_entries`)."""
+    files: dict[str, str] = {}
+    for split in splits:
+        if (read and split in read) or has_split(root, split, layout):
+            entries = read[split] if read and split in read else read_entries(root, split, layout)
+            for entry in entries:
+                for obj in entry.record.objects:
+                    files.setdefault(obj.name, entry.xml)
+    return files
 
 
 def voc_class_names(
@@ -165,31 +203,42 @@ def voc_class_names(
 ) -> list[str]:
     """The object names of the listed ``splits`` (those that exist), sorted: class ``i`` of it is category id
     ``i + 1``. ``read`` holds splits already parsed (split -> :func:`read_entries`)."""
-    names: set[str] = set()
-    for split in splits:
-        if (read and split in read) or has_split(root, split, layout):
-            entries = read[split] if read and split in read else read_entries(root, split, layout)
-            names |= {o.name for entry in entries for o in entry.record.objects}
-    return sorted(names)
+    return sorted(_class_files(root, splits, read, layout))
+
+
+def _case_warnings(class_files: dict[str, str]) -> list[str]:
+    """A warning per group of class names that differ only in case (``Dog``, ``dog``): they stay separate classes
+    (names are the data's), but are more often one class labelled twice, which splits its boxes in two."""
+    groups: dict[str, list[str]] = {}
+    for name in sorted(class_files):
+        groups.setdefault(name.casefold(), []).append(name)
+    return [
+        "warning: the class names "
+        + " and ".join(f"{name!r} (e.g. {class_files[name]})" for name in group)
+        + " differ only in case and are read as separate classes; rename them alike if they are one class"
+        for group in groups.values()
+        if len(group) > 1
+    ]
 
 
 def read_voc(root: str, split: str, class_splits: list[str], layout: str = "voc") -> SplitData:
     """The split ``split`` of ``layout`` (``voc`` or ``roboflow-voc``) as a COCO dict; class ids come from the
     objects of ``split`` and of ``class_splits`` (those that exist)."""
     entries = read_entries(root, split, layout)
-    names = voc_class_names(root, [split, *class_splits], read={split: entries}, layout=layout)
-    ids = {name: i for i, name in enumerate(names, start=1)}
+    class_files = _class_files(root, [split, *class_splits], {split: entries}, layout)
+    ids = {name: i for i, name in enumerate(sorted(class_files), start=1)}
     image_root = os.path.join(root, "JPEGImages") if layout == "voc" else split_folder(root, split)
+    finder = _ImageFinder(image_root)
     coco: dict[str, Any] = {"images": [], "annotations": [], "categories": []}
     coco["categories"] = [{"id": i, "name": name} for name, i in ids.items()]
     size_sources: dict[int, str] = {}  # the XML whose <size> gives an image's size (messages name it on a mismatch)
     for image_number, entry in enumerate(entries, start=1):
         record = entry.record
-        name = _image_name(image_root, entry)
+        name = finder.find(entry)
         if name is None:
             raise DatasetError(
-                f"{entry.where}: no image for {entry.image_id} in {image_root} (looked for {entry.image_id}.jpg and "
-                f"{record.filename or 'no'} <filename>)"
+                f"{entry.where}: no image for {entry.image_id} in {image_root} (looked for {entry.image_id} with an "
+                f"image extension in any case, e.g. {entry.image_id}.jpg, and {record.filename or 'no'} <filename>)"
             )
         height, width = record.height, record.width
         if height <= 0 or width <= 0:
@@ -203,6 +252,7 @@ def read_voc(root: str, split: str, class_splits: list[str], layout: str = "voc"
             bbox = [xmin - 1, ymin - 1, xmax - xmin + 1, ymax - ymin + 1]
             coco["annotations"].append({**ann, "bbox": bbox, "iscrowd": int(obj.difficult)})
     data = SplitData(layout, split, image_root, coco, split_source(root, split, layout), size_sources)
+    data.notes.extend(_case_warnings(class_files))
     if layout != "voc":
         unlabelled = _images_without_xml(image_root, coco["images"])
         if unlabelled:
@@ -217,4 +267,4 @@ def read_voc(root: str, split: str, class_splits: list[str], layout: str = "voc"
 def _images_without_xml(folder: str, images: list[dict[str, Any]]) -> list[str]:
     """The image files in a ``roboflow-voc`` split folder that no XML of ``images`` named."""
     used = {info["file_name"] for info in images}
-    return sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS) and n not in used)
+    return sorted(n for n in _image_files(folder) if n not in used)

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from .decode import image_size
-from .errors import DatasetError
+from .errors import DatasetError, read_text
 from .split import SplitData, finish_split, list_image_files
 
 YAML_FILE = "data.yaml"
@@ -29,8 +29,7 @@ TOLERANCE = 0.01  # normalised coordinates may stray this far outside [0, 1] (ro
 def read_data_yaml(path: str) -> dict[str, Any]:
     """The parsed ``data.yaml``; its ``names`` become ``{class index: name}`` under the key ``names``."""
     try:
-        with open(path, encoding="utf-8-sig") as f:
-            payload = yaml.safe_load(f)
+        payload = yaml.safe_load(read_text(path))
     except OSError as exc:
         raise DatasetError(f"cannot read {path}: {exc}") from exc
     except yaml.YAMLError as exc:
@@ -48,13 +47,14 @@ def read_data_yaml(path: str) -> dict[str, Any]:
             raise DatasetError(f"{path}: nc must be the number of classes, got {payload['nc']!r}")
         if nc != len(payload["names"]):
             raise DatasetError(f"{path}: nc is {nc} but names has {len(payload['names'])} entries")
-    payload["keypoint_fields"] = _keypoint_fields(payload.get("kpt_shape"), path)
+    keypoint_fields(payload, path)  # refused here, before any image is read
     return payload
 
 
-def _keypoint_fields(kpt_shape: Any, path: str) -> int:
-    """The numbers after the box on a pose label line: ``K * D`` for ``kpt_shape: [K, D]`` (D 2: x y, or 3: x y
-    visibility); 0 without ``kpt_shape``."""
+def keypoint_fields(payload: dict[str, Any], path: str) -> int:
+    """The numbers after the box on a pose label line: ``K * D`` for data.yaml's ``kpt_shape: [K, D]`` (D 2: x y, or
+    3: x y visibility); 0 without ``kpt_shape``. ``payload`` is data.yaml's, read from ``path``."""
+    kpt_shape = payload.get("kpt_shape")
     if kpt_shape is None:
         return 0
     if not (
@@ -111,6 +111,12 @@ def split_images(payload: dict[str, Any], yaml_path: str, key: str) -> tuple[str
             paths.extend(os.path.join(source, name) for name in list_image_files(source))
         elif os.path.isfile(source) and source.endswith(".txt"):
             paths.extend(_listed_images(source))
+        elif payload.get("path") and not os.path.isdir(base):
+            raise DatasetError(
+                f"{yaml_path}: '{key}' points to {source}, which does not exist: 'path: {payload['path']}' is used "
+                f"as the base directory of the splits, and that folder ({base}) does not exist; correct 'path' "
+                "(relative to the folder of data.yaml, or absolute) or remove it to use the folder of data.yaml"
+            )
         else:
             raise DatasetError(f"{yaml_path}: '{key}' points to {source}, which is no folder and no .txt list")
     root = sources[0] if len(sources) == 1 and os.path.isdir(sources[0]) else base
@@ -120,15 +126,14 @@ def split_images(payload: dict[str, Any], yaml_path: str, key: str) -> tuple[str
 def _listed_images(list_file: str) -> list[str]:
     folder = os.path.dirname(list_file)
     paths = []
-    with open(list_file, encoding="utf-8-sig") as f:
-        for number, line in enumerate(f, start=1):
-            entry = line.strip()
-            if not entry:
-                continue
-            path = entry if os.path.isabs(entry) else os.path.normpath(os.path.join(folder, entry))
-            if not os.path.isfile(path):
-                raise DatasetError(f"{list_file} line {number}: image {path} does not exist")
-            paths.append(path)
+    for number, line in enumerate(read_text(list_file).splitlines(), start=1):
+        entry = line.strip()
+        if not entry:
+            continue
+        path = entry if os.path.isabs(entry) else os.path.normpath(os.path.join(folder, entry))
+        if not os.path.isfile(path):
+            raise DatasetError(f"{list_file} line {number}: image {path} does not exist")
+        paths.append(path)
     return paths
 
 
@@ -183,8 +188,7 @@ def read_labels(path: str, names: dict[int, str], keypoint_fields: int = 0) -> l
     """The boxes of one label file, ``None`` when the file does not exist."""
     if not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8-sig") as f:
-        lines = f.readlines()
+    lines = read_text(path).splitlines()
     return [
         parse_label_line(line, names, f"{path} line {n}", keypoint_fields)
         for n, line in enumerate(lines, 1)
@@ -195,7 +199,7 @@ def read_labels(path: str, names: dict[int, str], keypoint_fields: int = 0) -> l
 def read_yolo(yaml_path: str, key: str) -> SplitData:
     """The split ``key`` of the YOLO data set described by ``yaml_path``, as a COCO dict (pixels xywh)."""
     payload = read_data_yaml(yaml_path)
-    names = payload["names"]
+    names, fields = payload["names"], keypoint_fields(payload, yaml_path)
     root, files = split_images(payload, yaml_path, key)
     coco: dict[str, Any] = {"images": [], "annotations": [], "categories": []}
     coco["categories"] = [{"id": index + 1, "name": name} for index, name in names.items()]
@@ -204,7 +208,7 @@ def read_yolo(yaml_path: str, key: str) -> SplitData:
         path = os.path.join(root, name)
         height, width = image_size(path)
         coco["images"].append({"id": image_id, "file_name": name, "height": height, "width": width})
-        labels = read_labels(label_path(path), names, payload["keypoint_fields"])
+        labels = read_labels(label_path(path), names, fields)
         found += labels is not None
         for index, (x0, y0, x1, y1) in labels or []:
             box = [x0 * width, y0 * height, (x1 - x0) * width, (y1 - y0) * height]
