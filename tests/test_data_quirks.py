@@ -13,7 +13,7 @@ import pytest
 import yaml
 from _data_utils import write_coco, write_roboflow, write_roboflow_voc, write_voc, write_yolo
 
-from deformable.data import DatasetError, read_class_names, read_split
+from deformable.data import DatasetError, build_dataset, read_class_names, read_split, validation_without_boxes
 from deformable.data.sizes import resolve_image_size
 from models.config import Config, DataConfig, load_config
 
@@ -314,3 +314,29 @@ def test_roboflow_entry_with_boxes_in_another_split_is_kept_in_every_split(tmp_p
     for split in ("train", "val"):
         assert [cat["id"] for cat in _read(root, split).coco["categories"]] == expected
     assert list(read_class_names(DataConfig(root=root))) == expected
+
+
+# --- more of the sweep: a validation split without boxes, .jfif images --------------------------------------------
+
+
+def test_a_validation_split_without_boxes_is_warned_about(tmp_path) -> None:
+    root = write_coco(str(tmp_path / "c"))
+    path = os.path.join(root, "annotations", "instances_val2017.json")
+    with open(path) as f:
+        payload = json.load(f)
+    with open(path, "w") as f:
+        json.dump({**payload, "annotations": []}, f)
+    cfg = DataConfig(root=root, num_workers=0)
+    (warning,) = validation_without_boxes(build_dataset(cfg, "val", transforms=False))
+    assert f"the validation split 'val2017' ({path}) has no box" in warning and "data.val_split" in warning
+    assert validation_without_boxes(build_dataset(cfg, "train", transforms=False)) == []
+
+
+def test_jfif_images_are_read(tmp_path) -> None:
+    root = write_yolo(str(tmp_path / "y"))
+    for folder in ("images", "labels"):
+        for dirpath, _, names in os.walk(os.path.join(root, folder)):
+            for name in names:
+                if name.endswith(".jpg"):
+                    os.rename(os.path.join(dirpath, name), os.path.join(dirpath, name[:-4] + ".jfif"))
+    assert len(_read(root, "val").coco["images"]) == 2

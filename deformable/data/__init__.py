@@ -18,6 +18,7 @@ from .build import (
     dataset_class_names,
     dataset_image_ids,
     resolve_num_classes,
+    validation_without_boxes,
 )
 from .categories import (
     align_for_training,
@@ -83,4 +84,5 @@ __all__ = [
     "resolve_num_classes",
     "set_epoch",
     "summarise",
+    "validation_without_boxes",
 ]

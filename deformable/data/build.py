@@ -55,6 +55,17 @@ def check_has_boxes(dataset: DetectionDataset) -> None:
         )
 
 
+def validation_without_boxes(dataset: DetectionDataset) -> list[str]:
+    """A warning when the validation split has no box to score against (its AP is undefined, reported as -1)."""
+    if any(not ann.get("iscrowd", 0) for ann in dataset.coco.dataset["annotations"]):
+        return []
+    return [
+        f"warning: the validation split {dataset.split!r} ({dataset.source}) has no box: every validation AP is -1 "
+        "(undefined), so no checkpoint_best.pth is kept and train.patience has nothing to judge by; set "
+        "data.val_split to a split with boxes"
+    ]
+
+
 def resolve_num_classes(cfg: Config, train_set: DetectionDataset | None = None) -> Config:
     """``cfg`` with ``model.num_classes: auto`` replaced by the largest category id of the training data + 1 (labels
     are category ids); an integer is left as it is. Without ``train_set`` the training split's annotations are read

@@ -13,7 +13,8 @@ from PIL import Image, ImageOps
 
 from .errors import DatasetError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")  # what layouts and tools look for
+# What layouts and tools look for (.jfif: JPEG as some browsers save it).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".webp")
 _ORIENTATION = 0x0112  # EXIF tag; values 5-8 turn the image a quarter, swapping width and height
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)

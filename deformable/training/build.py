@@ -22,6 +22,7 @@ from deformable.data import (
     ensure_synthetic,
     resolve_layout,
     summarise,
+    validation_without_boxes,
 )
 from deformable.data.sizes import check_image_size, resolve_image_size
 from models import build_detector, load_checkpoint, read_checkpoint
@@ -152,7 +153,7 @@ def build_data(
         notes += align_for_training(train_set, val_set, checkpoint_names or {}, resuming=resuming)
         check_has_boxes(train_set)
         check_num_classes(train_set, cfg.model.num_classes)
-        notes += classes_without_training_boxes(train_set, val_set)
+        notes += classes_without_training_boxes(train_set, val_set) + validation_without_boxes(val_set)
         train_loader = build_loader(train_set, batch_size=cfg.train.batch_size, train=True, **args)
     if env.is_main:
         for dataset in (train_set, val_set):
