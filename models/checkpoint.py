@@ -201,15 +201,26 @@ def _read_hf(path: str) -> Checkpoint:
     return Checkpoint(path, "hf", state, {**from_weights, **from_config}, names)
 
 
+# Where training code keeps the weights in a checkpoint dict (this project and the original: "model"; Lightning:
+# "state_dict"; many scripts: "model_state_dict"; EMA-only files: "ema" / "model_ema"), in the order looked at.
+STATE_ENTRIES = ("model", "state_dict", "model_state_dict", "ema", "model_ema")
+# Prefixes wrappers put before every key: DistributedDataParallel and torch.optim.swa_utils.AveragedModel ("module."),
+# torch.compile ("_orig_mod."), Lightning modules holding the detector as self.model ("model.").
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
+
+
 def state_dict_of(content: Any, path: str) -> dict[str, torch.Tensor]:
-    """The state_dict in a loaded checkpoint: its ``model`` entry, or the whole dict when every value is a tensor.
+    """The state_dict in a loaded checkpoint: its first entry of :data:`STATE_ENTRIES` that is a dict, or the whole
+    dict when every value is a tensor; wrapper prefixes (:data:`WRAPPER_PREFIXES`) that every key carries are
+    removed, with ``AveragedModel``'s ``n_averaged`` counter.
 
     Raises:
         CheckpointError: no state_dict there (the file and the keys found named).
     """
     found = _describe(content)
-    if isinstance(content, Mapping) and isinstance(content.get("model"), Mapping):
-        content = content["model"]
+    if isinstance(content, Mapping):
+        entry = next((k for k in STATE_ENTRIES if isinstance(content.get(k), Mapping)), None)
+        content = content[entry] if entry is not None else content
     if not isinstance(content, Mapping) or not content:
         raise CheckpointError(f"checkpoint {path} holds no 'model' state dict (found {found}); {EXPECTED}")
     bad = [str(k) for k, v in content.items() if not isinstance(v, torch.Tensor)]
@@ -218,9 +229,12 @@ def state_dict_of(content: Any, path: str) -> dict[str, torch.Tensor]:
             f"checkpoint {path} holds no 'model' state dict: entries {', '.join(bad[:8])} are not tensors; {EXPECTED}"
         )
     state = {str(k): v for k, v in content.items()}
-    if all(k.startswith("module.") for k in state):  # saved from a DistributedDataParallel wrapper
-        state = {k[len("module.") :]: v for k, v in state.items()}
-    return state
+    while True:
+        keys = [k for k in state if k != "n_averaged"]
+        prefix = next((p for p in WRAPPER_PREFIXES if keys and all(k.startswith(p) for k in keys)), None)
+        if prefix is None:
+            return state
+        state = {k[len(prefix) :]: v for k, v in state.items() if k != "n_averaged"}
 
 
 def _describe(content: Any) -> str:
@@ -242,7 +256,7 @@ def _from_dict(content: Any, path: str) -> Checkpoint:
         return Checkpoint(path, "project", state, options, names, config, entries)
     if isinstance(entries.get("args"), argparse.Namespace):
         args = vars(entries.pop("args"))
-        options.update({k: args[k] for k in ORIGINAL_ARGS if k in args})
+        options = {**{k: args[k] for k in ORIGINAL_ARGS if k in args}, **options}  # where they disagree, the weights
         coco = args.get("dataset_file", "coco") == "coco" and options.get("num_classes") == 91
         names = dict(COCO_CLASSES) if coco else {}
         return Checkpoint(path, "original", state, options, names, None, entries)

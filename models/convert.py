@@ -63,6 +63,12 @@ def check_destination(
             )
         check_hf_destination(destination, overwrite)
         return
+    if destination.lower().endswith(".safetensors"):  # a project checkpoint holds its config and names: a pickle
+        raise FileTargetError(
+            f"destination {destination}: a project checkpoint is a torch file with its config and class names, which "
+            "safetensors cannot hold; name it .pth, or write a transformers folder (its weights in model.safetensors) "
+            "with --to hf"
+        )
     check_file_target(destination, "destination")
     if _is_source(destination, sources):
         raise FileTargetError(

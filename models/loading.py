@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -134,6 +135,7 @@ def config_from_checkpoint(checkpoint: Checkpoint, overrides: Iterable[str] = ()
     the model options of its ``args`` / ``config.json`` / weights and, for a transformers folder, the inference
     resize of its ``preprocessor_config.json`` (:func:`models.hf_preprocessor.inference_size_from_hf`); then
     ``overrides``. The backbone is never downloaded (the checkpoint holds it)."""
+    overrides = list(overrides)
     if checkpoint.config is not None:
         try:
             cfg = config_from_dict(checkpoint.config)
@@ -146,7 +148,17 @@ def config_from_checkpoint(checkpoint: Checkpoint, overrides: Iterable[str] = ()
         if size is not None:  # the folder's preprocessor_config.json: the resize its model was made for
             cfg.data.val_size, cfg.data.val_max_size = size
     cfg.model.pretrained_backbone = False
-    return apply_overrides(cfg, overrides)
+    cfg = apply_overrides(cfg, overrides)
+    if checkpoint.config is None and cfg.model.two_stage and "num_queries" not in checkpoint.options:
+        overridden = any(item.startswith("model.num_queries=") for item in overrides)
+        if not overridden:
+            warnings.warn(
+                f"checkpoint {checkpoint.path}: a two-stage model's weights do not show how many queries (proposals) "
+                f"it selects, and nothing else in the file says: model.num_queries={cfg.model.num_queries} (the "
+                "default) is used; pass model.num_queries=N if it was made with another",
+                stacklevel=2,
+            )
+    return cfg
 
 
 def resolve_config(config: str | os.PathLike | None, overrides: Iterable[str], checkpoint: Checkpoint | None) -> Config:

@@ -27,6 +27,8 @@ from .hf_names import same_values, transformers_named_keys
 
 logger = logging.getLogger(__name__)
 
+ENCODER_ATTENTION = "transformer.encoder.layers.0.self_attn"
+DECODER_ATTENTION = "transformer.decoder.layers.0.cross_attn"
 # Keys of the class heads, which legitimately differ in shape when fine-tuning on another class count.
 CLASS_HEAD_KEY = re.compile(r"^(transformer\.decoder\.)?class_embed\.\d+\.(weight|bias)$")
 MAX_KEYS_SHOWN = 8
@@ -237,7 +239,7 @@ def load_checkpoint(
             f"set model.num_classes={count}"
         )
     if strict and (result.missing or result.unexpected or result.mismatched):
-        raise ValueError(_mismatch_message(result))
+        raise ValueError(_mismatch_message(result, state, own))
 
     model.load_state_dict({k: state[k] for k in result.loaded}, strict=False)
     heads = {k.rsplit(".", 1)[0] for k in result.reinitialised}
@@ -260,18 +262,43 @@ def load_checkpoint(
     return result
 
 
-def _mismatch_message(result: LoadResult) -> str:
+def _mismatch_message(result: LoadResult, state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> str:
     parts = []
     if result.mismatched:
         parts.append(f"shape mismatches: {_show(result.mismatched)}")
-    if result.missing:
-        parts.append(f"{len(result.missing)} keys missing from the checkpoint: {_show(result.missing)}")
+    other_shape = {entry.split(" ", 1)[0] for entry in result.mismatched}
+    missing = [key for key in result.missing if key not in other_shape]  # a key of another shape is not missing
+    if missing:
+        parts.append(f"{len(missing)} keys missing from the checkpoint: {_show(missing)}")
     if result.unexpected:
         parts.append(f"{len(result.unexpected)} unexpected keys: {_show(result.unexpected)}")
     if not result.loaded and not result.reinitialised:
         parts.insert(0, "it shares no key with this detector (not a Deformable DETR state_dict?)")
     return (
         "checkpoint does not fit this model (another architecture or config?): "
-        + "; ".join(parts)
-        + ". Only class heads may differ (other class count); pass strict=False to load what fits."
+        + "; ".join(parts + _attention_hints(state, own))
+        + ". Only class heads may differ (another class count): set the config options the checkpoint was made with "
+        "(in Python, load_checkpoint(..., strict=False) loads what fits)."
     )
+
+
+def _attention_hints(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> list[str]:
+    """What the attention weights' shapes say: a deformable attention has ``nheads x levels x points`` attention
+    weights per query, so where the checkpoint's differ from the model's, the product ``nheads x points`` it was made
+    with, and the settings that give it (the shapes cannot tell heads from points)."""
+    if "transformer.level_embed" not in state or "transformer.level_embed" not in own:
+        return []
+    levels, width = state["transformer.level_embed"].shape
+    hints = []
+    for points, attention in (("enc_n_points", ENCODER_ATTENTION), ("dec_n_points", DECODER_ATTENTION)):
+        key = f"{attention}.attention_weights.weight"
+        if key not in state or key not in own or state[key].shape == own[key].shape:
+            continue
+        product, mine = state[key].shape[0] // levels, own[key].shape[0] // own["transformer.level_embed"].shape[0]
+        fits = [f"model.nheads={h} model.{points}={product // h}" for h in range(1, product + 1) if product % h == 0]
+        fits = [fit for fit in fits if width % int(fit.split()[0].split("=")[1]) == 0][:4]
+        hints.append(
+            f"the checkpoint's {attention.split('.')[1]} attention has nheads x {points} = {product} (this model "
+            f"{mine}): set {' or '.join(fits)}"
+        )
+    return hints

@@ -132,8 +132,18 @@ def test_hf_destination_follows_the_same_rules(ckpt, tmp_path, capsys) -> None:
         ("file.pth", "hf", "the transformers folder file.pth is a file, not a folder"),
         ("file.pth/sub", "hf", "file.pth is a file, not a folder"),
         ("", "hf", "the transformers folder is empty"),
+        ("model.safetensors", "project", "safetensors cannot hold; name it .pth, or write a transformers folder"),
     ],
-    ids=["existing-folder", "trailing-slash", "under-a-file", "empty", "hf-onto-file", "hf-under-a-file", "hf-empty"],
+    ids=[
+        "existing-folder",
+        "trailing-slash",
+        "under-a-file",
+        "empty",
+        "hf-onto-file",
+        "hf-under-a-file",
+        "hf-empty",
+        "safetensors-name",
+    ],
 )
 def test_unusable_destinations_are_named(ckpt, tmp_path, monkeypatch, capsys, destination, to, message) -> None:
     work = tmp_path / "work"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 
 import pytest
 import torch
@@ -160,7 +161,7 @@ def test_convert_refuses_weights_without_box_refinement_as_a_refining_model(tmp_
     path = tmp_path / "plain.pth"
     torch.save(built().state_dict(), path)
     overrides = [*TINY, "model.with_box_refine=true"]
-    with pytest.raises(ValueError, match="set model.with_box_refine=false"):
+    with pytest.raises(ValueError, match=r"override: model.with_box_refine=false"):
         convert_checkpoint(path, tmp_path / "hf", to="hf", overrides=overrides)
     assert not (tmp_path / "hf").exists()
 
@@ -212,3 +213,55 @@ def test_nan_under_both_transformers_names_is_one_tensor() -> None:
         "model.backbone.model.conv1.weight": weight.clone(),  # transformers 5's in-memory name of the same key
     }
     assert torch.equal(hf_to_original(state, "f")["backbone.0.body.conv1.weight"].isnan(), weight.isnan())
+
+
+def _wrapped(kind: str, model: torch.nn.Module) -> object:
+    state = model.state_dict()
+    if kind == "compiled":
+        return torch.compile(model).state_dict()  # keys under _orig_mod. (nothing is compiled until called)
+    if kind == "averaged":
+        return {"model": torch.optim.swa_utils.AveragedModel(model).state_dict()}  # module. + n_averaged
+    if kind == "ddp-compiled":
+        return {f"module._orig_mod.{k}": v for k, v in state.items()}
+    if kind == "lightning":
+        return {"state_dict": {f"model.{k}": v for k, v in state.items()}, "epoch": 3}
+    return {kind: state, "epoch": 3}  # model_state_dict, ema
+
+
+@pytest.mark.parametrize("kind", ["compiled", "averaged", "ddp-compiled", "lightning", "model_state_dict", "ema"])
+def test_weights_under_common_wrappers_are_read(kind, tmp_path) -> None:
+    """What training code commonly saves: torch.compile's and AveragedModel's key prefixes, a Lightning checkpoint
+    (state_dict entry, the detector as self.model), a model_state_dict or ema entry: the detector's own weights."""
+    model = built()
+    torch.save(_wrapped(kind, model), tmp_path / "w.pth")
+    checkpoint = read_checkpoint(tmp_path / "w.pth")
+    assert checkpoint.model.keys() == model.state_dict().keys()
+    fresh = models.build_detector(tiny_config())
+    load_checkpoint(fresh, checkpoint, reinit_class_heads=False)
+    expected, got = outputs(model), outputs(fresh)
+    for key in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(got[key], expected[key])
+
+
+def test_other_heads_or_points_are_named_with_the_settings_that_fit() -> None:
+    """The attention weights' rows are nheads x levels x points: a checkpoint made with 2 heads names the products and
+    settings that fit, and its keys of another shape are not listed again as missing."""
+    state = built("model.nheads=2").state_dict()
+    with pytest.raises(ValueError) as info:
+        load_checkpoint(models.build_detector(tiny_config()), state, reinit_class_heads=False)
+    message = str(info.value)
+    assert "the checkpoint's encoder attention has nheads x enc_n_points = 8 (this model 32)" in message
+    assert "model.nheads=2 model.enc_n_points=4" in message and "model.nheads=2 model.dec_n_points=4" in message
+    assert "keys missing from the checkpoint" not in message and "strict=False) loads what fits" in message
+
+
+def test_a_bare_two_stage_state_dict_says_its_query_count_is_assumed(tmp_path) -> None:
+    """Two-stage weights have no query embedding: the query count is the default unless given, and a warning says
+    so; an original file's args and an override say it."""
+    torch.save(built("model.with_box_refine=true", "model.two_stage=true").state_dict(), tmp_path / "two.pth")
+    checkpoint = read_checkpoint(tmp_path / "two.pth")
+    with pytest.warns(UserWarning, match=r"two-stage model's weights do not show .* pass model.num_queries=N"):
+        assert models.config_from_checkpoint(checkpoint).model.num_queries == 300
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert models.config_from_checkpoint(checkpoint, ["model.num_queries=20"]).model.num_queries == 20
