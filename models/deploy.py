@@ -75,11 +75,13 @@ def example_images(batch: int = 2, height: int = 512, width: int = 640, seed: in
     return torch.randn(batch, 3, height, width, generator=generator)
 
 
-def dynamic_shapes() -> dict[str, dict[int, object]]:
-    """``torch.export`` dynamic shapes of ``images``: batch from 1, height and width whatever the model allows
-    (each feature level at least 2 pixels: e.g. at least 65 px with the default 4 levels, stride 64 at the top;
-    :func:`min_image_side`)."""
-    return {"images": {0: torch.export.Dim("batch", min=1), 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}}
+def dynamic_shapes(min_side: int) -> dict[str, dict[int, object]]:
+    """``torch.export`` dynamic shapes of ``images``: batch from 1, height and width from ``min_side`` (the model's
+    :func:`min_export_side`). The minimum is stated rather than left to the tracer: below it a two-stage model's
+    proposal count fails a guard on the sum of its level sizes, which the program would report as that formula;
+    a stated minimum fails as ``images.size()[2] >= N``."""
+    side = torch.export.Dim.DYNAMIC(min=min_side)
+    return {"images": {0: torch.export.Dim("batch", min=1), 2: side, 3: side}}
 
 
 def min_image_side(num_feature_levels: int, backbone_strides: Sequence[int]) -> int:
@@ -100,26 +102,96 @@ def min_image_side(num_feature_levels: int, backbone_strides: Sequence[int]) -> 
     return int(backbone_strides[-1]) * 2 ** max(extra_levels, 0) + 1
 
 
+def level_sides(side: int, num_feature_levels: int, backbone_strides: Sequence[int]) -> list[int]:
+    """The side (pixels) of each feature level for an image side ``side``: the backbone's maps, then the extra levels.
+
+    Every stride-2 step (the stem's 7x7 convolution and its max-pool, a stage's first 3x3 convolution, an extra
+    level's 3x3 convolution, all padded) maps ``n`` pixels to ``ceil(n / 2)``, so a level of stride ``s`` is
+    ``ceil(side / s)`` pixels; each extra level doubles the stride before it.
+
+    Args:
+        side: the image's height or width.
+        num_feature_levels: the detector's ``num_feature_levels``.
+        backbone_strides: the strides of the backbone maps it uses (its ``backbone.strides``), last the largest.
+    """
+    strides = [int(stride) for stride in backbone_strides]
+    while len(strides) < num_feature_levels:
+        strides.append(strides[-1] * 2)
+    return [-(-side // stride) for stride in strides]
+
+
+def encoder_positions(height: int, width: int, num_feature_levels: int, backbone_strides: Sequence[int]) -> int:
+    """How many positions the encoder has for a ``height`` x ``width`` image: one per pixel of every feature level
+    (:func:`level_sides`). A two-stage detector takes its ``num_queries`` proposals from them."""
+    heights = level_sides(height, num_feature_levels, backbone_strides)
+    widths = level_sides(width, num_feature_levels, backbone_strides)
+    return sum(h * w for h, w in zip(heights, widths, strict=True))
+
+
+def min_two_stage_side(num_queries: int, num_feature_levels: int, backbone_strides: Sequence[int]) -> int:
+    """The smallest square image side whose encoder has at least ``num_queries`` positions (a two-stage detector's
+    proposals: with fewer it cannot select them); e.g. 113 px for 300 queries with the default 4 levels (309
+    positions; 265 at 112 px). The positions grow with either side, so every larger size has enough too."""
+    side = 1
+    while encoder_positions(side, side, num_feature_levels, backbone_strides) < num_queries:
+        side += 1
+    return side
+
+
+def min_export_side(model: nn.Module) -> int:
+    """The smallest height and width an export of ``model`` (a detector) accepts: :func:`min_image_side`, and for a
+    two-stage model at least :func:`min_two_stage_side` (a square range: some narrower sizes have enough positions,
+    e.g. 96x400 for 300 queries, but no smaller minimum per side holds for every size above it)."""
+    strides, levels = list(model.backbone.strides), int(model.num_feature_levels)
+    side = min_image_side(levels, strides)
+    if getattr(model, "two_stage", False):
+        side = max(side, min_two_stage_side(int(model.num_queries), levels, strides))
+    return side
+
+
+def export_size_reason(model: nn.Module) -> str:
+    """Why :func:`min_export_side` is what it is, for the line stating an export's accepted sizes."""
+    strides, levels = list(model.backbone.strides), int(model.num_feature_levels)
+    side = min_export_side(model)
+    if side == min_image_side(levels, strides):
+        return "every feature level at least 2 px"
+    positions = encoder_positions(side, side, levels, strides)
+    return (
+        f"two-stage: its num_queries={model.num_queries} proposals need as many encoder positions, {positions} at "
+        f"{side}x{side}"
+    )
+
+
 def check_export_size(height: int, width: int, model: nn.Module) -> None:
     """Refuses an example size that an export cannot trace with dynamic height and width, before the minutes an
-    export takes: a side below :func:`min_image_side` of ``model`` (a detector: ``backbone.strides``,
-    ``num_feature_levels``).
+    export takes: a side below :func:`min_export_side` of ``model`` (a detector: ``backbone.strides``,
+    ``num_feature_levels``, ``two_stage``, ``num_queries``).
 
     Raises:
         ValueError: naming the size, the minimum and why.
     """
     strides, levels = list(model.backbone.strides), int(model.num_feature_levels)
     minimum = min_image_side(levels, strides)
-    if min(height, width) >= minimum:
-        return
-    extra = levels - len(strides)
-    top = f"the backbone's stride-{strides[-1]} map" + (f" and {extra} extra stride-2 level(s)" if extra > 0 else "")
-    raise ValueError(
-        f"example size {height}x{width} (--size H W) is too small: each side must be at least {minimum} px for this "
-        f"model. Its smallest feature map (stride {minimum - 1}: {top}) would be 1 px there, and torch.export "
-        f"specialises the graph to a 1-px map, so the program would not take larger images (height and width stay "
-        f"dynamic only when every level is at least 2 px)"
-    )
+    if min(height, width) < minimum:
+        extra = levels - len(strides)
+        top = f"the backbone's stride-{strides[-1]} map" + (f" and {extra} extra stride-2 level(s)" if extra else "")
+        raise ValueError(
+            f"example size {height}x{width} (--size H W) is too small: each side must be at least {minimum} px for "
+            f"this model. Its smallest feature map (stride {minimum - 1}: {top}) would be 1 px there, and "
+            f"torch.export specialises the graph to a 1-px map, so the program would not take larger images (height "
+            f"and width stay dynamic only when every level is at least 2 px)"
+        )
+    minimum = min_export_side(model)
+    if min(height, width) < minimum:
+        queries, below = int(model.num_queries), minimum - 1
+        raise ValueError(
+            f"example size {height}x{width} (--size H W) is too small for this two-stage model: each side must be "
+            f"at least {minimum} px. It selects num_queries={queries} proposals among the encoder's positions (one "
+            f"per pixel of every feature level), and {minimum}x{minimum} is the smallest square with enough "
+            f"({encoder_positions(minimum, minimum, levels, strides)}; {below}x{below} has "
+            f"{encoder_positions(below, below, levels, strides)}), so the exported program takes height and width "
+            f"from {minimum} px ({height}x{width} has {encoder_positions(height, width, levels, strides)} positions)"
+        )
 
 
 def has_cope(model: nn.Module) -> bool:
@@ -137,15 +209,18 @@ def export_program(model: nn.Module, images: torch.Tensor) -> torch.export.Expor
         images: ``(B, 3, H, W)`` example input, ``B >= 2``.
 
     Returns:
-        An ExportedProgram with dynamic batch, height and width (CoPE offsets included);
-        ``program.module()(images)`` returns ``(pred_logits, pred_boxes)``; save it with ``torch.export.save``.
+        An ExportedProgram with dynamic batch, and height and width from :func:`min_export_side` (CoPE offsets
+        included); ``program.module()(images)`` returns ``(pred_logits, pred_boxes)``; save it with
+        ``torch.export.save``.
 
     Raises:
-        ValueError: ``images`` smaller than :func:`min_image_side` (the program would not be dynamic).
+        ValueError: ``images`` smaller than :func:`min_export_side` (the program would not be dynamic, or a
+            two-stage model would have fewer encoder positions than queries).
     """
     check_export_size(*images.shape[-2:], model)
+    shapes = dynamic_shapes(min_export_side(model))
     with torch.no_grad():
-        return torch.export.export(ExportableDetector(model), (images,), dynamic_shapes=dynamic_shapes())
+        return torch.export.export(ExportableDetector(model), (images,), dynamic_shapes=shapes)
 
 
 def input_ranges(program: torch.export.ExportedProgram) -> dict[str, tuple[int, int | float]]:
@@ -180,7 +255,7 @@ def export_onnx(
         The ``torch.onnx.ONNXProgram``, already saved.
 
     Raises:
-        ValueError: an opset below 18, an example size below :func:`min_image_side`, or the exporter wrote another
+        ValueError: an opset below 18, an example size below :func:`min_export_side`, or the exporter wrote another
             opset than asked for.
         ImportError: onnx or onnxscript (which the exporter needs) is not installed.
     """

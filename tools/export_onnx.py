@@ -12,7 +12,8 @@ they differ by more than ``--atol``. Without ``--checkpoint`` the weights are ra
 
 ``--out`` and ``--size`` are checked before the export: ``--out`` must name a file (not a folder) in a folder that can
 be created and written; each side of ``--size`` must be at least the model's smallest (every feature level >= 2 px:
-65 px with 4 levels, 33 with 3; ``models.deploy.min_image_side``). The file is written atomically.
+65 px with 4 levels, 33 with 3; a two-stage model also needs as many encoder positions as queries: 113 px for 300
+queries with 4 levels; ``models.deploy.min_export_side``). The file is written atomically.
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ from models.deploy import (
     check_onnx,
     example_images,
     export_onnx,
+    export_size_reason,
     has_cope,
     load_for_export,
+    min_export_side,
     onnx_max_difference,
     onnx_session,
 )
@@ -81,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         config, overrides = split_config_args(args.args)
         cfg, checkpoint = config_and_checkpoint(config, overrides, args.checkpoint)
         model = load_for_export(cfg, checkpoint)
-        check_export_size(height, width, model)  # the model's smallest size: the graph would not be dynamic
+        check_export_size(height, width, model)  # 1-px levels, or fewer positions than two-stage queries
         make_dir(os.path.dirname(out), "--out's folder")  # before the export's minutes
     except (ConfigError, FileNotFoundError, ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -96,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     size_mb = os.path.getsize(args.out) / 2**20
     print(f"wrote {args.out} ({size_mb:.1f} MB, opset {args.opset}) in {time.perf_counter() - start:.0f} s")
     print("onnx.checker: ok")
+    # The graph has no check of its own: onnxruntime fails below it (a two-stage model's TopK) or is untested there.
+    side = min_export_side(model)
+    print(f"accepted sizes: batch 1..inf, height {side}..inf, width {side}..inf ({export_size_reason(model)})")
     if not verify(args.out, model, height, width, args.atol):
         print(f"error: onnxruntime and PyTorch differ by more than --atol {args.atol}", file=sys.stderr)
         return 1

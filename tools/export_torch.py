@@ -10,7 +10,8 @@ registered. Without ``--checkpoint`` the weights are random (for testing the pip
 
 ``--out`` and ``--size`` are checked before the export: ``--out`` must name a file (not a folder) in a folder that can
 be created and written; each side of ``--size`` must be at least the model's smallest (every feature level >= 2 px:
-65 px with 4 levels, 33 with 3; ``models.deploy.min_image_side``). The file is written atomically.
+65 px with 4 levels, 33 with 3; a two-stage model also needs as many encoder positions as queries: 113 px for 300
+queries with 4 levels; ``models.deploy.min_export_side``). The file is written atomically.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from models.deploy import (
     check_export_size,
     example_images,
     export_program,
+    export_size_reason,
     input_ranges,
     load_for_export,
 )
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         out = check_file_target(args.out, "--out")  # a folder or a path under a file: said now, not after the export
         config, overrides = split_config_args(args.args)
         model = load_for_export(*config_and_checkpoint(config, overrides, args.checkpoint))
-        check_export_size(height, width, model)  # the model's smallest size: the program would not be dynamic
+        check_export_size(height, width, model)  # 1-px levels, or fewer positions than two-stage queries
         make_dir(os.path.dirname(out), "--out's folder")  # before the export's minutes
     except (ConfigError, FileNotFoundError, ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -63,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write(out, lambda f: torch.export.save(program, f))  # a failed write leaves no torn file
     loaded = torch.export.load(out)
     shown = ", ".join(f"{name} {lo}..{hi}" for name, (lo, hi) in input_ranges(loaded).items())
-    print(f"wrote {args.out} in {time.perf_counter() - start:.0f} s; accepted sizes: {shown}")
+    reason = export_size_reason(model)
+    print(f"wrote {args.out} in {time.perf_counter() - start:.0f} s; accepted sizes: {shown} ({reason})")
 
     images = example_images(1, height + 32, width + 64, seed=1)  # another batch and size than traced
     with torch.no_grad():
