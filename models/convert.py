@@ -34,6 +34,10 @@ def _is_source(path: str, sources: list[str]) -> bool:
     return any(os.path.samefile(path, source) for source in sources)
 
 
+# Names of checkpoint files, which a transformers folder (--to hf) is not given by mistake.
+FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
+
+
 def check_destination(
     source: str | os.PathLike, destination: str | os.PathLike, to: str = "project", overwrite: bool = False
 ) -> None:
@@ -54,6 +58,11 @@ def check_destination(
         raise FileNotFoundError(f"checkpoint {source} does not exist")
     sources = _source_paths(source)
     if to == "hf":
+        if destination.lower().endswith(FILE_SUFFIXES) and not os.path.exists(destination):
+            raise FileTargetError(
+                f"destination {destination} is named like a file, but --to hf writes a folder (config.json, "
+                "model.safetensors, preprocessor_config.json): name a folder, or drop --to hf for a project checkpoint"
+            )
         folder = check_folder_target(destination, "the transformers folder")  # its files are judged below
         written = [folder, *(os.path.join(folder, name) for name in HF_FILES)]
         if any(_is_source(path, sources) for path in written):
@@ -63,17 +72,17 @@ def check_destination(
             )
         check_hf_destination(destination, overwrite)
         return
-    if destination.lower().endswith(".safetensors"):  # a project checkpoint holds its config and names: a pickle
-        raise FileTargetError(
-            f"destination {destination}: a project checkpoint is a torch file with its config and class names, which "
-            "safetensors cannot hold; name it .pth, or write a transformers folder (its weights in model.safetensors) "
-            "with --to hf"
-        )
     check_file_target(destination, "destination")
     if _is_source(destination, sources):
         raise FileTargetError(
             f"destination {destination} is the source {source}: converting onto it would replace it (and lose "
             f"what the conversion drops: optimizer, lr_scheduler, epoch...); name another file"
+        )
+    if destination.lower().endswith(".safetensors"):  # a project checkpoint holds its config and names: a pickle
+        raise FileTargetError(
+            f"destination {destination}: a project checkpoint is a torch file with its config and class names, which "
+            "safetensors cannot hold; name it .pth, or write a transformers folder (its weights in model.safetensors) "
+            "with --to hf"
         )
     if os.path.lexists(destination) and not overwrite:
         raise FileTargetError(

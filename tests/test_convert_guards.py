@@ -133,6 +133,7 @@ def test_hf_destination_follows_the_same_rules(ckpt, tmp_path, capsys) -> None:
         ("file.pth/sub", "hf", "file.pth is a file, not a folder"),
         ("", "hf", "the transformers folder is empty"),
         ("model.safetensors", "project", "safetensors cannot hold; name it .pth, or write a transformers folder"),
+        ("new.pth", "hf", "destination new.pth is named like a file, but --to hf writes a folder"),
     ],
     ids=[
         "existing-folder",
@@ -143,6 +144,7 @@ def test_hf_destination_follows_the_same_rules(ckpt, tmp_path, capsys) -> None:
         "hf-under-a-file",
         "hf-empty",
         "safetensors-name",
+        "hf-named-like-a-file",
     ],
 )
 def test_unusable_destinations_are_named(ckpt, tmp_path, monkeypatch, capsys, destination, to, message) -> None:
