@@ -329,20 +329,24 @@ def _resnet_shown(state: Mapping[str, torch.Tensor]) -> str | None:
     return RESNET_DEPTHS.get((counts, "backbone.0.body.layer1.0.conv3.weight" in state))
 
 
+def one_shared_head(heads: Mapping[int, Mapping[str, torch.Tensor]]) -> bool:
+    """Whether the box heads of :func:`box_heads` hold the same parameters and values in every layer: one head
+    shared by the decoder layers, as a model without box refinement saves it."""
+    first = heads[min(heads)]
+    return all(
+        head.keys() == first.keys() and all(same_values(head[name], first[name]) for name in first)
+        for head in heads.values()
+    )
+
+
 def _refinement_shown(state: Mapping[str, torch.Tensor]) -> bool | None:
     """Box refinement as the weights show it: the decoder's box-head names, or, saved without them, box heads whose
-    values differ between layers (without refinement one head is shared, saved with the same values under every
-    ``bbox_embed.N``). None when fewer than two box heads are there to compare."""
+    values differ between layers (:func:`one_shared_head`). None when fewer than two box heads are there to
+    compare."""
     if box_refine_in_weights(state):
         return True
-    heads = list(box_heads(state).values())
-    if len(heads) < 2:
-        return None
-    first = heads[0]
-    return any(
-        head.keys() != first.keys() or not all(same_values(head[name], first[name]) for name in first)
-        for head in heads[1:]
-    )
+    heads = box_heads(state)
+    return None if len(heads) < 2 else not one_shared_head(heads)
 
 
 def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> None:

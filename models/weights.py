@@ -19,6 +19,7 @@ from .checkpoint import (
     Checkpoint,
     box_heads,
     box_refine_in_weights,
+    one_shared_head,
     read_checkpoint,
     state_dict_of,
 )
@@ -137,12 +138,7 @@ def _check_box_refinement(state: Mapping[str, torch.Tensor], own: Mapping[str, t
     mine, theirs = box_heads(own), box_heads(state)
     if len(mine) < 2 or set(theirs) != set(mine):
         return  # one layer shows nothing; other heads are the strict loader's to report
-    first = theirs[min(theirs)]
-    shared = all(
-        head.keys() == first.keys() and all(same_values(head[name], first[name]) for name in first)
-        for head in theirs.values()
-    )
-    if shared:
+    if one_shared_head(theirs):
         raise ValueError(
             f"the checkpoint's box heads bbox_embed.0..{max(theirs)} are one head shared by every decoder layer (same "
             f"values, no {REFINE_PREFIX}* keys): a model without box refinement, which this box-refinement model "

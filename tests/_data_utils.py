@@ -52,6 +52,15 @@ def coco_payload(split: str, folder: str, supercategory: bool = False) -> dict:
     return {"info": {}, "images": images, "annotations": annotations, "categories": categories}
 
 
+def replace_in_file(path: str, old: str, new: str) -> None:
+    """Edits a text file in place: ``old`` (which must be there) becomes ``new``."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    assert old in text, f"{old!r} not in {path}"
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text.replace(old, new))
+
+
 def write_json(path: str, payload: dict) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:

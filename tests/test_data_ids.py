@@ -8,7 +8,7 @@ import os
 
 import pytest
 import yaml
-from _data_utils import CLASSES, write_coco, write_image, write_roboflow_voc, write_voc, write_yolo
+from _data_utils import CLASSES, replace_in_file, write_coco, write_image, write_roboflow_voc, write_voc, write_yolo
 
 from deformable.data import DatasetError, build_dataset
 from deformable.data.coco import read_coco_file
@@ -135,10 +135,7 @@ def test_a_quoted_nc_is_read_as_the_number_it_is(tmp_path) -> None:
 def test_voc_difficult_is_read_in_any_case(tmp_path) -> None:
     root = write_voc(str(tmp_path / "v"))
     path = os.path.join(root, "Annotations", "d.xml")
-    with open(path) as f:
-        text = f.read()
-    with open(path, "w") as f:
-        f.write(text.replace("<difficult>0</difficult>", "<difficult>True</difficult>"))
+    replace_in_file(path, "<difficult>0</difficult>", "<difficult>True</difficult>")
     annotations = _build(root).coco.dataset["annotations"]
     assert [ann["iscrowd"] for ann in annotations if ann["image_id"] == 1] == [1]
 

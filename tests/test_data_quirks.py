@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 import yaml
-from _data_utils import write_coco, write_roboflow, write_roboflow_voc, write_voc, write_yolo
+from _data_utils import replace_in_file, write_coco, write_roboflow, write_roboflow_voc, write_voc, write_yolo
 
 from deformable.data import DatasetError, build_dataset, read_class_names, read_split, validation_without_boxes
 from deformable.data.sizes import resolve_image_size
@@ -72,10 +72,7 @@ def test_coco_float_image_size_is_still_read_from_the_image(tmp_path) -> None:
 def test_voc_coordinate_that_is_not_finite_is_refused_naming_the_object(tmp_path, text: str) -> None:
     root = write_voc(str(tmp_path / "v"))
     path = os.path.join(root, "Annotations", "a.xml")
-    with open(path) as f:
-        xml = f.read()
-    with open(path, "w") as f:  # a.xml: object 1 cat, object 2 dog (xmin 31)
-        f.write(xml.replace("<xmin>31</xmin>", f"<xmin>{text}</xmin>"))
+    replace_in_file(path, "<xmin>31</xmin>", f"<xmin>{text}</xmin>")  # a.xml: object 1 cat, object 2 dog (xmin 31)
     message = re.escape(f"{path}: <xmin> must be a finite number, got '{text}' (object 2 'dog')")
     with pytest.raises(DatasetError, match=message):
         _read(root)
@@ -86,10 +83,7 @@ def test_voc_coordinate_that_is_not_finite_is_refused_naming_the_object(tmp_path
 def test_voc_size_that_is_not_finite_is_refused(tmp_path) -> None:
     root = write_voc(str(tmp_path / "v"))
     path = os.path.join(root, "Annotations", "b.xml")
-    with open(path) as f:
-        xml = f.read()
-    with open(path, "w") as f:
-        f.write(xml.replace("<width>50</width>", "<width>NaN</width>"))
+    replace_in_file(path, "<width>50</width>", "<width>NaN</width>")
     with pytest.raises(DatasetError, match=re.escape(f"{path}: <width> must be a finite number, got 'NaN' (<size>)")):
         _read(root)
 
@@ -264,10 +258,7 @@ def test_roboflow_voc_finds_the_image_by_stem_whatever_the_extension_case(tmp_pa
 def test_voc_class_names_differing_in_case_stay_apart_with_a_warning(tmp_path) -> None:
     root = write_voc(str(tmp_path / "v"))
     path = os.path.join(root, "Annotations", "e.xml")
-    with open(path) as f:
-        xml = f.read()
-    with open(path, "w") as f:  # e.xml (val): dog, cat
-        f.write(xml.replace("<name>dog</name>", "<name>Dog</name>"))
+    replace_in_file(path, "<name>dog</name>", "<name>Dog</name>")  # e.xml (val): dog, cat
     data = _read(root)
     assert [cat["name"] for cat in data.coco["categories"]] == ["Dog", "cat", "dog"]
     first_dog = os.path.join(root, "Annotations", "a.xml")

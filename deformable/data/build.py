@@ -45,9 +45,14 @@ def check_num_classes(dataset: DetectionDataset, num_classes: int | str) -> None
         )
 
 
+def has_boxes(dataset: DetectionDataset) -> bool:
+    """Whether a split holds a box a detector learns from or is scored on (crowd and VOC difficult ones are not)."""
+    return any(not ann.get("iscrowd", 0) for ann in dataset.coco.dataset["annotations"])
+
+
 def check_has_boxes(dataset: DetectionDataset) -> None:
     """A training split needs at least one box to learn from (crowd and VOC difficult ones are ignored)."""
-    if not any(not ann.get("iscrowd", 0) for ann in dataset.coco.dataset["annotations"]):
+    if not has_boxes(dataset):
         found = "; ".join(dataset.data.notes)
         raise DatasetError(
             f"the {dataset.layout} split {dataset.split!r} ({dataset.source}) has no box to train on"
@@ -57,7 +62,7 @@ def check_has_boxes(dataset: DetectionDataset) -> None:
 
 def validation_without_boxes(dataset: DetectionDataset) -> list[str]:
     """A warning when the validation split has no box to score against (its AP is undefined, reported as -1)."""
-    if any(not ann.get("iscrowd", 0) for ann in dataset.coco.dataset["annotations"]):
+    if has_boxes(dataset):
         return []
     return [
         f"warning: the validation split {dataset.split!r} ({dataset.source}) has no box: every validation AP is -1 "
