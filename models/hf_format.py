@@ -358,13 +358,13 @@ def model_overrides_from_hf(hf_config: Mapping[str, Any]) -> dict[str, object]:
     }
 
 
-def _is_generic_label(label_id: int, name: str) -> bool:
-    return name == f"LABEL_{label_id}" or name == "N/A"
+UNUSED_LABEL = "N/A"  # the name of an unused id in transformers' COCO configs (the original's convention)
 
 
 def class_names_from_hf(hf_config: Mapping[str, Any]) -> dict[int, str]:
-    """Category id -> name from ``id2label``, without transformers' placeholders (``LABEL_<id>``, and the ``N/A``
-    of unused COCO ids); empty when nothing else is there."""
+    """Category id -> name from ``id2label``, without the ``N/A`` of unused ids; transformers' placeholder
+    ``LABEL_<id>`` is a name only beside real names (a class nobody named, shown as transformers shows it), and
+    nothing when every id has it: empty then (callers show numeric ids)."""
     id2label = hf_config.get("id2label")
     if not isinstance(id2label, Mapping):
         return {}
@@ -373,7 +373,8 @@ def class_names_from_hf(hf_config: Mapping[str, Any]) -> dict[int, str]:
     except (TypeError, ValueError):
         bad = next(k for k in id2label if not str(k).strip().lstrip("-").isdigit())
         raise ValueError(f"id2label must map class indices to names, got the key {bad!r}") from None
-    return {k: v for k, v in sorted(names.items()) if not _is_generic_label(k, v)}
+    names = {k: v for k, v in sorted(names.items()) if v != UNUSED_LABEL}
+    return {} if all(v == f"LABEL_{k}" for k, v in names.items()) else names
 
 
 def _check_writable(model_cfg: ModelConfig) -> None:
@@ -411,8 +412,9 @@ def hf_config(model_cfg: ModelConfig, class_names: Mapping[int, str] | None) -> 
     extra = sorted(k for k in names if not 0 <= k < model_cfg.num_classes)
     if extra:
         raise ValueError(f"class ids {extra} are outside the model's {model_cfg.num_classes} classes")
-    # Unnamed ids keep transformers' placeholder, so label2id stays one-to-one.
-    id2label = {i: names.get(i, f"LABEL_{i}") for i in range(model_cfg.num_classes)}
+    # Beside named classes an unnamed id is unused (the original's class 0, COCO's gaps): N/A, as in transformers'
+    # COCO configs; with no name at all, transformers' placeholders.
+    id2label = {i: names.get(i, UNUSED_LABEL if names else f"LABEL_{i}") for i in range(model_cfg.num_classes)}
     options = {
         "d_model": model_cfg.hidden_dim,
         "encoder_layers": model_cfg.enc_layers,
@@ -483,7 +485,8 @@ def write_hf(
         folder: the output folder; it may exist, but holds none of :data:`HF_FILES` unless ``overwrite``.
         state_dict: the detector's state_dict, the original's key names (aliases may share storage).
         model_cfg: the detector's config; it must describe ``state_dict``.
-        class_names: category id -> name for ``id2label`` (unnamed ids get ``LABEL_<id>``).
+        class_names: category id -> name for ``id2label`` (unnamed ids get ``N/A``, or ``LABEL_<id>`` when none
+            is named).
         inference_size: ``(data.val_size, data.val_max_size)``; None: the config's defaults (800, 1333).
         overwrite: replace the transformers files an existing folder holds.
 

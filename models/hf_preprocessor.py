@@ -79,17 +79,36 @@ def _check_pixels(config: Mapping[str, Any], path: str) -> None:
             )
 
 
+class UnsupportedResize(CheckpointError):
+    """A ``preprocessor_config.json`` resize the tools cannot apply (``reason``: the file and what it says); passing
+    ``data.val_size`` / ``data.val_max_size`` replaces it (:func:`models.loading.config_from_checkpoint`)."""
+
+    def __init__(self, file: str, what: str) -> None:
+        self.reason = f"{file}: {what}"
+        super().__init__(
+            f"{self.reason}; the tools keep the aspect ratio, short side data.val_size and long side at most "
+            "data.val_max_size (size {shortest_edge, longest_edge}, or {max_height, max_width} with one value): "
+            "pass data.val_size=N data.val_max_size=M to resize so, or edit the file"
+        )
+
+
+RESIZE_OVERRIDES = ("data.val_size", "data.val_max_size", "data.image_size")  # overrides that choose the resize
+
+
 def inference_size_from_hf(path: str | os.PathLike) -> tuple[int, int] | None:
     """``(val_size, val_max_size)``: the inference resize that the ``preprocessor_config.json`` of a transformers
     folder (or beside its weights file) states; None when there is none.
 
     Read as ``DeformableDetrImageProcessor`` reads it: ``size`` ``{shortest_edge, longest_edge}``, or the older
-    ``size: 800`` with ``max_size`` (1333 when absent); no ``size``: transformers' default, 800 / 1333.
+    ``size: 800`` with ``max_size`` (1333 when absent); ``{max_height: S, max_width: S}`` (the long side scaled to
+    S, as transformers' fine-tuning guide sets it) is ``(S, S)``: the same resize but for the original's rounding
+    (within 2 px up to a 4:1 aspect ratio); no ``size``: transformers' default, 800 / 1333.
 
     Raises:
-        CheckpointError: unreadable JSON, a resize the tools cannot apply (a fixed ``height`` x ``width``,
-            ``max_height``/``max_width``, no resize at all) or other pixel scaling or normalisation than the tools'
-            (the file, key and value named).
+        UnsupportedResize (a CheckpointError): a resize the tools cannot apply (a fixed ``height`` x ``width``,
+            ``max_height`` != ``max_width``, no resize at all), the file, key and value named.
+        CheckpointError: unreadable JSON, a non-positive size, or other pixel scaling or normalisation than the
+            tools'.
     """
     path = os.fspath(path)
     folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
@@ -99,10 +118,7 @@ def inference_size_from_hf(path: str | os.PathLike) -> tuple[int, int] | None:
     config = read_json_object(file, "transformers' image processor settings")
     _check_pixels(config, file)
     if not config.get("do_resize", True):
-        raise CheckpointError(
-            f"{file}: do_resize is false (images fed at their own size); the tools resize to data.val_size / "
-            "data.val_max_size: set do_resize true with size {shortest_edge, longest_edge}"
-        )
+        raise UnsupportedResize(file, "do_resize is false (images fed at their own size)")
     size = config.get("size")
     if size is None:
         return HF_DEFAULT_SIZE
@@ -112,10 +128,12 @@ def inference_size_from_hf(path: str | os.PathLike) -> tuple[int, int] | None:
     if isinstance(size, Mapping) and "shortest_edge" in size and "longest_edge" in size:
         short = _positive_int(size["shortest_edge"], file, "size.shortest_edge")
         return short, _positive_int(size["longest_edge"], file, "size.longest_edge")
-    raise CheckpointError(
-        f"{file}: size {size!r} is not a resize the tools apply: they keep the aspect ratio, short side "
-        "data.val_size and long side at most data.val_max_size, i.e. size {shortest_edge, longest_edge}"
-    )
+    if isinstance(size, Mapping) and "max_height" in size and "max_width" in size:
+        height = _positive_int(size["max_height"], file, "size.max_height")
+        if _positive_int(size["max_width"], file, "size.max_width") == height:
+            return height, height  # short side up to S, long side at most S: the long side becomes S
+        raise UnsupportedResize(file, f"size {dict(size)!r} bounds height and width differently")
+    raise UnsupportedResize(file, f"size {size!r} is not a resize the tools apply")
 
 
 def read_json_object(path: str, expected: str) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from torch import nn
 from .checkpoint import Checkpoint, CheckpointError, read_checkpoint
 from .config import Config, ConfigError, ModelConfig, apply_overrides, apply_values, config_from_dict, load_config
 from .detector import build_detector
-from .hf_preprocessor import inference_size_from_hf
+from .hf_preprocessor import RESIZE_OVERRIDES, UnsupportedResize, inference_size_from_hf
 from .weights import load_checkpoint
 
 # Model options that change the state_dict or the outputs; a checkpoint stating another value than the config for
@@ -130,6 +130,18 @@ def check_architecture(model: ModelConfig, checkpoint: Checkpoint, finetune: boo
         )
 
 
+def _folder_resize(checkpoint: Checkpoint, overrides: list[str]) -> tuple[int, int] | None:
+    """The resize of a transformers folder's preprocessor_config.json; one the tools cannot apply yields to a resize
+    the overrides choose (with a warning saying the model was made for another)."""
+    try:
+        return inference_size_from_hf(checkpoint.path)
+    except UnsupportedResize as exc:
+        if not any(item.split("=", 1)[0].strip() in RESIZE_OVERRIDES for item in overrides):
+            raise
+        warnings.warn(f"{exc.reason}; the images are resized as the overrides say", stacklevel=3)
+        return None
+
+
 def config_from_checkpoint(checkpoint: Checkpoint, overrides: Iterable[str] = ()) -> Config:
     """The config a checkpoint states: a project checkpoint's saved config, else the defaults (the original's) with
     the model options of its ``args`` / ``config.json`` / weights and, for a transformers folder, the inference
@@ -144,7 +156,7 @@ def config_from_checkpoint(checkpoint: Checkpoint, overrides: Iterable[str] = ()
     else:
         known = {f.name for f in dataclasses.fields(ModelConfig)}
         cfg = apply_values(Config(), {"model": {k: v for k, v in checkpoint.options.items() if k in known}})
-        size = inference_size_from_hf(checkpoint.path) if checkpoint.format == "hf" else None
+        size = _folder_resize(checkpoint, overrides) if checkpoint.format == "hf" else None
         if size is not None:  # the folder's preprocessor_config.json: the resize its model was made for
             cfg.data.val_size, cfg.data.val_max_size = size
     cfg.model.pretrained_backbone = False

@@ -110,6 +110,18 @@ def _refuse_non_finite(state: Mapping[str, torch.Tensor], own: Mapping[str, torc
             )
 
 
+def _refuse_integer_weights(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> None:
+    """Integer values for a floating-point parameter (quantised weights: int8 without their scales) would be copied
+    as numbers and make a detector that finds nothing: refused, the first such key named."""
+    for key, value in state.items():
+        if key in own and own[key].is_floating_point() and not (value.is_floating_point() or value.is_complex()):
+            raise ValueError(
+                f"the weight {key} is {str(value.dtype).removeprefix('torch.')}, where the model has "
+                f"{str(own[key].dtype).removeprefix('torch.')}: quantised weights cannot be loaded as they are; "
+                "dequantise them (or load the floating-point checkpoint they were made from)"
+            )
+
+
 def _check_shared(state: Mapping, groups: list[list[str]], model_refines: bool) -> None:
     """A checkpoint with different values for keys the model shares was made by another architecture: a
     box-refinement one (separate heads per layer) when its keys say so and the model has shared heads."""
@@ -220,6 +232,7 @@ def load_checkpoint(
     _refuse_transformers_names(state)
     groups = _alias_groups(model)
     own = model.state_dict()
+    _refuse_integer_weights(state, own)
     _refuse_non_finite(state, own)
     _check_shared(state, groups, box_refine_in_weights(own))
     if not reinit_class_heads:  # the checkpoint's own model is wanted, not a start for fine-tuning

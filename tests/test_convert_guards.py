@@ -16,6 +16,7 @@ import torch
 from _models_utils import tiny_config
 from _repo import load_tool
 
+from deformable.data.transforms import resized_shape
 from models import build_detector, read_checkpoint
 from models.checkpoint import CheckpointError
 from models.config import config_to_dict
@@ -241,8 +242,9 @@ def hf_folder(tmp_path) -> str:
         ({"size": 600, "max_size": 1000}, (600, 1000)),  # the hub's older layout (SenseTime/deformable-detr)
         ({"size": 800}, (800, 1333)),
         ({"do_normalize": True}, (800, 1333)),  # no size: transformers' default
+        ({"size": {"max_height": 480, "max_width": 480}}, (480, 480)),  # transformers' fine-tuning guide
     ],
-    ids=["size-dict", "size-and-max-size", "size-only", "no-size"],
+    ids=["size-dict", "size-and-max-size", "size-only", "no-size", "max-height-width"],
 )
 def test_a_folder_is_read_with_its_preprocessor_sizes(hf_folder, tmp_path, preprocessor, expected) -> None:
     with open(os.path.join(hf_folder, PREPROCESSOR_NAME), "w") as f:
@@ -263,12 +265,13 @@ def test_a_folder_is_read_with_its_preprocessor_sizes(hf_folder, tmp_path, prepr
     ("preprocessor", "message"),
     [
         ({"size": {"height": 800, "width": 800}}, r"size \{'height': 800, 'width': 800\} is not a resize the tools"),
+        ({"size": {"max_height": 480, "max_width": 640}}, r"size \{'max_height': 480, 'max_width': 640\} bounds h"),
         ({"size": {"shortest_edge": 0, "longest_edge": 9}}, r"size.shortest_edge must be a whole number .* got 0"),
         ({"do_resize": False}, "do_resize is false"),
         ({"image_mean": [0.5, 0.5, 0.5]}, r"image_mean \[0.5, 0.5, 0.5\] is not ImageNet's"),
         ({"rescale_factor": 1.0}, "rescale_factor 1.0 is not 1/255"),
     ],
-    ids=["fixed-size", "zero", "no-resize", "other-mean", "no-rescale"],
+    ids=["fixed-size", "unequal-bounds", "zero", "no-resize", "other-mean", "no-rescale"],
 )
 def test_preprocessor_the_tools_cannot_follow_is_named(hf_folder, tmp_path, preprocessor, message) -> None:
     with open(os.path.join(hf_folder, PREPROCESSOR_NAME), "w") as f:
@@ -276,3 +279,30 @@ def test_preprocessor_the_tools_cannot_follow_is_named(hf_folder, tmp_path, prep
     with pytest.raises(CheckpointError, match=rf"preprocessor_config\.json: {message}"):
         convert_checkpoint(hf_folder, tmp_path / "p.pth")
     assert not (tmp_path / "p.pth").exists()
+
+
+def test_max_height_width_is_transformers_resize_but_for_rounding() -> None:
+    image_utils = pytest.importorskip("transformers.image_utils")
+    for height, width, side in [(480, 640, 480), (1000, 250, 640), (333, 1000, 800), (2000, 1999, 320), (50, 60, 800)]:
+        theirs = image_utils.get_image_size_for_max_height_width((height, width), side, side)
+        ours = resized_shape(height, width, side, side)
+        assert max(abs(a - b) for a, b in zip(theirs, ours, strict=True)) <= 2, (height, width, side, theirs, ours)
+
+
+@pytest.mark.parametrize(
+    "preprocessor",
+    [{"size": {"height": 640, "width": 640}}, {"size": {"max_height": 480, "max_width": 640}}, {"do_resize": False}],
+    ids=["fixed-size", "unequal-bounds", "no-resize"],
+)
+def test_a_resize_the_tools_cannot_apply_yields_to_the_user_s_sizes(hf_folder, preprocessor) -> None:
+    with open(os.path.join(hf_folder, PREPROCESSOR_NAME), "w") as f:
+        json.dump(preprocessor, f)
+    with pytest.raises(CheckpointError, match="pass data.val_size=N data.val_max_size=M"):
+        config_and_checkpoint(None, [], hf_folder)
+    with pytest.warns(UserWarning, match="resized as the overrides say"):
+        cfg, _ = config_and_checkpoint(None, ["data.val_size=640", "data.val_max_size=640"], hf_folder)
+    assert (cfg.data.val_size, cfg.data.val_max_size) == (640, 640)
+    with open(os.path.join(hf_folder, PREPROCESSOR_NAME), "w") as f:
+        json.dump({**preprocessor, "image_mean": [0.5, 0.5, 0.5]}, f)
+    with pytest.raises(CheckpointError, match="image_mean"):  # other pixel statistics: no override helps
+        config_and_checkpoint(None, ["data.val_size=640", "data.val_max_size=640"], hf_folder)

@@ -125,6 +125,21 @@ def test_folders_skip_hidden_files_and_quoted_patterns_are_expanded(tmp_path) ->
         list_images([str(folder / "*.gif")])
 
 
+def test_a_double_star_pattern_takes_a_tree_and_an_empty_folder_points_to_it(tmp_path) -> None:
+    top = tmp_path / "shots"
+    for sub in ("day", "night/late", ".cache"):
+        (top / sub).mkdir(parents=True)
+    for name in ("day/a.jpg", "night/late/b.png", ".cache/c.jpg"):
+        write_image(str(top / name), shapes_image(20, 20))
+    with pytest.raises(ImageError, match=r"holds no image .*; its subfolders do: pass the pattern '.*\*\*/\*'"):
+        list_images([str(top)])
+    assert list_images([str(top / "**" / "*")]) == [str(top / "day" / "a.jpg"), str(top / "night" / "late" / "b.png")]
+    (top / "day" / "a.jpg").unlink()
+    (top / "night" / "late" / "b.png").unlink()
+    with pytest.raises(ImageError, match=r"holds no image \([^)]*\)$"):  # the hidden folder's image is not offered
+        list_images([str(top)])
+
+
 def test_bad_checkpoint_and_batch_size(tmp_path, files, capsys) -> None:
     base = [*tool_argv_config(tmp_path), files["single"], "--out", str(tmp_path / "o")]
     assert infer.main([*base, "--checkpoint", str(tmp_path / "none.pth")]) == 1

@@ -365,12 +365,15 @@ def test_mismatch_messages_name_both_values_and_the_override() -> None:
     ]
 
 
-def test_class_names_skip_placeholders() -> None:
+def test_class_names_skip_unused_ids_and_all_placeholder_labels() -> None:
+    # an unnamed class beside named ones keeps transformers' placeholder as its name (its detections are shown)
     assert class_names_from_hf({"id2label": {"0": "N/A", "1": "person", "2": "LABEL_2", "3": "dog"}}) == {
         1: "person",
+        2: "LABEL_2",
         3: "dog",
     }
     assert class_names_from_hf({"id2label": {"0": "LABEL_0", "1": "LABEL_1"}}) == {}
+    assert class_names_from_hf({"id2label": {"0": "N/A", "1": "LABEL_1"}}) == {}
     assert class_names_from_hf({}) == {}
 
 
@@ -383,7 +386,9 @@ def test_written_config_is_the_hub_layout(tmp_path) -> None:
     assert written["architectures"] == ["DeformableDetrForObjectDetection"]
     assert written["use_timm_backbone"] is True and written["backbone"] == "resnet50"
     assert written["use_pretrained_backbone"] is False
-    assert written["id2label"]["1"] == "cat" and written["label2id"]["LABEL_0"] == 0 and len(written["id2label"]) == 5
+    assert written["id2label"]["1"] == "cat" and written["id2label"]["0"] == "N/A" and len(written["id2label"]) == 5
+    assert written["label2id"]["cat"] == 1
+    assert class_names_from_hf(written) == {1: "cat"}  # read back: the unused ids stay unused
     overrides = model_overrides_from_hf(written)
     assert (overrides["num_queries"], overrides["num_classes"], overrides["hidden_dim"]) == (12, 5, 64)
     # no temporary files left

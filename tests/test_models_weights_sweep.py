@@ -206,6 +206,19 @@ def test_non_finite_weights_are_refused_with_the_key_named(key: str, value: floa
     assert "with_box_refine" not in str(caught.value)
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.bool])
+def test_quantised_weights_are_refused_with_the_key_named(dtype: torch.dtype, tmp_path) -> None:
+    state = dict(built().state_dict())
+    state["transformer.level_embed"] = state["transformer.level_embed"].to(dtype)
+    path = tmp_path / "quantised.pth"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=rf"the weight transformer.level_embed is {str(dtype)[6:]}, where"):
+        models.load_detector(tiny_config(), path)
+    state["transformer.level_embed"] = state["transformer.level_embed"].half()  # half precision loads (upcast)
+    torch.save(state, path)
+    models.load_detector(tiny_config(), path)
+
+
 def test_nan_under_both_transformers_names_is_one_tensor() -> None:
     weight = torch.tensor([[NAN, 1.0]])
     state = {

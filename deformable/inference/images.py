@@ -35,7 +35,8 @@ def list_images(inputs: Iterable[str], extensions: tuple[str, ...] = IMAGE_EXTEN
     A folder contributes its files with one of ``extensions`` (sorted, not recursive), leaving out hidden files
     (names starting with ``.``, such as the ``._photo.jpg`` metadata macOS writes beside copies); a pattern that
     names no file (``"photos/*.jpg"`` quoted, so the shell did not expand it) contributes the files it matches,
-    sorted. A file named is taken whatever its extension (reading it says what it is).
+    sorted; ``**`` in a pattern matches any depth of subfolders (``"photos/**/*"`` takes a tree). A file named is
+    taken whatever its extension (reading it says what it is).
 
     Raises:
         ImageError: an input does not exist, or a folder or pattern holds no such file.
@@ -52,12 +53,21 @@ def list_images(inputs: Iterable[str], extensions: tuple[str, ...] = IMAGE_EXTEN
                 and os.path.isfile(os.path.join(item, name))
             )
             if not found:
-                raise ImageError(f"folder {item} holds no {kind} ({', '.join(extensions)})")
+                nested = (
+                    ""
+                    if not _found_below(item, extensions)
+                    else (
+                        f"; its subfolders do: pass the pattern {os.path.join(item, '**', '*')!r} (quoted) to take them"
+                    )
+                )
+                raise ImageError(f"folder {item} holds no {kind} ({', '.join(extensions)}){nested}")
             paths.extend(found)
         elif os.path.isfile(item):
             paths.append(item)
         elif any(c in item for c in "*?["):  # a glob pattern
-            found = sorted(p for p in glob.glob(item) if os.path.isfile(p) and p.lower().endswith(extensions))
+            found = sorted(
+                p for p in glob.glob(item, recursive=True) if os.path.isfile(p) and p.lower().endswith(extensions)
+            )
             if not found:
                 raise ImageError(f"pattern {item} matches no {kind} ({', '.join(extensions)})")
             paths.extend(found)
@@ -65,6 +75,15 @@ def list_images(inputs: Iterable[str], extensions: tuple[str, ...] = IMAGE_EXTEN
             what = "image" if kind == "image" or item.lower().endswith(IMAGE_EXTENSIONS) else "input"
             raise ImageError(f"{what} {item} does not exist")
     return paths
+
+
+def _found_below(folder: str, extensions: tuple[str, ...]) -> bool:
+    """Whether a subfolder of ``folder`` (any depth, hidden ones left out) holds a file with one of ``extensions``."""
+    for _, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        if any(f.lower().endswith(extensions) and not f.startswith(".") for f in files):
+            return True
+    return False
 
 
 def read_image(path: str) -> np.ndarray:
