@@ -13,6 +13,7 @@ import torch
 from _repo import load_tool
 from _viz_utils import shapes_image, tiny_config, tiny_model, tool_argv_config, write_checkpoint, write_image
 
+from deformable.inference.images import ImageError
 from deformable.inference.run import MANIFEST, OutputFolder, run_inference
 from models.config import config_to_dict
 from models.files import FolderError
@@ -189,3 +190,21 @@ def test_a_data_set_the_config_names_but_that_is_not_found_is_said(tmp_path, che
     default = tiny_config("data.root=data/coco")  # COCO weights name no data set of the user's
     run_inference(default, checkpoint, [photo], str(tmp_path / "o2"), **options)
     assert messages == []
+
+
+def test_the_list_of_outputs_names_only_what_was_written(tmp_path, checkpoint) -> None:
+    good = write_image(str(tmp_path / "good.png"), shapes_image(30, 40))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG but not really")
+    out = tmp_path / "out"
+    warned: list[str] = []
+    found = run_inference(tiny_config(), checkpoint, [good, str(broken)], str(out), device=CPU, show_progress=False,
+                          draw=lambda image, result, names: image, warn=warned.append)  # fmt: skip
+    assert list(found.skipped) == [str(broken)] and any("broken.png" in message for message in warned)
+    listed = json.loads((out / MANIFEST).read_text())["files"]
+    assert sorted(listed) == ["good.jpg", "images.json", "results.json"]  # not broken.jpg, which was never written
+    # Nothing readable: nothing written, nothing listed.
+    with pytest.raises(ImageError, match="none of the 1 inputs could be read"):
+        run_inference(tiny_config(), checkpoint, [str(broken)], str(tmp_path / "none"), device=CPU,
+                      show_progress=False, draw=lambda image, result, names: image, warn=warned.append)  # fmt: skip
+    assert json.loads((tmp_path / "none" / MANIFEST).read_text())["files"] == []

@@ -170,6 +170,14 @@ class OutputFolder:
             self.owned |= set(names)
             atomic_write_text(os.path.join(self.path, MANIFEST), json.dumps({"files": sorted(self.owned)}))
 
+    def release_unwritten(self, names: Iterable[str]) -> None:
+        """Forgets those of ``names`` that were claimed but not written (a skipped input's), so that the manifest
+        lists only what this tool wrote; a file there stays this tool's."""
+        unwritten = {n for n in names if n in self.owned and not os.path.lexists(os.path.join(self.path, n))}
+        if unwritten:
+            self.owned -= unwritten
+            atomic_write_text(os.path.join(self.path, MANIFEST), json.dumps({"files": sorted(self.owned)}))
+
     def write_drawn(self, name: str, image: np.ndarray, source: str, warn: Callable[[str], None]) -> str:
         """Writes the BGR ``image`` drawn on ``source`` as ``name`` (JPEG), or as PNG with a warning where a side is
         longer than JPEG allows. Returns the name written.
@@ -251,7 +259,8 @@ def run_inference(
     ids, files = image_ids(stills, cfg, warn), output_names(paths)
     stems = {path: os.path.splitext(files[path])[0] for path in videos}
     drawn = [files[path] for path in stills] + [stems[path] + ".mp4" for path in videos] if draw is not None else []
-    folder.claim([RESULTS, IMAGES, *drawn, *(stems[path] + ".json" for path in videos)])
+    per_input = [*drawn, *(stems[path] + ".json" for path in videos)]
+    folder.claim([RESULTS, IMAGES, *per_input])
     postprocessor = build_postprocessor(cfg)
     names = class_names(cfg, state)
     results: list[dict] = []
@@ -284,10 +293,12 @@ def run_inference(
         except ImageError as exc:
             skip(path, str(exc))
     if paths and len(skipped) == len(paths):
+        folder.release_unwritten([RESULTS, IMAGES, *per_input])
         first = next(iter(skipped.values()))
         raise ImageError(f"none of the {len(paths)} inputs could be read ({first}); nothing was written")
     atomic_write_text(os.path.join(out_dir, RESULTS), json.dumps(results))
     atomic_write_text(os.path.join(out_dir, IMAGES), json.dumps(images))
+    folder.release_unwritten(per_input)  # a skipped input's, a drawn image written as PNG instead of JPEG
     return InferenceRun(results, images, skipped, [path for path in videos if path not in skipped])
 
 
