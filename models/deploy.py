@@ -11,11 +11,13 @@ The exported graphs take unpadded images only (no mask input): batch images of o
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import logging
 import os
 import warnings
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -84,78 +86,94 @@ def dynamic_shapes(min_side: int) -> dict[str, dict[int, object]]:
     return {"images": {0: torch.export.Dim("batch", min=1), 2: side, 3: side}}
 
 
-def min_image_side(num_feature_levels: int, backbone_strides: Sequence[int]) -> int:
-    """The smallest image side (pixels) that an export with dynamic height and width can be traced at.
-
-    Each stride-2 step of the network (a 3x3 or 7x7 convolution with padding, or the max-pool) maps ``n`` pixels to
-    ``ceil(n / 2)``, so a map of stride ``s`` is ``ceil(side / s)`` pixels. The top level's stride is the
-    backbone's last map's (32, or 16 with DC5) doubled by each extra stride-2 level beyond the backbone's maps.
-    ``torch.export`` specialises a size that is 1 while tracing (0/1 sizes cannot stay symbolic): traced at 64 px,
-    a 4-level model's program takes sides 33..64 only. So every level needs at least 2 pixels: ``side >= top stride
-    + 1``, e.g. 33 px with 3 levels (or 1), 65 with the default 4 (traced at 65: sides 65 and up).
-
-    Args:
-        num_feature_levels: the detector's ``num_feature_levels``.
-        backbone_strides: the strides of the backbone maps it uses (its ``backbone.strides``), last the largest.
+class FeatureLevels:
+    """The side (pixels) of each feature level of a detector for an image side, measured: its backbone run on meta
+    tensors (shapes only: nothing computed, its weights untouched), then each extra level's padded 3x3 stride-2
+    convolution (``n -> ceil(n / 2)``). Measured rather than derived from the strides because backbones round
+    differently: a ResNet's padded stride-2 steps map ``n`` to ``ceil(n / 2)``, timm's ConvNeXt (an unpadded 4x4
+    stem, 2x2 downsampling) to ``floor(n / 4)`` and ``floor(n / 2)``. Height and width are treated alike.
     """
-    extra_levels = num_feature_levels - len(backbone_strides)
-    return int(backbone_strides[-1]) * 2 ** max(extra_levels, 0) + 1
+
+    def __init__(self, model: nn.Module) -> None:
+        self.body = copy.deepcopy(model.backbone[0]).to("meta").eval()
+        self.levels = int(model.num_feature_levels)
+        self.measured: dict[int, list[int]] = {}
+
+    def sides(self, side: int) -> list[int]:
+        """Each level's side, finest first, for an image side ``side``; zeros where the backbone cannot take it."""
+        if side not in self.measured:
+            images = torch.empty(1, 3, side, side, device="meta")
+            try:
+                with torch.no_grad():
+                    maps = self.body(images, torch.zeros(1, side, side, dtype=torch.bool, device="meta"))
+                sides = [int(x.shape[-1]) for x, _ in maps]
+            except RuntimeError:  # smaller than a kernel of the backbone
+                sides = [0]
+            while len(sides) < self.levels:
+                sides.append(-(-sides[-1] // 2))
+            self.measured[side] = sides
+        return self.measured[side]
+
+    def positions(self, height: int, width: int) -> int:
+        """The encoder's positions for a ``height`` x ``width`` image: one per pixel of every level."""
+        return sum(h * w for h, w in zip(self.sides(height), self.sides(width), strict=True))
+
+    def smallest_side(self, enough: Callable[[int], bool]) -> int:
+        """The smallest side for which ``enough(side)`` holds; ``enough`` must hold for every larger side too (the
+        level sides grow with the image's)."""
+        low, high = 0, 16  # enough(high); not enough(low), or low 0
+        while not enough(high):
+            low, high = high, high * 2
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (low, middle) if enough(middle) else (middle, high)
+        return high
 
 
-def level_sides(side: int, num_feature_levels: int, backbone_strides: Sequence[int]) -> list[int]:
-    """The side (pixels) of each feature level for an image side ``side``: the backbone's maps, then the extra levels.
-
-    Every stride-2 step (the stem's 7x7 convolution and its max-pool, a stage's first 3x3 convolution, an extra
-    level's 3x3 convolution, all padded) maps ``n`` pixels to ``ceil(n / 2)``, so a level of stride ``s`` is
-    ``ceil(side / s)`` pixels; each extra level doubles the stride before it.
-
-    Args:
-        side: the image's height or width.
-        num_feature_levels: the detector's ``num_feature_levels``.
-        backbone_strides: the strides of the backbone maps it uses (its ``backbone.strides``), last the largest.
-    """
-    strides = [int(stride) for stride in backbone_strides]
-    while len(strides) < num_feature_levels:
-        strides.append(strides[-1] * 2)
-    return [-(-side // stride) for stride in strides]
+_LEVELS: weakref.WeakKeyDictionary[nn.Module, FeatureLevels] = weakref.WeakKeyDictionary()
 
 
-def encoder_positions(height: int, width: int, num_feature_levels: int, backbone_strides: Sequence[int]) -> int:
-    """How many positions the encoder has for a ``height`` x ``width`` image: one per pixel of every feature level
-    (:func:`level_sides`). A two-stage detector takes its ``num_queries`` proposals from them."""
-    heights = level_sides(height, num_feature_levels, backbone_strides)
-    widths = level_sides(width, num_feature_levels, backbone_strides)
-    return sum(h * w for h, w in zip(heights, widths, strict=True))
+def feature_levels(model: nn.Module) -> FeatureLevels:
+    """The :class:`FeatureLevels` of the detector ``model``, measured once per model."""
+    if model not in _LEVELS:
+        _LEVELS[model] = FeatureLevels(model)
+    return _LEVELS[model]
 
 
-def min_two_stage_side(num_queries: int, num_feature_levels: int, backbone_strides: Sequence[int]) -> int:
-    """The smallest square image side whose encoder has at least ``num_queries`` positions (a two-stage detector's
-    proposals: with fewer it cannot select them); e.g. 113 px for 300 queries with the default 4 levels (309
-    positions; 265 at 112 px). The positions grow with either side, so every larger size has enough too."""
-    side = 1
-    while encoder_positions(side, side, num_feature_levels, backbone_strides) < num_queries:
-        side += 1
-    return side
+def min_image_side(model: nn.Module) -> int:
+    """The smallest image side (pixels) that an export of the detector ``model`` with dynamic height and width can be
+    traced at: every feature level at least 2 pixels. ``torch.export`` specialises a size that is 1 while tracing
+    (0/1 sizes cannot stay symbolic): traced at 64 px, a 4-level ResNet model's program takes sides 33..64 only. So
+    e.g. 33 px with 3 levels (or 1) and 65 with the default 4 on a ResNet; 96 with 4 on timm's ConvNeXt."""
+    levels = feature_levels(model)
+    return levels.smallest_side(lambda side: min(levels.sides(side)) >= 2)
+
+
+def min_two_stage_side(model: nn.Module) -> int:
+    """The smallest square image side whose encoder has at least ``model.num_queries`` positions (a two-stage
+    detector's proposals: with fewer it cannot select them); e.g. 113 px for 300 queries with the default 4 levels of
+    a ResNet (309 positions; 265 at 112 px), 128 on timm's ConvNeXt. The positions grow with either side, so every
+    larger size has enough too."""
+    levels, queries = feature_levels(model), int(model.num_queries)
+    return levels.smallest_side(lambda side: levels.positions(side, side) >= queries)
 
 
 def min_export_side(model: nn.Module) -> int:
     """The smallest height and width an export of ``model`` (a detector) accepts: :func:`min_image_side`, and for a
     two-stage model at least :func:`min_two_stage_side` (a square range: some narrower sizes have enough positions,
     e.g. 96x400 for 300 queries, but no smaller minimum per side holds for every size above it)."""
-    strides, levels = list(model.backbone.strides), int(model.num_feature_levels)
-    side = min_image_side(levels, strides)
+    side = min_image_side(model)
     if getattr(model, "two_stage", False):
-        side = max(side, min_two_stage_side(int(model.num_queries), levels, strides))
+        side = max(side, min_two_stage_side(model))
     return side
 
 
 def export_size_reason(model: nn.Module) -> str:
     """Why :func:`min_export_side` is what it is, for the line stating an export's accepted sizes."""
-    strides, levels = list(model.backbone.strides), int(model.num_feature_levels)
     side = min_export_side(model)
-    if side == min_image_side(levels, strides):
+    if side == min_image_side(model):
         return "every feature level at least 2 px"
-    positions = encoder_positions(side, side, levels, strides)
+    positions = feature_levels(model).positions(side, side)
     return (
         f"two-stage: its num_queries={model.num_queries} proposals need as many encoder positions, {positions} at "
         f"{side}x{side}"
@@ -164,22 +182,20 @@ def export_size_reason(model: nn.Module) -> str:
 
 def check_export_size(height: int, width: int, model: nn.Module) -> None:
     """Refuses an example size that an export cannot trace with dynamic height and width, before the minutes an
-    export takes: a side below :func:`min_export_side` of ``model`` (a detector: ``backbone.strides``,
-    ``num_feature_levels``, ``two_stage``, ``num_queries``).
+    export takes: a side below :func:`min_export_side` of ``model`` (a detector).
 
     Raises:
         ValueError: naming the size, the minimum and why.
     """
-    strides, levels = list(model.backbone.strides), int(model.num_feature_levels)
-    minimum = min_image_side(levels, strides)
+    levels = feature_levels(model)
+    minimum = min_image_side(model)
     if min(height, width) < minimum:
-        extra = levels - len(strides)
-        top = f"the backbone's stride-{strides[-1]} map" + (f" and {extra} extra stride-2 level(s)" if extra else "")
+        below = levels.sides(minimum - 1)
         raise ValueError(
             f"example size {height}x{width} (--size H W) is too small: each side must be at least {minimum} px for "
-            f"this model. Its smallest feature map (stride {minimum - 1}: {top}) would be 1 px there, and "
-            f"torch.export specialises the graph to a 1-px map, so the program would not take larger images (height "
-            f"and width stay dynamic only when every level is at least 2 px)"
+            f"this model. Its feature levels would be {below} px a side at {minimum - 1} px, and torch.export "
+            f"specialises the graph to a 1-px map, so the program would not take larger images (height and width "
+            f"stay dynamic only when every level is at least 2 px; {levels.sides(minimum)} at {minimum} px)"
         )
     minimum = min_export_side(model)
     if min(height, width) < minimum:
@@ -188,9 +204,9 @@ def check_export_size(height: int, width: int, model: nn.Module) -> None:
             f"example size {height}x{width} (--size H W) is too small for this two-stage model: each side must be "
             f"at least {minimum} px. It selects num_queries={queries} proposals among the encoder's positions (one "
             f"per pixel of every feature level), and {minimum}x{minimum} is the smallest square with enough "
-            f"({encoder_positions(minimum, minimum, levels, strides)}; {below}x{below} has "
-            f"{encoder_positions(below, below, levels, strides)}), so the exported program takes height and width "
-            f"from {minimum} px ({height}x{width} has {encoder_positions(height, width, levels, strides)} positions)"
+            f"({levels.positions(minimum, minimum)}; {below}x{below} has {levels.positions(below, below)}), so the "
+            f"exported program takes height and width from {minimum} px ({height}x{width} has "
+            f"{levels.positions(height, width)} positions)"
         )
 
 

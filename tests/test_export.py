@@ -127,16 +127,32 @@ def _smallest_level(model: torch.nn.Module, side: int) -> int:
         (["model.num_feature_levels=1"], 33),
         (["model.num_feature_levels=5"], 129),
         (["model.backbone=resnet50", "model.dilation=true", "model.num_feature_levels=1"], 17),  # DC5: stride 16
+        (["model.backbone=timm/convnext_atto"], 96),  # maps floor(side / 32): 3 px at 96, then ceil(3 / 2) = 2
     ],
-    ids=["4-levels", "3-levels", "1-level", "5-levels", "dc5-1-level"],
+    ids=["4-levels", "3-levels", "1-level", "5-levels", "dc5-1-level", "convnext-floors"],
 )
 def test_min_image_side_follows_the_model(overrides, expected):
     model = build_detector(load_config(CONFIG, [*TINY, *overrides])).eval()
-    assert min_image_side(model.num_feature_levels, model.backbone.strides) == expected
+    assert min_image_side(model) == expected
     for side, smallest in ((expected, 2), (expected - 1, 1)):  # the real modules: at one pixel less, a 1-px level
         assert _smallest_level(model, side) == smallest
     with pytest.raises(ValueError, match=rf"each side must be at least {expected} px"):
         export_program(model, example_images(2, expected - 1, 200))  # refused before tracing
+
+
+def test_a_backbone_that_rounds_down_exports_from_its_own_minimum():
+    """timm's ConvNeXt maps a side to floor(side / 32): traced at 96 px (its minimum) the program takes any size from
+    96 up, non-square included, where a minimum derived as for a ResNet (65) traced a top level of 1 px."""
+    torch.manual_seed(0)
+    model = build_detector(load_config(CONFIG, [*TINY, "model.backbone=timm/convnext_atto"])).eval()
+    perturb(model, scale=0.05)
+    program = export_program(model, example_images(2, 96, 96))
+    assert input_ranges(program)["height"] == (96, float("inf")) == input_ranges(program)["width"]
+    for height, width in ((96, 133), (141, 97)):
+        images = example_images(1, height, width, seed=height)
+        with torch.no_grad():
+            for got, expected in zip(program.module()(images), ExportableDetector(model)(images), strict=True):
+                torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("tool_name", ["export_torch", "export_onnx"])
@@ -153,7 +169,7 @@ def test_export_tools_check_size_and_out_before_exporting(trained, tmp_path, cap
     cases = [
         (["--size", "16", "16", "--out", str(tmp_path / "m.out")], "example size 16x16 (--size H W) is too small"),
         (["--size", "0", "0", "--out", str(tmp_path / "m.out")], "each side must be at least 65 px"),
-        (["--size", "-4", "96", "--out", str(tmp_path / "m.out")], "stride 64: the backbone's stride-32 map"),
+        (["--size", "-4", "96", "--out", str(tmp_path / "m.out")], "levels would be [8, 4, 2, 1] px a side at 64 px"),
         (["--out", str(tmp_path / "folder")], f"--out {tmp_path / 'folder'} is a folder"),
         (["--out", str(tmp_path / "a_file" / "m.out")], f"{tmp_path / 'a_file'} is a file, not a folder"),
         (["--out", ""], "--out is empty"),

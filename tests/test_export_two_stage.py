@@ -15,10 +15,9 @@ from models import build_detector
 from models.config import config_to_dict
 from models.deploy import (
     ExportableDetector,
-    encoder_positions,
     example_images,
     export_size_reason,
-    level_sides,
+    feature_levels,
     min_export_side,
 )
 
@@ -45,22 +44,33 @@ def checkpoint(tmp_path_factory) -> str:
     return path
 
 
-@pytest.mark.parametrize("levels", [4, 3, 1, 5])
-def test_encoder_positions_match_the_model(levels):
-    model = two_stage(f"model.num_feature_levels={levels}", "model.num_queries=4")  # 9 positions at 65 px
-    strides = model.backbone.strides
-    for height, width in ((65, 65), (97, 130), (129, 71)):  # odd sides: ceil, not floor
+@pytest.mark.parametrize(
+    "overrides",
+    [["model.num_feature_levels=4"], ["model.num_feature_levels=3"], ["model.num_feature_levels=1"],
+     ["model.num_feature_levels=5"], ["model.backbone=timm/convnext_atto"]],
+    ids=["4-levels", "3-levels", "1-level", "5-levels", "convnext"],
+)  # fmt: skip
+def test_encoder_positions_match_the_model(overrides):
+    model = two_stage(*overrides, "model.num_queries=4")  # 9 positions at 65 px
+    levels = feature_levels(model)
+    for height, width in ((97, 97), (97, 130), (129, 71)):  # odd sides: a ResNet rounds up, a ConvNeXt down
         with torch.no_grad():
             out = model(example_images(1, height, width))
-        heights, widths = level_sides(height, levels, strides), level_sides(width, levels, strides)
+        heights, widths = levels.sides(height), levels.sides(width)
         assert out["enc_outputs"]["pred_logits"].shape[1] == sum(h * w for h, w in zip(heights, widths, strict=True))
-        assert encoder_positions(height, width, levels, strides) == out["enc_outputs"]["pred_logits"].shape[1]
+        assert levels.positions(height, width) == out["enc_outputs"]["pred_logits"].shape[1]
 
 
 @pytest.mark.parametrize(
     ("overrides", "queries", "expected"),
-    [([], QUERIES, MIN_SIDE), ([], 150, 81), ([], 900, 201), (["model.num_feature_levels=1"], 10, 97)],
-    ids=["300-queries", "150-queries", "900-queries", "1-level-10-queries"],  # 1 level: 9 positions at 96 px
+    [
+        ([], QUERIES, MIN_SIDE),
+        ([], 150, 81),
+        ([], 900, 201),
+        (["model.num_feature_levels=1"], 10, 97),  # 1 level: 9 positions at 96 px
+        (["model.backbone=timm/convnext_atto"], QUERIES, 128),  # rounds down: 287 positions at 127 px, 340 at 128
+    ],
+    ids=["300-queries", "150-queries", "900-queries", "1-level-10-queries", "convnext-300-queries"],
 )
 def test_min_export_side_is_the_smallest_side_that_runs(overrides, queries, expected):
     model = two_stage(f"model.num_queries={queries}", *overrides)

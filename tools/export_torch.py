@@ -10,8 +10,9 @@ registered. Without ``--checkpoint`` the weights are random (for testing the pip
 
 ``--out`` and ``--size`` are checked before the export: ``--out`` must name a file (not a folder) in a folder that can
 be created and written; each side of ``--size`` must be at least the model's smallest (every feature level >= 2 px:
-65 px with 4 levels, 33 with 3; a two-stage model also needs as many encoder positions as queries: 113 px for 300
-queries with 4 levels; ``models.deploy.min_export_side``). The file is written atomically.
+on a ResNet 65 px with 4 levels, 33 with 3; a two-stage model also needs as many encoder positions as queries: 113 px
+for 300 queries with 4 ResNet levels; measured from the backbone: ``models.deploy.min_export_side``). The file is
+written atomically.
 """
 
 from __future__ import annotations
