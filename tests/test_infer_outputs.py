@@ -14,7 +14,7 @@ from _repo import load_tool
 from _viz_utils import shapes_image, tiny_config, tiny_model, tool_argv_config, write_checkpoint, write_image
 
 from deformable.inference.images import ImageError
-from deformable.inference.run import MANIFEST, OutputFolder, run_inference
+from deformable.inference.run import MANIFEST, OutputFolder, result_category_ids, run_inference
 from models.config import config_to_dict
 from models.files import FolderError
 
@@ -109,6 +109,37 @@ def test_data_set_images_keep_their_ids_and_other_files_get_ids_above_them(tmp_p
     assert {r["image_id"] for r in run.results} == set(ids.values())
 
 
+def test_results_take_the_data_set_s_category_ids_where_the_checkpoint_numbers_them_otherwise(tmp_path) -> None:
+    """A checkpoint trained with cat 1 / dog 3, inferred on a data set numbering dog 1 / cat 7 / bird 3: results.json
+    holds the data set's ids (as eval's detections do), so that it scores against that annotation file."""
+    named = str(tmp_path / "named.pth")
+    state = {"model": tiny_model().state_dict(), "config": config_to_dict(tiny_config())}
+    torch.save({**state, "class_names": {1: "cat", 3: "dog"}}, named)
+    root = tmp_path / "data"
+    (root / "annotations").mkdir(parents=True)
+    (root / "val2017").mkdir()
+    write_image(str(root / "val2017" / "a.jpg"), shapes_image(60, 80))
+    categories = [{"id": 1, "name": "dog"}, {"id": 7, "name": "cat"}, {"id": 3, "name": "bird"}]
+    payload = {"images": [{"id": 4, "file_name": "a.jpg", "width": 80, "height": 60}], "annotations": []}
+    (root / "annotations" / "instances_val2017.json").write_text(json.dumps({**payload, "categories": categories}))
+    warned: list[str] = []
+    kwargs = dict(score_threshold=0.0, device=CPU, show_progress=False, warn=warned.append)
+    photo = [str(root / "val2017" / "a.jpg")]
+    plain = run_inference(tiny_config(), named, photo, str(tmp_path / "plain"), **kwargs).results
+    run = run_inference(tiny_config(f"data.root={root}"), named, photo, str(tmp_path / "out"), **kwargs)
+    assert {r["category_id"] for r in plain} == {1, 3}  # the checkpoint's labels
+    assert [r["category_id"] for r in run.results] == [{1: 7, 3: 1}[r["category_id"]] for r in plain]
+    assert "category ids are the data set's (where the checkpoint's differ): cat 1 -> 7, dog 3 -> 1" in warned[-1]
+
+
+def test_result_category_ids_keep_the_checkpoint_s_other_classes_apart() -> None:
+    dataset, checkpoint = {1: "dog", 2: "cat"}, {1: "cat", 2: "dog", 3: "bird", 5: "fox"}
+    assert result_category_ids(dataset, checkpoint)[0] == {1: 2, 2: 1}  # bird keeps 3, fox 5: no class of the data
+    assert result_category_ids({1: "dog", 3: "cat"}, {1: "cat", 3: "bird"})[0] == {1: 3, 3: 4}  # bird's 3 is cat's
+    assert result_category_ids({1: "cat"}, {1: "cat"}) == ({}, [])
+    assert result_category_ids({1: "cat"}, {0: "LABEL_0"}) == ({}, [])  # no shared name: the ids are taken as they are
+
+
 def test_the_drawn_boxes_are_those_written(tmp_path) -> None:
     """Labels the checkpoint does not name (class 0 of the original's convention, here also 2) are neither written
     nor drawn."""
@@ -187,9 +218,14 @@ def test_a_data_set_the_config_names_but_that_is_not_found_is_said(tmp_path, che
     run_inference(tiny_config("data.root=../somewhere/raccoon"), checkpoint, [photo], str(tmp_path / "out"), **options)
     assert len(messages) == 1 and "data.root=../somewhere/raccoon) is not found from" in messages[0]
     messages.clear()
-    default = tiny_config("data.root=data/coco")  # COCO weights name no data set of the user's
-    run_inference(default, checkpoint, [photo], str(tmp_path / "o2"), **options)
+    weights = str(tmp_path / "weights.pth")  # weights alone (COCO's, say) name no data set of the user's
+    torch.save(tiny_model().state_dict(), weights)
+    default = tiny_config("data.root=data/coco")
+    run_inference(default, weights, [photo], str(tmp_path / "o2"), **options)
     assert messages == []
+    # A checkpoint of this project was trained on its config's data set, even one at the default's path.
+    run_inference(default, checkpoint, [photo], str(tmp_path / "o3"), **options)
+    assert len(messages) == 1 and "data.root=data/coco) is not found from" in messages[0]
 
 
 def test_the_list_of_outputs_names_only_what_was_written(tmp_path, checkpoint) -> None:

@@ -16,7 +16,7 @@ from .build import (
     check_has_boxes,
     check_num_classes,
     dataset_class_names,
-    dataset_image_ids,
+    dataset_index,
     resolve_num_classes,
     validation_without_boxes,
 )
@@ -69,7 +69,7 @@ __all__ = [
     "coco_target",
     "collate",
     "dataset_class_names",
-    "dataset_image_ids",
+    "dataset_index",
     "detect_layout",
     "ensure_synthetic",
     "error_message",

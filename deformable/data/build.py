@@ -102,11 +102,12 @@ def dataset_class_names(cfg: DataConfig) -> dict[int, str]:
         return {}
 
 
-def dataset_image_ids(cfg: DataConfig) -> dict[str, int]:
-    """Image -> image id in the data set ``cfg`` describes (its val split, else its train split), so that detections
-    on those files can be scored against it; empty when neither can be read. Each image is keyed by its real
-    absolute path, and by its file name (without folders) where no other image of the split has that name: a copy
-    elsewhere is still found, and images of one name in several folders only by their own paths."""
+def dataset_index(cfg: DataConfig) -> tuple[dict[str, int], dict[int, str]]:
+    """The images and classes of the data set ``cfg`` describes (its val split, else its train split), so that
+    detections on those files can be scored against it: ``(image -> image id, category id -> name)``, both of that
+    one split; empty when neither split can be read. Each image is keyed by its real absolute path, and by its file
+    name (without folders) where no other image of the split has that name: a copy elsewhere is still found, and
+    images of one name in several folders only by their own paths."""
     for split in ("val", "train"):
         try:
             data = read_split(cfg, split)
@@ -118,5 +119,5 @@ def dataset_image_ids(cfg: DataConfig) -> dict[str, int]:
         ids = {name: image_id for name, image_id in ids.items() if names[name] == 1}
         for info in images:
             ids[os.path.realpath(os.path.join(data.image_root, info["file_name"]))] = int(info["id"])
-        return ids
-    return {}
+        return ids, {int(cat["id"]): str(cat["name"]) for cat in data.coco["categories"]}
+    return {}, {}

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from deformable.data import dataset_image_ids
+from deformable.data import dataset_index
 from deformable.data.coco_eval import to_coco_results
 from models import build_postprocessor
 from models.config import Config, DataConfig
@@ -51,23 +51,15 @@ class InferenceRun:
     videos: list[str] = field(default_factory=list)
 
 
-def image_ids(paths: Sequence[str], cfg: Config, warn: Callable[[str], None] | None = None) -> dict[str, int]:
+def image_ids(paths: Sequence[str], known: Mapping[str, int]) -> dict[str, int]:
     """Path -> image id in results.json and images.json.
 
-    An image of the data set of ``cfg.data`` (in any layout, matched by its path, or by its file name where that is
-    unique in the data set, so that the results can be scored against it) keeps its id there; where several inputs
-    match one image, the first listed gets it. Every other image gets an id above the data set's largest (1, 2, ...
-    without a data set), in the order given, so that no id can point at another image of the data set. images.json
-    maps the ids to the files. A data set the config names (any ``data.root`` but the default's) that cannot be found
-    from here is reported to ``warn``: the ids then start at 1 and may be those of other images of it.
+    An image of the data set (``known``: its images' ids by path and unique file name, :func:`dataset_index`) keeps
+    its id there, matched by its path or else its file name, so that the results can be scored against it; where
+    several inputs match one image, the first listed gets it. Every other image gets an id above the data set's
+    largest (1, 2, ... without a data set), in the order given, so that no id can point at another image of it.
+    images.json maps the ids to the files.
     """
-    known = dataset_image_ids(cfg.data)
-    root = cfg.data.root
-    if paths and not known and warn is not None and root and root != DataConfig().root and not os.path.isdir(root):
-        warn(
-            f"the config's data set (data.root={root}) is not found from {os.getcwd()}: image ids start at 1 and may "
-            "be those of other images in it; run from the folder its path is relative to, or pass data.root=PATH"
-        )
     next_id = max(known.values(), default=0) + 1
     ids: dict[str, int] = {}
     taken: set[int] = set()
@@ -82,6 +74,34 @@ def image_ids(paths: Sequence[str], cfg: Config, warn: Callable[[str], None] | N
         ids[path] = own
         taken.add(own)
     return ids
+
+
+def result_category_ids(
+    dataset_names: Mapping[int, str], checkpoint_names: Mapping[int, str]
+) -> tuple[dict[int, int], list[str]]:
+    """The category ids results.json writes, where they differ from the checkpoint's labels: a class the data set
+    names gets the data set's id (its annotation file's, as ``tools/eval.py`` writes its detections), so that the
+    results score against it; a class of the checkpoint the data set lacks keeps its id unless one of the data set's
+    classes has it (then one above every id). Nothing changes when either names no class or they share no name.
+
+    Returns:
+        ``(label -> category id, messages)``, empty when nothing changes.
+    """
+    by_name = {name: cat_id for cat_id, name in dataset_names.items()}
+    if not set(by_name) & set(checkpoint_names.values()):
+        return {}, []
+    fresh = max(*dataset_names, *checkpoint_names) + 1
+    ids: dict[int, int] = {}
+    for label, name in sorted(checkpoint_names.items()):
+        if name in by_name:
+            ids[label] = by_name[name]
+        elif label in dataset_names:
+            ids[label], fresh = fresh, fresh + 1
+    moved = {label: cat_id for label, cat_id in ids.items() if cat_id != label}
+    if not moved:
+        return {}, []
+    changes = ", ".join(f"{checkpoint_names[label]} {label} -> {cat_id}" for label, cat_id in moved.items())
+    return moved, [f"results.json: category ids are the data set's (where the checkpoint's differ): {changes}"]
 
 
 def output_names(paths: Sequence[str]) -> dict[str, str]:
@@ -227,12 +247,14 @@ def run_inference(
     """Detects on ``paths`` (images, and videos by their extension: :data:`~.video.VIDEO_EXTENSIONS`) and writes
     ``out_dir/results.json`` (COCO results of the images' detections >= ``score_threshold`` whose label the
     checkpoint names, as :class:`~deformable.inference.Predictor` returns them: ``image_id``, ``category_id``,
-    ``bbox`` xywh, ``score``), ``out_dir/images.json`` (COCO ``images`` entries: ``id``, ``file_name``, ``height``,
-    ``width``; ids as :func:`image_ids` gives them) and, with ``draw``, ``out_dir/<stem>.jpg``: the image ``draw``
-    returns for those same detections (``tools/infer.py`` passes
+    ``bbox`` xywh, ``score``; where the config's data set numbers the checkpoint's classes otherwise, its category
+    ids: :func:`result_category_ids`), ``out_dir/images.json`` (COCO ``images`` entries: ``id``, ``file_name``,
+    ``height``, ``width``; ids as :func:`image_ids` gives them) and, with ``draw``, ``out_dir/<stem>.jpg``: the
+    image ``draw`` returns for those same detections (``tools/infer.py`` passes
     :func:`deformable.viz.detections.draw_detections`). A video gives ``out_dir/<stem>.json`` (its frame rate, size
     and, for every ``video_stride``-th frame, the index, time and detections) and, with ``draw``, ``<stem>.mp4``: those
-    frames drawn, at the frame rate divided by ``video_stride``.
+    frames drawn, at the frame rate divided by ``video_stride`` (a video's ``category_id`` is the checkpoint's label,
+    with its ``name``).
 
     Before any work: with ``draw``, an ``out_dir`` that holds an input is refused; an existing file of ``out_dir``
     that no earlier run wrote is never replaced (:class:`OutputFolder`). An image or video that cannot be read is
@@ -256,13 +278,24 @@ def run_inference(
     videos = [path for path in paths if is_video(path)]
     stills = [path for path in paths if not is_video(path)]
     folder = OutputFolder(out_dir)
-    ids, files = image_ids(stills, cfg, warn), output_names(paths)
+    known, dataset_names = dataset_index(cfg.data)
+    named = (state is not None and state.config is not None) or cfg.data.root != DataConfig().root
+    if stills and not known and named and cfg.data.root and not os.path.isdir(cfg.data.root):
+        warn(
+            f"the config's data set (data.root={cfg.data.root}) is not found from {os.getcwd()}: image ids start at 1 "
+            "and may be those of other images in it; run from the folder its path is relative to, or pass "
+            "data.root=PATH"
+        )
+    ids, files = image_ids(stills, known), output_names(paths)
     stems = {path: os.path.splitext(files[path])[0] for path in videos}
     drawn = [files[path] for path in stills] + [stems[path] + ".mp4" for path in videos] if draw is not None else []
     per_input = [*drawn, *(stems[path] + ".json" for path in videos)]
     folder.claim([RESULTS, IMAGES, *per_input])
     postprocessor = build_postprocessor(cfg)
     names = class_names(cfg, state)
+    categories, notes = result_category_ids(dataset_names, names) if known else ({}, [])
+    for note in notes:
+        warn(note)
     results: list[dict] = []
     images: list[dict] = []
     skipped: dict[str, str] = {}
@@ -282,7 +315,10 @@ def run_inference(
         for (path, picture), kept in zip(batch, detect_kept([picture for _, picture in batch]), strict=True):
             if draw is not None:
                 folder.write_drawn(files[path], draw(picture, kept, names), path, warn)
-            results += to_coco_results(ids[path], kept)
+            results += [
+                {**entry, "category_id": categories.get(entry["category_id"], entry["category_id"])}
+                for entry in to_coco_results(ids[path], kept)
+            ]
             images.append({"id": ids[path], "file_name": path, "height": picture.shape[0], "width": picture.shape[1]})
     bar.close()
     draw_frame = None if draw is None else (lambda picture, kept: draw(picture, kept, names))
