@@ -332,3 +332,19 @@ def test_the_capped_cut_gate_is_the_cut_one_below_zero_and_the_capped_one_above(
     below, above = torch.linspace(-8, 0, 17), torch.linspace(0.1, 8, 9)
     torch.testing.assert_close(both.gate(below), cut.gate(below))
     assert (both.gate(above) == 0.5).all()  # a pixel counts at most 1
+
+
+def test_the_binarise_penalty_is_the_gates_mean_spread_and_still_at_the_start() -> None:
+    model = seeded("binarise-0.1")
+    task = model.task
+    tokens, ks, ref, _ = counting.make_batch(task, 4, (2, 5), torch.Generator().manual_seed(0))
+    model(tokens, ks, ref)
+    penalty = model.attn.cope.penalty
+    assert penalty.item() == pytest.approx(0.25)  # every gate starts at 1/2: g (1 - g) = 1/4
+    penalty.backward()
+    assert model.attn.cope.gate_bias.grad.abs().max() < 1e-12  # 1/2 is where the penalty's slope is 0
+    with torch.no_grad():
+        model.attn.cope.gate_bias.fill_(-2.0)
+    model(tokens, ks, ref)
+    gate = torch.sigmoid(torch.tensor(-2.0))
+    assert model.attn.cope.penalty.item() == pytest.approx((gate * (1 - gate)).item(), rel=1e-5)

@@ -63,6 +63,8 @@ VARIANTS = {
     "cut": {},  # gate relu(1.1 sigmoid - 0.05): exactly shut below sigmoid 0.045, 1/2 at logit 0 as before
     "capped-cut": {},  # both: at most 1 count per pixel, exactly 0 deep in the tail
     "rounded": {},  # density round(2 g) (0, 1 or 2 counts) forward, the sigmoid's gradient backward (straight-through)
+    "binarise-0.1": {},  # loss + 0.1 x mean g (1 - g) over every gate: pushes gates that left 1/2 to 0 or 1
+    "binarise-1": {},  # the same, weight 1
 }
 
 
@@ -134,12 +136,32 @@ class RoundedSampling(CoPESampling):
         return soft + (torch.round(2 * soft) / 2 - soft).detach()
 
 
+class BinarisedSampling(CoPESampling):
+    """The "binarise-W" ablations: the sigmoid gate, and ``penalty``, the mean of ``g (1 - g)`` over the gates of the
+    last forward pass (0 at shut or open gates; its gradient is 0 at 1/2, where the gates start), which the probe's
+    training adds to the loss with weight W."""
+
+    penalty: torch.Tensor | None = None
+
+    def densities(self, *args, **kwargs) -> list[torch.Tensor]:
+        self.penalty = None
+        return super().densities(*args, **kwargs)
+
+    def gate(self, logits: torch.Tensor) -> torch.Tensor:
+        gates = torch.sigmoid(logits)
+        term = (gates * (1 - gates)).mean()
+        self.penalty = term if self.penalty is None else self.penalty + term
+        return gates
+
+
 GATE_ABLATIONS = {
     "hard-gates": HardGateSampling,
     "capped": CappedSampling,
     "cut": CutSampling,
     "capped-cut": CappedCutSampling,
     "rounded": RoundedSampling,
+    "binarise-0.1": BinarisedSampling,
+    "binarise-1": BinarisedSampling,
 }
 
 
@@ -382,6 +404,8 @@ def train(task: Task, offset_mode: str, seed: int, args: argparse.Namespace) -> 
         tokens, ks, ref, targets = make_batch(task, args.batch, args.gaps, generator)
         logits = model(tokens, ks, ref, noise_generator)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        if variant.startswith("binarise-"):
+            loss = loss + float(variant.removeprefix("binarise-")) * model.attn.cope.penalty
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
