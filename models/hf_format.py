@@ -396,6 +396,12 @@ def _check_writable(model_cfg: ModelConfig) -> None:
         )
     if model_cfg.two_stage and not model_cfg.with_box_refine:
         raise ValueError("two_stage without with_box_refine cannot be written for transformers (it requires both)")
+    if model_cfg.dec_layers == 1 and not model_cfg.two_stage:
+        # transformers 5 ties bbox_embed.1.. (class_embed.1..) to bbox_embed.0 and refuses a tie with no target.
+        raise ValueError(
+            "dec_layers=1 cannot be written for transformers (unless two_stage): transformers 5 cannot build a "
+            "DeformableDetrForObjectDetection with one decoder layer and one box head, even from its own config"
+        )
     differences = hf_backbone_differences(model_cfg.backbone)
     if differences:
         raise ValueError(
@@ -493,7 +499,7 @@ def write_hf(
     Raises:
         ValueError: a backbone transformers does not build (not a ResNet or timm model) or would run otherwise
             (:func:`hf_backbone_differences`), options it cannot express (CoPE offsets, 2 feature levels,
-            two-stage without box refinement), a state_dict that does not fit
+            two-stage without box refinement, one decoder layer without two-stage), a state_dict that does not fit
             ``model_cfg``, or a key with no transformers counterpart.
         FileTargetError (a ValueError): ``folder`` is empty, a file, under a file, not writable, or holds a
             transformers model and ``overwrite`` is False.

@@ -200,6 +200,15 @@ def test_train_ann_without_val_ann_suggests_val_ann(tmp_path) -> None:
     assert "mine_train.json, mine_val.json" in message and "cocodataset.org" not in message
     both = DataConfig(root=root, train_ann=cfg.train_ann, val_ann="annotations/mine_val.json")
     assert len(read_split(both, "val").coco["images"]) == 2
+    # Images elsewhere than <root>/<split>/ (a Label Studio export: <root>/images/): the split folder is named.
+    os.rename(os.path.join(root, "val2017"), os.path.join(root, "images"))
+    with pytest.raises(DatasetError) as caught:
+        read_split(both, "val")
+    message = str(caught.value)
+    assert "set data.val_split to the folder under data.root that they are relative to" in message
+    assert "cocodataset.org" not in message
+    moved = DataConfig(root=root, train_ann=cfg.train_ann, val_ann=both.val_ann, val_split="images")
+    assert len(read_split(moved, "val").coco["images"]) == 2
 
 
 # --- 7. ~ in data.root ----------------------------------------------------------------------------------------------

@@ -212,6 +212,28 @@ def test_small_variants_both_directions(overrides: list[str], tmp_path) -> None:
     assert_same_predictions(ours, back)
 
 
+def test_one_decoder_layer_is_written_only_for_two_stage(tmp_path) -> None:
+    """transformers 5 ties bbox_embed.1.. to bbox_embed.0 and cannot build a detector with one decoder layer (one box
+    head), not even from its own config, so write_hf refuses it; two-stage has a second head and round-trips."""
+    transformers = pytest.importorskip("transformers")
+    one = load_cfg("coco_box_refine.yaml", *TINY, "model.dec_layers=1")
+    # When this stops raising, transformers builds it: _check_writable's refusal can go.
+    with pytest.raises(ValueError, match="tie_weights_keys"):
+        transformers.DeformableDetrForObjectDetection(transformers.DeformableDetrConfig(**hf_kwargs(one.model)))
+    with pytest.raises(ValueError, match=r"dec_layers=1 cannot be written for transformers \(unless two_stage\)"):
+        write_hf(tmp_path / "one", build_ours(one).state_dict(), one.model)
+    assert not (tmp_path / "one").exists()
+
+    cfg = load_cfg("coco_two_stage.yaml", *TINY, "model.dec_layers=1")
+    ours = build_ours(cfg)
+    write_hf(tmp_path / "two_stage", ours.state_dict(), cfg.model)
+    hf, info = transformers.DeformableDetrForObjectDetection.from_pretrained(
+        tmp_path / "two_stage", output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert_same_predictions(ours, hf)
+
+
 def test_in_memory_names_and_pytorch_model_bin(tmp_path) -> None:
     """transformers 5's in-memory names (mlp.fc1, o_proj, backbone.model) and a .bin file read the same."""
     cfg = load_cfg("coco.yaml", *TINY, "model.position_embedding=learned", "model.backbone=resnet18")
@@ -655,6 +677,8 @@ def test_write_hf_refuses_what_transformers_cannot_build(tmp_path) -> None:
         write_hf(tmp_path, state, cope)
     with pytest.raises(ValueError, match="num_feature_levels=2 cannot be written"):
         write_hf(tmp_path, state, load_cfg("coco.yaml", *TINY, "model.num_feature_levels=2").model)
+    with pytest.raises(ValueError, match=r"dec_layers=1 cannot be written for transformers \(unless two_stage\)"):
+        write_hf(tmp_path, state, load_cfg("coco.yaml", *TINY, "model.dec_layers=1").model)
     with pytest.raises(ValueError, match="num_queries: config 300, weights 12"):
         write_hf(tmp_path, state, load_cfg("coco.yaml", *TINY, "model.num_queries=300").model)
     with pytest.raises(ValueError, match="with_box_refine: config True, weights False"):

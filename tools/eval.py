@@ -60,7 +60,13 @@ def main(argv: list[str] | None = None) -> int:
         folder = results_folder(args.checkpoint, overrides)
         evaluate_checkpoint(cfg if folder is None else dataclasses.replace(cfg, output_dir=folder), checkpoint)
     except (DatasetError, CheckpointError, ConfigError, FileNotFoundError, FolderError) as exc:
-        print(f"error: {error_message(exc)}", file=sys.stderr)  # a DataLoader worker's error: its own message
+        message = error_message(exc)  # a DataLoader worker's error: its own message
+        if isinstance(exc, DatasetError) and config is None and cfg is not None and not os.path.exists(cfg.data.root):
+            message += (
+                f" (data.root={cfg.data.root} is the checkpoint's saved config's, relative to where it was trained and "
+                f"not found from {os.getcwd()}: run from there, or pass data.root=PATH)"
+            )
+        print(f"error: {message}", file=sys.stderr)
         return 1
     return 0
 

@@ -144,7 +144,14 @@ def read_split(cfg: DataConfig, which: str) -> SplitData:
         ann_file = _annotation_file(cfg, layout, which)
         if not os.path.isfile(ann_file) and (cfg.train_ann or cfg.val_ann):
             raise DatasetError(f"annotation file {ann_file} does not exist: {_annotation_hint(cfg, which)}")
-        return read_coco_file(ann_file, os.path.join(cfg.root, split), layout=layout, split=split, hint=fix_hint(cfg))
+        hint = fix_hint(cfg)
+        if cfg.train_ann or cfg.val_ann:  # the annotation files are the user's: so is where the images are
+            hint = (
+                f"the file_name entries of {ann_file} are read relative to data.root/data.{which}_split "
+                f"({os.path.join(cfg.root, split)}); set data.{which}_split to the folder under data.root that they "
+                f"are relative to (data.{which}_split=. for data.root itself)"
+            )
+        return read_coco_file(ann_file, os.path.join(cfg.root, split), layout=layout, split=split, hint=hint)
     if layout == "roboflow":
         ann_file = _annotation_file(cfg, layout, which)
         if not os.path.isfile(ann_file):
