@@ -8,6 +8,7 @@ import os
 import cv2
 import numpy as np
 import yaml
+from PIL import Image
 
 CLASSES = ["cat", "dog"]  # alphabetical, so VOC's sorted ids and YOLO's order agree: cat 1, dog 2
 # split -> [(stem, width, height, [(class, [x, y, w, h] integer pixels), ...])]
@@ -32,6 +33,15 @@ def write_image(path: str, width: int, height: int, boxes: list[tuple[str, list[
     for name, (x, y, w, h) in boxes:
         picture[y : y + h, x : x + w] = COLOURS[name]
     assert cv2.imwrite(path, picture)
+
+
+def write_rotated_jpeg(path: str, upright: np.ndarray, orientation: int = 6) -> None:
+    """Stores ``upright`` (H, W, 3) RGB turned a quarter anticlockwise, with the EXIF orientation (6) that turns it
+    back: the file holds a W x H picture (width x height) that is shown, and read, H x W."""
+    stored = Image.fromarray(np.ascontiguousarray(np.rot90(upright, k=1)))
+    exif = stored.getexif()
+    exif[0x0112] = orientation
+    stored.save(path, quality=95, exif=exif)
 
 
 def coco_payload(split: str, folder: str, supercategory: bool = False) -> dict:

@@ -8,7 +8,7 @@ import warnings
 
 import numpy as np
 import pytest
-from _data_utils import COLOURS, SPLITS, write_coco, write_yolo
+from _data_utils import COLOURS, SPLITS, write_coco, write_rotated_jpeg, write_yolo
 from PIL import Image
 
 from deformable.data import DatasetError, build_dataset
@@ -17,14 +17,6 @@ from deformable.inference import read_image
 from models.config import DataConfig
 
 CAT_RGB = COLOURS["cat"][::-1]
-
-
-def write_rotated_jpeg(path: str, upright: np.ndarray, orientation: int = 6) -> None:
-    """Stores ``upright`` turned a quarter anticlockwise, with the EXIF orientation (6) that turns it back."""
-    stored = Image.fromarray(np.ascontiguousarray(np.rot90(upright, k=1)))
-    exif = stored.getexif()
-    exif[0x0112] = orientation
-    stored.save(path, quality=95, exif=exif)
 
 
 def upright_val_image() -> tuple[str, np.ndarray, list]:

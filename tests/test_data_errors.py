@@ -157,6 +157,12 @@ def test_voc_split_naming_missing_files(tmp_path) -> None:
         f.write("ghost\n")
     with pytest.raises(DatasetError, match=re.escape(f"{split} line 3: ghost has no annotation file")):
         _build(root)
+    with open(split, "w") as f:
+        f.write("d\ne.jpg\n")  # a list naming files, not ids
+    with pytest.raises(DatasetError, match=re.escape("(the list names images without extension: e, not e.jpg)")):
+        _build(root)
+    with open(split, "w") as f:
+        f.write("d\ne\n")
     os.remove(os.path.join(root, "JPEGImages", "e.jpg"))
     with open(split, "w") as f:
         f.write("d\ne\n")

@@ -185,6 +185,19 @@ def test_eval_writes_beside_the_checkpoint_unless_told(finished, shapes_root, tm
     assert (chosen / "eval.json").is_file()
 
 
+def test_eval_says_a_missing_data_root_is_the_checkpoint_s(finished, tmp_path, monkeypatch, capsys) -> None:
+    """A checkpoint's saved data.root is relative to where it was trained: from elsewhere eval says so."""
+    content = torch.load(Path(finished) / "checkpoint.pth", weights_only=True)
+    content["config"]["data"]["root"] = "data/raccoon"
+    torch.save(content, tmp_path / "model.pth")
+    monkeypatch.chdir(tmp_path)
+    assert eval_tool.main(["--checkpoint", str(tmp_path / "model.pth"), "train.device=cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "data.root data/raccoon does not exist" in err
+    hint = "(data.root=data/raccoon is the checkpoint's saved config's, relative to where it was trained and not found"
+    assert f"{hint} from {tmp_path}: run from there, or pass data.root=PATH)" in err
+
+
 def test_atomic_writes_get_the_permissions_of_an_ordinary_write(tmp_path) -> None:
     """mkstemp makes private (0600) files; the written file gets what open() gives under the umask, or keeps the
     permissions of the file it replaces."""
@@ -236,6 +249,38 @@ def test_resuming_another_runs_checkpoint_into_a_run_is_refused(finished, shapes
 def _log(run: str) -> list[dict]:
     with open(os.path.join(run, "log.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def test_resuming_another_runs_checkpoint_starts_with_its_log(finished, shapes_root, tmp_path, capsys) -> None:
+    """train.resume=PATH of another run into a new output_dir: log.jsonl starts with the records of the log beside
+    PATH before the epoch it resumes at (plots show the whole history), and an epoch that run logged is not said to
+    be unlogged; without that log the history is said to be unavailable, and the resumed epoch is logged from the
+    checkpoint's training record."""
+    source = _copy(finished, tmp_path / "source")
+    source_log = os.path.join(source, "log.jsonl")
+    with open(source_log, "a") as f:  # an epoch after the checkpoint's, as beside a periodic copy
+        f.write(json.dumps({"epoch": 1, "lr": 1.0}) + "\n")
+    resume = f"train.resume={os.path.join(source, 'checkpoint.pth')}"
+
+    def resumed(name: str) -> tuple[list[dict], str]:
+        engine.fit(tiny_config(shapes_root, str(tmp_path / name), "train.epochs=2", "train.eval_every=0", resume))
+        return _log(str(tmp_path / name)), capsys.readouterr().out
+
+    records, out = resumed("copied")
+    assert f"starts with the run's history: the 1 record(s) of epochs before 1 in {source_log}" in out
+    assert "not logged" not in out
+    assert records[:1] == _log(finished) and [r["epoch"] for r in records] == [0, 1] and records[1]["lr"] != 1.0
+
+    open(source_log, "w").close()  # that run stopped before logging epoch 0
+    records, out = resumed("unlogged")
+    assert f"epoch 0 was saved but not logged in {source_log} (the run stopped before)" in out
+    assert [r["epoch"] for r in records] == [0, 1]
+
+    os.remove(source_log)
+    records, out = resumed("no_log")
+    assert "has no log.jsonl beside it: the history of its run before epoch 0 is not available" in out
+    assert "epoch 0: logging the training record" in out and "not logged" not in out
+    assert [r["epoch"] for r in records] == [0, 1] and records[0]["train_loss"] == _log(finished)[0]["train_loss"]
 
 
 def test_an_epoch_saved_but_not_logged_is_evaluated_and_logged_on_resume(shapes_root, tmp_path, monkeypatch) -> None:

@@ -6,9 +6,10 @@ hold ``boxes`` (n, 4) normalised cxcywh and ``labels`` (n,) category ids. Module
 names), ``coco`` / ``yolo`` / ``voc`` (the readers), ``split`` (the COCO dict and shared checks), ``decode`` (image
 files -> upright RGB pixels, the one decoder of every tool), ``dataset`` (:class:`DetectionDataset`),
 ``transforms``, ``loader`` (collate, loader, per-epoch seeds), ``shapes`` (the synthetic demo set), ``summary``,
-``build`` (the builders that read the config), ``categories`` (ids across splits and checkpoints), ``coco_eval``
-(detections in the COCO results format and pycocotools' 12 metrics, for training and inference alike), ``errors``
-(:class:`DatasetError`; the message of an error a DataLoader worker raised).
+``scan`` (every image checked before training), ``build`` (the builders that read the config), ``categories`` (ids
+across splits and checkpoints), ``coco_eval`` (detections in the COCO results format and pycocotools' 12 metrics,
+for training and inference alike), ``errors`` (:class:`DatasetError`; the message of an error a DataLoader worker
+raised).
 """
 
 from .build import (
@@ -40,6 +41,7 @@ from .layouts import (
     resolve_layout,
 )
 from .loader import build_loader, collate, set_epoch
+from .scan import find_bad_images
 from .shapes import CATEGORIES as SHAPES_CATEGORIES
 from .shapes import MARKER, ensure_synthetic, make_shapes, make_shapes_from_config
 from .split import SplitData
@@ -72,6 +74,7 @@ __all__ = [
     "dataset_index",
     "detect_layout",
     "ensure_synthetic",
+    "find_bad_images",
     "error_message",
     "fix_hint",
     "make_shapes",

@@ -19,8 +19,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .decode import image_size
 from .errors import DatasetError, read_text
+from .scan import header_sizes
 from .split import SplitData, finish_split
 
 ROBOFLOW_FILE = "_annotations.coco.json"
@@ -198,8 +198,12 @@ def _check_images(payload: dict[str, Any], image_root: str, ann_file: str) -> No
         )
     for info in payload["images"]:
         _check_image_size(info, ann_file)
-        if not isinstance(info.get("height"), int) or not isinstance(info.get("width"), int):
-            info["height"], info["width"] = image_size(os.path.join(image_root, info["file_name"]))
+    unsized = [
+        i for i in payload["images"] if not isinstance(i.get("height"), int) or not isinstance(i.get("width"), int)
+    ]
+    sizes = header_sizes([os.path.join(image_root, info["file_name"]) for info in unsized], ann_file)
+    for info, (height, width) in zip(unsized, sizes, strict=True):
+        info["height"], info["width"] = height, width
 
 
 def _check_image_size(info: dict[str, Any], ann_file: str) -> None:

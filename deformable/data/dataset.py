@@ -17,7 +17,7 @@ from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from .decode import read_rgb
+from .decode import QUARTER_TURNS, checked_size, exif_orientation, read_rgb
 from .errors import DatasetError
 from .split import SplitData
 
@@ -86,18 +86,45 @@ class DetectionDataset(Dataset):
             DatasetError: the file cannot be read, or its size is not the one its annotations give (boxes would land
                 elsewhere), naming the file.
         """
-        path = self.image_path(image_id)
-        pixels = read_rgb(path, name=f"{path} (image id {image_id})")
+        pixels = read_rgb(self.image_path(image_id), name=self._image_name(image_id))
+        self._check_size(image_id, pixels.shape[:2])
+        return tv_tensors.Image(torch.from_numpy(pixels).permute(2, 0, 1).contiguous())
+
+    def image_problem(self, image_id: int) -> str | None:
+        """The message of the error :meth:`load_image` would raise for the image, None when it reads it; from the
+        file's header where that shows the file whole (:func:`~deformable.data.decode.checked_size`), so a data set
+        is checked before training (:mod:`~deformable.data.scan`) by the loader's own rules."""
+        try:
+            self._check_size(image_id, checked_size(self.image_path(image_id), self._image_name(image_id)))
+        except DatasetError as exc:
+            return str(exc)
+        return None
+
+    def _image_name(self, image_id: int) -> str:
+        return f"{self.image_path(image_id)} (image id {image_id})"
+
+    def _check_size(self, image_id: int, size: tuple[int, int]) -> None:
+        """Refuses an upright ``size`` (h, w) other than the one the annotations give (where they give one)."""
         info = self.coco.imgs[image_id]
         expected = (info.get("height"), info.get("width"))
-        if None not in expected and tuple(pixels.shape[:2]) != expected:
-            stated_by = self.data.size_sources.get(image_id, self.source)  # VOC: the image's XML, not the split list
-            raise DatasetError(
-                f"image {path} (image id {image_id}) is {pixels.shape[1]}x{pixels.shape[0]} (width x height, EXIF "
-                f"orientation applied) but {stated_by} gives {expected[1]}x{expected[0]}: the boxes were drawn on "
-                "another version of the image; re-export the annotations or fix the image's width/height there"
+        if None in expected or tuple(size) == expected:
+            return
+        path = self.image_path(image_id)
+        stated_by = self.data.size_sources.get(image_id, self.source)  # VOC: the image's XML, not the split list
+        (height, width), (want_height, want_width) = size, expected
+        fix = "the boxes were drawn on another version of the image; re-export the annotations or fix the image's "
+        fix += "width/height there"
+        orientation = exif_orientation(path) if expected == (width, height) else 1
+        if orientation in QUARTER_TURNS:  # the stored size: a tool that ignores the EXIF orientation wrote it
+            fix = (
+                f"that is its size as stored, which its EXIF orientation ({orientation}) turns a quarter; if the "
+                "boxes were drawn on the stored (sideways) image, save the image without the EXIF orientation; if "
+                "on the upright image, correct the width/height there"
             )
-        return tv_tensors.Image(torch.from_numpy(pixels).permute(2, 0, 1).contiguous())
+        raise DatasetError(
+            f"image {self._image_name(image_id)} is {width}x{height} (width x height, EXIF orientation applied) but "
+            f"{stated_by} gives {want_width}x{want_height}: {fix}"
+        )
 
     def __getitem__(self, index: int) -> tuple[Any, dict[str, Any]]:
         image_id = self.ids[index]

@@ -19,8 +19,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import Any
 
-from .decode import image_size
 from .errors import DatasetError, read_text
+from .scan import header_sizes
 from .split import IMAGE_EXTENSIONS, SplitData, finish_split, is_hidden
 
 
@@ -135,7 +135,10 @@ def _read_list(root: str, split: str) -> list[VocEntry]:
         xml = os.path.join(root, "Annotations", f"{image_id}.xml")
         where = f"{split_file(root, split)} line {number}"
         if not os.path.isfile(xml):
-            raise DatasetError(f"{where}: {image_id} has no annotation file {xml}")
+            stem, ext = os.path.splitext(image_id)
+            named = ext and os.path.isfile(os.path.join(root, "Annotations", f"{stem}.xml"))
+            hint = f" (the list names images without extension: {stem}, not {image_id})" if named else ""
+            raise DatasetError(f"{where}: {image_id} has no annotation file {xml}{hint}")
         entries.append(VocEntry(where, image_id, parse_annotation(xml), xml))
     return entries
 
@@ -232,18 +235,11 @@ def read_voc(root: str, split: str, class_splits: list[str], layout: str = "voc"
     coco: dict[str, Any] = {"images": [], "annotations": [], "categories": []}
     coco["categories"] = [{"id": i, "name": name} for name, i in ids.items()]
     size_sources: dict[int, str] = {}  # the XML whose <size> gives an image's size (messages name it on a mismatch)
-    for image_number, entry in enumerate(entries, start=1):
+    names = [_image_name(finder, entry) for entry in entries]
+    sizes = _image_sizes(entries, names, image_root, split_source(root, split, layout))
+    for image_number, (entry, name, (height, width)) in enumerate(zip(entries, names, sizes, strict=True), start=1):
         record = entry.record
-        name = finder.find(entry)
-        if name is None:
-            raise DatasetError(
-                f"{entry.where}: no image for {entry.image_id} in {image_root} (looked for {entry.image_id} with an "
-                f"image extension in any case, e.g. {entry.image_id}.jpg, and {record.filename or 'no'} <filename>)"
-            )
-        height, width = record.height, record.width
-        if height <= 0 or width <= 0:
-            height, width = image_size(os.path.join(image_root, name))
-        else:
+        if _has_size(record):
             size_sources[image_number] = f"{entry.xml} (<size>)"
         coco["images"].append({"id": image_number, "file_name": name, "height": height, "width": width})
         for obj in record.objects:
@@ -262,6 +258,29 @@ def read_voc(root: str, split: str, class_splits: list[str], layout: str = "voc"
                 "object needs an XML without <object>)"
             )
     return finish_split(data)
+
+
+def _image_name(finder: _ImageFinder, entry: VocEntry) -> str:
+    """The file name of ``entry``'s image in the finder's folder; a DatasetError naming where it is listed if none."""
+    name = finder.find(entry)
+    if name is None:
+        raise DatasetError(
+            f"{entry.where}: no image for {entry.image_id} in {finder.folder} (looked for {entry.image_id} with an "
+            f"image extension in any case, e.g. {entry.image_id}.jpg, and {entry.record.filename or 'no'} <filename>)"
+        )
+    return name
+
+
+def _has_size(record: VocRecord) -> bool:
+    return record.height > 0 and record.width > 0
+
+
+def _image_sizes(entries: list[VocEntry], names: list[str], image_root: str, source: str) -> list[tuple[int, int]]:
+    """Each image's ``(height, width)``: its XML's ``<size>``, else its header's (read in one go, so that every
+    unreadable image is named in one error)."""
+    unsized = [os.path.join(image_root, n) for e, n in zip(entries, names, strict=True) if not _has_size(e.record)]
+    read = iter(header_sizes(unsized, source))
+    return [(entry.record.height, entry.record.width) if _has_size(entry.record) else next(read) for entry in entries]
 
 
 def _images_without_xml(folder: str, images: list[dict[str, Any]]) -> list[str]:

@@ -18,8 +18,8 @@ from typing import Any
 
 import yaml
 
-from .decode import image_size
 from .errors import DatasetError, read_text
+from .scan import header_sizes
 from .split import SplitData, finish_split, list_image_files
 
 YAML_FILE = "data.yaml"
@@ -203,10 +203,10 @@ def read_yolo(yaml_path: str, key: str) -> SplitData:
     root, files = split_images(payload, yaml_path, key)
     coco: dict[str, Any] = {"images": [], "annotations": [], "categories": []}
     coco["categories"] = [{"id": index + 1, "name": name} for index, name in names.items()]
-    found = 0
-    for image_id, name in enumerate(files, start=1):
+    found, source = 0, f"{yaml_path} ({key}: {root})"
+    sizes = header_sizes([os.path.join(root, name) for name in files], source)
+    for image_id, (name, (height, width)) in enumerate(zip(files, sizes, strict=True), start=1):
         path = os.path.join(root, name)
-        height, width = image_size(path)
         coco["images"].append({"id": image_id, "file_name": name, "height": height, "width": width})
         labels = read_labels(label_path(path), names, fields)
         found += labels is not None
@@ -214,7 +214,7 @@ def read_yolo(yaml_path: str, key: str) -> SplitData:
             box = [x0 * width, y0 * height, (x1 - x0) * width, (y1 - y0) * height]
             ann = {"id": len(coco["annotations"]) + 1, "image_id": image_id, "category_id": index + 1, "bbox": box}
             coco["annotations"].append({**ann, "iscrowd": 0})
-    data = SplitData(layout="yolo", split=key, image_root=root, coco=coco, source=f"{yaml_path} ({key}: {root})")
+    data = SplitData(layout="yolo", split=key, image_root=root, coco=coco, source=source)
     if files and not found:
         data.notes.append(f"no label file found (looked for e.g. {label_path(os.path.join(root, files[0]))})")
     return finish_split(data)

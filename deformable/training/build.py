@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from deformable.data import (
+    DatasetError,
     DetectionDataset,
     align_for_training,
     align_to_checkpoint,
@@ -24,6 +25,8 @@ from deformable.data import (
     summarise,
     validation_without_boxes,
 )
+from deformable.data.scan import find_bad_images
+from deformable.data.shapes import read_marker
 from deformable.data.sizes import check_image_size, resolve_image_size
 from models import build_detector, load_checkpoint, read_checkpoint
 from models.checkpoint import Checkpoint, CheckpointError
@@ -93,13 +96,21 @@ def check_start(cfg: Config, resume: str | None, start: Checkpoint | None) -> No
         raise CheckpointError(f"train.finetune={cfg.train.finetune}: {exc}") from exc
 
 
-def prepare_output_dir(cfg: Config, env: DistEnv) -> None:
-    """Rank 0 creates ``output_dir``, clears temporary files of a killed run and generates the synthetic data set
-    if asked (only into a folder it generated itself); the other ranks wait for it. Called once every check that
-    can refuse the run without reading the data has passed (:func:`check_options`, the overwrite refusal,
-    :func:`check_start`): a refused run leaves the data set, and output_dir, as they were."""
+def prepare_data(cfg: Config, env: DistEnv) -> None:
+    """Rank 0 generates the synthetic data set if asked (only into a folder it generated itself); the other ranks
+    wait for it. Called once every check that can refuse the run without reading the data has passed
+    (:func:`check_options`, the overwrite refusal, :func:`check_start`): a refused run leaves the data set as it
+    was."""
     if env.is_main:
-        ensure_synthetic(cfg.data)  # first: it refuses a data.root that holds other data
+        ensure_synthetic(cfg.data)  # it refuses a data.root that holds other data
+    distributed.barrier()
+
+
+def prepare_output_dir(cfg: Config, env: DistEnv) -> None:
+    """Rank 0 creates ``output_dir`` and clears temporary files of a killed run; the other ranks wait for it. Called
+    once the data is read and every image checked (:func:`build_data`): a run refused for its data leaves no
+    output_dir behind."""
+    if env.is_main:
         make_dir(cfg.output_dir, "output_dir")
         remove_stale_temp_files(cfg.output_dir)
     distributed.barrier()
@@ -135,8 +146,9 @@ def build_data(
     resuming: bool = False,
 ) -> Data:
     """The validation split (and with ``train`` the training split) of any layout, sharded over ``env``'s
-    processes; rank 0 prints one summary line per split, with a warning when an image holds more objects than
-    ``model.num_queries`` and one per class with validation boxes and no training box.
+    processes, every image checked first (:func:`check_images`); rank 0 prints one summary line per split, with a
+    warning when an image holds more objects than ``model.num_queries`` and one per class with validation boxes and
+    no training box.
 
     ``checkpoint_names`` is a checkpoint's category id -> name. Evaluating it (not ``train``), the validation
     split's ids are renumbered to the checkpoint's by name (:func:`~deformable.data.categories.align_to_checkpoint`).
@@ -155,6 +167,7 @@ def build_data(
         check_num_classes(train_set, cfg.model.num_classes)
         notes += classes_without_training_boxes(train_set, val_set) + validation_without_boxes(val_set)
         train_loader = build_loader(train_set, batch_size=cfg.train.batch_size, train=True, **args)
+    check_images(cfg, env, [dataset for dataset in (train_set, val_set) if dataset is not None])
     if env.is_main:
         for dataset in (train_set, val_set):
             if dataset is not None:
@@ -162,6 +175,21 @@ def build_data(
         for note in notes:
             print(note, flush=True)
     return Data(train_set, val_set, train_loader, val_loader)
+
+
+def check_images(cfg: Config, env: DistEnv, datasets: list[DetectionDataset]) -> None:
+    """Refuses the run when the loader would refuse an image of ``datasets`` (unreadable, truncated, or of another
+    size than its annotations give), naming them all at once, before training; rank 0 checks, for every rank. The
+    synthetic data set, written by this project (it holds the marker file), is not checked.
+
+    Raises:
+        DatasetError: naming the images, each with its reason (:func:`~deformable.data.scan.find_bad_images`).
+    """
+    generated = cfg.data.synthetic == "shapes" and read_marker(cfg.data.root) is not None
+    found = None if generated or not env.is_main else find_bad_images(datasets)
+    found = distributed.broadcast(found)
+    if found is not None:
+        raise DatasetError(found)
 
 
 def build_model(cfg: Config, device: torch.device, from_checkpoint: bool) -> nn.Module:

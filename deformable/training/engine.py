@@ -39,6 +39,7 @@ from .build import (
     check_options,
     check_start,
     finetune_from,
+    prepare_data,
     prepare_output_dir,
     read_start,
     resolve_data_options,
@@ -60,9 +61,10 @@ from .resume import (
     resume_path,
     rng_state,
     stalled,
+    start_log,
     training_state,
 )
-from .run_log import append_log, best_logged, epoch_record, format_metrics, truncate_log, write_json
+from .run_log import append_log, best_logged, epoch_record, format_metrics, write_json
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -262,9 +264,10 @@ def _fit(cfg: Config, env: DistEnv) -> dict[str, float]:
     start = read_start(cfg, env, resume)  # the checkpoint resumed or fine-tuned from (None: from scratch)
     check_start(cfg, resume, start)
     check_data_location(cfg)
-    prepare_output_dir(cfg, env)
+    prepare_data(cfg, env)
     cfg = resolve_data_options(cfg, env)
     data = build_data(cfg, env, checkpoint_names=start and start.class_names, resuming=resume is not None)
+    prepare_output_dir(cfg, env)  # once the data is read and its images checked: a refused run leaves no folder
     cfg = resolve_num_classes(cfg, data.train_set)
     model = build_model(cfg, env.device, from_checkpoint=resume is not None or bool(cfg.train.finetune))
     trainee = build_trainee(cfg, model)  # the detector and its training-only query aids (if any)
@@ -387,7 +390,8 @@ def _start_epoch(
 ) -> int:
     """Restores ``start``, the checkpoint at ``resume``, to resume from (the query aids and the weight average too),
     or loads it, read from ``train.finetune``, into the detector (the aids start afresh, the average from those
-    weights); trims ``log.jsonl`` to the epochs before the one training starts at (all of it for a fresh run)."""
+    weights); trims ``log.jsonl`` to the epochs before the one training starts at (all of it for a fresh run), or
+    starts it from the log of the run whose checkpoint it resumes (:func:`.resume.start_log`)."""
     start_epoch = 0
     if resume is not None and start is not None:
         check_architecture(cfg.model, start)  # names the overrides, where loading would list keys
@@ -404,7 +408,7 @@ def _start_epoch(
             print(f"{resume} has trained all {cfg.train.epochs} epochs: evaluating it only", flush=True)
         elif resume is not None:
             print(f"resuming from {resume} at epoch {start_epoch}", flush=True)
-        truncate_log(os.path.join(cfg.output_dir, "log.jsonl"), start_epoch)
+        start_log(cfg.output_dir, resume, start_epoch)
     return start_epoch
 
 
@@ -433,9 +437,9 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Checkpoint) -> dict[str, 
     env = distributed.init_distributed(cfg.train.device)
     try:
         check_data_location(cfg)
+        data = build_data(cfg, env, train=False, checkpoint_names=checkpoint.class_names)  # its images checked
         if env.is_main:
             make_dir(cfg.output_dir, "output_dir")  # before the evaluation, not after it
-        data = build_data(cfg, env, train=False, checkpoint_names=checkpoint.class_names)
         model = load_detector(cfg, checkpoint)[0].to(env.device)
         metrics, detections, per_class = evaluate(
             model,

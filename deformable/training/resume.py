@@ -1,7 +1,8 @@
 """Resuming a run: the training state a checkpoint holds (optimiser, schedule, scaler, every process's RNG, the
 training-only query aids) and how it is restored; what a run refuses so as not to replace another (a checkpoint in
-its output_dir it does not continue), and the epoch a stopped run saved but did not log. Reading and writing the files
-is :mod:`models.checkpoint`'s.
+its output_dir it does not continue), the log a resumed run starts with (another run's, when resuming its
+checkpoint) and the epoch a stopped run saved but did not log. Reading and writing the files is
+:mod:`models.checkpoint`'s.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from models.weights import load_checkpoint
 from . import distributed
 from .distributed import DistEnv
 from .ema import ema_updates, restore_ema
-from .run_log import append_log, best_logged, epoch_record, logged_epochs
+from .run_log import append_log, best_logged, epoch_record, logged_epochs, truncate_log
 
 BEST_METRIC = "AP"  # COCO AP@[.5:.95]: the validation score whose highest epoch checkpoint_best.pth keeps
 
@@ -308,6 +309,39 @@ def refuse_overwrite(output_dir: str, resume: str | None) -> None:
     )
 
 
+def other_run_log(resume: str | None, output_dir: str) -> str | None:
+    """The ``log.jsonl`` beside ``resume`` when that checkpoint is another run's (its folder is not ``output_dir``),
+    whether or not the file exists; None when not resuming, or resuming the run in ``output_dir``."""
+    if resume is None:
+        return None
+    folder = os.path.dirname(os.path.abspath(resume))
+    if os.path.isdir(output_dir) and os.path.samefile(folder, output_dir):
+        return None
+    return os.path.join(folder, "log.jsonl")
+
+
+def start_log(output_dir: str, resume: str | None, start_epoch: int) -> None:
+    """Prepares ``output_dir/log.jsonl`` for a run that starts at ``start_epoch`` (0: a new run), from the
+    checkpoint at ``resume``: it keeps its lines of the epochs before (a run killed after its last checkpoint may have
+    logged a later epoch). A run resumed from another run's checkpoint starts with that run's log, the lines of the
+    epochs before ``start_epoch`` (plots then show the whole history), or empty where that run's folder has none."""
+    log = os.path.join(output_dir, "log.jsonl")
+    source = other_run_log(resume, output_dir)
+    if source is None:
+        truncate_log(log, start_epoch)
+    elif os.path.isfile(source):
+        kept = truncate_log(log, start_epoch, source)
+        history = f"the {kept} record(s) of epochs before {start_epoch} in {source}"
+        print(f"{log} starts with the run's history: {history}", flush=True)
+    else:
+        truncate_log(log, 0)
+        print(
+            f"{resume} has no log.jsonl beside it: the history of its run before epoch {start_epoch - 1} is not "
+            f"available in {log}",
+            flush=True,
+        )
+
+
 def log_unlogged_epoch(
     cfg: Config,
     env: DistEnv,
@@ -318,8 +352,9 @@ def log_unlogged_epoch(
 ) -> dict[str, float] | None:
     """A run stopped (killed, or its evaluation failed) after saving an epoch's checkpoint and before logging it
     leaves that epoch out of ``log.jsonl``: resuming evaluates it (where it was due) and logs it from the training
-    record the checkpoint holds, and writes its periodic copy if that is missing too. Returns the metrics when it
-    evaluated, else None."""
+    record the checkpoint holds, and writes its periodic copy if that is missing too. So does a run resumed from
+    another run's checkpoint whose epoch is not in the log it started with (:func:`start_log`). Returns the metrics
+    when it evaluated, else None."""
     epoch = start_epoch - 1
     record = (start.entries.get("epoch_log") if start is not None and resume is not None else None) or None
     log = os.path.join(cfg.output_dir, "log.jsonl")
@@ -328,7 +363,12 @@ def log_unlogged_epoch(
     evaluated = evaluates_after(epoch, cfg.train)
     metrics = run_eval() if evaluated else {}
     if env.is_main:
-        print(f"epoch {epoch} was saved but not logged (the run stopped before): logging it now", flush=True)
+        source = other_run_log(resume, cfg.output_dir)
+        if source is not None and not os.path.isfile(source):  # no log to tell whether that run logged it
+            print(f"epoch {epoch}: logging the training record {resume} holds", flush=True)
+        else:
+            where = "" if source is None else f" in {source}"
+            print(f"epoch {epoch} was saved but not logged{where} (the run stopped before): logging it now", flush=True)
         keep_best(cfg.output_dir, resume, epoch, metrics)
         append_log(log, epoch_record(epoch, record["lr"], record["stats"], metrics, record["seconds"]))
         every = cfg.train.checkpoint_every

@@ -60,14 +60,17 @@ def best_logged(path: str, metric: str, before_epoch: float = math.inf) -> tuple
     return best
 
 
-def truncate_log(path: str, start_epoch: int) -> None:
+def truncate_log(path: str, start_epoch: int, source: str | None = None) -> int:
     """Keeps the ``log.jsonl`` lines of epochs before ``start_epoch``: a run killed after its last checkpoint may
-    have logged a later epoch, or half a line."""
-    if not os.path.isfile(path):
-        return
-    with open(path, encoding="utf-8") as f:
+    have logged a later epoch, or half a line. With ``source``, another run's ``log.jsonl``, ``path`` is replaced by
+    those lines of ``source`` instead (nothing happens when there is no such file). Returns the lines kept."""
+    source = path if source is None else source
+    if not os.path.isfile(source):
+        return 0
+    with open(source, encoding="utf-8") as f:
         lines = [line for line in f if _epoch_of(line) < start_epoch]
     atomic_write(path, lambda f: f.write("".join(lines).encode("utf-8")))
+    return len(lines)
 
 
 def _epoch_of(line: str) -> float:
