@@ -53,7 +53,7 @@ def preprocessor_config(val_size: int, val_max_size: int) -> dict[str, Any]:
 
 def _positive_int(value: Any, path: str, key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise CheckpointError(f"{path}: {key} must be a whole number of pixels >= 1, got {value!r}")
+        raise UnsupportedResize(path, f"{key} must be a whole number of pixels >= 1, got {value!r}")
     return value
 
 
@@ -92,7 +92,7 @@ class UnsupportedResize(CheckpointError):
         )
 
 
-RESIZE_OVERRIDES = ("data.val_size", "data.val_max_size", "data.image_size")  # overrides that choose the resize
+RESIZE_OVERRIDES = ("data.val_size", "data.val_max_size")  # the overrides that choose the inference resize
 
 
 def inference_size_from_hf(path: str | os.PathLike) -> tuple[int, int] | None:

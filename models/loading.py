@@ -130,16 +130,16 @@ def check_architecture(model: ModelConfig, checkpoint: Checkpoint, finetune: boo
         )
 
 
-def _folder_resize(checkpoint: Checkpoint, overrides: list[str]) -> tuple[int, int] | None:
-    """The resize of a transformers folder's preprocessor_config.json; one the tools cannot apply yields to a resize
-    the overrides choose (with a warning saying the model was made for another)."""
+def _folder_resize(checkpoint: Checkpoint, overrides: list[str]) -> tuple[tuple[int, int] | None, str | None]:
+    """The resize of a transformers folder's preprocessor_config.json, and None; or, for one the tools cannot apply
+    when the overrides choose the resize (``data.val_size`` / ``data.val_max_size``), None and why the folder's was
+    not taken (for the warning)."""
     try:
-        return inference_size_from_hf(checkpoint.path)
+        return inference_size_from_hf(checkpoint.path), None
     except UnsupportedResize as exc:
         if not any(item.split("=", 1)[0].strip() in RESIZE_OVERRIDES for item in overrides):
             raise
-        warnings.warn(f"{exc.reason}; the images are resized as the overrides say", stacklevel=3)
-        return None
+        return None, exc.reason
 
 
 def config_from_checkpoint(checkpoint: Checkpoint, overrides: Iterable[str] = ()) -> Config:
@@ -148,6 +148,7 @@ def config_from_checkpoint(checkpoint: Checkpoint, overrides: Iterable[str] = ()
     resize of its ``preprocessor_config.json`` (:func:`models.hf_preprocessor.inference_size_from_hf`); then
     ``overrides``. The backbone is never downloaded (the checkpoint holds it)."""
     overrides = list(overrides)
+    unused = None  # why a transformers folder's resize was not taken
     if checkpoint.config is not None:
         try:
             cfg = config_from_dict(checkpoint.config)
@@ -156,11 +157,17 @@ def config_from_checkpoint(checkpoint: Checkpoint, overrides: Iterable[str] = ()
     else:
         known = {f.name for f in dataclasses.fields(ModelConfig)}
         cfg = apply_values(Config(), {"model": {k: v for k, v in checkpoint.options.items() if k in known}})
-        size = _folder_resize(checkpoint, overrides) if checkpoint.format == "hf" else None
+        size, unused = _folder_resize(checkpoint, overrides) if checkpoint.format == "hf" else (None, None)
         if size is not None:  # the folder's preprocessor_config.json: the resize its model was made for
             cfg.data.val_size, cfg.data.val_max_size = size
     cfg.model.pretrained_backbone = False
     cfg = apply_overrides(cfg, overrides)
+    if checkpoint.config is None and unused is not None:
+        warnings.warn(
+            f"{unused}; the images are resized instead to short side data.val_size={cfg.data.val_size}, long side "
+            f"at most data.val_max_size={cfg.data.val_max_size}",
+            stacklevel=2,
+        )
     if checkpoint.config is None and cfg.model.two_stage and "num_queries" not in checkpoint.options:
         overridden = any(item.startswith("model.num_queries=") for item in overrides)
         if not overridden:

@@ -112,9 +112,10 @@ def _refuse_non_finite(state: Mapping[str, torch.Tensor], own: Mapping[str, torc
 
 def _refuse_integer_weights(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> None:
     """Integer values for a floating-point parameter (quantised weights: int8 without their scales) would be copied
-    as numbers and make a detector that finds nothing: refused, the first such key named."""
+    as numbers and make a detector that finds nothing, complex ones lose their imaginary part: refused, the first
+    such key named."""
     for key, value in state.items():
-        if key in own and own[key].is_floating_point() and not (value.is_floating_point() or value.is_complex()):
+        if key in own and own[key].is_floating_point() and not value.is_floating_point():
             raise ValueError(
                 f"the weight {key} is {str(value.dtype).removeprefix('torch.')}, where the model has "
                 f"{str(own[key].dtype).removeprefix('torch.')}: quantised weights cannot be loaded as they are; "

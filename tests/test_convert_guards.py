@@ -291,17 +291,27 @@ def test_max_height_width_is_transformers_resize_but_for_rounding() -> None:
 
 @pytest.mark.parametrize(
     "preprocessor",
-    [{"size": {"height": 640, "width": 640}}, {"size": {"max_height": 480, "max_width": 640}}, {"do_resize": False}],
-    ids=["fixed-size", "unequal-bounds", "no-resize"],
+    [
+        {"size": {"height": 640, "width": 640}},
+        {"size": {"max_height": 480, "max_width": 640}},
+        {"do_resize": False},
+        {"size": {"shortest_edge": 80.0, "longest_edge": 0}},
+    ],
+    ids=["fixed-size", "unequal-bounds", "no-resize", "malformed"],
 )
 def test_a_resize_the_tools_cannot_apply_yields_to_the_user_s_sizes(hf_folder, preprocessor) -> None:
     with open(os.path.join(hf_folder, PREPROCESSOR_NAME), "w") as f:
         json.dump(preprocessor, f)
     with pytest.raises(CheckpointError, match="pass data.val_size=N data.val_max_size=M"):
         config_and_checkpoint(None, [], hf_folder)
-    with pytest.warns(UserWarning, match="resized as the overrides say"):
+    with pytest.raises(CheckpointError, match="pass data.val_size=N"):  # training's image size is no inference resize
+        config_and_checkpoint(None, ["data.image_size=96"], hf_folder)
+    said = "resized instead to short side data.val_size=640, long side at most data.val_max_size="
+    with pytest.warns(UserWarning, match=f"{said}640"):
         cfg, _ = config_and_checkpoint(None, ["data.val_size=640", "data.val_max_size=640"], hf_folder)
     assert (cfg.data.val_size, cfg.data.val_max_size) == (640, 640)
+    with pytest.warns(UserWarning, match=f"{said}1333"):  # the sizes used are said, the default's included
+        config_and_checkpoint(None, ["data.val_size=640"], hf_folder)
     with open(os.path.join(hf_folder, PREPROCESSOR_NAME), "w") as f:
         json.dump({**preprocessor, "image_mean": [0.5, 0.5, 0.5]}, f)
     with pytest.raises(CheckpointError, match="image_mean"):  # other pixel statistics: no override helps

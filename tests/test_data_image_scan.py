@@ -236,6 +236,16 @@ def test_a_png_whose_exif_follows_its_pixels_is_read_upright(tmp_path) -> None:
     assert image_size(path) == checked_size(path) == (50, 60) == read_rgb(path).shape[:2]
 
 
+@pytest.mark.parametrize("file_format", ["TIFF", "WEBP"])
+def test_a_turned_image_of_another_format_has_the_size_it_is_read_with(tmp_path, file_format) -> None:
+    """Pillow's TIFF reader reports an EXIF-turned TIFF upright already: its header size must not be turned again."""
+    path = str(tmp_path / f"turned.{file_format.lower()}")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turn a quarter: the 50 x 60 (width x height) picture stored is shown 60 x 50
+    Image.fromarray(np.zeros((60, 50, 3), np.uint8)).save(path, format=file_format, exif=exif)
+    assert image_size(path) == checked_size(path) == (50, 60) == read_rgb(path).shape[:2]
+
+
 def test_training_refuses_before_writing_anything(tmp_path, capsys) -> None:
     root = write_coco(str(tmp_path / "c"))
     open(os.path.join(root, "val2017", "e.jpg"), "wb").close()

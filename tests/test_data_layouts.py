@@ -228,7 +228,8 @@ def test_raccoon_reads_in_place(raccoon: str) -> None:
 def test_class_names_and_image_ids_for_inference(layout: str, tmp_path) -> None:
     root = WRITERS[layout](str(tmp_path / layout))
     assert dataset_class_names(_cfg(root)) == {1: "cat", 2: "dog"}
-    ids, names = dataset_index(_cfg(root))
+    ids, names, sizes = dataset_index(_cfg(root))
+    assert sizes[1] == (50, 60)  # d.jpg, as annotated
     assert names == {1: "cat", 2: "dog"}
     by_name = {key: image_id for key, image_id in ids.items() if not os.path.isabs(key)}
     by_path = {os.path.basename(key): image_id for key, image_id in ids.items() if os.path.isabs(key)}
@@ -252,9 +253,9 @@ def test_inference_ids_follow_the_path_where_file_names_repeat(tmp_path, monkeyp
         write_image(str(elsewhere / name), 32, 32, [])
     monkeypatch.chdir(tmp_path)  # relative paths, as given on a command line
     paths = ["val2017/b/1.jpg", "val2017/a/1.jpg", "val2017/d/2.jpg", "copies/2.jpg", "copies/1.jpg"]
-    known, _ = dataset_index(_cfg(str(tmp_path)))
-    assert image_ids(paths, known) == {paths[0]: 20, paths[1]: 10, paths[2]: 40, paths[3]: 41, paths[4]: 42}
-    assert image_ids(paths[3:], known) == {paths[3]: 40, paths[4]: 41}
+    index = dataset_index(_cfg(str(tmp_path)))
+    assert image_ids(paths, index) == {paths[0]: 20, paths[1]: 10, paths[2]: 40, paths[3]: 41, paths[4]: 42}
+    assert image_ids(paths[3:], index) == {paths[3]: 40, paths[4]: 41}
 
 
 def test_class_names_need_no_images(tmp_path) -> None:
@@ -263,7 +264,7 @@ def test_class_names_need_no_images(tmp_path) -> None:
     payload = {"images": [], "annotations": [], "categories": categories}
     (tmp_path / "annotations" / "instances_val2017.json").write_text(json.dumps(payload))
     assert dataset_class_names(_cfg(str(tmp_path))) == {1: "cat", 3: "dog"}
-    assert dataset_index(_cfg(str(tmp_path))) == ({}, {})
+    assert dataset_index(_cfg(str(tmp_path))) == ({}, {}, {})
     assert dataset_class_names(_cfg(str(tmp_path / "none"))) == {}
     shapes = dataset_class_names(_cfg(str(tmp_path / "none"), synthetic="shapes"))
     assert shapes == {1: "circle", 2: "square", 3: "triangle"}

@@ -107,6 +107,11 @@ def test_data_set_images_keep_their_ids_and_other_files_get_ids_above_them(tmp_p
     with open(tmp_path / "out" / "images.json") as f:
         assert {image["file_name"]: image["id"] for image in json.load(f)} == ids
     assert {r["image_id"] for r in run.results} == set(ids.values())
+    # A file of a data set image's name but of another size is another picture: it gets an id of its own.
+    write_image(str(other / "b.jpg"), shapes_image(20, 40))
+    again = run_inference(cfg, checkpoint, [str(other / "b.jpg")], str(tmp_path / "o2"), device=CPU,
+                          show_progress=False)  # fmt: skip
+    assert [image["id"] for image in again.images] == [10]
 
 
 def test_results_take_the_data_set_s_category_ids_where_the_checkpoint_numbers_them_otherwise(tmp_path) -> None:

@@ -206,7 +206,7 @@ def test_non_finite_weights_are_refused_with_the_key_named(key: str, value: floa
     assert "with_box_refine" not in str(caught.value)
 
 
-@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.bool])
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.bool, torch.complex64])
 def test_quantised_weights_are_refused_with_the_key_named(dtype: torch.dtype, tmp_path) -> None:
     state = dict(built().state_dict())
     state["transformer.level_embed"] = state["transformer.level_embed"].to(dtype)

@@ -283,6 +283,28 @@ def test_resuming_another_runs_checkpoint_starts_with_its_log(finished, shapes_r
     assert [r["epoch"] for r in records] == [0, 1] and records[0]["train_loss"] == _log(finished)[0]["train_loss"]
 
 
+def test_resuming_another_runs_checkpoint_takes_its_best_checkpoint(finished, shapes_root, tmp_path, capsys) -> None:
+    """The history taken names a best epoch: its checkpoint_best.pth is copied with it, unless that run's best came
+    later than the epochs taken (then where it stands is said)."""
+    source = _copy(finished, tmp_path / "source")
+    source_log = os.path.join(source, "log.jsonl")
+    records = _log(source)
+    with open(source_log, "w") as f:
+        f.write(json.dumps({**records[0], "AP": 0.5}) + "\n")
+    best = Path(source) / "checkpoint_best.pth"
+    best.write_bytes((Path(source) / "checkpoint.pth").read_bytes())
+    resume = f"train.resume={os.path.join(source, 'checkpoint.pth')}"
+    engine.fit(tiny_config(shapes_root, str(tmp_path / "taken"), "train.epochs=2", "train.eval_every=0", resume))
+    out = capsys.readouterr().out
+    assert f"the best epoch of that history is 0 (AP 0.500): its checkpoint, {best}, copied to" in out
+    assert (tmp_path / "taken" / "checkpoint_best.pth").read_bytes() == best.read_bytes()
+    with open(source_log, "a") as f:  # that run found a better epoch after the one resumed from
+        f.write(json.dumps({"epoch": 1, "AP": 0.9}) + "\n")
+    engine.fit(tiny_config(shapes_root, str(tmp_path / "later"), "train.epochs=2", "train.eval_every=0", resume))
+    assert "whose checkpoint is not in" in capsys.readouterr().out
+    assert not (tmp_path / "later" / "checkpoint_best.pth").exists()
+
+
 def test_an_epoch_saved_but_not_logged_is_evaluated_and_logged_on_resume(shapes_root, tmp_path, monkeypatch) -> None:
     """An evaluation that fails (or a kill during it) comes after the checkpoint is saved: resuming logs that epoch
     from the training record the checkpoint holds, evaluated, and writes its periodic copy."""

@@ -13,6 +13,7 @@ raised).
 """
 
 from .build import (
+    DatasetIndex,
     build_dataset,
     check_has_boxes,
     check_num_classes,
@@ -71,6 +72,7 @@ __all__ = [
     "coco_target",
     "collate",
     "dataset_class_names",
+    "DatasetIndex",
     "dataset_index",
     "detect_layout",
     "ensure_synthetic",

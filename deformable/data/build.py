@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections import Counter
+from typing import NamedTuple
 
 from models.config import Config, ConfigError, DataConfig
 
@@ -102,12 +103,19 @@ def dataset_class_names(cfg: DataConfig) -> dict[int, str]:
         return {}
 
 
-def dataset_index(cfg: DataConfig) -> tuple[dict[str, int], dict[int, str]]:
+class DatasetIndex(NamedTuple):
+    """One split's images and classes (:func:`dataset_index`)."""
+
+    image_ids: dict[str, int]  # real absolute path, and unique file name -> image id
+    class_names: dict[int, str]  # category id -> name
+    image_sizes: dict[int, tuple[int, int]]  # image id -> (height, width) as annotated
+
+
+def dataset_index(cfg: DataConfig) -> DatasetIndex:
     """The images and classes of the data set ``cfg`` describes (its val split, else its train split), so that
-    detections on those files can be scored against it: ``(image -> image id, category id -> name)``, both of that
-    one split; empty when neither split can be read. Each image is keyed by its real absolute path, and by its file
-    name (without folders) where no other image of the split has that name: a copy elsewhere is still found, and
-    images of one name in several folders only by their own paths."""
+    detections on those files can be scored against it; empty when neither split can be read. Each image is keyed
+    by its real absolute path, and by its file name (without folders) where no other image of the split has that
+    name: a copy elsewhere is still found, and images of one name in several folders only by their own paths."""
     for split in ("val", "train"):
         try:
             data = read_split(cfg, split)
@@ -119,5 +127,6 @@ def dataset_index(cfg: DataConfig) -> tuple[dict[str, int], dict[int, str]]:
         ids = {name: image_id for name, image_id in ids.items() if names[name] == 1}
         for info in images:
             ids[os.path.realpath(os.path.join(data.image_root, info["file_name"]))] = int(info["id"])
-        return ids, {int(cat["id"]): str(cat["name"]) for cat in data.coco["categories"]}
-    return {}, {}
+        sizes = {int(info["id"]): (int(info["height"]), int(info["width"])) for info in images}
+        return DatasetIndex(ids, {int(cat["id"]): str(cat["name"]) for cat in data.coco["categories"]}, sizes)
+    return DatasetIndex({}, {}, {})

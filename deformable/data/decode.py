@@ -35,20 +35,29 @@ _PNG_ORIENTATION_CHUNKS = (b"eXIf", b"iTXt", b"tEXt", b"zTXt")
 
 def image_size(path: str) -> tuple[int, int]:
     """``(height, width)`` of the image file ``path`` as :func:`read_rgb` returns it (EXIF orientation applied), from
-    its header alone.
+    its header alone where it gives the size as stored (JPEG, PNG, WebP); another format is decoded.
 
     Raises:
         DatasetError: the file is missing or no image PIL can read (the message names it).
     """
     with _open(path, path) as picture:
-        return _upright_size(picture, header_exif=picture.format == "PNG" and _png_whole(path))
+        if picture.format in _STORED_SIZE_FORMATS:
+            return _upright_size(picture, header_exif=picture.format == "PNG" and _png_whole(path))
+    height, width = read_rgb(path).shape[:2]  # e.g. a TIFF, whose reader may turn it already: as read_rgb returns it
+    return height, width
+
+
+# Formats whose header gives the size as stored (before the EXIF orientation is applied); other readers (Pillow's TIFF
+# one) may report it turned already, so their size is taken from the decoded image.
+_STORED_SIZE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP")
 
 
 def checked_size(path: str, name: str | None = None) -> tuple[int, int]:
     """``(height, width)`` of ``path`` as :func:`read_rgb` returns it, raising what :func:`read_rgb` raises, at the
     cost of a header read where the file is known whole (:func:`_whole`: a JPEG ending with its end marker, a PNG
     with its chunks up to IEND). Any other file (another format, a JPEG cut short, bytes after the end) is decoded
-    as :func:`read_rgb` decodes it, so a file the loader reads is never refused and one it refuses always is.
+    as :func:`read_rgb` decodes it, so a file the loader reads is never refused. A JPEG or PNG that ends as it should
+    but is corrupt inside passes (only a full decode would tell): the loader names it when it reads it.
 
     Raises:
         DatasetError: as :func:`read_rgb`, naming the image as ``name`` (the path by default).

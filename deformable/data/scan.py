@@ -40,8 +40,8 @@ def find_bad_images(datasets: Sequence[DetectionDataset], show_progress: bool = 
     splits = " and ".join(f"{dataset.split} ({dataset.source})" for dataset in unique)
     return _refusal(
         problems,
-        f"{len(work)} images of {splits} cannot be read as annotated (checked before training, so that no run "
-        "stops at them)",
+        f"{len(work)} images of {splits} cannot be read as annotated (checked before the run starts, so that it "
+        "does not stop at them)",
         "re-save or re-export an image that is truncated or unreadable, and correct the width/height an annotation "
         "file gives for the others",
     )

@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from deformable.data import dataset_index
+from deformable.data import DatasetError, DatasetIndex, dataset_index
 from deformable.data.coco_eval import to_coco_results
+from deformable.data.decode import image_size
 from models import build_postprocessor
 from models.config import Config, DataConfig
 from models.files import FolderError, atomic_save, atomic_write, atomic_write_text, make_dir, remove_stale_temp_files
@@ -51,15 +52,16 @@ class InferenceRun:
     videos: list[str] = field(default_factory=list)
 
 
-def image_ids(paths: Sequence[str], known: Mapping[str, int]) -> dict[str, int]:
+def image_ids(paths: Sequence[str], index: DatasetIndex) -> dict[str, int]:
     """Path -> image id in results.json and images.json.
 
-    An image of the data set (``known``: its images' ids by path and unique file name, :func:`dataset_index`) keeps
-    its id there, matched by its path or else its file name, so that the results can be scored against it; where
-    several inputs match one image, the first listed gets it. Every other image gets an id above the data set's
-    largest (1, 2, ... without a data set), in the order given, so that no id can point at another image of it.
-    images.json maps the ids to the files.
+    An image of the data set (``index``: :func:`dataset_index`) keeps its id there, matched by its path, or else by
+    its file name where its size (read from its header) is the one the data set gives that image, so that the
+    results can be scored against it; where several inputs match one image, the first listed gets it. Every other
+    image gets an id above the data set's largest (1, 2, ... without a data set), in the order given, so that no id
+    can point at another image of it. images.json maps the ids to the files.
     """
+    known = index.image_ids
     next_id = max(known.values(), default=0) + 1
     ids: dict[str, int] = {}
     taken: set[int] = set()
@@ -69,11 +71,21 @@ def image_ids(paths: Sequence[str], known: Mapping[str, int]) -> dict[str, int]:
         own = known.get(os.path.realpath(path))
         if own is None:
             own = known.get(os.path.basename(path))
+            if own is not None and _header_size(path) != index.image_sizes.get(own):
+                own = None  # another picture of the same name
         if own is None or own in taken:
             own, next_id = next_id, next_id + 1
         ids[path] = own
         taken.add(own)
     return ids
+
+
+def _header_size(path: str) -> tuple[int, int] | None:
+    """``(height, width)`` of the image file ``path`` as read (EXIF orientation applied); None when unreadable."""
+    try:
+        return image_size(path)
+    except DatasetError:
+        return None
 
 
 def result_category_ids(
@@ -278,7 +290,8 @@ def run_inference(
     videos = [path for path in paths if is_video(path)]
     stills = [path for path in paths if not is_video(path)]
     folder = OutputFolder(out_dir)
-    known, dataset_names = dataset_index(cfg.data)
+    index = dataset_index(cfg.data)
+    known, dataset_names = index.image_ids, index.class_names
     named = (state is not None and state.config is not None) or cfg.data.root != DataConfig().root
     if stills and not known and named and cfg.data.root and not os.path.isdir(cfg.data.root):
         warn(
@@ -286,7 +299,7 @@ def run_inference(
             "and may be those of other images in it; run from the folder its path is relative to, or pass "
             "data.root=PATH"
         )
-    ids, files = image_ids(stills, known), output_names(paths)
+    ids, files = image_ids(stills, index), output_names(paths)
     stems = {path: os.path.splitext(files[path])[0] for path in videos}
     drawn = [files[path] for path in stills] + [stems[path] + ".mp4" for path in videos] if draw is not None else []
     per_input = [*drawn, *(stems[path] + ".json" for path in videos)]

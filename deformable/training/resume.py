@@ -333,11 +333,32 @@ def start_log(output_dir: str, resume: str | None, start_epoch: int) -> None:
         kept = truncate_log(log, start_epoch, source)
         history = f"the {kept} record(s) of epochs before {start_epoch} in {source}"
         print(f"{log} starts with the run's history: {history}", flush=True)
+        _take_best(output_dir, source, start_epoch)
     else:
         truncate_log(log, 0)
         print(
             f"{resume} has no log.jsonl beside it: the history of its run before epoch {start_epoch - 1} is not "
             f"available in {log}",
+            flush=True,
+        )
+
+
+def _take_best(output_dir: str, source_log: str, start_epoch: int) -> None:
+    """A run resumed from another's checkpoint, whose history it took, also takes that run's ``checkpoint_best.pth``
+    when it is the best of the epochs taken (its run found no better one later), so that this folder keeps the best
+    checkpoint its log names; otherwise says where the best so far is, or that no file holds it."""
+    best = best_logged(os.path.join(output_dir, "log.jsonl"), BEST_METRIC, before_epoch=start_epoch)
+    if best is None:
+        return
+    theirs = best_checkpoint(os.path.dirname(source_log))
+    said = f"the best epoch of that history is {best[1]} ({BEST_METRIC} {best[0]:.3f})"
+    if best_logged(source_log, BEST_METRIC) == best and os.path.isfile(theirs):
+        copy_checkpoint(theirs, best_checkpoint(output_dir))
+        print(f"{said}: its checkpoint, {theirs}, copied to {best_checkpoint(output_dir)}", flush=True)
+    else:
+        print(
+            f"{said}, whose checkpoint is not in {os.path.dirname(source_log)} as checkpoint_best.pth: this run "
+            f"writes {best_checkpoint(output_dir)} when an epoch beats it",
             flush=True,
         )
 
