@@ -27,7 +27,7 @@ from models.checkpoint import CheckpointError
 from models.config import ConfigError, parse_override
 from models.files import FolderError
 from models.hub import hub_id
-from models.loading import CHECKPOINT_HELP, CONFIG_HELP, split_config_args
+from models.loading import CHECKPOINT_HELP, CONFIG_HELP, inference_size, split_config_args
 
 
 def results_folder(checkpoint: str, overrides: list[str]) -> str | None:
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     try:
         checkpoint = read_checkpoint(args.checkpoint)
-        cfg = cfg or config_from_checkpoint(checkpoint, overrides)
+        cfg = inference_size(cfg or config_from_checkpoint(checkpoint, overrides), checkpoint, overrides)
         folder = results_folder(args.checkpoint, overrides)
         evaluate_checkpoint(cfg if folder is None else dataclasses.replace(cfg, output_dir=folder), checkpoint)
     except (DatasetError, CheckpointError, ConfigError, FileNotFoundError, FolderError) as exc:
