@@ -186,40 +186,11 @@ def resolve_config(config: str | os.PathLike | None, overrides: Iterable[str], c
     Raises:
         ConfigError: neither a config file nor a checkpoint. FileNotFoundError: no such config file.
     """
-    overrides = list(overrides)
     if config is not None:
-        return inference_size(load_config(config, overrides), checkpoint, overrides)
+        return load_config(config, overrides)
     if checkpoint is None:
         raise ConfigError("give a config file (e.g. configs/coco.yaml), or a checkpoint to take the config from")
-    return inference_size(config_from_checkpoint(checkpoint, overrides), checkpoint, overrides)
-
-
-def inference_size(cfg: Config, checkpoint: Checkpoint | None, overrides: Iterable[str] = ()) -> Config:
-    """``cfg`` with ``data.image_size`` (a training option) turned into the resize that evaluation and inference
-    apply (``data.val_size`` / ``data.val_max_size``), so that they resize as the model was trained: ``N`` -> its
-    sizes; ``auto`` -> the sizes the checkpoint's training chose (its saved config), else chosen from the training
-    split as training would (a warning when it cannot be read: the configured sizes are used). Sizes the overrides
-    set win; ``data.image_size: 0`` leaves the sizes as they are."""
-    from deformable.data import DatasetError  # the data package reads this module's config: imported when used
-    from deformable.data.sizes import resolve_image_size
-
-    if cfg.data.image_size == 0 or any(item.split("=", 1)[0].strip() in RESIZE_OVERRIDES for item in overrides):
-        return cfg
-    saved = (checkpoint.config or {}).get("data", {}) if checkpoint is not None else {}
-    if cfg.data.image_size == "auto" and saved.get("image_size", 0) == 0 and "val_size" in saved:
-        max_size = saved.get("val_max_size", cfg.data.val_max_size)
-        sizes = {"image_size": 0, "val_size": saved["val_size"], "val_max_size": max_size}
-        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **sizes))
-    try:
-        return resolve_image_size(cfg)[0]
-    except (DatasetError, OSError) as exc:
-        warnings.warn(
-            f"data.image_size=auto cannot be resolved without the training split ({exc}): images are resized to "
-            f"data.val_size={cfg.data.val_size}, data.val_max_size={cfg.data.val_max_size}; pass data.image_size=N "
-            "or the checkpoint's own config",
-            stacklevel=2,
-        )
-        return cfg
+    return config_from_checkpoint(checkpoint, overrides)
 
 
 def config_and_checkpoint(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from _repo import config_path
 
-from deformable.data.sizes import SIZE_KEYS, auto_image_size, resolve_image_size, sizes_for
+from deformable.data.sizes import SIZE_KEYS, auto_image_size, inference_size, resolve_image_size, sizes_for
 from models.config import ConfigError, load_config
 
 
@@ -90,16 +90,18 @@ def test_inference_resizes_as_training_did(tmp_path) -> None:
     command line sets win; auto without the checkpoint's sizes or the data says so and keeps the configured ones."""
     from models.checkpoint import Checkpoint
     from models.config import config_to_dict
-    from models.loading import resolve_config
 
     config = config_path("custom.yaml")  # data.image_size: auto
-    trained = load_config(config, ["data.image_size=320"])
-    trained, _ = resolve_image_size(trained)
+    trained, _ = resolve_image_size(load_config(config, ["data.image_size=320"]))
     checkpoint = Checkpoint(path="ck.pth", format="project", model={}, config=config_to_dict(trained))
-    cfg = resolve_config(config, [], checkpoint)
-    assert (cfg.data.image_size, cfg.data.val_size, cfg.data.val_max_size) == (0, 320, trained.data.val_max_size)
-    assert resolve_config(config, ["data.image_size=256"], checkpoint).data.val_size == 256
-    assert resolve_config(config, ["data.val_size=300"], checkpoint).data.val_size == 300
+
+    def sizes(overrides: list[str], given: Checkpoint | None = checkpoint, path: str = config) -> tuple:
+        cfg = inference_size(load_config(path, overrides), given, overrides)
+        return cfg.data.image_size, cfg.data.val_size, cfg.data.val_max_size
+
+    assert sizes([]) == (0, 320, trained.data.val_max_size)
+    assert sizes(["data.image_size=256"])[1] == 256
+    assert sizes(["data.val_size=300"])[1] == 300
     with pytest.warns(UserWarning, match="data.image_size=auto cannot be resolved without the training split"):
-        assert resolve_config(config, [f"data.root={tmp_path}"], None).data.val_size == 800
-    assert resolve_config(config_path("shapes.yaml"), [], checkpoint).data.val_size == 112  # image_size 0: as set
+        assert sizes([f"data.root={tmp_path}"], None)[1] == 800
+    assert sizes([], path=config_path("shapes.yaml"))[1] == 112  # image_size 0: as set

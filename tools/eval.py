@@ -21,13 +21,14 @@ import sys
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from deformable.data import DatasetError, error_message
+from deformable.data.sizes import inference_size
 from deformable.training.engine import evaluate_checkpoint
 from models import config_from_checkpoint, load_config, read_checkpoint
 from models.checkpoint import CheckpointError
 from models.config import ConfigError, parse_override
 from models.files import FolderError
 from models.hub import hub_id
-from models.loading import CHECKPOINT_HELP, CONFIG_HELP, inference_size, split_config_args
+from models.loading import CHECKPOINT_HELP, CONFIG_HELP, split_config_args
 
 
 def results_folder(checkpoint: str, overrides: list[str]) -> str | None:

@@ -30,12 +30,13 @@ import sys
 
 from tqdm import tqdm
 
+from deformable.data.sizes import inference_config
 from deformable.inference import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, ImageError, list_images, resolve_device
 from deformable.inference.predictor import DEFAULT_BATCH_SIZE, check_threshold
 from deformable.inference.run import run_inference
 from deformable.viz.detections import draw_detections
 from models.config import ConfigError
-from models.loading import CHECKPOINT_HELP, config_and_checkpoint, split_command_line
+from models.loading import CHECKPOINT_HELP, split_command_line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--batch-size: batch size must be >= 1, got {args.batch_size}")
         if args.video_stride < 1:
             raise ValueError(f"--video-stride must be >= 1, got {args.video_stride}")
-        cfg, checkpoint = config_and_checkpoint(config, overrides, args.checkpoint)
+        cfg, checkpoint = inference_config(config, overrides, args.checkpoint)
         paths = list_images(inputs, IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)
         kwargs = dict(score_threshold=args.score_threshold, batch_size=args.batch_size, draw=draw_detections)
         kwargs.update(video_stride=args.video_stride)

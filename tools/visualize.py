@@ -16,11 +16,12 @@ import sys
 
 import cv2
 
+from deformable.data.sizes import inference_config
 from deformable.inference import ImageError, class_names, load_detector, read_image, resolve_device
 from deformable.viz.draw import save_image
 from deformable.viz.figure import decoder_figure, encoder_figure, run_recorded
 from models.config import ConfigError
-from models.loading import CHECKPOINT_HELP, CONFIG_HELP, config_and_checkpoint, split_config_args
+from models.loading import CHECKPOINT_HELP, CONFIG_HELP, split_config_args
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config, overrides = split_config_args(args.args)
-        cfg, checkpoint = config_and_checkpoint(config, overrides, args.checkpoint)
+        cfg, checkpoint = inference_config(config, overrides, args.checkpoint)
         pixel = _pixel(args.pixel) if args.pixel else None
         if pixel is None and args.query_level is not None:
             raise ValueError("--query-level picks the query of the encoder view: give --pixel X,Y with it")

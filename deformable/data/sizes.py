@@ -17,12 +17,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+import os
+import warnings
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 
+from models.checkpoint import Checkpoint
 from models.config import Config, ConfigError, DataConfig
+from models.hf_preprocessor import RESIZE_OVERRIDES
+from models.loading import config_and_checkpoint
+
+from .errors import DatasetError
 
 MIN_BOX_PX = 32  # a small box spans this many pixels: 4 cells of the stride-8 map
 STEP = 32
@@ -136,3 +143,39 @@ def _refuse_sizes_set_beside(data: DataConfig) -> None:
             f"data.image_size={data.image_size} derives the training and evaluation sizes, and would replace "
             f"{', '.join(changed)}; set data.image_size=0 to use the sizes you give, or leave them out"
         )
+
+
+def inference_size(cfg: Config, checkpoint: Checkpoint | None, overrides: Iterable[str] = ()) -> Config:
+    """``cfg`` with ``data.image_size`` (a training option) turned into the resize that evaluation and inference
+    apply (``data.val_size`` / ``data.val_max_size``), so that they resize as the model was trained: ``N`` -> its
+    sizes; ``auto`` -> the sizes the checkpoint's training chose (its saved config), else chosen from the training
+    split as training would (a warning when it cannot be read: the configured sizes are used). Sizes the overrides
+    set win; ``data.image_size: 0`` leaves the sizes as they are."""
+    if cfg.data.image_size == 0 or any(item.split("=", 1)[0].strip() in RESIZE_OVERRIDES for item in overrides):
+        return cfg
+    saved = (checkpoint.config or {}).get("data", {}) if checkpoint is not None else {}
+    if cfg.data.image_size == "auto" and saved.get("image_size", 0) == 0 and "val_size" in saved:
+        max_size = saved.get("val_max_size", cfg.data.val_max_size)
+        sizes = {"image_size": 0, "val_size": saved["val_size"], "val_max_size": max_size}
+        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **sizes))
+    try:
+        return resolve_image_size(cfg)[0]
+    except (DatasetError, OSError) as exc:  # the data set is not here (a checkpoint of another machine's run)
+        warnings.warn(
+            f"data.image_size=auto cannot be resolved without the training split ({exc}): images are resized to "
+            f"data.val_size={cfg.data.val_size}, data.val_max_size={cfg.data.val_max_size}; pass data.image_size=N "
+            "or the checkpoint's own config",
+            stacklevel=2,
+        )
+        return cfg
+
+
+def inference_config(
+    config: str | os.PathLike | None, overrides: Iterable[str], checkpoint: str | os.PathLike | None
+) -> tuple[Config, Checkpoint | None]:
+    """What eval, infer, visualize and ``Predictor`` start from: :func:`models.loading.config_and_checkpoint` (the
+    checkpoint read, the config from ``config`` or from the checkpoint, ``overrides`` on top), its resize resolved as
+    training resolved it (:func:`inference_size`)."""
+    overrides = list(overrides)
+    cfg, read = config_and_checkpoint(config, overrides, checkpoint)
+    return inference_size(cfg, read, overrides), read

@@ -29,11 +29,11 @@ from torch import nn
 import models
 from deformable.data import dataset_class_names
 from deformable.data.coco_eval import to_coco_results
+from deformable.data.sizes import inference_config
 from models import build_postprocessor
 from models.checkpoint import Checkpoint
 from models.config import Config, ConfigError, config_from_dict
 from models.device import resolve_device
-from models.loading import config_and_checkpoint
 
 from .images import ImageInput, as_rgb, prepare_batch
 from .video import batched, read_frames, video_info
@@ -170,7 +170,7 @@ class Predictor:
         check_threshold(threshold, "Predictor: threshold")
         if batch_size < 1:
             raise ValueError(f"Predictor: batch_size must be >= 1, got {batch_size}")
-        self.cfg, read = config_and_checkpoint(config, list(overrides), checkpoint)
+        self.cfg, read = inference_config(config, list(overrides), checkpoint)
         self.device = resolve_device(device)
         self.model, self.checkpoint = load_detector(self.cfg, read, self.device)
         self.postprocessor = build_postprocessor(self.cfg)
