@@ -51,6 +51,19 @@ def preprocessor_config(val_size: int, val_max_size: int) -> dict[str, Any]:
     }
 
 
+class UnsupportedResize(CheckpointError):
+    """A ``preprocessor_config.json`` resize the tools cannot apply (``reason``: the file and what it says); passing
+    ``data.val_size`` / ``data.val_max_size`` replaces it (:func:`models.loading.config_from_checkpoint`)."""
+
+    def __init__(self, file: str, what: str) -> None:
+        self.reason = f"{file}: {what}"
+        super().__init__(
+            f"{self.reason}; the tools keep the aspect ratio, short side data.val_size and long side at most "
+            "data.val_max_size (size {shortest_edge, longest_edge}, or {max_height, max_width} with one value): "
+            "pass data.val_size=N data.val_max_size=M to resize so, or edit the file"
+        )
+
+
 def _positive_int(value: Any, path: str, key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise UnsupportedResize(path, f"{key} must be a whole number of pixels >= 1, got {value!r}")
@@ -77,19 +90,6 @@ def _check_pixels(config: Mapping[str, Any], path: str) -> None:
             raise CheckpointError(
                 f"{path}: {key} {value!r} is not ImageNet's {list(expected)}, which the tools normalise with"
             )
-
-
-class UnsupportedResize(CheckpointError):
-    """A ``preprocessor_config.json`` resize the tools cannot apply (``reason``: the file and what it says); passing
-    ``data.val_size`` / ``data.val_max_size`` replaces it (:func:`models.loading.config_from_checkpoint`)."""
-
-    def __init__(self, file: str, what: str) -> None:
-        self.reason = f"{file}: {what}"
-        super().__init__(
-            f"{self.reason}; the tools keep the aspect ratio, short side data.val_size and long side at most "
-            "data.val_max_size (size {shortest_edge, longest_edge}, or {max_height, max_width} with one value): "
-            "pass data.val_size=N data.val_max_size=M to resize so, or edit the file"
-        )
 
 
 RESIZE_OVERRIDES = ("data.val_size", "data.val_max_size")  # the overrides that choose the inference resize

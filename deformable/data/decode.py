@@ -35,21 +35,21 @@ _PNG_ORIENTATION_CHUNKS = (b"eXIf", b"iTXt", b"tEXt", b"zTXt")
 
 def image_size(path: str) -> tuple[int, int]:
     """``(height, width)`` of the image file ``path`` as :func:`read_rgb` returns it (EXIF orientation applied), from
-    its header alone where it gives the size as stored (JPEG, PNG, WebP); another format is decoded.
+    its header alone (a TIFF, whose reader may report it turned already, is decoded).
 
     Raises:
         DatasetError: the file is missing or no image PIL can read (the message names it).
     """
     with _open(path, path) as picture:
-        if picture.format in _STORED_SIZE_FORMATS:
+        if picture.format not in _SELF_TURNING_FORMATS:
             return _upright_size(picture, header_exif=picture.format == "PNG" and _png_whole(path))
-    height, width = read_rgb(path).shape[:2]  # e.g. a TIFF, whose reader may turn it already: as read_rgb returns it
+    height, width = read_rgb(path).shape[:2]  # a TIFF: as read_rgb returns it, however Pillow reports its header
     return height, width
 
 
-# Formats whose header gives the size as stored (before the EXIF orientation is applied); other readers (Pillow's TIFF
-# one) may report it turned already, so their size is taken from the decoded image.
-_STORED_SIZE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP")
+# Formats whose reader may report the size with the EXIF orientation applied already (Pillow 13's TIFF reader does),
+# so that the header's size cannot be turned as the others' is: their size is taken from the decoded image.
+_SELF_TURNING_FORMATS = ("TIFF",)
 
 
 def checked_size(path: str, name: str | None = None) -> tuple[int, int]:
