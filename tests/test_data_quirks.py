@@ -340,3 +340,40 @@ def test_jfif_images_are_read(tmp_path) -> None:
                 if name.endswith(".jpg"):
                     os.rename(os.path.join(dirpath, name), os.path.join(dirpath, name[:-4] + ".jfif"))
     assert len(_read(root, "val").coco["images"]) == 2
+
+
+# --- the image formats Ultralytics lists that Pillow reads: .mpo, .avif, .jp2 ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extension", "save_as", "feature"),
+    [(".mpo", "MPO", None), (".avif", "AVIF", "avif"), (".jp2", "JPEG2000", "jpg_2000")],
+)
+def test_mpo_avif_and_jp2_images_are_listed_and_read(
+    tmp_path, extension: str, save_as: str, feature: str | None
+) -> None:
+    """A YOLO set (sizes from the files) and an inference folder with these images take every one, at its size."""
+    from PIL import Image, features
+
+    from deformable.inference import list_images
+
+    if feature is not None and not features.check(feature):
+        pytest.skip(f"this Pillow cannot write {save_as}")
+    root = write_yolo(str(tmp_path / "y"))
+    sizes = {}
+    for dirpath, _, names in os.walk(os.path.join(root, "images")):
+        for name in names:
+            stem = name[:-4] + extension.upper()  # the extension in capitals: listings match any case
+            with Image.open(os.path.join(dirpath, name)) as picture:
+                picture.convert("RGB").save(os.path.join(dirpath, stem), format=save_as)
+                sizes[stem] = (picture.height, picture.width)
+            os.remove(os.path.join(dirpath, name))
+    for split in ("train", "val"):
+        dataset = build_dataset(DataConfig(root=root, train_split=split, num_workers=0), "train", transforms=False)
+        assert len(dataset) == sum(1 for n in os.listdir(os.path.join(root, "images", split)))
+        for image_id in dataset.ids:
+            info = dataset.coco.imgs[image_id]
+            assert sizes[os.path.basename(info["file_name"])] == (info["height"], info["width"])
+            assert tuple(dataset.load_image(image_id).shape[-2:]) == (info["height"], info["width"])
+    listed = list_images([os.path.join(root, "images", "val")])
+    assert sorted(os.path.basename(p) for p in listed) == sorted(os.listdir(os.path.join(root, "images", "val")))

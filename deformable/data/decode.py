@@ -19,8 +19,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import DatasetError
 
-# What layouts and tools look for (.jfif: JPEG as some browsers save it).
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# What layouts and tools look for: the formats Pillow reads without a plugin (.jfif: JPEG as some browsers save it;
+# .mpo: a camera's JPEG with more pictures after the first; .avif and .jp2, as Ultralytics lists them).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".mpo", ".png", ".bmp", ".tif", ".tiff", ".webp", ".avif", ".jp2")
 _ORIENTATION = 0x0112  # EXIF tag
 QUARTER_TURNS = (5, 6, 7, 8)  # the EXIF orientations that swap width and height
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
