@@ -377,3 +377,35 @@ def test_mpo_avif_and_jp2_images_are_listed_and_read(
             assert tuple(dataset.load_image(image_id).shape[-2:]) == (info["height"], info["width"])
     listed = list_images([os.path.join(root, "images", "val")])
     assert sorted(os.path.basename(p) for p in listed) == sorted(os.listdir(os.path.join(root, "images", "val")))
+
+
+# --- label files whose image is in a format not read (.gif) are named, not left out unnoticed ---------------------
+
+
+def test_yolo_label_files_without_a_read_image_are_named(tmp_path) -> None:
+    from PIL import Image
+
+    root = write_yolo(str(tmp_path / "y"))
+    folder = os.path.join(root, "images", "train")
+    converted = sorted(os.listdir(folder))[:2]
+    for name in converted:
+        with Image.open(os.path.join(folder, name)) as picture:
+            picture.save(os.path.join(folder, name[:-4] + ".gif"))
+        os.remove(os.path.join(folder, name))
+    open(os.path.join(root, "labels", "train", "classes.txt"), "w").write("cat\ndog\n")  # LabelImg's, no labels
+    labelled = [n for n in converted if os.path.isfile(os.path.join(root, "labels", "train", n[:-4] + ".txt"))]
+    assert labelled, "the test needs a converted image that has labels"
+    notes = " ".join(_read(root, "train").notes)
+    assert f"{len(labelled)} label file(s) with no image, their boxes not read" in notes
+    assert "as .gif (" in notes and "a format not read: convert them" in notes and "classes.txt" not in notes
+    assert not any("label file(s) with no image" in note for note in _read(root, "val").notes)
+
+    for name in os.listdir(folder):  # every image of the split in a format not read: an error that says why
+        if not name.endswith(".gif"):
+            with Image.open(os.path.join(folder, name)) as picture:
+                picture.save(os.path.join(folder, name[:-4] + ".gif"))
+            os.remove(os.path.join(folder, name))
+    with pytest.raises(
+        DatasetError, match=r"the yolo split 'train' has no images: .*label file\(s\) with no image.*\.gif"
+    ):
+        _read(root, "train")

@@ -102,10 +102,16 @@ def is_hidden(name: str) -> bool:
 def list_image_files(folder: str) -> list[str]:
     """Image files under ``folder`` (recursive, by extension, hidden files and folders left out: :func:`is_hidden`),
     as sorted paths relative to ``folder``."""
+    return list_files(folder, IMAGE_EXTENSIONS)
+
+
+def list_files(folder: str, extensions: tuple[str, ...] | None = None) -> list[str]:
+    """Files under ``folder`` (recursive; with one of ``extensions``, any case, where given; hidden files and folders
+    left out: :func:`is_hidden`), as sorted paths relative to ``folder``; none when it is no folder."""
     found = []
     for directory, subdirs, names in os.walk(folder):
         subdirs[:] = sorted(d for d in subdirs if not is_hidden(d))  # in place: os.walk then skips the others
         for name in names:
-            if name.lower().endswith(IMAGE_EXTENSIONS) and not is_hidden(name):
+            if (extensions is None or name.lower().endswith(extensions)) and not is_hidden(name):
                 found.append(os.path.relpath(os.path.join(directory, name), folder))
     return sorted(found)

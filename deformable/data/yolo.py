@@ -7,20 +7,23 @@ entry starting with ``../`` that does not exist is also tried without it (Robofl
 ``../train/images`` beside the yaml). An image's labels are in the same place with the last ``images`` folder
 replaced by ``labels`` and the extension by ``.txt``; each line is ``class cx cy w h`` normalised to [0, 1] (or
 ``class x1 y1 x2 y2 ...``, a polygon, whose enclosing box is used; with ``kpt_shape`` in ``data.yaml``, a pose line
-whose keypoints follow the box and are not read). A missing or empty label file means no object.
+whose keypoints follow the box and are not read). A missing or empty label file means no object; a label file
+with no image that is read (a ``.gif``, say) is counted in the split's notes, not left out unnoticed.
 YOLO class ``i`` becomes category id ``i + 1``, so K classes take ids 1..K.
 """
 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from typing import Any
 
 import yaml
 
+from .decode import IMAGE_EXTENSIONS
 from .errors import DatasetError, read_text
 from .scan import header_sizes
-from .split import SplitData, finish_split, list_image_files
+from .split import SplitData, finish_split, list_files, list_image_files
 
 YAML_FILE = "data.yaml"
 TOLERANCE = 0.01  # normalised coordinates may stray this far outside [0, 1] (rounding); the box is then clipped
@@ -98,13 +101,19 @@ def _resolve(base: str, entry: str) -> str:
     return path
 
 
-def split_images(payload: dict[str, Any], yaml_path: str, key: str) -> tuple[str, list[str]]:
-    """``(image_root, file names relative to it)`` of the split ``key`` (train, val, test) of ``data.yaml``."""
+def split_sources(payload: dict[str, Any], yaml_path: str, key: str) -> list[str]:
+    """The folders and ``.txt`` lists that the split ``key`` (train, val, test) of ``data.yaml`` names, resolved."""
     entries = payload.get(key)
     if not entries:
         raise DatasetError(f"{yaml_path} has no '{key}' entry (it has: {', '.join(map(str, payload))})")
     base = split_base(payload, yaml_path)
-    sources = [_resolve(base, str(e)) for e in (entries if isinstance(entries, list) else [entries])]
+    return [_resolve(base, str(e)) for e in (entries if isinstance(entries, list) else [entries])]
+
+
+def split_images(payload: dict[str, Any], yaml_path: str, key: str) -> tuple[str, list[str]]:
+    """``(image_root, file names relative to it)`` of the split ``key`` (train, val, test) of ``data.yaml``."""
+    base = split_base(payload, yaml_path)
+    sources = split_sources(payload, yaml_path, key)
     paths: list[str] = []
     for source in sources:
         if os.path.isdir(source):
@@ -145,6 +154,40 @@ def label_path(image_path: str) -> str:
     if folders:
         parts[folders[-1]] = "labels"
     return os.path.splitext(os.sep.join(parts))[0] + ".txt"
+
+
+def labels_without_images(folders: list[str], image_paths: list[str]) -> str | None:
+    """What to say about the label files under the labels folders of the image ``folders`` that belong to none of
+    ``image_paths`` (their boxes would be left out unnoticed): how many, one of them, and the extensions of the
+    images of those names in the image folders (a format not read, e.g. ``.gif``); None when there are none.
+    LabelImg's ``classes.txt`` is no label file."""
+    wanted = {os.path.normpath(label_path(path)) for path in image_paths}
+    unmatched: list[str] = []
+    for folder in folders:
+        labels = os.path.dirname(label_path(os.path.join(folder, "image.jpg")))
+        unmatched.extend(
+            path
+            for path in (os.path.normpath(os.path.join(labels, name)) for name in list_files(labels, (".txt",)))
+            if os.path.basename(path) != "classes.txt" and path not in wanted
+        )
+    if not unmatched:
+        return None
+    stems = {os.path.splitext(os.path.basename(path))[0] for path in unmatched}
+    others = Counter(
+        os.path.splitext(name)[1].lower() or "(no extension)"
+        for folder in folders
+        for name in list_files(folder)
+        if os.path.splitext(os.path.basename(name))[0] in stems
+        and not name.lower().endswith((".txt", *IMAGE_EXTENSIONS))
+    )
+    held = ", ".join(f"{extension} ({count})" for extension, count in others.most_common())
+    why = (
+        f"the image folder holds images of those names as {held}, a format not read: convert them (read: "
+        f"{', '.join(IMAGE_EXTENSIONS)})"
+        if others
+        else "no image of that name was found"
+    )
+    return f"{len(unmatched)} label file(s) with no image, their boxes not read (e.g. {unmatched[0]}; {why})"
 
 
 def parse_label_line(line: str, names: dict[int, str], where: str, keypoint_fields: int = 0) -> tuple[int, list[float]]:
@@ -201,6 +244,8 @@ def read_yolo(yaml_path: str, key: str) -> SplitData:
     payload = read_data_yaml(yaml_path)
     names, fields = payload["names"], keypoint_fields(payload, yaml_path)
     root, files = split_images(payload, yaml_path, key)
+    folders = [source for source in split_sources(payload, yaml_path, key) if os.path.isdir(source)]
+    unread = labels_without_images(folders, [os.path.join(root, name) for name in files])
     coco: dict[str, Any] = {"images": [], "annotations": [], "categories": []}
     coco["categories"] = [{"id": index + 1, "name": name} for index, name in names.items()]
     found, source = 0, f"{yaml_path} ({key}: {root})"
@@ -215,6 +260,10 @@ def read_yolo(yaml_path: str, key: str) -> SplitData:
             ann = {"id": len(coco["annotations"]) + 1, "image_id": image_id, "category_id": index + 1, "bbox": box}
             coco["annotations"].append({**ann, "iscrowd": 0})
     data = SplitData(layout="yolo", split=key, image_root=root, coco=coco, source=source)
-    if files and not found:
+    if files and not found and unread is None:
         data.notes.append(f"no label file found (looked for e.g. {label_path(os.path.join(root, files[0]))})")
+    if unread is not None:
+        if not files:
+            raise DatasetError(f"the yolo split '{key}' has no images: {source} lists none; {unread}")
+        data.notes.append(unread)
     return finish_split(data)
