@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -12,6 +14,7 @@ from torch.nn.init import constant_, xavier_uniform_
 
 from .cope_sampling import CoPESampling
 from .ops import ms_deform_attn
+from .reference import SpatialShapes, spatial_shape_list
 
 OFFSET_MODES = ("linear", "cope")
 
@@ -37,12 +40,13 @@ class MSDeformAttn(nn.Module):
         d_model: hidden size C; must be divisible by ``n_heads``.
         n_levels: number of feature levels L.
         n_heads: number of attention heads M.
-        n_points: sampling points P per head and level.
+        n_points: sampling points P per head and level. These four are integers >= 1.
         offset_mode: ``"linear"`` (the original: offsets in pixels of the level, or box fractions) or ``"cope"``
             (offsets in contextual counts along the row and column through the reference point, see
             :mod:`deformable.cope_sampling`).
         cope_gate_dim: channels of the gate keys, shared by the heads (``"cope"`` only).
         cope_channels: counting channels per head that each query mixes (``"cope"`` only).
+        The ``cope_*`` sizes are integers >= 1 where they are used.
     """
 
     def __init__(
@@ -56,10 +60,7 @@ class MSDeformAttn(nn.Module):
         cope_channels: int = 2,
     ) -> None:
         super().__init__()
-        if d_model % n_heads != 0:
-            raise ValueError(f"d_model must be divisible by n_heads, but got {d_model} and {n_heads}")
-        if offset_mode not in OFFSET_MODES:
-            raise ValueError(f"MSDeformAttn: offset_mode must be one of {OFFSET_MODES}, got {offset_mode!r}")
+        _check_arguments(d_model, n_levels, n_heads, n_points, offset_mode, cope_gate_dim, cope_channels)
         head_dim = d_model // n_heads
         if head_dim & (head_dim - 1) != 0:
             warnings.warn(
@@ -113,8 +114,8 @@ class MSDeformAttn(nn.Module):
         query: torch.Tensor,
         reference_points: torch.Tensor,
         input_flatten: torch.Tensor,
-        input_spatial_shapes: torch.Tensor,
-        input_level_start_index: torch.Tensor,
+        input_spatial_shapes: SpatialShapes,
+        input_level_start_index: torch.Tensor | Sequence[int],
         input_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attends from each query to P points per head and level around its reference.
@@ -124,16 +125,20 @@ class MSDeformAttn(nn.Module):
             reference_points: ``(N, Lq, L, 2)`` normalised ``(x, y)`` in [0, 1] (top-left (0, 0)), or
                 ``(N, Lq, L, 4)`` normalised boxes ``(cx, cy, w, h)``.
             input_flatten: ``(N, S, C)``, levels flattened row-major and concatenated, ``S = sum_l H_l * W_l``.
-            input_spatial_shapes: ``(L, 2)`` int64 rows ``(H_l, W_l)``.
-            input_level_start_index: ``(L,)`` int64 start of each level in S.
+            input_spatial_shapes: ``(L, 2)`` int64 rows ``(H_l, W_l)``, or a sequence of ``(H, W)`` int pairs.
+            input_level_start_index: ``(L,)`` int64 start of each level in S, or a sequence of ints. Sequences
+                become int64 tensors on input_flatten's device.
             input_padding_mask: ``(N, S)`` bool, True at padding (those values are zeroed).
 
         Returns:
             ``(N, Lq, C)``.
         """
+        input_spatial_shapes, input_level_start_index = _level_tensors(
+            input_spatial_shapes, input_level_start_index, input_flatten.device
+        )
+        self._check_inputs(query, reference_points, input_flatten, input_spatial_shapes, input_padding_mask)
         n, len_q, _ = query.shape
         _, len_in, _ = input_flatten.shape
-        self._check_inputs(query, reference_points, input_flatten, input_spatial_shapes, input_padding_mask)
 
         value = self.value_proj(input_flatten)
         if input_padding_mask is not None:
@@ -208,8 +213,59 @@ class MSDeformAttn(nn.Module):
                     f"MSDeformAttn: input_spatial_shapes sum to {total} positions but input_flatten has "
                     f"{input_flatten.shape[1]}"
                 )
-        if padding_mask is not None and tuple(padding_mask.shape) != tuple(input_flatten.shape[:2]):
-            raise ValueError(
-                f"MSDeformAttn: input_padding_mask must be (N, S) = {tuple(input_flatten.shape[:2])}, "
-                f"got {tuple(padding_mask.shape)}"
+        if padding_mask is not None:
+            _check_padding_mask(padding_mask, tuple(input_flatten.shape[:2]))
+
+
+def _level_tensors(
+    shapes: SpatialShapes, starts: torch.Tensor | Sequence[int], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_spatial_shapes`` ``(L, 2)`` and ``input_level_start_index`` ``(L,)`` as the int64 tensors the op wants:
+    sequences (``(H, W)`` pairs, which the op's PyTorch path takes too, and ints) are made tensors on ``device``."""
+    if not isinstance(shapes, torch.Tensor):
+        if not isinstance(shapes, Sequence):
+            raise TypeError(
+                "MSDeformAttn: input_spatial_shapes must be an (L, 2) int64 tensor or a sequence of (H, W) int "
+                f"pairs, got {type(shapes).__name__}"
             )
+        shapes = torch.tensor(spatial_shape_list(shapes), dtype=torch.int64, device=device).view(-1, 2)
+    if not isinstance(starts, torch.Tensor):
+        starts = torch.as_tensor(starts, dtype=torch.int64, device=device)
+    return shapes, starts
+
+
+def _check_padding_mask(padding_mask: object, expected: tuple[int, int]) -> None:
+    """Raises TypeError / ValueError unless ``padding_mask`` is a bool tensor of shape ``expected`` ``(N, S)``."""
+    if not isinstance(padding_mask, torch.Tensor) or padding_mask.dtype != torch.bool:
+        got = padding_mask.dtype if isinstance(padding_mask, torch.Tensor) else type(padding_mask).__name__
+        raise TypeError(
+            f"MSDeformAttn: input_padding_mask must be a torch.bool tensor of shape (N, S) = {expected}, True at "
+            f"padding, got {got}"
+        )
+    if tuple(padding_mask.shape) != expected:
+        raise ValueError(
+            f"MSDeformAttn: input_padding_mask must be (N, S) = {expected}, got {tuple(padding_mask.shape)}"
+        )
+
+
+def _check_size(name: str, value: object) -> None:
+    # bool is an int to Python, but MSDeformAttn(..., n_points=True) is a mistake, not one point.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"MSDeformAttn: {name} must be an integer, got {value!r} ({type(value).__name__})")
+    if value < 1:
+        raise ValueError(f"MSDeformAttn: {name} must be >= 1, got {value}")
+
+
+def _check_arguments(
+    d_model: int, n_levels: int, n_heads: int, n_points: int, offset_mode: str, cope_gate_dim: int, cope_channels: int
+) -> None:
+    """Raises ValueError naming the first constructor argument of :class:`MSDeformAttn` that is out of range."""
+    for name, value in (("d_model", d_model), ("n_levels", n_levels), ("n_heads", n_heads), ("n_points", n_points)):
+        _check_size(name, value)
+    if d_model % n_heads != 0:
+        raise ValueError(f"d_model must be divisible by n_heads, but got {d_model} and {n_heads}")
+    if offset_mode not in OFFSET_MODES:
+        raise ValueError(f"MSDeformAttn: offset_mode must be one of {OFFSET_MODES}, got {offset_mode!r}")
+    if offset_mode == "cope":  # ignored otherwise, as documented
+        _check_size("cope_gate_dim", cope_gate_dim)
+        _check_size("cope_channels", cope_channels)

@@ -44,6 +44,8 @@ HF_WEIGHTS = (
     "model.safetensors.index.json",
     "pytorch_model.bin.index.json",
 )
+# The other files of a transformers folder: a path to one of them reads the folder.
+HF_FOLDER_FILES = ("config.json", "preprocessor_config.json")
 EXPECTED = (
     "expected this project's checkpoint, an original Deformable-DETR checkpoint (.pth with 'model' and 'args'), a "
     "state_dict, or a transformers folder (config.json + model.safetensors or pytorch_model.bin)"
@@ -124,6 +126,8 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     beside = os.path.join(os.path.dirname(path), "config.json")
+    if os.path.basename(path) in HF_FOLDER_FILES and os.path.isfile(beside):  # a file of the folder meant
+        return _read_hf(os.path.dirname(path) or ".")
     if os.path.isdir(path) or (os.path.basename(path) in HF_WEIGHTS and os.path.isfile(beside)):
         return _read_hf(path)
     if path.endswith(".safetensors"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -23,7 +24,7 @@ from deformable.modules import OFFSET_MODES  # MSDeformAttn's offset_mode values
 from .files import atomic_write_text
 
 BACKBONE_NORMS = ("frozen_bn", "gn")
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda")  # and cuda:<index> (:func:`is_device_name`)
 AMP_MODES = ("none", "bf16", "fp16")
 # data.format: "auto" or a layout of deformable.data.layouts.LAYOUTS (a test keeps the two lists alike)
 DATA_FORMATS = ("auto", "coco", "roboflow", "yolo", "voc", "roboflow-voc")
@@ -45,6 +46,11 @@ def _sizes(count: str = "") -> tuple[typing.Callable[[Any], bool], str]:
 
 def _one_of(values: tuple[str, ...]) -> tuple[typing.Callable[[Any], bool], str]:
     return (lambda v: v in values), f"one of {', '.join(values)}"
+
+
+def is_device_name(value: Any) -> bool:
+    """Whether ``value`` names a device the tools run on: one of :data:`DEVICES`, or ``cuda:<index>``."""
+    return isinstance(value, str) and (value in DEVICES or re.fullmatch(r"cuda:\d+", value) is not None)
 
 
 def _image_size(value: Any) -> bool:
@@ -112,7 +118,7 @@ TRAIN_LIMITS = {
     "patience": _at_least(0),
     "max_iters_per_epoch": _at_least(0),
     "amp": _one_of(AMP_MODES),
-    "device": _one_of(DEVICES),
+    "device": (is_device_name, f"one of {', '.join(DEVICES)} or cuda:<index>"),
 }
 
 
@@ -457,12 +463,26 @@ def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
     """Applies ``section.key=value`` overrides to ``cfg`` in place, in order, and returns it.
 
     Raises:
-        ConfigError: an unknown key (named) or a value of the wrong type (named).
+        ConfigError: an unknown key (named) or a value of the wrong type (named); ``overrides`` a single string.
     """
-    for text in overrides:
+    for text in override_list(overrides):
         keys, value = parse_override(text)
         _apply(cfg, _nest(keys, value))
     return cfg
+
+
+def override_list(overrides: Iterable[str]) -> list[str]:
+    """``overrides`` as a list.
+
+    Raises:
+        ConfigError: ``overrides`` is a single string (it would be read a character at a time).
+    """
+    if isinstance(overrides, (str, bytes)):
+        raise ConfigError(
+            f"overrides must be a list of 'section.key=value' strings, got the string {overrides!r}; "
+            f"pass [{overrides!r}]"
+        )
+    return list(overrides)
 
 
 def apply_values(cfg: Config, values: Mapping[str, Any]) -> Config:

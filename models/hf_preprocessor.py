@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .backbone import IMAGENET_MEAN, IMAGENET_STD
@@ -93,6 +93,11 @@ def _check_pixels(config: Mapping[str, Any], path: str) -> None:
 
 
 RESIZE_OVERRIDES = ("data.val_size", "data.val_max_size")  # the overrides that choose the inference resize
+
+
+def chooses_resize(overrides: Iterable[str]) -> bool:
+    """Whether ``overrides`` set the inference resize (one of :data:`RESIZE_OVERRIDES`)."""
+    return any(item.split("=", 1)[0].strip() in RESIZE_OVERRIDES for item in overrides)
 
 
 def inference_size_from_hf(path: str | os.PathLike) -> tuple[int, int] | None:

@@ -20,9 +20,18 @@ import yaml
 from torch import nn
 
 from .checkpoint import Checkpoint, CheckpointError, read_checkpoint
-from .config import Config, ConfigError, ModelConfig, apply_overrides, apply_values, config_from_dict, load_config
+from .config import (
+    Config,
+    ConfigError,
+    ModelConfig,
+    apply_overrides,
+    apply_values,
+    config_from_dict,
+    load_config,
+    override_list,
+)
 from .detector import build_detector
-from .hf_preprocessor import RESIZE_OVERRIDES, UnsupportedResize, inference_size_from_hf
+from .hf_preprocessor import UnsupportedResize, chooses_resize, inference_size_from_hf
 from .weights import load_checkpoint
 
 # Model options that change the state_dict or the outputs; a checkpoint stating another value than the config for
@@ -137,7 +146,7 @@ def _folder_resize(checkpoint: Checkpoint, overrides: list[str]) -> tuple[tuple[
     try:
         return inference_size_from_hf(checkpoint.path), None
     except UnsupportedResize as exc:
-        if not any(item.split("=", 1)[0].strip() in RESIZE_OVERRIDES for item in overrides):
+        if not chooses_resize(overrides):
             raise
         return None, exc.reason
 
@@ -147,7 +156,7 @@ def config_from_checkpoint(checkpoint: Checkpoint, overrides: Iterable[str] = ()
     the model options of its ``args`` / ``config.json`` / weights and, for a transformers folder, the inference
     resize of its ``preprocessor_config.json`` (:func:`models.hf_preprocessor.inference_size_from_hf`); then
     ``overrides``. The backbone is never downloaded (the checkpoint holds it)."""
-    overrides = list(overrides)
+    overrides = override_list(overrides)
     unused = None  # why a transformers folder's resize was not taken
     if checkpoint.config is not None:
         try:
@@ -166,6 +175,14 @@ def config_from_checkpoint(checkpoint: Checkpoint, overrides: Iterable[str] = ()
         warnings.warn(
             f"{unused}; the images are resized instead to short side data.val_size={cfg.data.val_size}, long side "
             f"at most data.val_max_size={cfg.data.val_max_size}",
+            stacklevel=2,
+        )
+    if checkpoint.format == "state_dict" and not chooses_resize(overrides):
+        warnings.warn(
+            f"checkpoint {checkpoint.path} is a bare state_dict, which does not say at what size its model was "
+            f"trained: images are resized to short side data.val_size={cfg.data.val_size}, long side at most "
+            f"data.val_max_size={cfg.data.val_max_size} (the original's COCO sizes); pass data.val_size=S "
+            "data.val_max_size=M, or the training config file, if it was trained at another size",
             stacklevel=2,
         )
     if checkpoint.config is None and cfg.model.two_stage and "num_queries" not in checkpoint.options:

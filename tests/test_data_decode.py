@@ -86,6 +86,24 @@ def test_sixteen_bit_images_are_scaled_not_saturated(tmp_path) -> None:
     assert (pixels[:, :, 0] == pixels[:, :, 2]).all()
 
 
+def test_thirty_two_bit_grey_keeps_the_brightness_of_its_range(tmp_path) -> None:
+    """Mode "I" (a 32-bit TIFF, or PIL's convert("I") of an 8-bit image) states no range: 0..255 values are 8-bit ones
+    (kept, not divided into black), larger ones up to 65535 16-bit ones, and beyond that the image is refused."""
+    from deformable.inference import as_rgb
+
+    eight = np.tile(np.arange(0, 256, 16, dtype=np.uint8), (4, 1))
+    np.testing.assert_array_equal(as_rgb(Image.fromarray(eight).convert("I"))[:, :, 1], eight)
+    Image.fromarray(eight.astype(np.int32)).save(tmp_path / "eight.tif")
+    assert Image.open(tmp_path / "eight.tif").mode == "I"
+    np.testing.assert_array_equal(read_rgb(str(tmp_path / "eight.tif"))[:, :, 0], eight)
+    sixteen = eight.astype(np.int32) * 257
+    Image.fromarray(sixteen).save(tmp_path / "sixteen.tif")
+    np.testing.assert_array_equal(read_rgb(str(tmp_path / "sixteen.tif"))[:, :, 2], eight)
+    Image.fromarray(sixteen * 4).save(tmp_path / "wide.tif")
+    with pytest.raises(DatasetError, match=r"wide.tif: 32-bit integer pixels from 0 to 246720, outside the 8- and 16"):
+        read_rgb(str(tmp_path / "wide.tif"))
+
+
 def test_palette_transparency_is_read_without_warnings(tmp_path) -> None:
     rgb = np.zeros((10, 12, 3), np.uint8)
     rgb[:, 6:] = (200, 30, 30)

@@ -169,3 +169,45 @@ def test_bad_arguments(files, predictor) -> None:
         Predictor(files["checkpoint"], device="cpu", batch_size=0)
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         Predictor(files["checkpoint"].replace("checkpoint.pth", "missing.pth"), device="cpu")
+
+
+# --- the notebook sweep (2026-12-07): argument types, devices, read-only arrays, ids, empty PIL images ----------------
+
+
+def test_argument_types_are_named(files, predictor) -> None:
+    from models.config import ConfigError
+
+    with pytest.raises(TypeError, match=r"Predictor: threshold must be a number in \[0, 1\], got str '0.5'"):
+        predictor(files["wide"], threshold="0.5")
+    with pytest.raises(TypeError, match="Predictor: batch_size must be an integer, got float 2.0"):
+        Predictor(files["checkpoint"], device="cpu", batch_size=2.0)
+    with pytest.raises(ConfigError, match=r"overrides must be a list .*got the string 'data.val_size=96'"):
+        Predictor(files["checkpoint"], device="cpu", overrides="data.val_size=96")
+    with pytest.raises(TypeError, match="to_coco: image_id must be an integer"):
+        predictor(files["wide"]).to_coco("abc")
+    entries = predictor(files["wide"]).to_coco(np.int64(3))
+    assert entries and all(type(entry["image_id"]) is int and entry["image_id"] == 3 for entry in entries)
+
+
+def test_devices_by_name_index_or_torch_device(files) -> None:
+    from models.config import ConfigError
+
+    found = Predictor(files["checkpoint"], device=torch.device("cpu"), threshold=0.0)
+    assert found.device == torch.device("cpu") and len(found(files["wide"])) > 0
+    with pytest.raises(ConfigError, match=r"device must be one of auto, cpu, cuda or cuda:<index>, got 'gpu'"):
+        Predictor(files["checkpoint"], device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="device=cuda:0 but torch sees no CUDA device"):
+            Predictor(files["checkpoint"], device="cuda:0")
+
+
+def test_read_only_arrays_and_empty_pil_images(files, predictor) -> None:
+    import warnings
+
+    array = np.asarray(Image.open(files["wide"]).convert("RGB"))
+    assert not array.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns on a tensor over a read-only array
+        assert_same(predictor(array), predictor(files["wide"]))
+    with pytest.raises(ImageError, match=r"image 0: a PIL image of size 0x5 \(width x height\) has no pixels"):
+        predictor([Image.new("RGB", (0, 5))])

@@ -138,3 +138,43 @@ def test_transformers_weights_without_their_config_are_named(tmp_path):
         load_checkpoint(build_detector(cfg), load_file(lone / "model.safetensors"))
     with pytest.raises(ValueError, match=rf"lone/model\.safetensors: {message}: put the config\.json"):
         load_detector(cfg, read_checkpoint(lone / "model.safetensors"))
+
+
+def test_a_bare_state_dict_says_which_resize_it_is_given(tmp_path):
+    """A bare state_dict does not say at what size it was trained: the tools say which resize they apply, unless the
+    overrides choose one (a project checkpoint says nothing: its saved config holds its sizes)."""
+    import warnings
+
+    from models.config import config_to_dict
+    from models.loading import config_from_checkpoint, read_checkpoint
+
+    cfg = tiny_config()
+    state = build_detector(cfg).state_dict()
+    torch.save(state, tmp_path / "bare.pth")
+    with pytest.warns(UserWarning, match=r"bare\.pth is a bare state_dict, .*data\.val_size=800, long side at most"):
+        config_from_checkpoint(read_checkpoint(tmp_path / "bare.pth"))
+    torch.save({"model": state, "config": config_to_dict(cfg)}, tmp_path / "project.pth")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        config_from_checkpoint(read_checkpoint(tmp_path / "bare.pth"), ["data.val_size=96", "data.val_max_size=160"])
+        config_from_checkpoint(read_checkpoint(tmp_path / "project.pth"))
+
+
+def test_devices_by_index_and_under_torchrun(monkeypatch):
+    """cuda:<index> picks that GPU (named when past the GPUs torch sees), and is refused under torchrun, where each
+    process takes its local rank's; the config accepts it too."""
+    from models.config import ConfigError, load_config
+    from models.device import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_device(torch.device("cuda", 0)) == torch.device("cuda", 0)
+    assert resolve_device("cuda", local_rank=3) == torch.device("cuda", 1)
+    with pytest.raises(ConfigError, match=r"device=cuda:2 but torch sees 2 CUDA device\(s\)"):
+        resolve_device("cuda:2")
+    with pytest.raises(ConfigError, match="train.device=cuda:1 under torchrun: each process takes the GPU of its"):
+        resolve_device("cuda:1", option="train.device", distributed=True)
+    assert load_config(None, ["train.device=cuda:1"]).train.device == "cuda:1"
+    with pytest.raises(ConfigError, match=r"one of auto, cpu, cuda or cuda:<index>"):
+        load_config(None, ["train.device=gpu0"])

@@ -511,6 +511,15 @@ def test_read_checkpoint_takes_the_folder(tmp_path) -> None:
     models.load_checkpoint(models.build_detector(cfg), checkpoint)
 
 
+def test_a_path_to_the_folders_config_json_reads_the_folder(tmp_path) -> None:
+    """config.json (or preprocessor_config.json) of a folder is taken as the folder, not unpickled as weights."""
+    cfg = load_cfg("coco.yaml", *TINY)
+    write_hf(tmp_path, models.build_detector(cfg).state_dict(), cfg.model, {1: "cat"})
+    for name in ("config.json", "preprocessor_config.json"):
+        checkpoint = models.read_checkpoint(tmp_path / name)
+        assert checkpoint.format == "hf" and checkpoint.class_names == {1: "cat"}
+
+
 def test_a_transformers_folder_fine_tuned_with_cope_starts_with_its_predictions(tmp_path) -> None:
     """train.finetune of a transformers folder with CoPE offsets switched on: the added gates start where the
     detector predicts exactly what transformers' does."""

@@ -277,4 +277,5 @@ def test_a_bare_two_stage_state_dict_says_its_query_count_is_assumed(tmp_path) -
         assert models.config_from_checkpoint(checkpoint).model.num_queries == 300
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert models.config_from_checkpoint(checkpoint, ["model.num_queries=20"]).model.num_queries == 20
+        overrides = ["model.num_queries=20", "data.val_size=800", "data.val_max_size=1333"]  # the resize, too
+        assert models.config_from_checkpoint(checkpoint, overrides).model.num_queries == 20

@@ -33,6 +33,30 @@ def test_d_model_not_divisible_by_heads():
         MSDeformAttn(d_model=30, n_heads=8)
 
 
+COPE = {"offset_mode": "cope"}
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "message"),
+    [
+        ((32, 1, 0, 2), {}, "n_heads must be >= 1, got 0"),
+        ((32, 1, 4, 0), {}, "n_points must be >= 1, got 0"),
+        ((32, 0, 4, 2), {}, "n_levels must be >= 1, got 0"),
+        ((0, 1, 4, 2), {}, "d_model must be >= 1, got 0"),
+        ((32, 1, -4, 2), {}, "n_heads must be >= 1, got -4"),
+        ((32.0, 1, 4, 2), {}, r"d_model must be an integer, got 32\.0 \(float\)"),
+        ((32, 1, 4, True), {}, r"n_points must be an integer, got True \(bool\)"),
+        ((32, 1, 4.0, 2), {}, r"n_heads must be an integer, got 4\.0 \(float\)"),
+        ((32, 1, 4, 2), {**COPE, "cope_channels": 0}, "cope_channels must be >= 1, got 0"),
+        ((32, 1, 4, 2), {**COPE, "cope_channels": 2.0}, r"cope_channels must be an integer, got 2\.0 \(float\)"),
+        ((32, 1, 4, 2), {**COPE, "cope_gate_dim": 0}, "cope_gate_dim must be >= 1, got 0"),
+    ],
+)
+def test_bad_constructor_arguments(args, kwargs, message):
+    with pytest.raises(ValueError, match=f"MSDeformAttn: {message}"):
+        MSDeformAttn(*args, **kwargs)
+
+
 def test_initialisation_is_the_originals_grid():
     module = MSDeformAttn()  # 256 channels, 4 levels, 8 heads, 4 points
     expected = []
@@ -163,6 +187,7 @@ def test_padding_mask_zeroes_the_padded_values():
     [
         ({"x": lambda t: t[:, :25]}, "input_spatial_shapes sum to 26 positions but input_flatten has 25"),
         ({"query": lambda t: t[..., :6]}, r"query must be \(N, Lq, 8\), got \(2, 6, 6\)"),
+        ({"query": lambda t: t[0]}, r"query must be \(N, Lq, 8\), got \(6, 8\)"),
         ({"x": lambda t: t[:1]}, "query batch 2 != input_flatten batch 1"),
         ({"reference_points": lambda t: t[..., :1]}, r"reference_points must be \(N, Lq, L, 2\) points or"),
         ({"reference_points": lambda t: t[:, :, :1]}, r"with \(N, Lq, L\) = \(2, 6, 2\), got \(2, 6, 1, 2\)"),
@@ -178,6 +203,43 @@ def test_bad_module_inputs(change, message):
     query, reference_points, x, spatial_shapes, mask = args.values()
     with pytest.raises(ValueError, match=message):
         module(query, reference_points, x, spatial_shapes, level_start_index, mask)
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [torch.zeros(2, 26, dtype=torch.uint8), torch.zeros(2, 26), [[False] * 26] * 2],
+    ids=["uint8", "float32", "list"],
+)
+def test_padding_mask_must_be_bool(mask):
+    module, query, reference_points, x, spatial_shapes, level_start_index = _random_case()
+    got = mask.dtype if isinstance(mask, torch.Tensor) else "list"
+    message = (
+        rf"input_padding_mask must be a torch.bool tensor of shape \(N, S\) = \(2, 26\), True at padding, got {got}"
+    )
+    with pytest.raises(TypeError, match=message):
+        module(query, reference_points, x, spatial_shapes, level_start_index, mask)
+
+
+def test_level_sequences_are_taken_like_tensors(backend):
+    module, query, reference_points, x, spatial_shapes, level_start_index = _random_case()
+    mask = torch.rand(2, 26, generator=torch.Generator().manual_seed(3)) < 0.4
+    expected = module(query, reference_points, x, spatial_shapes, level_start_index, mask)
+    for shapes, starts in (([[4, 5], [2, 3]], [0, 20]), (((4, 5), (2, 3)), level_start_index)):
+        torch.testing.assert_close(module(query, reference_points, x, shapes, starts, mask), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("shapes", "error", "message"),
+    [
+        (20, TypeError, r"input_spatial_shapes must be an \(L, 2\) int64 tensor or a sequence of \(H, W\) int pairs"),
+        ([[4, 5], [2]], ValueError, r"spatial_shapes must hold \(H, W\) pairs, one per level"),
+        ([[4, 5], [2, 3], [1, 1]], ValueError, r"input_spatial_shapes must be \(2, 2\), got \(3, 2\)"),
+    ],
+)
+def test_bad_level_sequences(shapes, error, message):
+    module, query, reference_points, x, _, level_start_index = _random_case()
+    with pytest.raises(error, match=message):
+        module(query, reference_points, x, shapes, level_start_index)
 
 
 def test_bfloat16_autocast(monkeypatch):

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help=f"images per forward pass ({DEFAULT_BATCH_SIZE})"
     )
     parser.add_argument("--video-stride", type=int, default=1, help="detect on every N-th frame of a video (1)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:<index> (auto: a GPU if one is seen)")
     args = parser.parse_intermixed_args(argv)
     config, overrides, inputs = split_command_line(args.inputs)
 
@@ -65,11 +65,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--batch-size: batch size must be >= 1, got {args.batch_size}")
         if args.video_stride < 1:
             raise ValueError(f"--video-stride must be >= 1, got {args.video_stride}")
+        device = resolve_device(args.device, option="--device")
         cfg, checkpoint = inference_config(config, overrides, args.checkpoint)
         paths = list_images(inputs, IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)
         kwargs = dict(score_threshold=args.score_threshold, batch_size=args.batch_size, draw=draw_detections)
         kwargs.update(video_stride=args.video_stride)
-        device = resolve_device(args.device)
         run = run_inference(cfg, checkpoint, paths, args.out, device=device, warn=warn, **kwargs)
     except (ConfigError, FileNotFoundError, ImageError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

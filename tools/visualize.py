@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pixel", help="X,Y: encoder view of the query at this image pixel")
     parser.add_argument("--query-level", type=int, default=None, help="encoder view (--pixel): level of the query (0)")
     parser.add_argument("--scale", type=int, help="canvas enlargement (default: small images are enlarged)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:<index> (auto: a GPU if one is seen)")
     args = parser.parse_intermixed_args(argv)
     if args.scale is not None and args.scale < 1:
         parser.error(f"--scale must be an integer >= 1, got {args.scale}")
@@ -61,12 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config, overrides = split_config_args(args.args)
+        device = resolve_device(args.device, option="--device")
         cfg, checkpoint = inference_config(config, overrides, args.checkpoint)
         pixel = _pixel(args.pixel) if args.pixel else None
         if pixel is None and args.query_level is not None:
             raise ValueError("--query-level picks the query of the encoder view: give --pixel X,Y with it")
         image = read_image(args.image)
-        model, state = load_detector(cfg, checkpoint, resolve_device(args.device))
+        model, state = load_detector(cfg, checkpoint, device)
         outputs, records = run_recorded(model, image, cfg.data)
         style = dict(layer=args.layer, color_by=args.color_by, scale=args.scale)
         if pixel is not None:

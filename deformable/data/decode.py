@@ -2,7 +2,8 @@
 
 PIL decodes; the EXIF orientation is applied (a phone photo is read upright, in the frame annotation tools show and
 label, as Ultralytics and detectron2 read it), and the size a layout reads from a file's header is that upright size
-too, so boxes and pixels agree. 16-bit images are scaled to 8 bits (not clipped to white); palette images with a
+too, so boxes and pixels agree. 16-bit images are scaled to 8 bits (not clipped to white; 32-bit integer grey is
+read as 8-bit values when they are within 0..255, as 16-bit ones up to 65535, refused beyond); palette images with a
 transparent colour go through RGBA; an alpha channel is dropped. :func:`checked_size` tells, from the header where
 it can, whether :func:`read_rgb` will read a file and at what size, so that a data set is checked before training.
 """
@@ -24,7 +25,8 @@ from .errors import DatasetError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".mpo", ".png", ".bmp", ".tif", ".tiff", ".webp", ".avif", ".jp2")
 _ORIENTATION = 0x0112  # EXIF tag
 QUARTER_TURNS = (5, 6, 7, 8)  # the EXIF orientations that swap width and height
-_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
+_THIRTY_TWO_BIT = "I"  # signed 32-bit grey (a 32-bit TIFF; PIL's convert("I")): its range is not stated
 _READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 _JPEG_END = b"\xff\xd9"
 _JPEG_PADDING = b"\x00\t\n\r "  # what some cameras and tools write after a JPEG's end marker (PIL reads past it)
@@ -139,6 +141,22 @@ def _open(path: str, name: str) -> Iterator[Image.Image]:
         raise DatasetError(f"cannot read image {name}: {reason}") from exc
 
 
+def _thirty_two_bit_as_sixteen(grey: np.ndarray, name: str) -> np.ndarray:
+    """32-bit integer grey on the 16-bit scale: values within 0..255 are 8-bit ones (an 8-bit image PIL converted to
+    ``"I"``, or saved from it), so they are scaled up to keep their brightness; values up to 65535 are 16-bit ones.
+
+    Raises:
+        DatasetError: values outside 0..65535, whose scale cannot be told (the message names the image and range).
+    """
+    low, high = (float(grey.min()), float(grey.max())) if grey.size else (0.0, 0.0)
+    if low < 0 or high > 65535:
+        raise DatasetError(
+            f"cannot read image {name}: 32-bit integer pixels from {low:.0f} to {high:.0f}, outside the 8- and 16-bit "
+            "ranges (0..255, 0..65535), so their brightness scale is unknown; save it with 8 or 16 bits per channel"
+        )
+    return grey * 257.0 if high <= 255 else grey
+
+
 def _check_pixels(mode: str, name: str) -> None:
     if mode == "F":
         raise DatasetError(f"cannot read image {name}: 32-bit floating-point pixels; save it with 8 bits per channel")
@@ -174,8 +192,11 @@ def pil_to_rgb(picture: Image.Image, name: str = "image") -> np.ndarray:
 
 def _rgb(picture: Image.Image, name: str) -> np.ndarray:
     """A decoded PIL image of any mode -> ``(H, W, 3)`` uint8 RGB."""
-    if picture.mode in _SIXTEEN_BIT:  # 16-bit grey: 0..65535 onto 0..255, as OpenCV reads it
-        grey = (np.asarray(picture, dtype=np.float64) / 257.0).round().clip(0, 255).astype(np.uint8)
+    if picture.mode in _SIXTEEN_BIT or picture.mode == _THIRTY_TWO_BIT:
+        grey = np.asarray(picture, dtype=np.float64)
+        if picture.mode == _THIRTY_TWO_BIT:
+            grey = _thirty_two_bit_as_sixteen(grey, name)
+        grey = (grey / 257.0).round().clip(0, 255).astype(np.uint8)  # 0..65535 onto 0..255, as OpenCV reads 16 bits
         return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
     _check_pixels(picture.mode, name)
     if picture.mode == "P" and "transparency" in picture.info:

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from models.checkpoint import Checkpoint
-from models.config import Config, ConfigError, DataConfig
-from models.hf_preprocessor import RESIZE_OVERRIDES
+from models.config import Config, ConfigError, DataConfig, override_list
+from models.hf_preprocessor import chooses_resize
 from models.loading import config_and_checkpoint
 
 from .errors import DatasetError
@@ -151,7 +151,7 @@ def inference_size(cfg: Config, checkpoint: Checkpoint | None, overrides: Iterab
     sizes; ``auto`` -> the sizes the checkpoint's training chose (its saved config), else chosen from the training
     split as training would (a warning when it cannot be read: the configured sizes are used). Sizes the overrides
     set win; ``data.image_size: 0`` leaves the sizes as they are."""
-    if cfg.data.image_size == 0 or any(item.split("=", 1)[0].strip() in RESIZE_OVERRIDES for item in overrides):
+    if cfg.data.image_size == 0 or chooses_resize(overrides):
         return cfg
     saved = (checkpoint.config or {}).get("data", {}) if checkpoint is not None else {}
     if cfg.data.image_size == "auto" and saved.get("image_size", 0) == 0 and "val_size" in saved:
@@ -176,6 +176,6 @@ def inference_config(
     """What eval, infer, visualize and ``Predictor`` start from: :func:`models.loading.config_and_checkpoint` (the
     checkpoint read, the config from ``config`` or from the checkpoint, ``overrides`` on top), its resize resolved as
     training resolved it (:func:`inference_size`)."""
-    overrides = list(overrides)
+    overrides = override_list(overrides)
     cfg, read = config_and_checkpoint(config, overrides, checkpoint)
     return inference_size(cfg, read, overrides), read

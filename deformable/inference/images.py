@@ -133,6 +133,8 @@ def _pil_to_rgb(image: Image.Image, where: str) -> np.ndarray:
     """A PIL image -> RGB exactly as :func:`read_image` decodes its file: the same orientation and conversion code
     (:mod:`deformable.data.decode`), so ``Image.open(path)`` and ``path`` give the same pixels (a plain
     ``convert("RGB")`` would turn a 16-bit image white and a phone photo on its side)."""
+    if min(image.size) < 1:
+        raise ImageError(f"{where}: a PIL image of size {image.size[0]}x{image.size[1]} (width x height) has no pixels")
     try:
         return pil_to_rgb(image, where)
     except DatasetError as exc:  # floating-point pixels, a truncated file
@@ -151,7 +153,8 @@ def _array_to_rgb(array: np.ndarray, where: str) -> np.ndarray:
         raise ImageError(f"{where}: a numpy image must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {array.shape}")
     if array.shape[2] == 1:
         array = np.repeat(array, 3, axis=2)
-    return np.ascontiguousarray(array[:, :, :3])
+    rgb = np.ascontiguousarray(array[:, :, :3])
+    return rgb if rgb.flags.writeable else rgb.copy()  # np.asarray(pil_image) is read-only; torch warns on those
 
 
 def _tensor_to_rgb(tensor: torch.Tensor, where: str) -> np.ndarray:

@@ -17,6 +17,7 @@ beside it (the original DETR behaves the same way); the largest image of a batch
 
 from __future__ import annotations
 
+import numbers
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -32,7 +33,7 @@ from deformable.data.coco_eval import to_coco_results
 from deformable.data.sizes import inference_config
 from models import build_postprocessor
 from models.checkpoint import Checkpoint
-from models.config import Config, ConfigError, config_from_dict
+from models.config import Config, ConfigError, config_from_dict, override_list
 from models.device import resolve_device
 
 from .images import ImageInput, as_rgb, prepare_batch
@@ -118,8 +119,15 @@ class Detections:
         return int(self.scores.numel())
 
     def to_coco(self, image_id: int) -> list[dict]:
-        """COCO results entries: ``image_id``, ``category_id``, ``bbox`` ``[x, y, w, h]``, ``score``."""
-        return to_coco_results(image_id, {"scores": self.scores, "labels": self.labels, "boxes": self.boxes})
+        """COCO results entries: ``image_id`` (an integer, numpy's included, written as a Python int),
+        ``category_id``, ``bbox`` ``[x, y, w, h]``, ``score``.
+
+        Raises:
+            TypeError: ``image_id`` is no integer (COCO image ids are).
+        """
+        if not isinstance(image_id, numbers.Integral) or isinstance(image_id, bool):
+            raise TypeError(f"to_coco: image_id must be an integer (a COCO image id), got {type(image_id).__name__}")
+        return to_coco_results(int(image_id), {"scores": self.scores, "labels": self.labels, "boxes": self.boxes})
 
 
 @dataclass(frozen=True)
@@ -147,7 +155,8 @@ class Predictor:
             state_dict, a transformers ``save_pretrained`` folder).
         config: a config file; by default the checkpoint's own (as ``tools/infer.py`` without CONFIG).
         overrides: ``section.key=value`` strings applied on top (e.g. ``"data.val_size=800"``).
-        device: ``"auto"`` (a GPU when one is visible), ``"cpu"`` or ``"cuda"``.
+        device: ``"auto"`` (a GPU when one is visible), ``"cpu"``, ``"cuda"``, ``"cuda:<index>"`` or a
+            ``torch.device``.
         threshold: the default score threshold of :meth:`__call__`.
         batch_size: images per forward pass (:data:`DEFAULT_BATCH_SIZE` by default). More than one is faster on a GPU
             but pads the smaller images of a batch, which may change their detections slightly.
@@ -163,15 +172,17 @@ class Predictor:
         config: str | os.PathLike | None = None,
         overrides: Iterable[str] = (),
         *,
-        device: str = "auto",
+        device: str | torch.device = "auto",
         threshold: float = 0.3,
         batch_size: int = DEFAULT_BATCH_SIZE,
     ) -> None:
         check_threshold(threshold, "Predictor: threshold")
+        if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool):
+            raise TypeError(f"Predictor: batch_size must be an integer, got {type(batch_size).__name__} {batch_size!r}")
         if batch_size < 1:
             raise ValueError(f"Predictor: batch_size must be >= 1, got {batch_size}")
-        self.cfg, read = inference_config(config, list(overrides), checkpoint)
         self.device = resolve_device(device)
+        self.cfg, read = inference_config(config, override_list(overrides), checkpoint)
         self.model, self.checkpoint = load_detector(self.cfg, read, self.device)
         self.postprocessor = build_postprocessor(self.cfg)
         self.class_names = class_names(self.cfg, self.checkpoint)  # category id -> name; empty when unknown
@@ -238,5 +249,7 @@ def select_detections(
 def check_threshold(threshold: float, setting: str) -> None:
     """Refuses a score threshold outside ``[0, 1]`` (NaN included: no score is compared true with it), naming
     ``setting`` (``Predictor: threshold``, ``--score-threshold``)."""
+    if not isinstance(threshold, numbers.Real) or isinstance(threshold, bool):
+        raise TypeError(f"{setting} must be a number in [0, 1], got {type(threshold).__name__} {threshold!r}")
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"{setting} must be a score in [0, 1], got {threshold}")
