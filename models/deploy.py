@@ -41,6 +41,29 @@ DEFAULT_OPSET = 18
 MIN_OPSET = 18
 
 
+def check_opset(opset: int) -> None:
+    """Refuses an ONNX opset the exporter cannot write: below :data:`MIN_OPSET`, or above the newest the installed
+    ``onnx`` knows (its version converter would fail after the whole export, falling back to opset 18).
+
+    Raises:
+        ValueError: naming the opset and the range that works.
+    """
+    if opset < MIN_OPSET:
+        raise ValueError(
+            f"opset {opset} is not supported: the exporter writes opset {MIN_OPSET}+ (GridSample needs 16, but "
+            f"converting the graph below 18 fails); use --opset {MIN_OPSET} or higher"
+        )
+    if importlib.util.find_spec("onnx") is not None:
+        import onnx
+
+        newest = onnx.defs.onnx_opset_version()
+        if opset > newest:
+            raise ValueError(
+                f"opset {opset} is not supported: the installed onnx {onnx.__version__} knows opsets up to {newest}; "
+                f"use --opset {MIN_OPSET}..{newest}"
+            )
+
+
 class ExportableDetector(nn.Module):
     """Wraps a detector for export: ``images (B, 3, H, W)`` normalised, unpadded -> ``(pred_logits, pred_boxes)``.
 
@@ -275,11 +298,7 @@ def export_onnx(
             opset than asked for.
         ImportError: onnx or onnxscript (which the exporter needs) is not installed.
     """
-    if opset < MIN_OPSET:
-        raise ValueError(
-            f"opset {opset} is not supported: the exporter writes opset {MIN_OPSET}+ (GridSample needs 16, but "
-            f"converting the graph below 18 fails); use --opset {MIN_OPSET} or higher"
-        )
+    check_opset(opset)
     check_export_size(*images.shape[-2:], model)
     missing = [name for name in ("onnx", "onnx_ir", "onnxscript") if importlib.util.find_spec(name) is None]
     if missing:

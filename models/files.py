@@ -137,6 +137,15 @@ def _mode_for(path: str) -> int:
         return 0o666 & ~_UMASK
 
 
+def staging_dir(parent: str, prefix: str) -> str:
+    """A new empty folder in ``parent`` (``tempfile.mkdtemp``) to assemble a folder in before it is renamed into
+    place, with the permissions ``os.makedirs`` would give it (mkdtemp's are private, 0700, which would keep a model
+    folder or data set from other users of the machine)."""
+    folder = tempfile.mkdtemp(dir=parent, prefix=prefix)
+    os.chmod(folder, 0o777 & ~_UMASK)
+    return folder
+
+
 def fsync_dir(directory: str) -> None:
     """Makes a rename in ``directory`` durable (POSIX only; elsewhere a no-op)."""
     if os.name == "posix":

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,7 +25,7 @@ from torch import nn
 
 from .checkpoint import HF_WEIGHTS, CheckpointError, box_refine_in_weights, options_from_weights, torch_load
 from .config import DataConfig, ModelConfig
-from .files import FileTargetError, atomic_write, check_folder_target, fsync_dir, temp_prefix
+from .files import FileTargetError, atomic_write, check_folder_target, fsync_dir, staging_dir, temp_prefix
 from .hf_names import (
     RESNETS,
     backbone_from_hf,
@@ -559,7 +558,7 @@ def _write_folder(folder: str, files: Mapping[str, bytes]) -> None:
         return
     parent = os.path.dirname(folder)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=temp_prefix(folder))
+    tmp = staging_dir(parent, temp_prefix(folder))
     try:
         for name, content in files.items():
             atomic_write(os.path.join(tmp, name), lambda f, content=content: f.write(content))

@@ -54,6 +54,13 @@ def test_shapes_are_deterministic_and_in_coco_layout(tmp_path) -> None:
     assert image.shape[0] == 3 and len(target["labels"]) >= 1
 
 
+def test_generated_folder_has_the_permissions_of_a_made_folder(tmp_path) -> None:
+    """Assembled in a temporary folder (private, 0700) and renamed: the data set gets what os.makedirs gives."""
+    os.makedirs(tmp_path / "reference")
+    make_shapes(str(tmp_path / "s"), train_images=2, val_images=1, image_size=64, max_objects=1, seed=0)
+    assert os.stat(tmp_path / "s").st_mode & 0o777 == os.stat(tmp_path / "reference").st_mode & 0o777
+
+
 def test_ensure_synthetic_generates_with_a_marker_and_only_when_needed(tmp_path) -> None:
     cfg = _shapes_cfg(str(tmp_path / "s"))
     assert ensure_synthetic(cfg) is True

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import warnings
 
 import pytest
@@ -95,7 +96,7 @@ def test_onnx_graph_is_dynamic_and_uses_grid_sample(onnx_file):
     assert all(node.domain in ("", "ai.onnx") for node in model.graph.node)  # standard operators only
 
 
-def test_export_onnx_tool_reports_bad_inputs(trained, tmp_path, capsys):
+def test_export_onnx_tool_reports_bad_inputs(trained, tmp_path, capsys, monkeypatch):
     tool = load_tool("export_onnx")
     out = ["--out", str(tmp_path / "model.onnx")]
     assert tool.main([CONFIG, "--checkpoint", str(tmp_path / "missing.pth"), *out, *TINY]) == 2
@@ -104,6 +105,12 @@ def test_export_onnx_tool_reports_bad_inputs(trained, tmp_path, capsys):
     assert "num_classes: the config says 7, the checkpoint 5 (override: model.num_classes=5)" in capsys.readouterr().err
     assert tool.main([CONFIG, "--checkpoint", trained[1], *out, "--opset", "17", *TINY]) == 2
     assert "opset 17 is not supported" in capsys.readouterr().err
+    if importlib.util.find_spec("onnx") is not None:  # past the newest opset onnx knows: refused before any export
+        monkeypatch.setattr(tool, "export_onnx", lambda *args, **kwargs: pytest.fail("exported"))
+        assert tool.main([CONFIG, "--checkpoint", str(tmp_path / "missing.pth"), *out, "--opset", "99"]) == 2
+        assert re.search(
+            r"opset 99 is not supported: the installed onnx \S+ knows opsets up to \d+", capsys.readouterr().err
+        )
     assert not (tmp_path / "model.onnx").exists()
 
 

@@ -511,6 +511,14 @@ def test_read_checkpoint_takes_the_folder(tmp_path) -> None:
     models.load_checkpoint(models.build_detector(cfg), checkpoint)
 
 
+def test_a_written_folder_has_the_permissions_of_a_made_folder(tmp_path) -> None:
+    """Assembled in a temporary folder (private, 0700) and renamed: a serving process of another user can read it."""
+    cfg = load_cfg("coco.yaml", *TINY)
+    os.makedirs(tmp_path / "reference")
+    write_hf(tmp_path / "hf", models.build_detector(cfg).state_dict(), cfg.model)
+    assert os.stat(tmp_path / "hf").st_mode & 0o777 == os.stat(tmp_path / "reference").st_mode & 0o777
+
+
 def test_a_path_to_the_folders_config_json_reads_the_folder(tmp_path) -> None:
     """config.json (or preprocessor_config.json) of a folder is taken as the folder, not unpickled as weights."""
     cfg = load_cfg("coco.yaml", *TINY)

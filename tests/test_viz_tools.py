@@ -125,6 +125,13 @@ def test_plot_log_errors_name_the_file_and_line(tmp_path, capsys) -> None:
     assert f"{log} line 2 is not JSON" in capsys.readouterr().err
     assert plot_log.main([str(tmp_path / "none.jsonl")]) == 1
     assert "cannot read log" in capsys.readouterr().err
+    picture = tmp_path / "curves.png"
+    picture.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(32))  # an image given as the log
+    assert plot_log.main([str(picture), "--out", str(tmp_path / "c.png")]) == 1
+    assert f"{picture} is not a log.jsonl: not UTF-8 text (byte 0x89 at offset 0)" in capsys.readouterr().err
+    empty = _write_log(str(tmp_path / "empty.jsonl"), ['{"epoch": 0}'])
+    assert plot_log.main([empty, "--out", str(tmp_path / "c.png")]) == 1
+    assert f"{empty} has no loss, lr or AP values to plot" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -133,6 +140,8 @@ def test_plot_log_errors_name_the_file_and_line(tmp_path, capsys) -> None:
         (("--scale", "0"), "--scale must be an integer >= 1, got 0"),
         (("--top-k", "0"), "--top-k must be >= 1, got 0"),
         (("--out", "figure"), "--out 'figure' has no image extension OpenCV writes"),
+        (("--score-threshold", "nan"), "--score-threshold must be a score in [0, 1], got nan"),
+        (("--score-threshold", "1.5"), "--score-threshold must be a score in [0, 1], got 1.5"),
     ],
 )
 def test_bad_options_are_refused_before_the_model_runs(tmp_path, files, capsys, args, message, monkeypatch) -> None:

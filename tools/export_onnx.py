@@ -31,6 +31,7 @@ from models.deploy import (
     DEFAULT_OPSET,
     check_export_size,
     check_onnx,
+    check_opset,
     example_images,
     export_onnx,
     export_size_reason,
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     height, width = args.size
     try:
         out = check_file_target(args.out, "--out")  # a folder or a path under a file: said now, not after the export
+        check_opset(args.opset)
         config, overrides = split_config_args(args.args)
         cfg, checkpoint = config_and_checkpoint(config, overrides, args.checkpoint)
         model = load_for_export(cfg, checkpoint)

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     path = os.path.join(args.log, "log.jsonl") if os.path.isdir(args.log) else args.log
     try:
         check_figure_path(args.out)  # before the log is read: a typo in --out is named at once
-        save_figure(args.out, plot_curves(read_log(path)))
+        save_figure(args.out, plot_curves(read_log(path), source=path))
     except (LogError, FolderError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

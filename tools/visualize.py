@@ -44,6 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--scale must be an integer >= 1, got {args.scale}")
     if args.top_k < 1:
         parser.error(f"--top-k must be >= 1, got {args.top_k}")
+    if not 0.0 <= args.score_threshold <= 1.0:  # NaN included: no score compares true with it
+        parser.error(f"--score-threshold must be a score in [0, 1], got {args.score_threshold}")
     if not cv2.haveImageWriter(args.out):  # before the model runs, not after
         parser.error(f"--out {args.out!r} has no image extension OpenCV writes (use .png or .jpg)")
     return args

@@ -25,6 +25,7 @@ import numpy as np
 
 from deformable.data.coco import write_coco_split
 from models.config import ConfigError, DataConfig
+from models.files import staging_dir
 
 CATEGORIES = ["circle", "square", "triangle"]  # category ids 1..3, so model.num_classes = 4
 HUES = {
@@ -164,7 +165,7 @@ def make_shapes(
         raise FileExistsError(_refusal(root))
     parent = os.path.dirname(os.path.abspath(root))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.abspath(root))}-")
+    tmp = staging_dir(parent, f".{os.path.basename(os.path.abspath(root))}-")
     try:
         _write_split(tmp, train_split, train_images, image_size, max_objects, seed)
         _write_split(tmp, val_split, val_images, image_size, max_objects, seed)

@@ -33,6 +33,10 @@ def read_log(path: str) -> list[dict]:
             lines = f.readlines()
     except OSError as exc:
         raise LogError(f"cannot read log {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:  # an image or other binary file given as the log
+        raise LogError(
+            f"{path} is not a log.jsonl: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
+        ) from exc
     records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -91,12 +95,18 @@ def chart_groups(records: Sequence[Mapping]) -> list[tuple[str, Series, bool]]:
     return [group for group in groups if group[1]]
 
 
-def plot_curves(records: Sequence[Mapping], panel_size: tuple[float, float] = (5.2, 3.4), dpi: int = 100) -> Figure:
+def plot_curves(
+    records: Sequence[Mapping], panel_size: tuple[float, float] = (5.2, 3.4), dpi: int = 100, source: str = "the log"
+) -> Figure:
     """One line chart per group of :func:`chart_groups`, side by side, each ``panel_size = (width, height)`` inches.
-    Returns a matplotlib figure (not attached to pyplot: nothing global is touched) for :func:`save_figure`."""
+    Returns a matplotlib figure (not attached to pyplot: nothing global is touched) for :func:`save_figure`.
+
+    Raises:
+        LogError: the records hold no value to plot; ``source`` (the log file) names them in the message.
+    """
     groups = chart_groups(records)
     if not groups:
-        raise LogError("the log has no loss, lr or AP values to plot")
+        raise LogError(f"{source} has no loss, lr or AP values to plot")
     width, height = panel_size
     figure = Figure(figsize=(width * len(groups), height), dpi=dpi, layout="constrained")
     for axes, (title, data, log_y) in zip(figure.subplots(1, len(groups), squeeze=False)[0], groups, strict=True):
