@@ -1,5 +1,6 @@
 """What tools/infer.py writes and where: never over a file the user saved, ids that point at the right data-set
-image, the boxes drawn being those written, unreadable images skipped, drawn images too large for JPEG."""
+image, the boxes drawn being those written, unreadable images skipped, drawn images too large for JPEG, a rerun into
+the same folder leaving exactly its own outputs, and images.json naming each input's drawing."""
 
 from __future__ import annotations
 
@@ -249,3 +250,150 @@ def test_the_list_of_outputs_names_only_what_was_written(tmp_path, checkpoint) -
         run_inference(tiny_config(), checkpoint, [str(broken)], str(tmp_path / "none"), device=CPU,
                       show_progress=False, draw=lambda image, result, names: image, warn=warned.append)  # fmt: skip
     assert json.loads((tmp_path / "none" / MANIFEST).read_text())["files"] == []
+
+
+def collection(tmp_path) -> dict[str, str]:
+    """``coll/x/p.jpg``, ``coll/x/p.png`` and ``coll/y/p.jpg``: three inputs of one stem, each of its own height (so
+    that a drawing shows whose it is)."""
+    paths = {}
+    for n, name in enumerate(("x/p.jpg", "x/p.png", "y/p.jpg")):
+        os.makedirs(tmp_path / "coll" / os.path.dirname(name), exist_ok=True)
+        paths[name] = write_image(str(tmp_path / "coll" / name), shapes_image(30 + 4 * n, 40, seed=n))
+    return paths
+
+
+def listed(folder) -> list[str]:
+    return json.loads((folder / MANIFEST).read_text())["files"]
+
+
+def write_video(path: str, frames: int = 2) -> str:
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 5.0, (64, 48))
+    assert writer.isOpened()
+    for n in range(frames):
+        writer.write(cv2.cvtColor(shapes_image(48, 64, seed=n), cv2.COLOR_RGB2BGR))
+    writer.release()
+    return path
+
+
+def test_a_rerun_removes_what_an_earlier_run_wrote_and_it_did_not(tmp_path, checkpoint, capsys) -> None:
+    collection(tmp_path)
+    coll, out = tmp_path / "coll", tmp_path / "out"
+    assert run_tool(tmp_path, checkpoint, str(coll / "x"), str(coll / "y"), "--out", str(out)) == 0
+    assert sorted(os.listdir(out)) == [MANIFEST, "images.json", "p.jpg", "p_1.jpg", "p_2.jpg", "results.json"]
+    (out / "notes.txt").write_text("the user's")
+    capsys.readouterr()
+    assert run_tool(tmp_path, checkpoint, str(coll / "y"), "--out", str(out)) == 0
+    assert sorted(os.listdir(out)) == [MANIFEST, "images.json", "notes.txt", "p.jpg", "results.json"]
+    assert listed(out) == ["images.json", "p.jpg", "results.json"]  # exactly this run's files
+    assert "; 2 file(s) an earlier run wrote there removed" in capsys.readouterr().out
+    entries = json.loads((out / "images.json").read_text())
+    assert [(entry["file_name"], entry["drawn"]) for entry in entries] == [(str(coll / "y" / "p.jpg"), "p.jpg")]
+    assert cv2.imread(str(out / "p.jpg")).shape[:2] == (38, 40)  # coll/y/p.jpg's drawing, not an earlier one
+
+
+def test_images_json_names_each_input_s_drawing_and_a_video_s_json_its_drawn_video(tmp_path, checkpoint) -> None:
+    paths = collection(tmp_path)
+    clip = write_video(str(tmp_path / "coll" / "y" / "p.mp4"))  # the fourth "p": p_3.mp4 and p_3.json
+    out = tmp_path / "out"
+    coll = tmp_path / "coll"
+    assert run_tool(tmp_path, checkpoint, str(coll / "x"), str(coll / "y"), "--out", str(out)) == 0
+    with open(out / "images.json") as f:
+        images = json.load(f)
+    assert all({"id", "file_name", "height", "width", "drawn"} == set(image) for image in images)
+    drawn = {image["file_name"]: image["drawn"] for image in images}
+    assert drawn == {paths["x/p.jpg"]: "p.jpg", paths["x/p.png"]: "p_1.jpg", paths["y/p.jpg"]: "p_2.jpg"}
+    for image in images:  # each drawing is its input's (their heights differ)
+        assert cv2.imread(str(out / image["drawn"])).shape[:2] == (image["height"], image["width"])
+    with open(out / "p_3.json") as f:
+        video = json.load(f)
+    assert (video["video"], video["drawn"]) == (clip, "p_3.mp4") and (out / "p_3.mp4").is_file()
+    # Without a drawing function nothing is drawn, and images.json says so.
+    quiet = dict(device=CPU, show_progress=False, warn=lambda message: None)
+    run = run_inference(tiny_config(), checkpoint, [paths["x/p.jpg"]], str(tmp_path / "plain"), **quiet)
+    assert [image["drawn"] for image in run.images] == [None]
+
+
+def test_a_run_that_fails_midway_removes_nothing_and_lists_what_is_there(tmp_path, checkpoint) -> None:
+    paths = collection(tmp_path)
+    out = tmp_path / "out"
+    kwargs = dict(device=CPU, show_progress=False, draw=lambda image, result, names: image, warn=lambda message: None)
+    run_inference(tiny_config(), checkpoint, [paths["x/p.jpg"], paths["x/p.png"]], str(out), **kwargs)
+    first = contents(out)
+    assert set(first) == {MANIFEST, "images.json", "p.jpg", "p_1.jpg", "results.json"}
+    q, r = (write_image(str(tmp_path / name), shapes_image(30, 40, seed=7)) for name in ("q.png", "r.png"))
+    drawn: list[int] = []
+
+    def interrupted(image: np.ndarray, result, names) -> np.ndarray:
+        if drawn:
+            raise KeyboardInterrupt  # Ctrl-C while drawing r.png, after q.jpg was written
+        drawn.append(1)
+        return image
+
+    with pytest.raises(KeyboardInterrupt):
+        run_inference(tiny_config(), checkpoint, [q, r], str(out), **{**kwargs, "draw": interrupted})
+    after = contents(out)
+    assert set(after) == set(first) | {"q.jpg"}
+    earlier = set(first) - {MANIFEST}
+    assert {name: after[name] for name in earlier} == {name: first[name] for name in earlier}  # untouched
+    assert listed(out) == sorted(set(after) - {MANIFEST})  # r.jpg, claimed but never written, is not listed
+    # No input readable: the run fails and removes nothing either.
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a PNG")
+    with pytest.raises(ImageError, match="none of the 1 inputs could be read"):
+        run_inference(tiny_config(), checkpoint, [str(broken)], str(out), **kwargs)
+    assert contents(out) == after
+    # The next run that succeeds leaves its own files alone.
+    run_inference(tiny_config(), checkpoint, [q], str(out), **kwargs)
+    assert sorted(os.listdir(out)) == [MANIFEST, "images.json", "q.jpg", "results.json"]
+    assert listed(out) == ["images.json", "q.jpg", "results.json"]
+
+
+def test_a_rerun_removes_only_files_of_the_folder_that_the_manifest_lists(tmp_path, checkpoint) -> None:
+    """A manifest is a file anyone may edit: an entry outside the folder (absolute, through ``..``), in a folder of
+    it, or naming a folder or a link is never followed; files it does not list are never removed."""
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    victim = tmp_path / "victim.jpg"
+    victim.write_bytes(b"keep")
+    (out / "sub" / "inner.jpg").write_bytes(b"keep")
+    (out / "folder.jpg").mkdir()
+    os.symlink(victim, out / "link.jpg")
+    (out / "mine.jpg").write_bytes(b"the user's")
+    entries = [str(victim), "../victim.jpg", "sub/inner.jpg", "sub/../../victim.jpg", "sub", "folder.jpg", "link.jpg"]
+    (out / MANIFEST).write_text(json.dumps({"files": [*entries, ".", "..", "", 3, None, MANIFEST]}))
+    photo = write_image(str(tmp_path / "photo.png"), shapes_image(30, 40))
+    quiet = dict(device=CPU, show_progress=False, warn=lambda message: None)
+    kwargs = dict(quiet, draw=lambda image, result, names: image)
+    run = run_inference(tiny_config(), checkpoint, [photo], str(out), **kwargs)
+    assert victim.read_bytes() == b"keep" and (out / "sub" / "inner.jpg").read_bytes() == b"keep"
+    assert (out / "folder.jpg").is_dir() and os.readlink(out / "link.jpg") == str(victim)
+    assert (out / "mine.jpg").read_bytes() == b"the user's"
+    assert listed(out) == ["images.json", "photo.jpg", "results.json"] and run.removed == []
+    # An earlier drawing given as an input (drawing nothing, the output folder may hold inputs) is not removed.
+    run = run_inference(tiny_config(), checkpoint, [str(out / "photo.jpg")], str(out), **quiet)
+    assert (out / "photo.jpg").is_file() and "photo.jpg" in listed(out) and run.removed == []
+    # A folder written before the manifest existed: its drawings may be replaced, but no manifest lists them.
+    (out / MANIFEST).unlink()
+    other = write_image(str(tmp_path / "other.png"), shapes_image(30, 40, seed=3))
+    run = run_inference(tiny_config(), checkpoint, [other], str(out), **kwargs)
+    assert (out / "photo.jpg").is_file() and listed(out) == ["images.json", "other.jpg", "results.json"]
+    assert run.removed == []
+
+
+def test_unreadable_videos_and_an_output_folder_holding_one_are_called_videos(tmp_path, checkpoint, capsys) -> None:
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for name in ("a.mp4", "b.mp4"):
+        (clips / name).write_text("not a video")
+    photo = write_image(str(tmp_path / "photo.png"), shapes_image(30, 40))
+    out = str(tmp_path / "out")
+    assert run_tool(tmp_path, checkpoint, str(clips / "a.mp4"), str(clips / "b.mp4"), photo, "--out", out) == 0
+    err = capsys.readouterr().err
+    assert f"warning: 2 unreadable video(s) skipped (reasons above):\n  {clips / 'a.mp4'}\n  {clips / 'b.mp4'}" in err
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a JPEG")
+    assert run_tool(tmp_path, checkpoint, str(clips / "a.mp4"), str(broken), photo, "--out", out) == 0
+    assert "warning: 2 unreadable input(s) skipped (reasons above)" in capsys.readouterr().err
+    assert run_tool(tmp_path, checkpoint, str(clips), "--out", str(clips)) == 1
+    err = capsys.readouterr().err
+    assert f"holds the input video {clips / 'a.mp4'}: the drawn videos would be written among your videos" in err

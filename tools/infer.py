@@ -7,18 +7,21 @@ INPUT: image or video files, folders (their images and videos, hidden files left
 ("photos/*.jpg").
 Writes DIR/<image>.jpg with the detections drawn (DIR/<image>.png, with a warning, for an image with a side longer
 than JPEG's 65500 pixels), DIR/results.json (COCO results format: image_id, category_id, bbox [x, y, w, h] in
-original pixels, score) and DIR/images.json (id, file_name, height, width of each image). An image of the data set
-of the config keeps its id there, so results.json can be scored against it; any other image gets an id above the
-data set's largest. The boxes drawn are those of results.json. Class names come from the checkpoint or the data set
-of its saved config (or CONFIG) when its annotation file is found, else numeric ids are shown.
+original pixels, score) and DIR/images.json (id, file_name, height, width of each image, and drawn: the name of its
+drawing in DIR, <image>_1.jpg, ... where names repeat). An image of the data set of the config keeps its id there,
+so results.json can be scored against it; any other image gets an id above the data set's largest. The boxes drawn
+are those of results.json. Class names come from the checkpoint or the data set of its saved config (or CONFIG) when
+its annotation file is found, else numeric ids are shown.
 
-Nothing you saved is replaced: DIR may not be a folder that holds an input image (choose another --out), and an
-existing file of DIR is replaced only if an earlier run of infer wrote it (DIR/.infer-outputs.json lists them), so
-rerunning into the same DIR updates it. An image that cannot be read is skipped with a warning naming it, listed at
-the end, and the others are processed (exit status 0); the run fails only when no image can be read.
+Nothing you saved is replaced: DIR may not be a folder that holds an input (choose another --out), and an existing
+file of DIR is replaced or removed only if an earlier run of infer wrote it (DIR/.infer-outputs.json lists them), so
+rerunning into the same DIR updates it: once a run has written all, what an earlier run wrote and this one did not
+is removed (a run that fails removes nothing). An image or video that cannot be read is skipped with a warning naming
+it, listed at the end, and the others are processed (exit status 0); the run fails only when no input can be read.
 A video (.mp4, .avi, .mov, .mkv, .webm, ...) gives DIR/<video>.mp4, its frames with the detections drawn, and
-DIR/<video>.json: frame rate, size and, per frame, its index, time and detections (category_id, name, bbox [x, y, w, h]
-in pixels, score); --video-stride N detects on every N-th frame only (the drawn video then plays at 1/N of the rate).
+DIR/<video>.json: frame rate, size, drawn (the drawn video's name, null where none could be written) and, per frame,
+its index, time and detections (category_id, name, bbox [x, y, w, h] in pixels, score); --video-stride N detects on
+every N-th frame only (the drawn video then plays at 1/N of the rate).
 --batch-size 1 (the default, as for Predictor) detects on each image alone; a larger batch is faster on a GPU but
 pads the smaller images of a batch to the largest, which may change their detections slightly (as in the original).
 """
@@ -34,6 +37,7 @@ from deformable.data.sizes import inference_config
 from deformable.inference import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, ImageError, list_images, resolve_device
 from deformable.inference.predictor import DEFAULT_BATCH_SIZE, check_threshold
 from deformable.inference.run import run_inference
+from deformable.inference.video import is_video
 from deformable.viz.detections import draw_detections
 from models.config import ConfigError
 from models.loading import CHECKPOINT_HELP, split_command_line
@@ -44,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("inputs", nargs="+", help="[CONFIG] images, folders of images, section.key=value overrides")
     parser.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     parser.add_argument(
-        "--out", default="detections", help="output folder, not one that holds an input image (default: detections)"
+        "--out", default="detections", help="output folder, not one that holds an input (default: detections)"
     )
     parser.add_argument("--score-threshold", type=float, default=0.3, help="lowest score kept, in [0, 1] (0.3)")
     parser.add_argument(
@@ -76,10 +80,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     parts = [f"{len(run.results)} detections in {len(run.images)} images"] if run.images or not run.videos else []
     parts += [f"{len(run.videos)} video(s) (<video>.mp4, <video>.json)"] if run.videos else []
-    print(f"{' and '.join(parts)} written to {args.out}")
+    removed = f"; {len(run.removed)} file(s) an earlier run wrote there removed" if run.removed else ""
+    print(f"{' and '.join(parts)} written to {args.out}{removed}")
     if run.skipped:
+        kinds = {"video" if is_video(path) else "image" for path in run.skipped}
+        kind = kinds.pop() if len(kinds) == 1 else "input"
         listed = "\n".join(f"  {path}" for path in run.skipped)
-        print(f"warning: {len(run.skipped)} unreadable image(s) skipped (reasons above):\n{listed}", file=sys.stderr)
+        print(f"warning: {len(run.skipped)} unreadable {kind}(s) skipped (reasons above):\n{listed}", file=sys.stderr)
     return 0
 
 

@@ -1,9 +1,9 @@
 """Detection over image files: batches with padding, a COCO-format results file and, with a drawing function passed
 in (:func:`deformable.viz.detections.draw_detections`, a layer above this one), annotated images.
 
-Nothing a user saved is lost: with drawing, the output folder may not be one that holds an input image (so a drawn
-image never lands on or among the inputs), an existing file of the output folder is replaced only when an earlier run
-wrote it (:class:`OutputFolder` keeps the list), and every file is written atomically.
+Nothing a user saved is lost: with drawing, the output folder may not be one that holds an input (so a drawn image
+never lands on or among the inputs), an existing file of the output folder is replaced or removed only when an earlier
+run wrote it (:class:`~.outputs.OutputFolder` keeps the list), and every file is written atomically.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import cv2
@@ -24,32 +24,29 @@ from deformable.data.coco_eval import to_coco_results
 from deformable.data.decode import image_size
 from models import build_postprocessor
 from models.config import Config, DataConfig
-from models.files import FolderError, atomic_save, atomic_write, atomic_write_text, make_dir, remove_stale_temp_files
 
 from .images import ImageError, prepare_batch, read_image
+from .outputs import IMAGES, RESULTS, OutputFolder, check_out_dir_holds_no_input, output_names
+from .outputs import MANIFEST as MANIFEST  # where the tests and earlier callers found it
 from .predictor import DEFAULT_BATCH_SIZE, check_threshold, class_names, detect, load_detector, select_detections
 from .video import DEFAULT_FPS, VideoInfo, batched, is_video, read_frames, video_info
 
 # (image (H, W, 3) RGB, one result: scores (k,), labels (k,), boxes (k, 4) xyxy pixels, id -> name) -> BGR image
 DrawDetections = Callable[[np.ndarray, Mapping[str, torch.Tensor], Mapping[int, str]], np.ndarray]
 
-RESULTS, IMAGES = "results.json", "images.json"
-# The files of the output folder that runs wrote, so that a later run may replace them and nothing else. Hidden, as
-# tool metadata is; a run killed midway has already written it, so rerunning into the same folder works.
-MANIFEST = ".infer-outputs.json"
-JPEG_MAX_SIDE = 65500  # libjpeg's limit; a drawn image with a longer side is written as PNG
-
 
 @dataclass(frozen=True)
 class InferenceRun:
     """What :func:`run_inference` wrote: ``results`` (results.json), ``images`` (images.json), ``skipped``
-    (unreadable input path -> the reason, each reported as a warning when met) and ``videos`` (the videos
-    detected on, each with its ``<stem>.json``)."""
+    (unreadable input path -> the reason, each reported as a warning when met), ``videos`` (the videos
+    detected on, each with its ``<stem>.json``) and ``removed`` (the names of the files an earlier run had written to
+    the output folder that this one did not write again, removed)."""
 
     results: list[dict]
     images: list[dict]
     skipped: dict[str, str] = field(default_factory=dict)
     videos: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
 
 
 def image_ids(paths: Sequence[str], index: DatasetIndex) -> dict[str, int]:
@@ -116,132 +113,6 @@ def result_category_ids(
     return moved, [f"results.json: category ids are the data set's (where the checkpoint's differ): {changes}"]
 
 
-def output_names(paths: Sequence[str]) -> dict[str, str]:
-    """Path -> ``<stem>.jpg``, the drawn image's name, with ``_<n>`` added where stems repeat or are those of
-    results.json, images.json and the manifest (a video's outputs are ``<stem>.mp4`` and ``<stem>.json``)."""
-    names: dict[str, str] = {}
-    used = {os.path.splitext(name)[0] + ".jpg" for name in (RESULTS, IMAGES, MANIFEST)}
-    for path in paths:
-        stem = os.path.splitext(os.path.basename(path))[0]
-        name, n = f"{stem}.jpg", 1
-        while name in used:
-            name, n = f"{stem}_{n}.jpg", n + 1
-        used.add(name)
-        names[path] = name
-    return names
-
-
-def check_out_dir_holds_no_input(paths: Iterable[str], out_dir: str) -> None:
-    """Refuses an output folder that holds one of the input images (through a link too): drawn images written there
-    would sit among the user's photos and could replace one of them.
-
-    Raises:
-        FolderError: naming the input file and suggesting another folder.
-    """
-    if not os.path.isdir(out_dir):
-        return  # a folder still to be made holds nothing
-    for path in paths:
-        folders = {os.path.dirname(os.path.abspath(path)), os.path.dirname(os.path.realpath(path))}
-        if any(os.path.samefile(folder, out_dir) for folder in folders if os.path.isdir(folder)):
-            norm = os.path.normpath(out_dir)
-            other = "detections" if os.path.basename(norm) in (".", "..", "") else f"{norm}_detections"
-            raise FolderError(
-                f"the output folder {out_dir} holds the input image {path}: the drawn images would be written among "
-                f"your images and could replace them; choose another output folder (e.g. --out {other})"
-            )
-
-
-class OutputFolder:
-    """The output folder of a run: a file may be written there when it does not exist yet or when an earlier run
-    wrote it (the names in :data:`MANIFEST`); any other existing file is refused, never replaced."""
-
-    def __init__(self, path: str) -> None:
-        make_dir(path, "the output folder")
-        remove_stale_temp_files(path)  # what a killed run was writing (a drawn video, beside its place)
-        self.path = path
-        self.owned = self._earlier_outputs()
-
-    def _earlier_outputs(self) -> set[str]:
-        try:
-            with open(os.path.join(self.path, MANIFEST), encoding="utf-8") as f:
-                return {name for name in json.load(f)["files"] if isinstance(name, str)}
-        except FileNotFoundError:
-            return self._outputs_before_the_manifest()
-        except (OSError, ValueError, KeyError, TypeError):
-            return set()  # unreadable: nothing in the folder is known to be ours
-
-    def _outputs_before_the_manifest(self) -> set[str]:
-        """A folder that a version without the manifest wrote: its images.json lists the inputs, whose drawn names
-        :func:`output_names` gives (the same naming, in the same order)."""
-        try:
-            with open(os.path.join(self.path, IMAGES), encoding="utf-8") as f:
-                files = [entry["file_name"] for entry in json.load(f)]
-        except (OSError, ValueError, KeyError, TypeError):
-            return set()  # missing or not infer's images.json
-        if not all(isinstance(name, str) for name in files):
-            return set()
-        return {RESULTS, IMAGES, *output_names(files).values()}
-
-    def claim(self, names: Iterable[str]) -> None:
-        """Checks that every one of ``names`` may be written, then records them as this tool's (before they are
-        written, so that a run killed midway leaves a folder that the next run may write into).
-
-        Raises:
-            FolderError: some of ``names`` exist and no earlier run wrote them (the message names them).
-        """
-        names = list(names)
-        foreign = [n for n in names if n not in self.owned and os.path.lexists(os.path.join(self.path, n))]
-        if foreign:
-            shown = ", ".join(os.path.join(self.path, n) for n in foreign[:3])
-            more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
-            raise FolderError(
-                f"the output folder {self.path} already holds {shown}{more}, which no earlier run of infer wrote: "
-                "infer never replaces such a file; move it away or choose another output folder (--out)"
-            )
-        if not set(names) <= self.owned:
-            self.owned |= set(names)
-            atomic_write_text(os.path.join(self.path, MANIFEST), json.dumps({"files": sorted(self.owned)}))
-
-    def release_unwritten(self, names: Iterable[str]) -> None:
-        """Forgets those of ``names`` that were claimed but not written (a skipped input's), so that the manifest
-        lists only what this tool wrote; a file there stays this tool's."""
-        unwritten = {n for n in names if n in self.owned and not os.path.lexists(os.path.join(self.path, n))}
-        if unwritten:
-            self.owned -= unwritten
-            atomic_write_text(os.path.join(self.path, MANIFEST), json.dumps({"files": sorted(self.owned)}))
-
-    def write_drawn(self, name: str, image: np.ndarray, source: str, warn: Callable[[str], None]) -> str:
-        """Writes the BGR ``image`` drawn on ``source`` as ``name`` (JPEG), or as PNG with a warning where a side is
-        longer than JPEG allows. Returns the name written.
-
-        Raises:
-            FolderError: the image cannot be encoded or written (the message names the file and the reason).
-        """
-        height, width = image.shape[:2]
-        if max(height, width) > JPEG_MAX_SIDE:
-            png = os.path.splitext(name)[0] + ".png"
-            self.claim([png])
-            warn(
-                f"the drawn image of {source} is {width}x{height} pixels, beyond JPEG's {JPEG_MAX_SIDE}: written as "
-                f"{os.path.join(self.path, png)} instead of {name}"
-            )
-            name = png
-        target = os.path.join(self.path, name)
-        try:
-            ok, encoded = cv2.imencode(os.path.splitext(name)[1], image)
-        except cv2.error as exc:
-            ok, reason = False, str(exc).strip().splitlines()[-1]
-        else:
-            reason = "OpenCV could not encode it"
-        if not ok:
-            raise FolderError(f"cannot write the drawn image {target} ({width}x{height} pixels): {reason}")
-        try:
-            atomic_write(target, lambda f: f.write(encoded.tobytes()))
-        except OSError as exc:
-            raise FolderError(f"cannot write the drawn image {target}: {exc.strerror or exc}") from exc
-        return name
-
-
 def run_inference(
     cfg: Config,
     checkpoint: str | None,
@@ -261,17 +132,20 @@ def run_inference(
     checkpoint names, as :class:`~deformable.inference.Predictor` returns them: ``image_id``, ``category_id``,
     ``bbox`` xywh, ``score``; where the config's data set numbers the checkpoint's classes otherwise, its category
     ids: :func:`result_category_ids`), ``out_dir/images.json`` (COCO ``images`` entries: ``id``, ``file_name``,
-    ``height``, ``width``; ids as :func:`image_ids` gives them) and, with ``draw``, ``out_dir/<stem>.jpg``: the
-    image ``draw`` returns for those same detections (``tools/infer.py`` passes
-    :func:`deformable.viz.detections.draw_detections`). A video gives ``out_dir/<stem>.json`` (its frame rate, size
-    and, for every ``video_stride``-th frame, the index, time and detections) and, with ``draw``, ``<stem>.mp4``: those
-    frames drawn, at the frame rate divided by ``video_stride`` (a video's ``category_id`` is the checkpoint's label,
-    with its ``name``).
+    ``height``, ``width``; ids as :func:`image_ids` gives them; and ``drawn``, the drawing's file name in ``out_dir``,
+    null without ``draw``) and, with ``draw``, ``out_dir/<stem>.jpg`` (``<stem>_<n>.jpg`` where stems repeat:
+    :func:`~.outputs.output_names`): the image ``draw`` returns for those same detections (``tools/infer.py`` passes
+    :func:`deformable.viz.detections.draw_detections`). A video gives ``out_dir/<stem>.json`` (its frame rate, size,
+    ``drawn`` and, for every ``video_stride``-th frame, the index, time and detections) and, with ``draw``,
+    ``<stem>.mp4``: those frames drawn, at the frame rate divided by ``video_stride`` (a video's ``category_id`` is the
+    checkpoint's label, with its ``name``).
 
     Before any work: with ``draw``, an ``out_dir`` that holds an input is refused; an existing file of ``out_dir``
-    that no earlier run wrote is never replaced (:class:`OutputFolder`). An image or video that cannot be read is
-    skipped: ``warn`` (by default :func:`warnings.warn`) is called with a message naming it and the run goes on.
-    ``batch_size`` > 1 pads the smaller images of a batch, which may change their detections slightly.
+    that no earlier run wrote is never replaced (:class:`~.outputs.OutputFolder`). An image or video that cannot be
+    read is skipped: ``warn`` (by default :func:`warnings.warn`) is called with a message naming it and the run goes
+    on. ``batch_size`` > 1 pads the smaller images of a batch, which may change their detections slightly. Once all is
+    written, the files an earlier run wrote to ``out_dir`` that this one did not write again are removed (never an
+    input); a run that fails removes nothing.
 
     Raises:
         ValueError: a batch size or stride < 1 or a threshold outside [0, 1]. FolderError: ``out_dir`` cannot be
@@ -289,7 +163,6 @@ def run_inference(
     model, state = load_detector(cfg, checkpoint, device)  # a checkpoint that does not fit: nothing written yet
     videos = [path for path in paths if is_video(path)]
     stills = [path for path in paths if not is_video(path)]
-    folder = OutputFolder(out_dir)
     index = dataset_index(cfg.data)
     known, dataset_names = index.image_ids, index.class_names
     named = (state is not None and state.config is not None) or cfg.data.root != DataConfig().root
@@ -301,14 +174,14 @@ def run_inference(
         )
     ids, files = image_ids(stills, index), output_names(paths)
     stems = {path: os.path.splitext(files[path])[0] for path in videos}
-    drawn = [files[path] for path in stills] + [stems[path] + ".mp4" for path in videos] if draw is not None else []
-    per_input = [*drawn, *(stems[path] + ".json" for path in videos)]
-    folder.claim([RESULTS, IMAGES, *per_input])
+    drawings = [files[path] for path in stills] + [stems[path] + ".mp4" for path in videos] if draw is not None else []
     postprocessor = build_postprocessor(cfg)
     names = class_names(cfg, state)
     categories, notes = result_category_ids(dataset_names, names) if known else ({}, [])
     for note in notes:
         warn(note)
+    folder = OutputFolder(out_dir)
+    folder.claim([RESULTS, IMAGES, *drawings, *(stems[path] + ".json" for path in videos)])
     results: list[dict] = []
     images: list[dict] = []
     skipped: dict[str, str] = {}
@@ -323,32 +196,34 @@ def run_inference(
         _, detections = detect(model, postprocessor, *prepare_batch(pictures, cfg.data), sizes)
         return [select_detections(found, score_threshold, names) for found in detections]
 
-    bar = tqdm(total=len(stills), desc="infer", unit="img", disable=not show_progress or not stills, dynamic_ncols=True)
-    for batch in _readable_batches(stills, batch_size, skip, bar):
-        for (path, picture), kept in zip(batch, detect_kept([picture for _, picture in batch]), strict=True):
-            if draw is not None:
-                folder.write_drawn(files[path], draw(picture, kept, names), path, warn)
+    def write_drawn(path: str, picture: np.ndarray, kept: dict[str, torch.Tensor]) -> str | None:
+        return None if draw is None else folder.write_drawn(files[path], draw(picture, kept, names), path, warn)
+
+    draw_frame = None if draw is None else (lambda picture, kept: draw(picture, kept, names))
+    options = dict(batch_size=batch_size, stride=video_stride, names=names, warn=warn, progress=show_progress)
+    try:  # a run that fails removes nothing and leaves the manifest listing what is there
+        found = _detect_images(stills, detect_kept, write_drawn, skip, batch_size=batch_size, progress=show_progress)
+        for path, (height, width), kept, drawn in found:
             results += [
                 {**entry, "category_id": categories.get(entry["category_id"], entry["category_id"])}
                 for entry in to_coco_results(ids[path], kept)
             ]
-            images.append({"id": ids[path], "file_name": path, "height": picture.shape[0], "width": picture.shape[1]})
-    bar.close()
-    draw_frame = None if draw is None else (lambda picture, kept: draw(picture, kept, names))
-    for path in videos:
-        try:
-            options = dict(batch_size=batch_size, stride=video_stride, names=names, warn=warn, progress=show_progress)
-            _detect_video(path, folder, stems[path], draw_frame, detect_kept, **options)
-        except ImageError as exc:
-            skip(path, str(exc))
-    if paths and len(skipped) == len(paths):
-        folder.release_unwritten([RESULTS, IMAGES, *per_input])
-        first = next(iter(skipped.values()))
-        raise ImageError(f"none of the {len(paths)} inputs could be read ({first}); nothing was written")
-    atomic_write_text(os.path.join(out_dir, RESULTS), json.dumps(results))
-    atomic_write_text(os.path.join(out_dir, IMAGES), json.dumps(images))
-    folder.release_unwritten(per_input)  # a skipped input's, a drawn image written as PNG instead of JPEG
-    return InferenceRun(results, images, skipped, [path for path in videos if path not in skipped])
+            images.append({"id": ids[path], "file_name": path, "height": height, "width": width, "drawn": drawn})
+        for path in videos:
+            try:
+                _detect_video(path, folder, stems[path], draw_frame, detect_kept, **options)
+            except ImageError as exc:
+                skip(path, str(exc))
+        if paths and len(skipped) == len(paths):
+            first = next(iter(skipped.values()))
+            raise ImageError(f"none of the {len(paths)} inputs could be read ({first}); nothing was written")
+        folder.write_text(RESULTS, json.dumps(results))
+        folder.write_text(IMAGES, json.dumps(images))
+    except BaseException:
+        folder.abandon()
+        raise
+    removed = folder.finish(paths, warn)  # what earlier runs wrote for inputs not given now, or under other names
+    return InferenceRun(results, images, skipped, [path for path in videos if path not in skipped], removed)
 
 
 def _detect_video(
@@ -390,17 +265,19 @@ def _detect_video(
                     frames.append({"frame": index, "time_s": time_s, "detections": entries})
                 bar.update(len(chunk))
 
-    if draw_frame is None:
+    drawn = None if draw_frame is None else stem + ".mp4"
+    if drawn is None:
         run(None)
     else:
-        target = os.path.join(folder.path, stem + ".mp4")
         try:
-            atomic_save(target, lambda staged: _write_video(staged, info, (info.fps or DEFAULT_FPS) / stride, run))
+            folder.save(drawn, lambda staged: _write_video(staged, info, (info.fps or DEFAULT_FPS) / stride, run))
         except _NoVideoWriter as exc:
+            target = os.path.join(folder.path, drawn)
             warn(f"cannot write the drawn video {target}: {exc}; its detections are in {stem}.json")
+            drawn = None
             run(None)
     summary = {"video": path, "fps": info.fps, "width": info.width, "height": info.height, "stride": stride}
-    atomic_write_text(os.path.join(folder.path, stem + ".json"), json.dumps({**summary, "frames": frames}))
+    folder.write_text(stem + ".json", json.dumps({**summary, "drawn": drawn, "frames": frames}))
 
 
 class _NoVideoWriter(RuntimeError):
@@ -431,6 +308,24 @@ def _distinct(paths: Sequence[str]) -> list[str]:
             seen.add(real)
             kept.append(path)
     return kept
+
+
+def _detect_images(
+    paths: Sequence[str],
+    detect_kept: Callable[[list[np.ndarray]], list[dict[str, torch.Tensor]]],
+    write_drawn: Callable[[str, np.ndarray, dict[str, torch.Tensor]], str | None],
+    skip: Callable[[str, str], None],
+    *,
+    batch_size: int,
+    progress: bool,
+) -> Iterator[tuple[str, tuple[int, int], dict[str, torch.Tensor], str | None]]:
+    """Each readable image of ``paths``, in order: ``(path, (height, width), detections, the name of its drawing
+    (None where none was drawn))``; an unreadable one is passed to ``skip``."""
+    bar = tqdm(total=len(paths), desc="infer", unit="img", disable=not progress or not paths, dynamic_ncols=True)
+    with bar:
+        for batch in _readable_batches(paths, batch_size, skip, bar):
+            for (path, picture), kept in zip(batch, detect_kept([picture for _, picture in batch]), strict=True):
+                yield path, picture.shape[:2], kept, write_drawn(path, picture, kept)
 
 
 def _readable_batches(
