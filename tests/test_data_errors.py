@@ -70,7 +70,11 @@ def test_data_yaml_without_names(tmp_path) -> None:
         ("names: cat\ntrain: images/train\nval: images/val\n", r"data.yaml: 'names' must be a list"),
         ("names: [cat, dog]\nnc: 3\nval: images/val\n", r"data.yaml: nc is 3 but names has 2 entries"),
         ("names: [cat, dog]\ntrain: images/train\n", r"data.yaml has no 'val' entry"),
-        ("names: [cat, dog]\nval: images/nowhere\n", r"data.yaml: 'val' points to .*nowhere, which is no folder"),
+        ("names: [cat, dog]\nval: images/nowhere\n", r"data.yaml: 'val' points to .*nowhere, which does not exist"),
+        (
+            "names: [cat, dog]\nval: data.yaml\n",
+            r"data.yaml: 'val' points to .*data.yaml, which is no folder and no .txt list",
+        ),
     ],
 )
 def test_malformed_data_yaml(tmp_path, payload: str, message: str) -> None:

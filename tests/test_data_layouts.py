@@ -193,7 +193,27 @@ def test_boxes_outside_the_image_are_clipped_or_dropped_and_counted(tmp_path) ->
     dataset = build_dataset(_cfg(root), "val", transforms=False)
     assert (dataset.data.clipped, dataset.data.dropped) == (1, 1)
     assert _content(dataset)["d"] == [("cat", [0.0, 2.0, 15.0, 10.0]), ("dog", [10.0, 10.0, 10.0, 10.0])]
-    assert "1 box clipped to their image, 1 with no area dropped" in summarise(dataset)
+    assert "1 box clipped to its image, 1 box with no area in the image dropped (e.g. image d.jpg, annotation" in (
+        summarise(dataset)
+    )
+    assert "bbox [70, 5, 10, 10] outside the 60x50 image)" in summarise(dataset)
+
+
+def test_a_box_written_backwards_is_named_and_rounding_is_not_counted_as_clipping(tmp_path) -> None:
+    """xmin > xmax (a LabelImg slip) is dropped with the file named; a box 0.001 px outside its image (rounding of
+    normalised coordinates) is clipped without being counted."""
+    root = write_voc(str(tmp_path / "v"))
+    with open(os.path.join(root, "Annotations", "d.xml"), "w") as f:
+        f.write(voc_xml("d", 60, 50, [("cat", [10, 2, 20, 10])]).replace("<xmin>11</xmin>", "<xmin>40</xmin>", 1))
+    dataset = build_dataset(_cfg(root), "val", transforms=False)
+    assert dataset.data.dropped == 1 and "written backwards (a negative width or height" in summarise(dataset)
+    from deformable.data.split import clip_boxes
+
+    coco = {
+        "images": [{"id": 1, "width": 60, "height": 50}],
+        "annotations": [{"image_id": 1, "bbox": [0, 0, 60.001, 9]}],
+    }
+    assert clip_boxes(coco)[:2] == (0, 0) and coco["annotations"][0]["bbox"][2] == 60.0
 
 
 def test_yolo_image_without_label_file_has_no_object(tmp_path) -> None:

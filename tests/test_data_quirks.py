@@ -409,3 +409,40 @@ def test_yolo_label_files_without_a_read_image_are_named(tmp_path) -> None:
         DatasetError, match=r"the yolo split 'train' has no images: .*label file\(s\) with no image.*\.gif"
     ):
         _read(root, "train")
+
+
+# --- VOC list lines: an id with a space in it is read whole where its XML exists ----------------------------------
+
+
+def test_voc_ids_with_a_space_are_read_whole_where_their_xml_exists(tmp_path) -> None:
+    root = write_voc(str(tmp_path / "v"))
+    listed = os.path.join(root, "ImageSets", "Main", "train.txt")
+    first = open(listed).read().split()[0]
+    for folder, extension in (("JPEGImages", ".jpg"), ("Annotations", ".xml")):
+        os.rename(os.path.join(root, folder, first + extension), os.path.join(root, folder, f"{first} 1{extension}"))
+    replace_in_file(listed, f"{first}\n", f"{first} 1\n")
+    names = [info["file_name"] for info in _read(root, "train").coco["images"]]
+    assert f"{first} 1.jpg" in names and f"{first}.jpg" not in names
+    replace_in_file(listed, f"{first} 1\n", f"{first} -1\n")  # a class list's flag: the id is the first field
+    with pytest.raises(DatasetError, match=rf"line 1: {first} has no annotation file"):
+        _read(root, "train")
+
+
+def test_yolo_split_paths_of_another_machine_point_to_the_folder_beside_data_yaml(tmp_path) -> None:
+    """A data.yaml written on Colab (train: /content/datasets/x/train/images) names the folder that is there."""
+    root = write_yolo(str(tmp_path / "y"))
+    path = os.path.join(root, "data.yaml")
+    with open(path) as f:
+        payload = yaml.safe_load(f)
+    payload.update(train="/content/datasets/x-1/images/train")
+    payload.pop("path")
+    with open(path, "w") as f:
+        yaml.safe_dump(payload, f)
+    message = (
+        r"'train' points to /content/datasets/x-1/images/train, which does not exist "
+        r"\(a path from another machine\?\); "
+        rf"{re.escape(os.path.join(root, 'images', 'train'))} exists: write it relative to data.yaml, "
+        r"e.g. 'images/train'"
+    )
+    with pytest.raises(DatasetError, match=message):
+        _read(root, "train")

@@ -39,32 +39,54 @@ class SplitData:
     size_sources: dict[int, str] = field(default_factory=dict)  # image id -> the file giving its size, if not source
     clipped: int = 0
     dropped: int = 0
+    dropped_example: str = ""  # the first box dropped and why (:func:`clip_boxes`), for the summary
     notes: list[str] = field(default_factory=list)
 
 
-def clip_boxes(coco: dict[str, Any]) -> tuple[int, int]:
+CLIP_TOLERANCE = 0.01  # pixels a box may reach outside its image without being counted as clipped (rounding)
+
+
+def clip_boxes(coco: dict[str, Any]) -> tuple[int, int, str]:
     """Clips every ``bbox`` of ``coco`` to its image in place and removes the annotations with no area left.
 
     ``area`` is set to the clipped box's area where it is missing (layouts without masks). Returns
-    ``(clipped, dropped)``: how many boxes were clipped, how many removed.
+    ``(clipped, dropped, example)``: how many boxes reached outside their image by more than
+    :data:`CLIP_TOLERANCE` (rounding of normalised coordinates is clipped without being counted), how many were
+    removed, and the first removed one with why (empty when none).
     """
-    sizes = {info["id"]: (info["width"], info["height"]) for info in coco["images"]}
-    kept, clipped, dropped = [], 0, 0
+    images = {info["id"]: info for info in coco["images"]}
+    kept, clipped, dropped, example = [], 0, 0, ""
     for ann in coco["annotations"]:
-        width, height = sizes[ann["image_id"]]
+        info = images[ann["image_id"]]
+        width, height = float(info["width"]), float(info["height"])
         x, y, w, h = (float(v) for v in ann["bbox"])
-        x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + w, float(width)), min(y + h, float(height))
+        x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + w, width), min(y + h, height)
         if x1 <= x0 or y1 <= y0:
             dropped += 1
+            example = example or _why_dropped(ann, info)
             continue
         if (x0, y0, x1, y1) != (x, y, x + w, y + h):
-            clipped += 1
+            outside = max(x0 - x, y0 - y, x + w - x1, y + h - y1)
+            clipped += outside > CLIP_TOLERANCE
             ann["bbox"] = [x0, y0, x1 - x0, y1 - y0]
         ann.setdefault("area", (x1 - x0) * (y1 - y0))
         ann.setdefault("iscrowd", 0)
         kept.append(ann)
     coco["annotations"] = kept
-    return clipped, dropped
+    return clipped, dropped, example
+
+
+def _why_dropped(ann: dict[str, Any], info: dict[str, Any]) -> str:
+    """``image F, annotation N: bbox [x, y, w, h] <why it has no area in the image>``."""
+    x, y, w, h = (float(v) for v in ann["bbox"])
+    if w < 0 or h < 0:
+        why = "written backwards (a negative width or height: x/y max below min)"
+    elif w == 0 or h == 0:
+        why = "with no width or height"
+    else:
+        why = f"outside the {info['width']}x{info['height']} image"
+    box = ", ".join(f"{v:g}" for v in (x, y, w, h))
+    return f"image {info.get('file_name', info['id'])}, annotation {ann.get('id', '?')}: bbox [{box}] {why}"
 
 
 def check_category_ids(coco: dict[str, Any], source: str) -> None:
@@ -88,7 +110,7 @@ def finish_split(data: SplitData) -> SplitData:
     """The checks and clean-up every layout ends with: categories known, boxes clipped, at least one image."""
     check_not_empty(data)
     check_category_ids(data.coco, data.source)
-    data.clipped, data.dropped = clip_boxes(data.coco)
+    data.clipped, data.dropped, data.dropped_example = clip_boxes(data.coco)
     return data
 
 

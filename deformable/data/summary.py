@@ -54,9 +54,12 @@ def summarise(dataset: DetectionDataset, num_queries: int | None = None) -> str:
     if len(sizes):
         q10, q50, q90 = np.quantile(sizes, [0.1, 0.5, 0.9])
         parts.append(f"box side / image side: median {q50:.2f}, 10%-90% {q10:.2f}-{q90:.2f}")
-    if dataset.data.clipped or dataset.data.dropped:
-        clipped, dropped = dataset.data.clipped, dataset.data.dropped
-        parts.append(f"{_count(clipped, 'box')} clipped to their image, {dropped} with no area dropped")
+    if dataset.data.clipped:
+        clipped = dataset.data.clipped
+        parts.append(f"{_count(clipped, 'box')} clipped to {'its image' if clipped == 1 else 'their images'}")
+    if dataset.data.dropped:
+        example = f" (e.g. {dataset.data.dropped_example})" if dataset.data.dropped_example else ""
+        parts.append(f"{_count(dataset.data.dropped, 'box')} with no area in the image dropped{example}")
     parts.extend(dataset.data.notes)
     line = f"{dataset.split} ({dataset.layout}, {dataset.source}): " + ", ".join(parts)
     if num_queries is not None and most > num_queries:

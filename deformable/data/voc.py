@@ -62,7 +62,16 @@ def split_ids(root: str, split: str) -> list[tuple[int, str]]:
             "line; write train.txt and val.txt there"
         )
     lines = read_text(path).splitlines()
-    return [(n, line.split()[0]) for n, line in enumerate(lines, start=1) if line.strip()]
+    return [(n, _line_id(root, line)) for n, line in enumerate(lines, start=1) if line.strip()]
+
+
+def _line_id(root: str, line: str) -> str:
+    """The image id of a split list's line: its first field (a class list's lines are ``<id> <1|0|-1>``), or the
+    whole line where ``Annotations/<line>.xml`` exists (an id with a space in it, as other tools write them)."""
+    whole = line.strip()
+    if " " in whole and os.path.isfile(os.path.join(root, "Annotations", whole + ".xml")):
+        return whole
+    return whole.split()[0]
 
 
 def _number(node: ET.Element, tag: str, path: str, what: str) -> float:

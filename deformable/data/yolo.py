@@ -126,10 +126,29 @@ def split_images(payload: dict[str, Any], yaml_path: str, key: str) -> tuple[str
                 f"as the base directory of the splits, and that folder ({base}) does not exist; correct 'path' "
                 "(relative to the folder of data.yaml, or absolute) or remove it to use the folder of data.yaml"
             )
-        else:
+        elif os.path.exists(source):
             raise DatasetError(f"{yaml_path}: '{key}' points to {source}, which is no folder and no .txt list")
+        else:
+            raise DatasetError(
+                f"{yaml_path}: '{key}' points to {source}, which does not exist{_beside(yaml_path, source)}"
+            )
     root = sources[0] if len(sources) == 1 and os.path.isdir(sources[0]) else base
     return root, [os.path.relpath(p, root) for p in paths]
+
+
+def _beside(yaml_path: str, missing: str) -> str:
+    """For a split path that does not exist (often written on another machine: ``/content/datasets/x/train/images``),
+    the hint that its last one or two folders exist beside ``data.yaml``, with the entry to write; else ''."""
+    folder = os.path.dirname(os.path.abspath(yaml_path))
+    parts = os.path.normpath(missing).split(os.sep)
+    for tail in (parts[-2:], parts[-1:]):
+        if all(tail) and os.path.exists(os.path.join(folder, *tail)):
+            relative = "/".join(tail)
+            return (
+                f" (a path from another machine?); {os.path.join(folder, *tail)} exists: write it relative to "
+                f"data.yaml, e.g. '{relative}'"
+            )
+    return ""
 
 
 def _listed_images(list_file: str) -> list[str]:
