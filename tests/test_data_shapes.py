@@ -81,6 +81,22 @@ def test_a_generated_folder_is_regenerated_when_its_parameters_change(tmp_path) 
     assert sorted(os.listdir(tmp_path)) == ["s"]  # nothing left beside it
 
 
+def test_a_generated_folder_holding_other_files_is_not_regenerated(tmp_path) -> None:
+    """A run's output_dir (or any file) put inside a generated set would be deleted by regenerating it: refused,
+    named, and everything left as it was."""
+    cfg = _shapes_cfg(str(tmp_path / "s"))
+    ensure_synthetic(cfg)
+    os.makedirs(tmp_path / "s" / "myrun")
+    (tmp_path / "s" / "myrun" / "checkpoint.pth").write_bytes(b"weights")
+    (tmp_path / "s" / "train2017" / "extra.jpg").write_bytes(b"mine")
+    before = _tree(tmp_path / "s")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the "regenerating" warning
+        with pytest.raises(DatasetError, match=r"files the generator did not write \(myrun, train2017/extra.jpg\)"):
+            ensure_synthetic(_shapes_cfg(cfg.root, synthetic_train_images=3))
+    assert _tree(tmp_path / "s") == before and sorted(os.listdir(tmp_path)) == ["s"]
+
+
 def test_a_folder_without_the_marker_is_never_touched(tmp_path) -> None:
     root = tmp_path / "mine"
     make_shapes(str(root), train_images=2, val_images=1, image_size=48, max_objects=1)

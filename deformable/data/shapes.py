@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 
 from deformable.data.coco import write_coco_split
+from deformable.data.errors import DatasetError
 from models.config import ConfigError, DataConfig
 from models.files import staging_dir
 
@@ -163,6 +164,14 @@ def make_shapes(
     }
     if os.path.exists(root) and not (replace and read_marker(root) is not None):
         raise FileExistsError(_refusal(root))
+    others = not_generated(root, read_marker(root) or {}) if os.path.exists(root) else []
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise FileExistsError(
+            f"{root} holds a generated shapes data set and files the generator did not write ({shown}); "
+            "regenerating it would delete them: move them out of it (a run's output_dir belongs elsewhere), or "
+            "choose another data.root"
+        )
     parent = os.path.dirname(os.path.abspath(root))
     os.makedirs(parent, exist_ok=True)
     tmp = staging_dir(parent, f".{os.path.basename(os.path.abspath(root))}-")
@@ -176,6 +185,30 @@ def make_shapes(
         shutil.rmtree(tmp, ignore_errors=True)
         if replace or not os.path.isdir(root):  # another process may have finished the same data set first
             raise
+
+
+def not_generated(root: str, recorded: dict[str, Any]) -> list[str]:
+    """The entries of the generated data set ``root`` (paths relative to it) that the generator, with the parameters
+    ``recorded`` in its marker, did not write: anything but the marker, ``annotations/instances_<split>.json`` and
+    the splits' ``NNNNNN.jpg`` images."""
+    counts = {
+        recorded.get("train_split"): recorded.get("train_images"),
+        recorded.get("val_split"): recorded.get("val_images"),
+    }
+    found = []
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if name == MARKER and os.path.isfile(path):
+            continue
+        if name == "annotations" and os.path.isdir(path):
+            written = {f"instances_{split}.json" for split in counts}
+        elif name in counts and isinstance(counts[name], int) and os.path.isdir(path):
+            written = {f"{number:06d}.jpg" for number in range(1, counts[name] + 1)}
+        else:
+            found.append(name)
+            continue
+        found.extend(os.path.join(name, entry) for entry in sorted(os.listdir(path)) if entry not in written)
+    return found
 
 
 def _refusal(root: str) -> str:
@@ -247,7 +280,10 @@ def ensure_synthetic(cfg: DataConfig, seed: int = 0) -> bool:
         f"({', '.join(f'{key} {old} -> {new}' for key, (old, new) in changed.items())})",
         stacklevel=2,
     )
-    make_shapes_from_config(cfg, seed=seed, replace=True)
+    try:
+        make_shapes_from_config(cfg, seed=seed, replace=True)
+    except FileExistsError as exc:  # it holds files of the user's: not replaced
+        raise DatasetError(f"data.synthetic=shapes: {exc}") from exc
     return True
 
 
