@@ -417,13 +417,29 @@ def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = ()) -
             the wrong type (named).
     """
     cfg = Config()
-    if path is not None:
-        _apply(cfg, _normalise_floats(read_config_file(path)))
+    for file, data in config_chain(path) if path is not None else []:
+        try:
+            _apply(cfg, _normalise_floats(data))
+        except ConfigError as exc:  # named with the file that states it (a base's, or the file's own)
+            raise ConfigError(f"config file {file}: {exc}") from exc
     return apply_overrides(cfg, overrides)
 
 
-def read_config_file(path: str | os.PathLike, _chain: tuple[str, ...] = ()) -> dict[str, Any]:
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """The mapping a YAML config file states, its ``_base_`` files merged underneath (see :func:`load_config`)."""
+    merged: dict[str, Any] = {}
+    for _, data in config_chain(path):
+        merged = _merge(merged, data)
+    return merged
+
+
+def config_chain(path: str | os.PathLike, _chain: tuple[str, ...] = ()) -> list[tuple[str, dict[str, Any]]]:
+    """``(file, mapping)`` of a YAML config file and its ``_base_`` files, the deepest base first (each file's own
+    keys, its ``_base_`` removed): applied in this order, each over the ones before, they give the file's config.
+
+    Raises:
+        FileNotFoundError: the file, or a base it names, does not exist. ConfigError: malformed YAML, or a cycle.
+    """
     real = os.path.realpath(path)
     if real in _chain:
         cycle = " -> ".join([*_chain[_chain.index(real) :], real])
@@ -441,11 +457,11 @@ def read_config_file(path: str | os.PathLike, _chain: tuple[str, ...] = ()) -> d
     data = dict(data)
     base = data.pop(BASE_KEY, None)
     if base is None:
-        return data
+        return [(os.fspath(path), data)]
     if not isinstance(base, str) or not base:
         raise ConfigError(f"config file {path}: {BASE_KEY} must be a file name, got {base!r}")
     base_path = os.path.join(os.path.dirname(os.path.abspath(path)), base)
-    return _merge(read_config_file(base_path, (*_chain, real)), data)
+    return [*config_chain(base_path, (*_chain, real)), (os.fspath(path), data)]
 
 
 def _merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:

@@ -45,6 +45,17 @@ def test_nested_bases_and_paths_relative_to_the_including_file(tmp_path) -> None
     assert cfg.data.train_scales == [9]  # a list replaces the base's list
 
 
+def test_an_unknown_key_or_bad_value_names_the_file_of_the_chain_that_states_it(tmp_path) -> None:
+    write(tmp_path, "base.yaml", "train:\n  typo_key: 3\n")
+    child = write(tmp_path, "child.yaml", "_base_: base.yaml\nmodel:\n  enc_layers: 3\n")
+    with pytest.raises(ConfigError, match=r"config file \S*base\.yaml: unknown config key 'train\.typo_key'"):
+        load_config(child)
+    write(tmp_path, "base.yaml", "train:\n  epochs: 2\n")
+    leaf = write(tmp_path, "leaf.yaml", "_base_: child.yaml\ntrain:\n  epochs: many\n")
+    with pytest.raises(ConfigError, match=r"config file \S*leaf\.yaml: .*train\.epochs"):
+        load_config(leaf)
+
+
 def test_a_cycle_is_an_error_naming_the_files(tmp_path) -> None:
     a = write(tmp_path, "a.yaml", "_base_: b.yaml\n")
     write(tmp_path, "b.yaml", "_base_: a.yaml\n")
