@@ -229,8 +229,8 @@ class DataConfig:
 
     root: str = "data/coco"
     format: str = "auto"  # auto (detected from root) | coco | roboflow | yolo | voc | roboflow-voc
-    train_split: str = "auto"  # auto: coco train2017, roboflow train, yolo data.yaml's train, voc train (trainval)
-    val_split: str = "auto"  # auto: coco val2017, roboflow valid, yolo data.yaml's val, voc val (test)
+    train_split: str = "auto"  # auto: coco train2017 (train), roboflow train, yolo data.yaml's, voc train (trainval)
+    val_split: str = "auto"  # auto: coco val2017 (val), roboflow valid, yolo data.yaml's val, voc val (test)
     # coco: the train / val annotation file (relative to root unless absolute; either set, format auto reads COCO);
     # "": annotations/instances_<split>.json
     train_ann: str = ""

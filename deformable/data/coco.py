@@ -1,11 +1,17 @@
 """COCO-format annotation files: the COCO layout and Roboflow's COCO export (read), and one split written in the
 COCO layout (:func:`write_coco_split`, for the synthetic data sets).
 
-COCO: ``root/<split>/`` images and ``root/annotations/instances_<split>.json`` (``data.train_ann`` /
-``data.val_ann`` name another file). Roboflow: ``root/<split>/`` holding the images and ``_annotations.coco.json``,
+COCO: ``root/annotations/instances_<split>.json`` (``data.train_ann`` / ``data.val_ann`` name another file) and
+the images in ``root/<split>/``, or where that folder does not exist in ``root/images/<split>/`` (CVAT's and
+Datumaro's "COCO 1.0" export). Roboflow: ``root/<split>/`` holding the images and ``_annotations.coco.json``,
 splits ``train``, ``valid``, ``test``; Roboflow adds a category (often id 0, named as the project, which may be the
 name of the only class) that only serves as the others' supercategory and has no box in any split: it is dropped, the
 other ids are kept as given.
+
+An annotation without a box (``"bbox": []`` or no ``bbox``) takes the box enclosing its ``segmentation``, as
+CVAT's and Label Studio's segmentation exports need. A ``file_name`` that differs from the file on disk only in
+Unicode normalisation (NFC in the JSON, NFD on disk, as macOS zips write names) reads the file on disk; one image
+file listed under two image ids is refused.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import unicodedata
 from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
@@ -21,9 +28,14 @@ import numpy as np
 
 from .errors import DatasetError, read_text
 from .scan import header_sizes
+from .segmentation import box_from_segmentation, is_number
 from .split import SplitData, finish_split
 
 ROBOFLOW_FILE = "_annotations.coco.json"
+ANNOTATION_NEEDS = (
+    "an annotation needs an 'id', a 'bbox' [x, y, w, h] in pixels (or a 'segmentation' to take it from), an integer "
+    "'category_id' and the 'image_id' of one of the file's images"
+)
 
 
 def coco_annotation_file(root: str, split: str, ann: str = "") -> str:
@@ -31,6 +43,13 @@ def coco_annotation_file(root: str, split: str, ann: str = "") -> str:
     if ann:
         return ann if os.path.isabs(ann) else os.path.join(root, ann)
     return os.path.join(root, "annotations", f"instances_{split}.json")
+
+
+def coco_image_folder(root: str, split: str) -> str:
+    """The image folder of the COCO split ``split``: ``root/<split>``, or ``root/images/<split>`` (CVAT's and
+    Datumaro's export) where only that one exists."""
+    folder, cvat = os.path.join(root, split), os.path.join(root, "images", split)
+    return cvat if not os.path.isdir(folder) and os.path.isdir(cvat) else folder
 
 
 def read_coco_file(
@@ -56,11 +75,19 @@ def read_coco_file(
         if not os.path.exists(path):
             raise DatasetError(f"{kind} {path} does not exist{suffix}")
     payload = _load(ann_file)
-    _check_structure(payload, ann_file)
-    _check_images(payload, image_root, ann_file)
+    boxed = _check_structure(payload, ann_file)
+    renamed = _check_images(payload, image_root, ann_file)
+    _check_unique_files(payload, ann_file)
     if layout == "roboflow":
         payload["categories"] = drop_unused_supercategories(payload, used_elsewhere)
     data = SplitData(layout=layout, split=split, image_root=image_root, coco=payload, source=ann_file)
+    if boxed:
+        data.notes.append(f"{boxed} box(es) taken from the segmentation (annotations with an empty or missing bbox)")
+    if renamed:
+        data.notes.append(
+            f"{len(renamed)} file_name(s) read as the file on disk whose name differs only in Unicode normalisation, "
+            f"e.g. {renamed[0]!r}"
+        )
     repeated = _renumber_repeated_annotation_ids(payload["annotations"])
     if repeated:
         data.notes.append(f"{repeated} repeated annotation id(s), the annotations renumbered 1..N in memory")
@@ -99,8 +126,9 @@ def _load(ann_file: str) -> Any:
         raise DatasetError(f"annotation file {ann_file} is malformed ({type(exc).__name__}: {exc})") from exc
 
 
-def _check_structure(payload: Any, ann_file: str) -> None:
-    """The top level is a dict with ``images``, ``annotations`` and ``categories`` lists of well-formed entries."""
+def _check_structure(payload: Any, ann_file: str) -> int:
+    """The top level is a dict with ``images``, ``annotations`` and ``categories`` lists of well-formed entries.
+    Returns how many annotations took their box from their segmentation (in place: :func:`_check_annotation`)."""
     if not isinstance(payload, dict):
         raise DatasetError(f"annotation file {ann_file} is malformed: the top level is not a JSON object")
     for key in ("images", "annotations", "categories"):
@@ -125,8 +153,7 @@ def _check_structure(payload: Any, ann_file: str) -> None:
             f"annotation file {ann_file}: category id {min(category_ids)} is negative; category ids are the labels "
             "the model learns and must be >= 0"
         )
-    for ann in payload["annotations"]:
-        _check_annotation(ann, image_ids, ann_file)
+    return sum(_check_annotation(ann, image_ids, ann_file) for ann in payload["annotations"])
 
 
 def _unique_ids(entries: list[dict[str, Any]], kind: str, ann_file: str) -> set[int]:
@@ -160,37 +187,78 @@ def _renumber_repeated_annotation_ids(annotations: list[dict[str, Any]]) -> int:
     return repeated
 
 
-def _check_annotation(ann: Any, image_ids: set, ann_file: str) -> None:
-    bbox = ann.get("bbox") if isinstance(ann, dict) else None
-    ok = (
-        isinstance(bbox, list)
-        and len(bbox) == 4
-        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)
-        and isinstance(ann.get("category_id"), int)
-        and ann.get("image_id") in image_ids
-        and "id" in ann
-    )
-    if not ok:
+def _check_annotation(ann: Any, image_ids: set[int], ann_file: str) -> bool:
+    """Refuses an annotation that is malformed, saying which condition failed; an empty or missing ``bbox`` is
+    taken, in place, from a non-empty ``segmentation``. Returns whether it was."""
+    problem = _annotation_problem(ann, image_ids)
+    boxed = problem is None and _is_empty(ann.get("bbox"))
+    if boxed:
+        box = box_from_segmentation(ann["segmentation"])
+        if box is None:
+            problem = (
+                f"its bbox is {'empty' if 'bbox' in ann else 'missing'} and its segmentation "
+                f"{json.dumps(ann['segmentation'])[:120]} is neither polygons "
+                '[[x1, y1, x2, y2, ...], ...] of finite numbers nor RLE {"size": [h, w], "counts": ...}'
+            )
+        else:
+            ann["bbox"] = box
+    if problem is not None:
         ident = ann.get("id", "?") if isinstance(ann, dict) else "?"
         raise DatasetError(
-            f"annotation file {ann_file} is malformed: annotation id {ident} needs an 'id', 'bbox' [x, y, w, h], "
-            f"an integer 'category_id' and a known 'image_id' (got {json.dumps(ann)[:200]})"
+            f"annotation file {ann_file} is malformed: annotation id {ident}: {problem}; {ANNOTATION_NEEDS} (got "
+            f"{json.dumps(ann)[:200]})"
         )
-    if not all(math.isfinite(v) for v in bbox):  # Python's json writes NaN and Infinity, and reads them back
+    if not all(math.isfinite(v) for v in ann["bbox"]):  # Python's json writes NaN and Infinity, and reads them back
         raise DatasetError(
             f"annotation file {ann_file}: annotation id {ann['id']} (image id {ann['image_id']}) has a 'bbox' value "
-            f"that is not a finite number: {json.dumps(bbox)}; give the box in pixels, [x, y, w, h]"
+            f"that is not a finite number: {json.dumps(ann['bbox'])}; give the box in pixels, [x, y, w, h]"
         )
+    return boxed
 
 
-def _check_images(payload: dict[str, Any], image_root: str, ann_file: str) -> None:
-    """Every listed image exists; sizes missing from the file are read from the image headers."""
+def _annotation_problem(ann: Any, image_ids: set[int]) -> str | None:
+    """Which condition an annotation fails (None: it passes; an empty bbox passes where it has a segmentation)."""
+    if not isinstance(ann, dict):
+        return "it is not a JSON object"
+    for key in ("id", "category_id", "image_id"):
+        if key not in ann:
+            return f"it has no '{key}'"
+    if not isinstance(ann["category_id"], int):
+        return f"its category_id {json.dumps(ann['category_id'])} is not an integer"
+    image_id = ann["image_id"]
+    if not isinstance(image_id, (int, float)) or image_id not in image_ids:
+        return f"its image_id {json.dumps(image_id)} is not among the images of the file"
+    bbox = ann.get("bbox")
+    if _is_empty(bbox):
+        if _is_empty(ann.get("segmentation")):
+            return f"its bbox is {'empty' if 'bbox' in ann else 'missing'} and it has no segmentation to take it from"
+        return None
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(is_number(v) for v in bbox)):
+        return f"its bbox {json.dumps(bbox)[:120]} is not [x, y, w, h], four numbers"
+    return None
+
+
+def _is_empty(value: Any) -> bool:
+    """Whether a ``bbox`` or ``segmentation`` is missing or empty (None, [], {}; exporters write each)."""
+    return value is None or value == [] or value == {}
+
+
+def _check_images(payload: dict[str, Any], image_root: str, ann_file: str) -> list[str]:
+    """Every listed image exists (a ``file_name`` that matches a file only up to Unicode normalisation is set to
+    that file's name); sizes missing from the file are read from the image headers. Returns the names so changed."""
     present = set(os.listdir(image_root))
-    missing = [
-        info["file_name"]
-        for info in payload["images"]
-        if info["file_name"] not in present and not os.path.isfile(os.path.join(image_root, info["file_name"]))
-    ]
+    missing, renamed = [], []
+    listings: dict[str, dict[str, str]] = {}
+    for info in payload["images"]:
+        name = info["file_name"]
+        if name in present or os.path.isfile(os.path.join(image_root, name)):
+            continue
+        on_disk = _name_on_disk(image_root, name, listings)
+        if on_disk is None:
+            missing.append(name)
+        else:
+            info["file_name"] = on_disk
+            renamed.append(name)
     if missing:
         raise DatasetError(
             f"{len(missing)} image(s) listed in {ann_file} are missing from {image_root}, e.g. "
@@ -204,6 +272,45 @@ def _check_images(payload: dict[str, Any], image_root: str, ann_file: str) -> No
     sizes = header_sizes([os.path.join(image_root, info["file_name"]) for info in unsized], ann_file)
     for info, (height, width) in zip(unsized, sizes, strict=True):
         info["height"], info["width"] = height, width
+    return renamed
+
+
+def _name_on_disk(image_root: str, file_name: str, listings: dict[str, dict[str, str]]) -> str | None:
+    """``file_name`` (relative to ``image_root``) as the file system spells the file it names up to Unicode
+    normalisation (NFC in the JSON, NFD on disk, as macOS zips write names; or the reverse), else None.
+    ``listings`` caches each folder's names by their NFC form: only names missing as given are looked up."""
+    if os.path.isabs(file_name):
+        return None
+    folder, parts = image_root, []
+    for part in file_name.split("/"):
+        if not os.path.lexists(os.path.join(folder, part)):
+            if folder not in listings:
+                names = os.listdir(folder) if os.path.isdir(folder) else []
+                listings[folder] = {unicodedata.normalize("NFC", name): name for name in names}
+            part = listings[folder].get(unicodedata.normalize("NFC", part))
+            if part is None:
+                return None
+        folder = os.path.join(folder, part)
+        parts.append(part)
+    return "/".join(parts) if os.path.isfile(folder) else None
+
+
+def _check_unique_files(payload: dict[str, Any], ann_file: str) -> None:
+    """Refuses an image file listed under two image ids (merged exports): one entry would train with the boxes of
+    its id and the other, the same picture, as an image without them."""
+    first: dict[str, dict[str, Any]] = {}
+    for info in payload["images"]:
+        key = os.path.normpath(info["file_name"])
+        if key not in first:
+            first[key] = info
+            continue
+        ids = (first[key]["id"], info["id"])
+        boxes = [sum(ann["image_id"] == i for ann in payload["annotations"]) for i in ids]
+        raise DatasetError(
+            f"annotation file {ann_file}: image file {info['file_name']} is listed twice, as image id {ids[0]} "
+            f"({boxes[0]} annotation(s)) and image id {ids[1]} ({boxes[1]} annotation(s)); one copy would train as an "
+            f"image without the other's boxes: merge their annotations onto one image id and remove the other entry"
+        )
 
 
 def _check_image_size(info: dict[str, Any], ann_file: str) -> None:

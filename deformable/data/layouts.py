@@ -1,10 +1,10 @@
 """Which layout ``data.root`` holds (``data.format``: auto | coco | roboflow | yolo | voc | roboflow-voc) and which
 splits to read.
 
-Split names ``auto`` (the default) pick per layout: COCO ``train2017`` / ``val2017`` (or the one
-``annotations/instances_*train*.json`` / ``*val*``), Roboflow (COCO or VOC) ``train`` / ``valid`` (``val``,
-``test``), YOLO data.yaml's ``train`` / ``val``, VOC ``train`` / ``val`` (``trainval`` / ``test`` when those are what
-ImageSets has).
+Split names ``auto`` (the default) pick per layout: COCO ``train2017`` / ``val2017``, else ``train`` / ``val``
+(CVAT's and Datumaro's export), else the one ``annotations/instances_*train*.json`` / ``*val*`` (COCO images in
+``<split>/``, else ``images/<split>/``); Roboflow (COCO or VOC) ``train`` / ``valid`` (``val``, ``test``), YOLO
+data.yaml's ``train`` / ``val``, VOC ``train`` / ``val`` (``trainval`` / ``test`` when those are what ImageSets has).
 """
 
 from __future__ import annotations
@@ -14,14 +14,21 @@ import os
 
 from models.config import DataConfig
 
-from .coco import ROBOFLOW_FILE, annotated_category_ids, coco_annotation_file, read_categories, read_coco_file
+from .coco import (
+    ROBOFLOW_FILE,
+    annotated_category_ids,
+    coco_annotation_file,
+    coco_image_folder,
+    read_categories,
+    read_coco_file,
+)
 from .errors import DatasetError
 from .split import SplitData
 from .voc import has_split, read_voc, voc_class_names
 from .yolo import YAML_FILE, read_data_yaml, read_yolo
 
 LAYOUTS = {
-    "coco": "annotations/instances_<split>.json and a <split>/ image folder (e.g. train2017/, val2017/)",
+    "coco": "annotations/instances_<split>.json and a <split>/ or images/<split>/ image folder (e.g. train2017/)",
     "roboflow": "train/, valid/ (test/) folders, each with its images and _annotations.coco.json",
     "yolo": "data.yaml (names, train, val) with images/<split>/ and labels/<split>/*.txt",
     "voc": "JPEGImages/, Annotations/*.xml and ImageSets/Main/<split>.txt",
@@ -100,12 +107,21 @@ def resolve_layout(cfg: DataConfig) -> str:
     return layout
 
 
-def _coco_split(root: str, train: bool) -> str:
-    preferred, word = ("train2017", "train") if train else ("val2017", "val")
+def _coco_splits(root: str) -> list[str]:
+    """The split names of the ``root/annotations/instances_<split>.json`` files, sorted."""
     files = glob.glob(os.path.join(glob.escape(root), "annotations", "instances_*.json"))
-    splits = sorted(os.path.basename(f)[len("instances_") : -len(".json")] for f in files)
+    return sorted(os.path.basename(f)[len("instances_") : -len(".json")] for f in files)
+
+
+def _coco_split(root: str, train: bool) -> str:
+    """COCO 2017's split name, else ``train`` / ``val`` (CVAT's and Datumaro's), else the only split name holding
+    that word, among those with an annotation file; COCO 2017's when none is there."""
+    preferred, word = ("train2017", "train") if train else ("val2017", "val")
+    splits = _coco_splits(root)
+    if preferred in splits or word in splits:
+        return preferred if preferred in splits else word
     matching = [s for s in splits if word in s]
-    return preferred if preferred in splits or len(matching) != 1 else matching[0]
+    return matching[0] if len(matching) == 1 else preferred
 
 
 def _first_existing(candidates: tuple[str, ...], exists) -> str:
@@ -141,17 +157,7 @@ def read_split(cfg: DataConfig, which: str) -> SplitData:
     layout = resolve_layout(cfg)
     split = resolve_split(cfg, layout, which)
     if layout == "coco":
-        ann_file = _annotation_file(cfg, layout, which)
-        if not os.path.isfile(ann_file) and (cfg.train_ann or cfg.val_ann):
-            raise DatasetError(f"annotation file {ann_file} does not exist: {_annotation_hint(cfg, which)}")
-        hint = fix_hint(cfg)
-        if cfg.train_ann or cfg.val_ann:  # the annotation files are the user's: so is where the images are
-            hint = (
-                f"the file_name entries of {ann_file} are read relative to data.root/data.{which}_split "
-                f"({os.path.join(cfg.root, split)}); set data.{which}_split to the folder under data.root that they "
-                f"are relative to (data.{which}_split=. for data.root itself)"
-            )
-        return read_coco_file(ann_file, os.path.join(cfg.root, split), layout=layout, split=split, hint=hint)
+        return _read_coco(cfg, which, split)
     if layout == "roboflow":
         ann_file = _annotation_file(cfg, layout, which)
         if not os.path.isfile(ann_file):
@@ -162,6 +168,50 @@ def read_split(cfg: DataConfig, which: str) -> SplitData:
         return read_yolo(_yaml_path(cfg.root), split)
     class_splits = [resolve_split(cfg, layout, "train"), resolve_split(cfg, layout, "val")]
     return read_voc(cfg.root, split, class_splits, layout)
+
+
+def _read_coco(cfg: DataConfig, which: str, split: str) -> SplitData:
+    """The COCO split ``split`` read for ``which``: its annotation file, its images in ``root/<split>/`` or
+    ``root/images/<split>/``; what is missing is named with what to set."""
+    ann_file = _annotation_file(cfg, "coco", which)
+    if not os.path.isfile(ann_file):
+        raise DatasetError(_missing_coco_annotations(cfg, which, ann_file))
+    image_root = coco_image_folder(cfg.root, split)
+    hint = fix_hint(cfg)
+    if cfg.train_ann or cfg.val_ann or split not in ("train2017", "val2017"):  # not COCO 2017: images are the user's
+        cvat = os.path.join(cfg.root, "images", split)
+        hint = (
+            f"the file_name entries of {ann_file} are read relative to data.root/data.{which}_split "
+            f"({image_root}, or {cvat} where that does not exist); set data.{which}_split to the folder under "
+            f"data.root that they are relative to (data.{which}_split=. for data.root itself)"
+        )
+    return read_coco_file(ann_file, image_root, layout="coco", split=split, hint=hint)
+
+
+def _missing_coco_annotations(cfg: DataConfig, which: str, ann_file: str) -> str:
+    """Why the COCO annotation file of ``which`` is missing and what to set: with data.train_ann or data.val_ann
+    set, :func:`_annotation_hint`; else the ``instances_*.json`` files the annotations folder holds and the split
+    names that read them, or where COCO 2017 comes from when it holds none."""
+    if cfg.train_ann or cfg.val_ann:
+        return f"annotation file {ann_file} does not exist: {_annotation_hint(cfg, which)}"
+    splits = _coco_splits(cfg.root)
+    if not splits:
+        return f"annotation file {ann_file} does not exist: {fix_hint(cfg)}"
+    train = next((s for s in splits if "train" in s), splits[0])
+    val = next((s for s in splits if "val" in s and s != train), next((s for s in splits if s != train), train))
+    both = " (one split for both, so validation scores the training images)" if train == val else ""
+    preferred, word = ("train2017", "train") if which == "train" else ("val2017", "val")
+    looked = (
+        f" (data.{which}_split=auto reads instances_{preferred}.json, else instances_{word}.json, else the only "
+        f"instances_*{word}*.json)"
+    )
+    found = ", ".join(f"instances_{s}.json" for s in splits)
+    return (
+        f"annotation file {ann_file} does not exist: no {which} split"
+        f"{looked if getattr(cfg, f'{which}_split') == 'auto' else ''}; {os.path.join(cfg.root, 'annotations')} "
+        f"holds {found}: read {'it' if len(splits) == 1 else 'them'} with data.train_split={train} "
+        f"data.val_split={val}{both}; the images of split S are read from data.root/S/ or data.root/images/S/"
+    )
 
 
 def _annotation_file(cfg: DataConfig, layout: str, which: str) -> str:
