@@ -10,6 +10,8 @@ from torchvision.ops import generalized_box_iou
 from .box_ops import box_cxcywh_to_xyxy
 from .config import Config
 
+PREDICTIONS = ("pred_logits", "pred_boxes")  # what the cost is made of
+
 
 class HungarianMatcher(nn.Module):
     """One-to-one assignment minimising ``cost_class * focal + cost_bbox * L1 + cost_giou * (-GIoU)``.
@@ -68,13 +70,32 @@ class HungarianMatcher(nn.Module):
 
         Returns:
             B pairs ``(pred_index, target_index)`` of int64 tensors of length ``min(Q, n_i)``, pred_index ascending.
+
+        Raises:
+            FloatingPointError: the cost holds NaN or inf (the predictions have diverged, or a target box is bad); the
+                message says which.
         """
         if len(targets) != outputs["pred_logits"].shape[0]:
             raise ValueError(f"{len(targets)} targets for a batch of {outputs['pred_logits'].shape[0]} predictions")
         cost = self.cost_matrix(outputs, targets).cpu()
+        if not torch.isfinite(cost).all():  # scipy would refuse the matrix with no word of why
+            raise FloatingPointError(_non_finite(outputs, targets))
         sizes = [len(t["boxes"]) for t in targets]
         indices = [linear_sum_assignment(c[i]) for i, c in enumerate(cost.split(sizes, -1))]
         return [(torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64)) for i, j in indices]
+
+
+def _non_finite(outputs: dict, targets: list[dict]) -> str:
+    """Why the cost matrix holds NaN or inf: the predictions (their non-finite values counted), or the targets."""
+    found = [(key, int((~torch.isfinite(outputs[key])).sum()), outputs[key].numel()) for key in PREDICTIONS]
+    found = [f"{key}: {bad} of {total} values" for key, bad, total in found if bad]
+    if found:
+        return f"the predictions hold NaN or inf ({', '.join(found)}): Hungarian matching cannot pair them with targets"
+    bad = sum(int((~torch.isfinite(t["boxes"])).sum()) for t in targets)
+    return (
+        f"the matching cost is NaN or inf though the predictions are finite (the target boxes hold {bad} NaN or inf "
+        "values; a predicted and a target box both of zero size make GIoU 0/0): Hungarian matching cannot pair them"
+    )
 
 
 def build_matcher(cfg: Config) -> HungarianMatcher:

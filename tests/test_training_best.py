@@ -128,3 +128,24 @@ def test_patience_stops_a_run_whose_ap_stalls_and_it_stays_stopped(shapes_root, 
     _fit(shapes_root, run, 10, "train.patience=3", "train.resume=auto")  # epoch 3 was 2 epochs past the best
     assert _epoch_of(run / "checkpoint.pth") == 7 and len(left) == 2  # the new best at epoch 4, 3 epochs later: stop
     assert _epoch_of(run / "checkpoint_best.pth") == 4
+
+
+def test_a_run_stopped_early_stays_stopped_under_another_eval_every(shapes_root, tmp_path, monkeypatch, capsys) -> None:
+    """Whether the run stopped is read from its log (the epoch it stopped at was evaluated and had stalled), not from
+    the resumed config's train.eval_every, which may skip that epoch; the start line says it is evaluated only."""
+    run = tmp_path / "run"
+    _scores(monkeypatch, [0.3, 0.1, 0.1])
+    _fit(shapes_root, run, 6, "train.patience=2")
+    assert "stopping early after epoch 2" in capsys.readouterr().out
+    left = _scores(monkeypatch, [0.2, 0.9])
+    _fit(shapes_root, run, 6, "train.patience=2", "train.eval_every=2", "train.resume=auto")
+    out = capsys.readouterr().out
+    assert left == [0.9] and _epoch_of(run / "checkpoint.pth") == 2  # evaluated only, epoch 3 not trained
+    with open(run / "log.jsonl") as f:
+        assert [json.loads(line)["epoch"] for line in f] == [0, 1, 2]
+    assert f"training {run}: " in out and "stopped early after epoch 2: evaluating it only" in out
+    assert "epochs 3..5" not in out and "evaluating it only (a larger train.patience continues it)" in out
+    left = _scores(monkeypatch, [0.5, 0.4])  # epochs 3 and 5 (the last) are evaluated
+    _fit(shapes_root, run, 6, "train.patience=3", "train.eval_every=2", "train.resume=auto")
+    assert left == [] and _epoch_of(run / "checkpoint.pth") == 5
+    assert "epochs 3..5" in capsys.readouterr().out

@@ -51,7 +51,7 @@ def _files(run: str) -> dict[str, bytes]:
         ("train.lr_backbone=-1e-5", "'train.lr_backbone' must be >= 0"),
         ("train.batch_size=0", "'train.batch_size' must be >= 1, got 0"),
         ("train.ema_decay=1.5", "'train.ema_decay' must be in [0, 1), got 1.5"),
-        ("train.device=gpu", "'train.device' must be one of auto, cpu, cuda, got 'gpu'"),
+        ("train.device=gpu", "'train.device' must be one of auto, cpu, cuda or cuda:<index>, got 'gpu'"),
         ("train.amp=fp8", "'train.amp' must be one of none, bf16, fp16, got 'fp8'"),
         ("data.num_workers=-1", "'data.num_workers' must be >= 0, got -1"),
         ("train.lr=.inf", "'train.lr' must be a finite number, got inf"),

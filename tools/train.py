@@ -7,8 +7,8 @@ r"""Train Deformable DETR.
         tools/train.py CONFIG [section.key=value ...]       # the same command on every node
 
 The resolved config is written to ``output_dir/config.yaml``; checkpoints (``checkpoint.pth``, the latest) and
-``log.jsonl`` go beside it. ``train.resume=auto`` continues from the latest checkpoint there; with several nodes,
-``output_dir`` must be on a file system every node mounts.
+``log.jsonl`` go beside it. ``train.resume=auto`` continues from the latest checkpoint there (Ctrl-C stops a run
+with exit status 130, and says so); with several nodes, ``output_dir`` must be on a file system every node mounts.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from deformable.data import DatasetError, error_message
 from deformable.training.engine import fit
+from deformable.training.stops import interrupted
 from models.checkpoint import CheckpointError
 from models.config import ConfigError, load_config
 from models.files import FolderError
@@ -39,9 +40,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     try:
         fit(cfg)
-    except (DatasetError, CheckpointError, ConfigError, FolderError, FileNotFoundError) as exc:
+    except (DatasetError, CheckpointError, ConfigError, FolderError, FileNotFoundError, FloatingPointError) as exc:
         print(f"error: {error_message(exc)}", file=sys.stderr)  # a DataLoader worker's error: its own message
         return 1
+    except KeyboardInterrupt:  # Ctrl-C reaches every process under torchrun: one of them says so
+        if os.environ.get("RANK", "0") == "0":
+            print(interrupted(cfg.output_dir), file=sys.stderr)
+        return 130
     return 0
 
 

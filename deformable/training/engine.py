@@ -56,15 +56,15 @@ from .resume import (
     keep_best,
     latest_checkpoint,
     log_unlogged_epoch,
-    refuse_overwrite,
     restore_training_state,
-    resume_path,
     rng_state,
     stalled,
     start_log,
     training_state,
 )
 from .run_log import append_log, best_logged, epoch_record, format_metrics, write_json
+from .start import nothing_to_resume, refuse_overwrite, resume_path
+from .stops import diverged, stopped_early
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -114,7 +114,11 @@ def train_one_epoch(
 
     Batches are ``(images (B, 3, H, W), mask (B, H, W) True = padding, targets)``; ``criterion(outputs, targets)``
     returns weighted loss terms and ``loss``. ``model`` is a detector, or a ``TrainingDetector`` (its training-only
-    queries are made from the targets), possibly in DDP. Raises FloatingPointError when the loss is not finite.
+    queries are made from the targets), possibly in DDP.
+
+    Raises:
+        FloatingPointError: the predictions (:class:`~models.matcher.HungarianMatcher`), the loss or, without a
+            gradient scaler, the gradient norm is NaN or inf; the message starts "at epoch E step S: ".
     """
     model.train()
     criterion.train()
@@ -130,12 +134,13 @@ def train_one_epoch(
             targets = to_device(targets, device)
             with autocast(amp, device):
                 outputs = _forward(model, images, mask, targets)
-            losses = criterion(to_float(outputs), targets)
-            loss = losses["loss"]
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {step}: {_items(losses)}")
-            optimizer.zero_grad(set_to_none=True)
-            grad_norm = _backward_step(loss, model, optimizer, scaler, clip_max_norm)
+            try:
+                losses = criterion(to_float(outputs), targets)
+                _check_loss(losses)
+                optimizer.zero_grad(set_to_none=True)
+                grad_norm = _backward_step(losses["loss"], model, optimizer, scaler, clip_max_norm)
+            except FloatingPointError as exc:
+                raise FloatingPointError(f"at epoch {epoch} step {step}: {exc}") from exc
             if ema is not None:
                 ema.update_parameters(_detector(model))
             for key, value in _items(losses).items():
@@ -171,6 +176,13 @@ def _items(losses: dict[str, torch.Tensor]) -> dict[str, float]:
     return {key: float(value.detach()) for key, value in losses.items()}
 
 
+def _check_loss(losses: dict[str, torch.Tensor]) -> None:
+    """Raises FloatingPointError naming the terms that are NaN or inf when the weighted sum ``loss`` is."""
+    if not math.isfinite(losses["loss"].item()):
+        bad = [f"{key} {value}" for key, value in _items(losses).items() if key != "loss" and not math.isfinite(value)]
+        raise FloatingPointError(f"the loss is {losses['loss'].item()} ({', '.join(bad)})")
+
+
 def _backward_step(
     loss: torch.Tensor,
     model: nn.Module,
@@ -178,7 +190,8 @@ def _backward_step(
     scaler: torch.amp.GradScaler | None,
     clip_max_norm: float,
 ) -> float:
-    """Backward, optional unscale + gradient clipping, optimiser step; returns the gradient norm before clipping."""
+    """Backward, optional unscale + gradient clipping, optimiser step; returns the gradient norm before clipping.
+    Raises FloatingPointError, before the step, when the norm is NaN or inf without a scaler (one skips that step)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if scaler is not None:
         scaler.scale(loss).backward()
@@ -187,6 +200,8 @@ def _backward_step(
         loss.backward()
     max_norm = clip_max_norm if clip_max_norm > 0 else float("inf")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    if scaler is None and not math.isfinite(grad_norm):  # the step would make every weight NaN
+        raise FloatingPointError(f"the gradient norm is {grad_norm} though the loss is finite")
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -261,6 +276,8 @@ def _fit(cfg: Config, env: DistEnv) -> dict[str, float]:
     # Rank 0 decides for all: the other ranks may not see output_dir (checked with a clear message on restoring).
     resume = distributed.broadcast(resume_path(cfg.train.resume, cfg.output_dir) if env.is_main else None)
     refuse_overwrite(cfg.output_dir, resume)
+    if env.is_main and resume is None and cfg.train.resume == "auto":  # a first run, or a mistyped output_dir
+        print(nothing_to_resume(cfg.output_dir), flush=True)
     start = read_start(cfg, env, resume)  # the checkpoint resumed or fine-tuned from (None: from scratch)
     check_start(cfg, resume, start)
     check_data_location(cfg)
@@ -278,8 +295,6 @@ def _fit(cfg: Config, env: DistEnv) -> dict[str, float]:
     scaler = torch.amp.GradScaler(env.device.type) if cfg.train.amp == "fp16" else None
     start_epoch = _start_epoch(cfg, env, resume, start, trainee, optimizer, scheduler, scaler, ema)
     save_resolved_config(cfg, env)  # once the checkpoint is known to fit: a refused resume leaves the run's file alone
-    if env.is_main:
-        print(_run_summary(cfg, env, data, trainee, start_epoch), flush=True)
     train_model: nn.Module = trainee
     if env.distributed:
         train_model = DistributedDataParallel(
@@ -309,20 +324,24 @@ def _fit(cfg: Config, env: DistEnv) -> dict[str, float]:
 
     logged = log_unlogged_epoch(cfg, env, resume, start, start_epoch, run_eval)  # stopped between save and log
     metrics = logged if logged is not None else {}
-    # A run that stopped early stays stopped (unless resumed with a larger train.patience).
-    stopped = start_epoch > 0 and distributed.broadcast(
-        stalled(cfg.output_dir, start_epoch - 1, cfg.train.patience)
-        if env.is_main and evaluates_after(start_epoch - 1, cfg.train)
-        else None
+    # A run that stopped early stays stopped (unless resumed with a larger train.patience), judged on its log: the
+    # resumed config's train.eval_every may not evaluate the epoch it stopped at.
+    stopped = 0 < start_epoch < cfg.train.epochs and distributed.broadcast(
+        stopped_early(cfg.output_dir, start_epoch - 1, cfg.train.patience) if env.is_main else None
     )
-    if stopped and env.is_main:
-        print(f"{resume}: {stopped}; evaluating it only (a larger train.patience continues it)", flush=True)
+    if env.is_main:
+        print(_run_summary(cfg, env, data, trainee, start_epoch, bool(stopped)), flush=True)
+        if stopped:
+            print(f"{resume}: {stopped}; evaluating it only (a larger train.patience continues it)", flush=True)
     if (start_epoch >= cfg.train.epochs or stopped) and logged is None:
         metrics = run_eval()  # a finished run: report what it reached
     for epoch in range(start_epoch, start_epoch if stopped else cfg.train.epochs):
         began, lr = time.time(), optimizer.param_groups[0]["lr"]
         set_epoch(data.train_loader, epoch, cfg.train.seed, env.rank)
-        stats = train_one_epoch(train_model, criterion, data.train_loader, optimizer, epoch=epoch, **step_args)
+        try:
+            stats = train_one_epoch(train_model, criterion, data.train_loader, optimizer, epoch=epoch, **step_args)
+        except FloatingPointError as exc:
+            raise FloatingPointError(diverged(str(exc), cfg.output_dir, epoch, cfg.train)) from exc
         scheduler.step()
         rngs = distributed.all_gather(rng_state())  # every rank's, so that each resumes its own stream
         if env.is_main:
@@ -365,12 +384,16 @@ def _fit(cfg: Config, env: DistEnv) -> dict[str, float]:
     return metrics
 
 
-def _run_summary(cfg: Config, env: DistEnv, data: Data, trainee: TrainingDetector, start_epoch: int) -> str:
+def _run_summary(
+    cfg: Config, env: DistEnv, data: Data, trainee: TrainingDetector, start_epoch: int, stopped: bool
+) -> str:
     trainable = sum(p.numel() for p in trainee.detector.parameters() if p.requires_grad)
     aids = ""
     if trainee.aids is not None:
         aids = f" (+ {sum(p.numel() for p in trainee.aids.parameters()):,} of training-only queries)"
     epochs = f"epochs {start_epoch}..{cfg.train.epochs - 1}" if start_epoch < cfg.train.epochs else "no epoch left"
+    if stopped:
+        epochs = f"stopped early after epoch {start_epoch - 1}: evaluating it only"
     return (
         f"training {cfg.output_dir}: {len(data.train_set)} train / {len(data.val_set)} val images, "
         f"{trainable:,} trainable parameters{aids}, {env.world_size} process(es) on {env.device}, {epochs}"

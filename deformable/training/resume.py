@@ -1,14 +1,12 @@
 """Resuming a run: the training state a checkpoint holds (optimiser, schedule, scaler, every process's RNG, the
-training-only query aids) and how it is restored; what a run refuses so as not to replace another (a checkpoint in
-its output_dir it does not continue), the log a resumed run starts with (another run's, when resuming its
-checkpoint) and the epoch a stopped run saved but did not log. Reading and writing the files is
-:mod:`models.checkpoint`'s.
+training-only query aids) and how it is restored, the log a resumed run starts with (another run's, when resuming its
+checkpoint) and the epoch a stopped run saved but did not log. Which checkpoint ``train.resume`` names, and what a
+run refuses so as not to replace another, is :mod:`.start`'s; reading and writing the files :mod:`models.checkpoint`'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import math
 import os
 import random
@@ -21,7 +19,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from models.checkpoint import Checkpoint, CheckpointError, copy_checkpoint
-from models.config import Config, ConfigError, TrainConfig
+from models.config import Config, TrainConfig
 from models.weights import load_checkpoint
 
 from . import distributed
@@ -90,24 +88,6 @@ def stalled(output_dir: str, epoch: int, patience: int) -> str | None:
         f"stopping early after epoch {epoch}: validation {BEST_METRIC} has not improved for {epoch - best[1]} epochs, "
         f"since epoch {best[1]} ({best[0]:.3f}; train.patience={patience})"
     )
-
-
-def resume_path(resume: str, output_dir: str) -> str | None:
-    """``train.resume``: "" -> None; "auto" -> ``output_dir/checkpoint.pth`` when it exists; else the path itself.
-
-    Raises:
-        FileNotFoundError: a path that does not exist.
-    """
-    if resume == "":
-        return None
-    if resume == "auto":
-        latest = latest_checkpoint(output_dir)
-        return latest if os.path.isfile(latest) else None
-    if not os.path.exists(resume):
-        raise FileNotFoundError(
-            f"train.resume={resume}: no such checkpoint (train.resume=auto resumes the latest in output_dir)"
-        )
-    return resume
 
 
 # What a resumed run takes from the checkpoint's optimiser and schedule state, whatever its config says, and what
@@ -278,35 +258,6 @@ def _restore_aids(checkpoint: Checkpoint, aids: nn.Module | None) -> None:
             f"checkpoint {path}: its query_aids do not fit the training_queries options ({exc}); resume with the "
             "config it was trained with (config.yaml beside it)"
         ) from exc
-
-
-def refuse_overwrite(output_dir: str, resume: str | None) -> None:
-    """Raises ConfigError when a run would train over checkpoints in ``output_dir`` that it does not continue (the
-    latest, the best, the periodic copies): a new run (no ``train.resume``), or one resuming another checkpoint
-    (rank 0 looks, every rank raises). Nothing a user trained is replaced without being asked."""
-    latest = latest_checkpoint(output_dir)
-    earlier = sorted(glob.glob(os.path.join(glob.escape(output_dir), "checkpoint*.pth")))
-    continued = os.path.isfile(latest) and resume is not None and os.path.samefile(resume, latest)
-    if not distributed.broadcast(bool(earlier) and not continued):
-        return
-    if resume is None and os.path.isfile(latest):
-        raise ConfigError(
-            f"{latest} exists: output_dir holds an earlier run, which a new run would overwrite. Continue it with "
-            "train.resume=auto, start from its weights in another output_dir with train.finetune=PATH, or delete "
-            "its checkpoint*.pth files to start afresh there"
-        )
-    if resume is None:  # copies only (the best, periodic ones): nothing to resume from
-        raise ConfigError(
-            f"{', '.join(earlier)} exist(s): output_dir holds checkpoints of an earlier run (no checkpoint.pth to "
-            "resume), which a new run would overwrite. Train into another output_dir (train.finetune=PATH starts "
-            "from one of them), or move them away to start afresh there"
-        )
-    raise ConfigError(
-        f"train.resume={resume} would continue in output_dir {output_dir}, which holds another run "
-        f"({latest if os.path.isfile(latest) else ', '.join(earlier)}) that it would overwrite, its log included. "
-        "Resume into that checkpoint's own output_dir or a new one, or use train.resume=auto to continue the run in "
-        "output_dir"
-    )
 
 
 def other_run_log(resume: str | None, output_dir: str) -> str | None:

@@ -40,6 +40,18 @@ def logged_epochs(path: str) -> set[float]:
         return {_epoch_of(line) for line in f}
 
 
+def logged_record(path: str, epoch: int) -> dict[str, Any] | None:
+    """The last ``log.jsonl`` record of ``epoch`` (None when there is none, or no log)."""
+    if not os.path.isfile(path):
+        return None
+    found = None
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if _epoch_of(line) == epoch:
+                found = json.loads(line)
+    return found
+
+
 def best_logged(path: str, metric: str, before_epoch: float = math.inf) -> tuple[float, int] | None:
     """``(value, epoch)`` of the highest finite, non-negative ``metric`` among the ``log.jsonl`` records of epochs
     before ``before_epoch`` (the earliest on a tie); None when no such record has it (or there is no log). COCO writes
