@@ -275,3 +275,15 @@ def test_the_generated_demo_set_is_not_checked(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(training_build, "find_bad_images", lambda *args, **kwargs: pytest.fail("checked"))
     cfg = load_config(SHAPES_CONFIG, tiny_overrides(root, str(tmp_path / "run")))
     assert len(training_build.build_data(cfg, ENV).train_set) == 8
+
+
+def test_an_output_dir_inside_the_data_folder_is_warned_about(tmp_path, capsys) -> None:
+    """A run's files written among the user's data: said, with what to do (the run is not refused)."""
+    root = write_coco(str(tmp_path / "c"))
+    cfg = load_config(None, [f"data.root={root}", f"output_dir={os.path.join(root, 'runs', 'a')}"])
+    training_build.prepare_output_dir(cfg, ENV)
+    assert f"warning: output_dir {cfg.output_dir} is inside data.root {root}" in capsys.readouterr().out
+    assert os.path.isdir(cfg.output_dir)
+    beside = load_config(None, [f"data.root={root}", f"output_dir={tmp_path / 'c-runs'}"])  # a name that starts alike
+    training_build.prepare_output_dir(beside, ENV)
+    assert "warning" not in capsys.readouterr().out

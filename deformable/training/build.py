@@ -112,9 +112,22 @@ def prepare_output_dir(cfg: Config, env: DistEnv) -> None:
     once the data is read and every image checked (:func:`build_data`): a run refused for its data leaves no
     output_dir behind."""
     if env.is_main:
+        if _is_within(cfg.output_dir, cfg.data.root):
+            print(
+                f"warning: output_dir {cfg.output_dir} is inside data.root {cfg.data.root}: the run's checkpoints and "
+                "logs are written among your data (and a generated data set holding them is not regenerated); "
+                "choose an output_dir outside it, e.g. runs/<name>",
+                flush=True,
+            )
         make_dir(cfg.output_dir, "output_dir")
         remove_stale_temp_files(cfg.output_dir)
     distributed.barrier()
+
+
+def _is_within(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies below it (links resolved)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
 
 
 def resolve_data_options(cfg: Config, env: DistEnv) -> Config:
