@@ -141,20 +141,24 @@ def _open(path: str, name: str) -> Iterator[Image.Image]:
         raise DatasetError(f"cannot read image {name}: {reason}") from exc
 
 
-def _thirty_two_bit_as_sixteen(grey: np.ndarray, name: str) -> np.ndarray:
-    """32-bit integer grey on the 16-bit scale: values within 0..255 are 8-bit ones (an 8-bit image PIL converted to
-    ``"I"``, or saved from it), so they are scaled up to keep their brightness; values up to 65535 are 16-bit ones.
+def _grey_steps(grey: np.ndarray, mode: str, name: str) -> float:
+    """What one step of 8-bit grey is in ``grey``'s values: 257 for 16-bit grey (0..65535 onto 0..255, as OpenCV
+    reads it); for 32-bit integer grey (``"I"``), whose range no format states, 1 when its values are within 0..255
+    (an 8-bit image PIL converted to ``"I"``, or saved from it) and 257 when they are within 0..65535.
 
     Raises:
-        DatasetError: values outside 0..65535, whose scale cannot be told (the message names the image and range).
+        DatasetError: 32-bit values outside 0..65535, whose scale cannot be told (the message names the image and
+            range).
     """
+    if mode != _THIRTY_TWO_BIT:
+        return 257.0
     low, high = (float(grey.min()), float(grey.max())) if grey.size else (0.0, 0.0)
     if low < 0 or high > 65535:
         raise DatasetError(
             f"cannot read image {name}: 32-bit integer pixels from {low:.0f} to {high:.0f}, outside the 8- and 16-bit "
             "ranges (0..255, 0..65535), so their brightness scale is unknown; save it with 8 or 16 bits per channel"
         )
-    return grey * 257.0 if high <= 255 else grey
+    return 1.0 if high <= 255 else 257.0
 
 
 def _check_pixels(mode: str, name: str) -> None:
@@ -194,9 +198,7 @@ def _rgb(picture: Image.Image, name: str) -> np.ndarray:
     """A decoded PIL image of any mode -> ``(H, W, 3)`` uint8 RGB."""
     if picture.mode in _SIXTEEN_BIT or picture.mode == _THIRTY_TWO_BIT:
         grey = np.asarray(picture, dtype=np.float64)
-        if picture.mode == _THIRTY_TWO_BIT:
-            grey = _thirty_two_bit_as_sixteen(grey, name)
-        grey = (grey / 257.0).round().clip(0, 255).astype(np.uint8)  # 0..65535 onto 0..255, as OpenCV reads 16 bits
+        grey = (grey / _grey_steps(grey, picture.mode, name)).round().clip(0, 255).astype(np.uint8)
         return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
     _check_pixels(picture.mode, name)
     if picture.mode == "P" and "transparency" in picture.info:
