@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import unicodedata
 
 import pytest
 import yaml
@@ -259,6 +260,25 @@ def test_roboflow_voc_finds_the_image_by_stem_whatever_the_extension_case(tmp_pa
         f.write(xml.replace("<filename>d.jpg</filename>", "<filename>photo.jpg</filename>"))
     data = _read(root, "val")
     assert [info["file_name"] for info in data.coco["images"]] == ["PHOTO.JPG", "e.jpg"] and data.notes == []
+
+
+def test_voc_ids_and_filenames_in_another_unicode_normalisation_read_the_files_on_disk(tmp_path) -> None:
+    nfc, nfd = (unicodedata.normalize(form, "café") for form in ("NFC", "NFD"))
+    # the original layout: the list file says NFC, the files on disk are NFD (as macOS zips write names)
+    root = write_voc(str(tmp_path / "v"))
+    for folder, ext in (("Annotations", ".xml"), ("JPEGImages", ".jpg")):
+        os.rename(os.path.join(root, folder, "d" + ext), os.path.join(root, folder, nfd + ext))
+    replace_in_file(os.path.join(root, "ImageSets", "Main", "val.txt"), "d\n", nfc + "\n")
+    data = _read(root, "val")
+    assert [info["file_name"] for info in data.coco["images"]] == [nfd + ".jpg", "e.jpg"]
+    assert len(data.coco["annotations"]) == len(_read(write_voc(str(tmp_path / "w")), "val").coco["annotations"])
+    # Roboflow's layout: the XML's <filename> says NFC, the image beside it is NFD and has another stem
+    root = write_roboflow_voc(str(tmp_path / "r"))
+    os.rename(os.path.join(root, "valid", "d.jpg"), os.path.join(root, "valid", nfd + ".jpg"))
+    replace_in_file(
+        os.path.join(root, "valid", "d.xml"), "<filename>d.jpg</filename>", f"<filename>{nfc}.jpg</filename>"
+    )
+    assert [info["file_name"] for info in _read(root, "val").coco["images"]] == [nfd + ".jpg", "e.jpg"]
 
 
 # --- 10. VOC class names that differ only in case -------------------------------------------------------------------

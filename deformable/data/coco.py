@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import unicodedata
 from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
@@ -29,7 +28,7 @@ import numpy as np
 from .errors import DatasetError, read_text
 from .scan import header_sizes
 from .segmentation import box_from_segmentation, is_number
-from .split import SplitData, finish_split
+from .split import SplitData, finish_split, name_on_disk
 
 ROBOFLOW_FILE = "_annotations.coco.json"
 ANNOTATION_NEEDS = (
@@ -253,7 +252,7 @@ def _check_images(payload: dict[str, Any], image_root: str, ann_file: str) -> li
         name = info["file_name"]
         if name in present or os.path.isfile(os.path.join(image_root, name)):
             continue
-        on_disk = _name_on_disk(image_root, name, listings)
+        on_disk = name_on_disk(image_root, name, listings)
         if on_disk is None:
             missing.append(name)
         else:
@@ -273,26 +272,6 @@ def _check_images(payload: dict[str, Any], image_root: str, ann_file: str) -> li
     for info, (height, width) in zip(unsized, sizes, strict=True):
         info["height"], info["width"] = height, width
     return renamed
-
-
-def _name_on_disk(image_root: str, file_name: str, listings: dict[str, dict[str, str]]) -> str | None:
-    """``file_name`` (relative to ``image_root``) as the file system spells the file it names up to Unicode
-    normalisation (NFC in the JSON, NFD on disk, as macOS zips write names; or the reverse), else None.
-    ``listings`` caches each folder's names by their NFC form: only names missing as given are looked up."""
-    if os.path.isabs(file_name):
-        return None
-    folder, parts = image_root, []
-    for part in file_name.split("/"):
-        if not os.path.lexists(os.path.join(folder, part)):
-            if folder not in listings:
-                names = os.listdir(folder) if os.path.isdir(folder) else []
-                listings[folder] = {unicodedata.normalize("NFC", name): name for name in names}
-            part = listings[folder].get(unicodedata.normalize("NFC", part))
-            if part is None:
-                return None
-        folder = os.path.join(folder, part)
-        parts.append(part)
-    return "/".join(parts) if os.path.isfile(folder) else None
 
 
 def _check_unique_files(payload: dict[str, Any], ann_file: str) -> None:

@@ -15,6 +15,7 @@ crowds, neither count as ground truth nor as false positives in evaluation.
 from __future__ import annotations
 
 import os
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,3 +138,25 @@ def list_files(folder: str, extensions: tuple[str, ...] | None = None) -> list[s
             if (extensions is None or name.lower().endswith(extensions)) and not is_hidden(name):
                 found.append(os.path.relpath(os.path.join(directory, name), folder))
     return sorted(found)
+
+
+def name_on_disk(folder: str, relative: str, listings: dict[str, dict[str, str]] | None = None) -> str | None:
+    """``relative`` (a path under ``folder``, ``/``-separated) as the file system spells the file it names, up to
+    Unicode normalisation (NFC in a list or annotation file, NFD on disk, as macOS zips write names; or the reverse),
+    else None. ``listings`` caches each folder's names by their NFC form (pass one dict for many lookups): only names
+    missing as given are looked up."""
+    if os.path.isabs(relative):
+        return None
+    listings = {} if listings is None else listings
+    parts = []
+    for part in relative.split("/"):
+        if not os.path.lexists(os.path.join(folder, part)):
+            if folder not in listings:
+                names = os.listdir(folder) if os.path.isdir(folder) else []
+                listings[folder] = {unicodedata.normalize("NFC", name): name for name in names}
+            part = listings[folder].get(unicodedata.normalize("NFC", part))
+            if part is None:
+                return None
+        folder = os.path.join(folder, part)
+        parts.append(part)
+    return "/".join(parts) if os.path.isfile(folder) else None

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import math
 import os
+import unicodedata
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import DatasetError, read_text
 from .scan import header_sizes
-from .split import IMAGE_EXTENSIONS, SplitData, finish_split, is_hidden
+from .split import IMAGE_EXTENSIONS, SplitData, finish_split, is_hidden, name_on_disk
 
 
 @dataclass
@@ -140,9 +141,12 @@ def has_split(root: str, split: str, layout: str) -> bool:
 
 def _read_list(root: str, split: str) -> list[VocEntry]:
     entries = []
+    listings: dict[str, dict[str, str]] = {}
     for number, image_id in split_ids(root, split):
         xml = os.path.join(root, "Annotations", f"{image_id}.xml")
         where = f"{split_file(root, split)} line {number}"
+        if not os.path.isfile(xml) and (on_disk := name_on_disk(os.path.dirname(xml), f"{image_id}.xml", listings)):
+            xml = os.path.join(root, "Annotations", on_disk)  # the id's name in another Unicode normalisation
         if not os.path.isfile(xml):
             stem, ext = os.path.splitext(image_id)
             named = ext and os.path.isfile(os.path.join(root, "Annotations", f"{stem}.xml"))
@@ -173,7 +177,8 @@ def read_entries(root: str, split: str, layout: str = "voc") -> list[VocEntry]:
 class _ImageFinder:
     """Finds the image of each XML in one folder: ``<id>.jpg`` (or another extension), else the XML's
     ``<filename>``, else ``<id>`` with an image extension in any case (a camera's ``PHOTO.JPG`` beside ``PHOTO.xml``,
-    which a case-sensitive file system does not find as ``PHOTO.jpg``). The folder is listed once, and only when an
+    which a case-sensitive file system does not find as ``PHOTO.jpg``) and its name in either Unicode normalisation
+    (NFC in the list file, NFD on disk, as macOS zips write names). The folder is listed once, and only when an
     image is not found by name."""
 
     def __init__(self, folder: str) -> None:
@@ -188,8 +193,11 @@ class _ImageFinder:
         if self._by_stem is None:
             self._by_stem = {}
             for name in _image_files(self.folder):
-                self._by_stem.setdefault(os.path.splitext(name)[0], name)
-        return self._by_stem.get(entry.image_id)
+                self._by_stem.setdefault(unicodedata.normalize("NFC", os.path.splitext(name)[0]), name)
+        found = self._by_stem.get(unicodedata.normalize("NFC", entry.image_id))
+        if found is None and entry.record.filename:
+            found = name_on_disk(self.folder, entry.record.filename)
+        return found
 
 
 def _image_files(folder: str) -> list[str]:
