@@ -145,7 +145,9 @@ def test_a_run_stopped_early_stays_stopped_under_another_eval_every(shapes_root,
         assert [json.loads(line)["epoch"] for line in f] == [0, 1, 2]
     assert f"training {run}: " in out and "stopped early after epoch 2: evaluating it only" in out
     assert "epochs 3..5" not in out and "evaluating it only (a larger train.patience continues it)" in out
+    assert "resuming from" not in out  # it does not resume
     left = _scores(monkeypatch, [0.5, 0.4])  # epochs 3 and 5 (the last) are evaluated
     _fit(shapes_root, run, 6, "train.patience=3", "train.eval_every=2", "train.resume=auto")
     assert left == [] and _epoch_of(run / "checkpoint.pth") == 5
-    assert "epochs 3..5" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "epochs 3..5" in out and "at epoch 3" in out and "resuming from" in out

@@ -429,8 +429,8 @@ def _start_epoch(
     if env.is_main:
         if resume is not None and start_epoch >= cfg.train.epochs:
             print(f"{resume} has trained all {cfg.train.epochs} epochs: evaluating it only", flush=True)
-        elif resume is not None:
-            print(f"resuming from {resume} at epoch {start_epoch}", flush=True)
+        elif resume is not None and not stopped_early(cfg.output_dir, start_epoch - 1, cfg.train.patience):
+            print(f"resuming from {resume} at epoch {start_epoch}", flush=True)  # a stopped run: fit() says so
         start_log(cfg.output_dir, resume, start_epoch)
     return start_epoch
 
