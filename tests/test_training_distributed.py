@@ -13,6 +13,7 @@ from _repo import ROOT
 from tiny_training import SHAPES_CONFIG, tiny_overrides
 
 from deformable.data.loader import ShardedBatches
+from deformable.training import distributed
 from models.checkpoint import read_checkpoint
 
 
@@ -78,3 +79,24 @@ def test_validation_shards_keep_the_single_process_batches(size: int, batch_size
     shards = [list(ShardedBatches(size, batch_size, rank, world_size)) for rank in range(world_size)]
     assert sorted(batch for shard in shards for batch in shard) == single
     assert [len(ShardedBatches(size, batch_size, r, world_size)) for r in range(world_size)] == list(map(len, shards))
+
+
+def _reduce_on_rank(rank: int, init_file: str, values: list[dict], results: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=len(values))
+    try:
+        torch.save(distributed.reduce_mean(values[rank], torch.device("cpu")), os.path.join(results, f"{rank}.pth"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_epoch_means_of_processes_with_different_loss_terms_are_reduced(tmp_path) -> None:
+    """A process whose batches held no box has no denoising loss terms: its means count 0 for them (as a step
+    without them counts in one process), not a collective whose sizes differ between processes."""
+    values = [{"loss": 1.0, "loss_bbox_dn": 0.5, "grad_norm": 2.0}, {"loss": 3.0, "grad_norm": 4.0}]
+    torch.multiprocessing.spawn(
+        _reduce_on_rank, args=(str(tmp_path / "init"), values, str(tmp_path)), nprocs=2, join=True
+    )
+    for rank in range(2):
+        reduced = torch.load(tmp_path / f"{rank}.pth", weights_only=True)
+        assert reduced == {"grad_norm": 3.0, "loss": 2.0, "loss_bbox_dn": 0.25}

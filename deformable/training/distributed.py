@@ -59,11 +59,15 @@ def barrier() -> None:
 
 
 def reduce_mean(values: Mapping[str, float], device: torch.device) -> dict[str, float]:
-    """Averages a dict of floats over processes (every process must pass the same keys)."""
-    if not dist.is_initialized() or not values:
+    """Averages a dict of floats over processes. A key that some processes lack counts 0 there: an epoch's loss term
+    that none of a process's steps had (the denoising terms where its batches held no box) adds 0 to its mean, as a
+    step without it adds 0 to a single process's mean."""
+    if not dist.is_initialized():
         return dict(values)
-    keys = sorted(values)
-    packed = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    keys = sorted(set().union(*all_gather(sorted(values))))  # the same keys, in one order, on every process
+    if not keys:
+        return {}
+    packed = torch.tensor([float(values.get(k, 0.0)) for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(packed)
     packed /= dist.get_world_size()
     return dict(zip(keys, packed.tolist(), strict=True))
