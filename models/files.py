@@ -175,11 +175,26 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        raise_interrupt(exc)
         raise
     fsync_dir(directory)
+
+
+def raise_interrupt(exc: BaseException) -> None:
+    """Raises KeyboardInterrupt when ``exc`` was raised while one unwound (Ctrl-C inside ``torch.save``, whose zip
+    writer then fails to close: ``RuntimeError: unexpected pos``), so that the caller sees the interrupt it handles,
+    not the writer's error; returns otherwise."""
+    if isinstance(exc, KeyboardInterrupt):
+        return
+    seen, cause = set(), exc.__context__
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            raise KeyboardInterrupt from exc
+        seen.add(id(cause))
+        cause = cause.__context__
 
 
 def atomic_save(path: str | os.PathLike, save: Callable[[str], None]) -> None:
@@ -207,6 +222,9 @@ def atomic_save(path: str | os.PathLike, save: Callable[[str], None]) -> None:
             with open(source, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(source, os.path.join(directory, name))
+    except BaseException as exc:
+        raise_interrupt(exc)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     fsync_dir(directory)

@@ -204,6 +204,45 @@ def test_atomic_save_leaves_nothing_on_failure_and_moves_every_file(tmp_path) ->
     assert sorted(os.listdir(tmp_path)) == ["model.onnx", "model.onnx.data"]
 
 
+class _ZipWriter:
+    """As torch.save's zip writer: closing it after an interrupted write fails with an error of its own."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        raise RuntimeError("[enforce fail at inline_container.cc:671] . unexpected pos 15406592 vs 15406480")
+
+
+def _interrupted(target) -> None:
+    with _ZipWriter():
+        target.write(b"half")
+        raise KeyboardInterrupt  # Ctrl-C while the checkpoint is being written
+
+
+@pytest.mark.parametrize("writer", ["atomic_write", "atomic_save"])
+def test_ctrl_c_while_writing_is_an_interrupt_not_the_writers_error(tmp_path, writer: str) -> None:
+    """A run stopped by Ctrl-C while it saves exits as interrupted (status 130, its one line) with the previous
+    file kept, not with the traceback of torch.save's writer failing to close."""
+    target = tmp_path / "checkpoint.pth"
+    target.write_bytes(b"previous")
+
+    def save(path: str) -> None:
+        with open(path, "wb") as f:
+            _interrupted(f)
+
+    def failing(f) -> None:
+        with _ZipWriter():
+            f.write(b"half")
+
+    with pytest.raises(KeyboardInterrupt) as caught:
+        atomic_write(target, _interrupted) if writer == "atomic_write" else atomic_save(target, save)
+    assert isinstance(caught.value.__cause__, RuntimeError)  # the writer's error stays in the traceback's chain
+    assert target.read_bytes() == b"previous" and os.listdir(tmp_path) == ["checkpoint.pth"]
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # without an interrupt, the error is raised as it is
+        atomic_write(target, failing)
+
+
 # -- the inference resize through a transformers folder ------------------------------------------------------------
 
 
