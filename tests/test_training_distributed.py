@@ -14,7 +14,10 @@ from tiny_training import SHAPES_CONFIG, tiny_overrides
 
 from deformable.data.loader import ShardedBatches
 from deformable.training import distributed
+from deformable.training.build import prepare_output_dir
+from deformable.training.distributed import DistEnv
 from models.checkpoint import read_checkpoint
+from models.config import Config
 
 
 @pytest.mark.slow
@@ -100,3 +103,31 @@ def test_epoch_means_of_processes_with_different_loss_terms_are_reduced(tmp_path
     for rank in range(2):
         reduced = torch.load(tmp_path / f"{rank}.pth", weights_only=True)
         assert reduced == {"grad_norm": 3.0, "loss": 2.0, "loss_bbox_dn": 0.25}
+
+
+def _prepare_on_rank(rank: int, init_file: str, output_dir: str, results: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    cfg = Config()
+    cfg.output_dir = output_dir
+    try:
+        prepare_output_dir(cfg, DistEnv(rank, 2, rank, torch.device("cpu")))
+        outcome = "ok"
+    except Exception as exc:  # noqa: BLE001 - the test compares what each rank raised
+        outcome = f"{type(exc).__name__}: {exc}"
+    finally:
+        torch.distributed.destroy_process_group()
+    with open(os.path.join(results, f"{rank}.txt"), "w") as f:
+        f.write(outcome)
+
+
+@pytest.mark.distributed
+def test_an_output_dir_that_rank_0_cannot_make_stops_every_rank_with_its_message(tmp_path) -> None:
+    """Rank 0 alone makes output_dir: when it cannot, the other ranks raise the same error rather than failing at
+    their next collective on the connection rank 0 closed."""
+    output_dir = tmp_path / "a_file"
+    output_dir.write_bytes(b"x")
+    torch.multiprocessing.spawn(
+        _prepare_on_rank, args=(str(tmp_path / "init"), str(output_dir), str(tmp_path)), nprocs=2, join=True
+    )
+    message = f"FolderError: output_dir {output_dir} is a file, not a folder"
+    assert [(tmp_path / f"{rank}.txt").read_text() for rank in range(2)] == [message, message]

@@ -31,7 +31,7 @@ from deformable.data.sizes import check_image_size, resolve_image_size
 from models import build_detector, load_checkpoint, read_checkpoint
 from models.checkpoint import Checkpoint, CheckpointError
 from models.config import Config, ConfigError, save_config
-from models.files import make_dir, remove_stale_temp_files
+from models.files import FolderError, make_dir, remove_stale_temp_files
 from models.loading import check_architecture
 from models.training_queries import TrainingDetector, build_query_aids, check_query_options
 
@@ -111,6 +111,7 @@ def prepare_output_dir(cfg: Config, env: DistEnv) -> None:
     """Rank 0 creates ``output_dir`` and clears temporary files of a killed run; the other ranks wait for it. Called
     once the data is read and every image checked (:func:`build_data`): a run refused for its data leaves no
     output_dir behind."""
+    error = None
     if env.is_main:
         if _is_within(cfg.output_dir, cfg.data.root):
             print(
@@ -119,9 +120,12 @@ def prepare_output_dir(cfg: Config, env: DistEnv) -> None:
                 "choose an output_dir outside it, e.g. runs/<name>",
                 flush=True,
             )
-        make_dir(cfg.output_dir, "output_dir")
-        remove_stale_temp_files(cfg.output_dir)
-    distributed.barrier()
+        try:
+            make_dir(cfg.output_dir, "output_dir")
+            remove_stale_temp_files(cfg.output_dir)
+        except (FolderError, OSError) as exc:  # a file there, no permission: every rank stops with its message
+            error = exc
+    distributed.raise_from_main(error)  # the other ranks wait for the folder here
 
 
 def _is_within(path: str, folder: str) -> bool:

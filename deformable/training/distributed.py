@@ -91,6 +91,14 @@ def broadcast(obj: Any) -> Any:
     return box[0]
 
 
+def raise_from_main(error: BaseException | None) -> None:
+    """Raises rank 0's ``error`` (an exception from work only rank 0 does, or None) on every process, so that the
+    others stop with the same message rather than at their next collective, on a connection rank 0 closed."""
+    error = broadcast(error)
+    if error is not None:
+        raise error
+
+
 def is_main() -> bool:
     """True on rank 0 (and in a single process)."""
     return not dist.is_initialized() or dist.get_rank() == 0
