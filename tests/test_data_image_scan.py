@@ -9,6 +9,7 @@ import json
 import os
 import re
 import struct
+from contextlib import ExitStack
 
 import numpy as np
 import pytest
@@ -281,9 +282,11 @@ def test_an_output_dir_inside_the_data_folder_is_warned_about(tmp_path, capsys) 
     """A run's files written among the user's data: said, with what to do (the run is not refused)."""
     root = write_coco(str(tmp_path / "c"))
     cfg = load_config(None, [f"data.root={root}", f"output_dir={os.path.join(root, 'runs', 'a')}"])
-    training_build.prepare_output_dir(cfg, ENV)
+    with ExitStack() as held:
+        training_build.prepare_output_dir(cfg, ENV, held)
     assert f"warning: output_dir {cfg.output_dir} is inside data.root {root}" in capsys.readouterr().out
     assert os.path.isdir(cfg.output_dir)
     beside = load_config(None, [f"data.root={root}", f"output_dir={tmp_path / 'c-runs'}"])  # a name that starts alike
-    training_build.prepare_output_dir(beside, ENV)
+    with ExitStack() as held:
+        training_build.prepare_output_dir(beside, ENV, held)
     assert "warning" not in capsys.readouterr().out

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import ExitStack
 
 import pytest
 import torch
@@ -110,7 +111,8 @@ def _prepare_on_rank(rank: int, init_file: str, output_dir: str, results: str) -
     cfg = Config()
     cfg.output_dir = output_dir
     try:
-        prepare_output_dir(cfg, DistEnv(rank, 2, rank, torch.device("cpu")))
+        with ExitStack() as held:
+            prepare_output_dir(cfg, DistEnv(rank, 2, rank, torch.device("cpu")), held)
         outcome = "ok"
     except Exception as exc:  # noqa: BLE001 - the test compares what each rank raised
         outcome = f"{type(exc).__name__}: {exc}"

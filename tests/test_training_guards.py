@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
+import subprocess
+import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from _repo import load_tool
+from _repo import ROOT, load_tool
 from tiny_training import SHAPES_CONFIG, TINY_MODEL, tiny_config, tiny_overrides
 
 from deformable.data import DatasetError
@@ -21,6 +25,7 @@ from models import build_detector
 from models.checkpoint import CheckpointError, read_checkpoint
 from models.config import ConfigError, load_config
 from models.files import FolderError, atomic_write_text, make_dir
+from models.run_lock import LOCK_NAME, run_lock
 from models.weights import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -380,3 +385,42 @@ def test_a_data_root_without_data_is_refused_before_anything_is_written(tmp_path
             tiny_config(str(root), str(out), "data.synthetic=", "train.device=cpu"), str(checkpoint)
         )
     assert not out.exists()
+
+
+def _hold_lock(folder: str) -> subprocess.Popen:
+    """Another process holding ``folder``'s run lock (a second training run there), until killed."""
+    code = (
+        "import sys, time\nfrom models.run_lock import run_lock\n"
+        "with run_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(600)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code, folder], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    assert holder.stdout.readline() == "held\n"
+    return holder
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused_and_a_killed_run_leaves_no_lock(
+    finished, shapes_root, tmp_path, capsys
+) -> None:
+    """Two runs writing one output_dir (the same command in two terminals, resume=auto while the first still runs,
+    workers that outlived a killed torchrun) would interleave their checkpoints and log lines: the second is refused,
+    naming the first, with nothing touched. The lock dies with its process (kill -9 too) and is removed at the end of
+    a run: the folder keeps only the run's files."""
+    run = _copy(finished, tmp_path / "run")
+    before = _files(run)
+    holder = _hold_lock(run)
+    try:
+        assert train_tool.main([SHAPES_CONFIG, *tiny_overrides(shapes_root, run, "train.resume=auto")]) == 1
+        err = capsys.readouterr().err
+        assert f"output_dir {run} is in use by another training run (process {holder.pid} on " in err, err
+        assert _files(run) == before and sorted(os.listdir(run)) == sorted([*before, LOCK_NAME])
+        assert (Path(run) / LOCK_NAME).read_text() == f"process {holder.pid} on {socket.gethostname()}\n"
+    finally:
+        holder.kill()  # SIGKILL: the system releases the lock
+        holder.wait()
+    with ExitStack() as held:  # free again; and the lock file a killed holder left is reused, then removed
+        held.enter_context(run_lock(run))
+        assert (Path(run) / LOCK_NAME).read_text() == f"process {os.getpid()} on {socket.gethostname()}\n"
+    assert _files(run) == before and sorted(os.listdir(run)) == sorted(before)
+    engine.fit(tiny_config(shapes_root, run, "train.epochs=2", "train.eval_every=0", "train.resume=auto"))
+    assert read_checkpoint(os.path.join(run, "checkpoint.pth")).entries["epoch"] == 1
+    assert LOCK_NAME not in os.listdir(run)

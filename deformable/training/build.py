@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,7 @@ from models.checkpoint import Checkpoint, CheckpointError
 from models.config import Config, ConfigError, save_config
 from models.files import FolderError, make_dir, remove_stale_temp_files
 from models.loading import check_architecture
+from models.run_lock import run_lock
 from models.training_queries import TrainingDetector, build_query_aids, check_query_options
 
 from . import distributed
@@ -107,10 +109,11 @@ def prepare_data(cfg: Config, env: DistEnv) -> None:
     distributed.barrier()
 
 
-def prepare_output_dir(cfg: Config, env: DistEnv) -> None:
-    """Rank 0 creates ``output_dir`` and clears temporary files of a killed run; the other ranks wait for it. Called
-    once the data is read and every image checked (:func:`build_data`): a run refused for its data leaves no
-    output_dir behind."""
+def prepare_output_dir(cfg: Config, env: DistEnv, held: ExitStack) -> None:
+    """Rank 0 creates ``output_dir``, takes its lock (:mod:`models.run_lock`, held until ``held`` closes: a second run
+    on the folder is refused) and clears temporary files of a killed run; the other ranks wait for it. Called once
+    the data is read and every image checked (:func:`build_data`): a run refused for its data leaves no output_dir
+    behind."""
     error = None
     if env.is_main:
         if _is_within(cfg.output_dir, cfg.data.root):
@@ -122,6 +125,7 @@ def prepare_output_dir(cfg: Config, env: DistEnv) -> None:
             )
         try:
             make_dir(cfg.output_dir, "output_dir")
+            held.enter_context(run_lock(cfg.output_dir))
             remove_stale_temp_files(cfg.output_dir)
         except (FolderError, OSError) as exc:  # a file there, no permission: every rank stops with its message
             error = exc

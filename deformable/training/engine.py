@@ -264,12 +264,13 @@ def fit(cfg: Config) -> dict[str, float]:
     ``log.jsonl``), prints and returns the last validation metrics."""
     env = distributed.init_distributed(cfg.train.device)
     try:
-        return _fit(cfg, env)
+        with contextlib.ExitStack() as held:  # the lock of output_dir, until the run ends
+            return _fit(cfg, env, held)
     finally:
         distributed.shutdown()
 
 
-def _fit(cfg: Config, env: DistEnv) -> dict[str, float]:
+def _fit(cfg: Config, env: DistEnv, held: contextlib.ExitStack) -> dict[str, float]:
     torch.manual_seed(cfg.train.seed + env.rank)
     # Every refusal that needs no data comes first: a refused run writes nothing, nor (re)generates the synthetic set.
     check_options(cfg)
@@ -284,7 +285,7 @@ def _fit(cfg: Config, env: DistEnv) -> dict[str, float]:
     prepare_data(cfg, env)
     cfg = resolve_data_options(cfg, env)
     data = build_data(cfg, env, checkpoint_names=start and start.class_names, resuming=resume is not None)
-    prepare_output_dir(cfg, env)  # once the data is read and its images checked: a refused run leaves no folder
+    prepare_output_dir(cfg, env, held)  # once the data is read and its images checked: a refused run leaves no folder
     cfg = resolve_num_classes(cfg, data.train_set)
     model = build_model(cfg, env.device, from_checkpoint=resume is not None or bool(cfg.train.finetune))
     trainee = build_trainee(cfg, model)  # the detector and its training-only query aids (if any)
