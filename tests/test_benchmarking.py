@@ -57,3 +57,20 @@ def test_benchmark_detector_finds_a_config_by_name_and_names_a_missing_one(capsy
     with pytest.raises(SystemExit, match=r"error: --config nope.yaml: config file not found: .*configs/nope.yaml"):
         tool.main(["--config", "nope.yaml"])
     assert capsys.readouterr().out == ""  # said before any table
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--paths", "eagr"], "--paths: unknown ['eagr']; choose from eager, compile, onnx"),
+        (["--cases", "shape"], "--cases: unknown ['shape']; choose from "),
+        (["--devices", "gpu"], "--devices: unknown ['gpu']; choose from cpu, cuda"),
+        (["--iters", "0"], "--iters and --threads must be at least 1"),
+    ],
+)
+def test_benchmark_deploy_names_a_bad_argument_before_any_output(capsys, argv: list[str], message: str) -> None:
+    tool = load_tool("benchmarks/benchmark_deploy")
+    with pytest.raises(SystemExit) as caught:
+        tool.main(argv)
+    out, err = capsys.readouterr()
+    assert caught.value.code == 2 and message in err and out == ""

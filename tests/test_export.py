@@ -247,3 +247,40 @@ def test_backend_context_manager_selects_and_restores(monkeypatch):
     with pytest.raises(ValueError, match="must be one of native, pytorch"):
         with deformable.backend("cuda"):
             pass
+
+
+def test_export_torch_fails_when_the_loaded_program_differs_from_eager(trained, tmp_path, capsys, monkeypatch):
+    """The comparison of the written program with the eager model is a check, as export_onnx's is: exit status 1
+    beyond --atol (here an eager reference moved by 1)."""
+    tool = load_tool("export_torch")
+
+    class Moved(ExportableDetector):
+        def forward(self, images):
+            logits, boxes = super().forward(images)
+            return logits + 1.0, boxes
+
+    monkeypatch.setattr(tool, "ExportableDetector", Moved)
+    argv = [CONFIG, "--checkpoint", trained[1], *TINY, "--size", "72", "72", "--out", str(tmp_path / "m.pt2")]
+    assert tool.main(argv) == 1
+    out, err = capsys.readouterr()
+    assert "max |difference| pred_logits 1.00e+00, pred_boxes 0.00e+00" in out
+    assert "error: the loaded program and eager differ by more than --atol 0.001" in err
+
+
+@pytest.mark.parametrize("tool_name", ["export_torch", "export_onnx"])
+def test_export_tools_name_an_out_that_cannot_be_written(trained, tmp_path, capsys, monkeypatch, tool_name):
+    """A write that fails after the export (a full disk; a file system that refuses the temporary file): one error
+    line naming --out, not a traceback."""
+    tool = load_tool(tool_name)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    if tool_name == "export_torch":
+        monkeypatch.setattr(tool, "atomic_write", full_disk)
+    else:
+        monkeypatch.setattr(tool, "export_onnx", full_disk)  # writes through atomic_save
+    out = tmp_path / "m.out"
+    argv = [CONFIG, "--checkpoint", trained[1], *TINY, "--size", "72", "72", "--out", str(out)]
+    assert tool.main(argv) == 1
+    assert f"error: --out {out} could not be written: [Errno 28] No space left on device" in capsys.readouterr().err

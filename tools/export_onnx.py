@@ -98,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ImportError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk, a file system that refuses the temporary folder
+        print(f"error: --out {args.out} could not be written: {exc}", file=sys.stderr)
+        return 1
     check_onnx(args.out)
     size_mb = os.path.getsize(args.out) / 2**20
     print(f"wrote {args.out} ({size_mb:.1f} MB, opset {args.opset}) in {time.perf_counter() - start:.0f} s")

@@ -12,7 +12,7 @@ registered. Without ``--checkpoint`` the weights are random (for testing the pip
 be created and written; each side of ``--size`` must be at least the model's smallest (every feature level >= 2 px:
 on a ResNet 65 px with 4 levels, 33 with 3; a two-stage model also needs as many encoder positions as queries: 113 px
 for 300 queries with 4 ResNet levels; measured from the backbone: ``models.deploy.min_export_side``). The file is
-written atomically.
+written atomically. The exit status is 1 when the loaded program and eager differ by more than ``--atol``.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--size", type=int, nargs=2, default=(512, 640), metavar=("H", "W"), help="example image size to trace with"
     )
+    parser.add_argument("--atol", type=float, default=1e-3, help="largest accepted loaded program vs eager difference")
     args = parser.parse_intermixed_args(argv)
     height, width = args.size
     try:
@@ -63,7 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     if not {"height", "width"} <= ranges.keys():  # check_export_size keeps them dynamic; never save one that is not
         print(f"error: the exported program fixed the image size ({ranges}); nothing written", file=sys.stderr)
         return 1
-    atomic_write(out, lambda f: torch.export.save(program, f))  # a failed write leaves no torn file
+    try:
+        atomic_write(out, lambda f: torch.export.save(program, f))  # a failed write leaves no torn file
+    except OSError as exc:  # a full disk, a file system that refuses the temporary file
+        print(f"error: --out {args.out} could not be written: {exc}", file=sys.stderr)
+        return 1
     loaded = torch.export.load(out)
     shown = ", ".join(f"{name} {lo}..{hi}" for name, (lo, hi) in input_ranges(loaded).items())
     reason = export_size_reason(model)
@@ -74,8 +79,12 @@ def main(argv: list[str] | None = None) -> int:
         got = loaded.module()(images)
         expected = ExportableDetector(model)(images)
     pairs = zip(("pred_logits", "pred_boxes"), got, expected, strict=True)
-    diffs = ", ".join(f"{name} {(g - e).abs().max():.2e}" for name, g, e in pairs)
-    print(f"loaded program vs eager, images {tuple(images.shape)}: max |difference| {diffs}")
+    diffs = {name: float((g - e).abs().max()) for name, g, e in pairs}
+    shown = ", ".join(f"{name} {d:.2e}" for name, d in diffs.items())
+    print(f"loaded program vs eager, images {tuple(images.shape)}: max |difference| {shown}")
+    if not max(diffs.values()) <= args.atol:  # NaN fails too
+        print(f"error: the loaded program and eager differ by more than --atol {args.atol}", file=sys.stderr)
+        return 1
     return 0
 
 

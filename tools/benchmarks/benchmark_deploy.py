@@ -103,8 +103,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args(argv)
     args.paths = args.paths.split(",")
+    for option, given, known in (("--cases", args.cases.split(","), CASES), ("--paths", args.paths, PATHS)):
+        if bad := sorted(set(given) - set(known)):
+            parser.error(f"{option}: unknown {bad}; choose from {', '.join(known)}")
+    if bad := sorted(set(args.devices.split(",")) - {"cpu", "cuda"}):
+        parser.error(f"--devices: unknown {bad}; choose from cpu, cuda")
+    if args.iters < 1 or args.warmup < 0 or args.threads < 1:
+        parser.error("--iters and --threads must be at least 1, --warmup at least 0")
     set_threads(args.threads)
     devices = [torch.device(d) for d in args.devices.split(",") if d == "cpu" or torch.cuda.is_available()]
+    if not devices:
+        parser.error("--devices cuda: this machine has no GPU that torch can use")
     try:
         import onnxruntime
 
