@@ -39,11 +39,13 @@ OUTPUT_NAMES = ["pred_logits", "pred_boxes"]
 DEFAULT_OPSET = 18
 # The dynamo exporter writes opset 18; converting down fails (LayerNormalization-17, Split-18 attributes).
 MIN_OPSET = 18
+CONVERTER_MAX = 25  # onnxscript 0.7.2: the newest opset its version converter writes (converter_max)
 
 
 def check_opset(opset: int) -> None:
-    """Refuses an ONNX opset the exporter cannot write: below :data:`MIN_OPSET`, or above the newest the installed
-    ``onnx`` knows (its version converter would fail after the whole export, falling back to opset 18).
+    """Refuses an ONNX opset the exporter cannot write, before the export: below :data:`MIN_OPSET`, above the newest
+    the installed ``onnx`` knows, or above the newest onnxscript's version converter reaches (:func:`converter_max`);
+    either way the conversion would fail after the whole export, falling back to opset 18.
 
     Raises:
         ValueError: naming the opset and the range that works.
@@ -53,15 +55,34 @@ def check_opset(opset: int) -> None:
             f"opset {opset} is not supported: the exporter writes opset {MIN_OPSET}+ (GridSample needs 16, but "
             f"converting the graph below 18 fails); use --opset {MIN_OPSET} or higher"
         )
-    if importlib.util.find_spec("onnx") is not None:
-        import onnx
+    if importlib.util.find_spec("onnx") is None:
+        return
+    import onnx
 
-        newest = onnx.defs.onnx_opset_version()
-        if opset > newest:
-            raise ValueError(
-                f"opset {opset} is not supported: the installed onnx {onnx.__version__} knows opsets up to {newest}; "
-                f"use --opset {MIN_OPSET}..{newest}"
-            )
+    newest = onnx.defs.onnx_opset_version()
+    if opset > newest:
+        raise ValueError(
+            f"opset {opset} is not supported: the installed onnx {onnx.__version__} knows opsets up to {newest}; "
+            f"use --opset {MIN_OPSET}..{min(newest, converter_max())}"
+        )
+    if opset > converter_max():
+        raise ValueError(
+            f"opset {opset} is not supported: the exporter's graph (opset {MIN_OPSET}) is converted by onnxscript's "
+            f"version converter, which reaches opset {converter_max()}; above it onnx's own converter is used, and it "
+            f"has no step past opset 22 for the decoder's Attention; use --opset {MIN_OPSET}..{converter_max()}"
+        )
+
+
+def converter_max() -> int:
+    """The newest opset that ``torch.onnx.export`` converts a detector to: onnxscript's version converter's
+    (``SUPPORTED_MAX_ONNX_OPSET``, 25 in onnxscript 0.7.2; read where that private name exists). Above it the exporter
+    falls back to onnx's C++ converter, which fails on the ``Attention`` node of the decoder's ``nn.MultiheadAttention``
+    (onnx 1.23.2: no adapter from opset 22 to 23), measured for opsets 26-28."""
+    try:
+        from onnxscript.version_converter import _version_converter
+    except ImportError:
+        return CONVERTER_MAX
+    return int(getattr(_version_converter, "SUPPORTED_MAX_ONNX_OPSET", CONVERTER_MAX))
 
 
 class ExportableDetector(nn.Module):

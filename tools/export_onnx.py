@@ -32,6 +32,7 @@ from models.deploy import (
     check_export_size,
     check_onnx,
     check_opset,
+    converter_max,
     example_images,
     export_onnx,
     export_size_reason,
@@ -50,7 +51,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("args", nargs="*", metavar="[CONFIG] [section.key=value]", help=CONFIG_HELP)
     parser.add_argument("--checkpoint", help=CHECKPOINT_HELP)
     parser.add_argument("--out", required=True, help="the .onnx file to write")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, >= 18 (default {DEFAULT_OPSET})")
+    parser.add_argument(
+        "--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, 18..{converter_max()} (default {DEFAULT_OPSET})"
+    )
     parser.add_argument(
         "--size", type=int, nargs=2, default=(512, 640), metavar=("H", "W"), help="example image size to trace with"
     )
