@@ -46,6 +46,7 @@ HF_WEIGHTS = (
 )
 # The other files of a transformers folder: a path to one of them reads the folder.
 HF_FOLDER_FILES = ("config.json", "preprocessor_config.json")
+RUN_CHECKPOINT = "checkpoint.pth"  # the latest checkpoint in a training run's output_dir
 EXPECTED = (
     "expected this project's checkpoint, an original Deformable-DETR checkpoint (.pth with 'model' and 'args'), a "
     "state_dict, or a transformers folder (config.json + model.safetensors or pytorch_model.bin)"
@@ -122,7 +123,7 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
         FileNotFoundError: no such file or folder (nor hub model).
         CheckpointError: corrupt, truncated or foreign content; the message names the file and what was expected.
     """
-    path = resolve_checkpoint(path)  # a hub id: its snapshot folder in the hub cache
+    path = run_folder_checkpoint(resolve_checkpoint(path))  # a hub id: its snapshot folder in the hub cache
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     beside = os.path.join(os.path.dirname(path), "config.json")
@@ -133,6 +134,17 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if path.endswith(".safetensors"):
         return _from_dict(_load_safetensors(path), path)
     return _from_dict(_torch_load(path), path)
+
+
+def run_folder_checkpoint(path: str | os.PathLike) -> str:
+    """A training run's folder (it holds this project's :data:`RUN_CHECKPOINT` and is no transformers folder: no
+    ``config.json``) -> that file, as every tool, ``train.resume`` and ``train.finetune`` read it; any other path as
+    it is."""
+    path = os.fspath(path)
+    latest = os.path.join(path, RUN_CHECKPOINT)
+    if os.path.isdir(path) and os.path.isfile(latest) and not os.path.isfile(os.path.join(path, "config.json")):
+        return latest
+    return path
 
 
 def torch_load(path: str, allowed: tuple[type, ...] = ()) -> Any:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-from .checkpoint import read_checkpoint, save_checkpoint
+from .checkpoint import read_checkpoint, run_folder_checkpoint, save_checkpoint
 from .config import config_to_dict
 from .files import FileTargetError, check_file_target, check_folder_target
 from .hf_format import HF_FILES, check_hf_destination, is_hf_source, write_hf
@@ -20,7 +20,7 @@ TARGETS = ("project", "hf")
 def _source_paths(source: str) -> list[str]:
     """The files and folder a conversion reads from ``source``: what it may never write onto. A transformers
     folder, or weights file with its ``config.json`` beside, counts whole."""
-    paths = [source]
+    paths = [source, run_folder_checkpoint(source)]  # a run's folder is read as its checkpoint.pth
     folder = source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source))
     if os.path.isdir(source) or is_hf_source(source):
         paths += [folder, *(os.path.join(folder, name) for name in HF_FILES)]

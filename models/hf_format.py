@@ -103,7 +103,7 @@ def _locate(path: str) -> tuple[str, str]:
         if weights is None:
             raise FileNotFoundError(
                 f"{path} has no {' or '.join(WEIGHT_NAMES)} (expected a transformers Deformable DETR folder: "
-                f"{CONFIG_NAME} + weights)"
+                f"{CONFIG_NAME} + weights, or a training run's folder: checkpoint.pth)"
             )
         folder = path
     else:

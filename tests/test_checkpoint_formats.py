@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -302,6 +303,30 @@ def test_a_training_checkpoint_is_never_converted_onto_itself(run, tmp_path, cap
     assert load_tool("convert_checkpoint").main([str(copy), str(copy), "--overwrite"]) == 1
     assert "is the source" in capsys.readouterr().err
     assert {"optimizer", "lr_scheduler", "epoch"} <= read_checkpoint(copy).entries.keys()
+
+
+def test_a_run_folder_is_read_as_its_checkpoint_by_every_tool(run, tmp_path, capsys) -> None:
+    """Every tool that takes --checkpoint reads a training run's folder as its checkpoint.pth, as train.finetune and
+    train.resume do (it was read as a broken transformers folder); eval writes into that folder; converting the folder
+    onto its own checkpoint.pth is refused (it is the source)."""
+    folder = read_checkpoint(run["out"])
+    assert folder.format == "project" and folder.entries["epoch"] == read_checkpoint(run["project"]).entries["epoch"]
+    assert all(torch.equal(v, read_checkpoint(run["project"]).model[k]) for k, v in folder.model.items())
+    image = os.path.join(run["data"], "val2017", sorted(os.listdir(os.path.join(run["data"], "val2017")))[0])
+    infer = ["--checkpoint", run["out"], image, "--out", str(tmp_path / "infer"), "--device", "cpu"]
+    assert load_tool("infer").main([*infer, *SMALL_IMAGES, "--score-threshold", "0"]) == 0, capsys.readouterr().err
+    copy = tmp_path / "run"
+    copy.mkdir()
+    (copy / "checkpoint.pth").write_bytes(Path(run["project"]).read_bytes())
+    before = (copy / "checkpoint.pth").read_bytes()
+    assert load_tool("convert_checkpoint").main([str(copy), str(copy / "checkpoint.pth"), "--overwrite"]) == 1
+    assert "is the source" in capsys.readouterr().err and (copy / "checkpoint.pth").read_bytes() == before
+    data = [f"data.root={run['data']}", "train.device=cpu", "data.num_workers=0", *SMALL_IMAGES]
+    assert load_tool("eval").main(["--checkpoint", str(copy), *data]) == 0, capsys.readouterr().err
+    assert json.loads((copy / "eval.json").read_text())["checkpoint"] == str(copy / "checkpoint.pth")  # beside it
+    (copy / "checkpoint.pth").unlink()  # neither a run's nor a transformers folder: both named
+    with pytest.raises(CheckpointError, match=r"or a training run.s folder: checkpoint.pth"):
+        read_checkpoint(copy)
 
 
 @pytest.mark.parametrize("depth", ["resnet18", "resnet34", "resnet50", "resnet101"])

@@ -40,7 +40,6 @@ from models.training_queries import TrainingDetector, build_query_aids, check_qu
 from . import distributed
 from .distributed import DistEnv
 from .resume import check_resumable
-from .start import run_checkpoint
 
 
 def check_options(cfg: Config) -> None:
@@ -250,7 +249,7 @@ def read_start(cfg: Config, env: DistEnv, resume: str | None) -> Checkpoint | No
 
 def _read_finetune(path: str) -> Checkpoint:
     try:
-        return read_checkpoint(run_checkpoint(path))  # a run's folder: its checkpoint.pth
+        return read_checkpoint(path)  # a run's folder: its checkpoint.pth
     except (ValueError, FileNotFoundError) as exc:
         raise CheckpointError(f"train.finetune={path}: {exc}") from exc
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from models.checkpoint import Checkpoint, CheckpointError, copy_checkpoint
+from models.checkpoint import RUN_CHECKPOINT, Checkpoint, CheckpointError, copy_checkpoint
 from models.config import Config, TrainConfig
 from models.weights import load_checkpoint
 
@@ -54,7 +54,7 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 
 def latest_checkpoint(output_dir: str) -> str:
     """``output_dir/checkpoint.pth``: where a run saves after every epoch and ``train.resume=auto`` looks."""
-    return os.path.join(output_dir, "checkpoint.pth")
+    return os.path.join(output_dir, RUN_CHECKPOINT)
 
 
 def best_checkpoint(output_dir: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import os
 
+from models.checkpoint import run_folder_checkpoint
 from models.config import ConfigError
 
 from . import distributed
@@ -14,7 +15,7 @@ from .resume import latest_checkpoint, other_run_log
 
 def resume_path(resume: str, output_dir: str) -> str | None:
     """``train.resume``: "" -> None; "auto" -> ``output_dir/checkpoint.pth`` when it exists; a run's folder -> its
-    ``checkpoint.pth`` (:func:`run_checkpoint`); else the path itself.
+    ``checkpoint.pth`` (:func:`models.checkpoint.run_folder_checkpoint`); else the path itself.
 
     Raises:
         FileNotFoundError: a path that does not exist, or a folder without a ``checkpoint.pth`` (or ``config.json``).
@@ -28,21 +29,12 @@ def resume_path(resume: str, output_dir: str) -> str | None:
         raise FileNotFoundError(
             f"train.resume={resume}: no such checkpoint (train.resume=auto resumes the latest in output_dir)"
         )
-    path = run_checkpoint(resume)
+    path = run_folder_checkpoint(resume)
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):  # nor a transformers folder
         raise FileNotFoundError(
             f"train.resume={resume} is a folder without a checkpoint.pth: name a run's folder or one of its "
             "checkpoint*.pth files"
         )
-    return path
-
-
-def run_checkpoint(path: str) -> str:
-    """A run's folder (it holds this project's ``checkpoint.pth`` and is no transformers folder: no ``config.json``)
-    -> that ``checkpoint.pth``, as ``train.resume`` and ``train.finetune`` read it; any other path as it is."""
-    latest = latest_checkpoint(path)
-    if os.path.isdir(path) and os.path.isfile(latest) and not os.path.isfile(os.path.join(path, "config.json")):
-        return latest
     return path
 
 
