@@ -90,10 +90,11 @@ def test_a_generated_folder_holding_other_files_is_not_regenerated(tmp_path) -> 
     (tmp_path / "s" / "myrun" / "checkpoint.pth").write_bytes(b"weights")
     (tmp_path / "s" / "train2017" / "extra.jpg").write_bytes(b"mine")
     before = _tree(tmp_path / "s")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the "regenerating" warning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         with pytest.raises(DatasetError, match=r"files the generator did not write \(myrun, train2017/extra.jpg\)"):
             ensure_synthetic(_shapes_cfg(cfg.root, synthetic_train_images=3))
+    assert not [w for w in caught if "regenerating" in str(w.message)]  # it does not say it regenerates, then refuse
     assert _tree(tmp_path / "s") == before and sorted(os.listdir(tmp_path)) == ["s"]
 
 

@@ -164,14 +164,7 @@ def make_shapes(
     }
     if os.path.exists(root) and not (replace and read_marker(root) is not None):
         raise FileExistsError(_refusal(root))
-    others = not_generated(root, read_marker(root) or {}) if os.path.exists(root) else []
-    if others:
-        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
-        raise FileExistsError(
-            f"{root} holds a generated shapes data set and files the generator did not write ({shown}); "
-            "regenerating it would delete them: move them out of it (a run's output_dir belongs elsewhere), or "
-            "choose another data.root"
-        )
+    _refuse_foreign_files(root)
     parent = os.path.dirname(os.path.abspath(root))
     os.makedirs(parent, exist_ok=True)
     tmp = staging_dir(parent, f".{os.path.basename(os.path.abspath(root))}-")
@@ -185,6 +178,19 @@ def make_shapes(
         shutil.rmtree(tmp, ignore_errors=True)
         if replace or not os.path.isdir(root):  # another process may have finished the same data set first
             raise
+
+
+def _refuse_foreign_files(root: str) -> None:
+    """Raises FileExistsError when ``root``, a generated set, holds files the generator did not write (regenerating
+    it would delete them)."""
+    others = not_generated(root, read_marker(root) or {}) if os.path.exists(root) else []
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise FileExistsError(
+            f"{root} holds a generated shapes data set and files the generator did not write ({shown}); "
+            "regenerating it would delete them: move them out of it (a run's output_dir belongs elsewhere), or "
+            "choose another data.root"
+        )
 
 
 def not_generated(root: str, recorded: dict[str, Any]) -> list[str]:
@@ -275,6 +281,10 @@ def ensure_synthetic(cfg: DataConfig, seed: int = 0) -> bool:
     changed = {key: (recorded.get(key), value) for key, value in wanted.items() if recorded.get(key) != value}
     if not changed:
         return False
+    try:
+        _refuse_foreign_files(cfg.root)  # before saying it regenerates
+    except FileExistsError as exc:
+        raise DatasetError(f"data.synthetic=shapes: {exc}") from exc
     warnings.warn(
         f"data.synthetic=shapes: regenerating {cfg.root}, which it generated with other parameters "
         f"({', '.join(f'{key} {old} -> {new}' for key, (old, new) in changed.items())})",
