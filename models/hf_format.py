@@ -376,12 +376,18 @@ def class_names_from_hf(hf_config: Mapping[str, Any]) -> dict[int, str]:
     return {} if all(v == f"LABEL_{k}" for k, v in names.items()) else names
 
 
+def _offset_modes(model_cfg: ModelConfig) -> list[tuple[str, str]]:
+    """``(model.enc_offset_mode, value), (model.dec_offset_mode, value)``."""
+    return [(f"model.{k}", getattr(model_cfg, k)) for k in ("enc_offset_mode", "dec_offset_mode")]
+
+
 def _check_writable(model_cfg: ModelConfig) -> None:
     """Configurations transformers' Deformable DETR cannot build the same way."""
-    if (model_cfg.enc_offset_mode, model_cfg.dec_offset_mode) != ("linear", "linear"):
+    cope = [f"{key}={value}" for key, value in _offset_modes(model_cfg) if value != "linear"]
+    if cope:
         raise ValueError(
-            f"offset modes {model_cfg.enc_offset_mode!r}/{model_cfg.dec_offset_mode!r} cannot be written for "
-            f"transformers, which has linear sampling offsets only"
+            f"{' and '.join(cope)} (CoPE offsets) cannot be written for transformers, which has linear sampling "
+            "offsets only"
         )
     if model_cfg.backbone_norm != "frozen_bn":
         raise ValueError(

@@ -690,8 +690,11 @@ def test_write_hf_refuses_what_transformers_cannot_build(tmp_path) -> None:
     cfg = load_cfg("coco.yaml", *TINY)
     state = models.build_detector(cfg).state_dict()
     cope = load_cfg("coco.yaml", *TINY, "model.dec_offset_mode=cope").model
-    with pytest.raises(ValueError, match="offset modes 'linear'/'cope' cannot be written"):
+    with pytest.raises(ValueError, match=r"^model.dec_offset_mode=cope \(CoPE offsets\) cannot be written"):
         write_hf(tmp_path, state, cope)
+    both = load_cfg("coco.yaml", *TINY, "model.enc_offset_mode=cope", "model.dec_offset_mode=cope").model
+    with pytest.raises(ValueError, match=r"^model.enc_offset_mode=cope and model.dec_offset_mode=cope \(CoPE"):
+        write_hf(tmp_path, state, both)
     with pytest.raises(ValueError, match="num_feature_levels=2 cannot be written"):
         write_hf(tmp_path, state, load_cfg("coco.yaml", *TINY, "model.num_feature_levels=2").model)
     with pytest.raises(ValueError, match=r"dec_layers=1 cannot be written for transformers \(unless two_stage\)"):
