@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 from _repo import config_path, load_tool
 from tiny_training import SHAPES_CONFIG
 
+from deformable.training.build import check_options
 from models.config import load_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -99,3 +101,14 @@ def test_make_shapes_tool(tmp_path, capsys) -> None:
     assert "already exists and holds a generated shapes data set" in (err := capsys.readouterr().err)
     assert "regenerate it with tools/make_shapes.py --force" in err
     assert shapes_tool.main([*args, "--force"]) == 0
+
+
+def test_cope_channels_without_cope_offsets_is_warned_about() -> None:
+    """model.cope_channels sets the counting channels of CoPE offsets: with linear offsets everywhere it does nothing,
+    which a user who set it would not expect."""
+    with pytest.warns(UserWarning, match=r"model.cope_channels=4 has no effect: no attention has CoPE offsets"):
+        check_options(load_config(None, ["model.cope_channels=4"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_options(load_config(None, ["model.cope_channels=4", "model.dec_offset_mode=cope"]))
+        check_options(load_config(None, []))

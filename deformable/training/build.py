@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass
 
@@ -31,7 +32,7 @@ from deformable.data.shapes import read_marker
 from deformable.data.sizes import check_image_size, resolve_image_size
 from models import build_detector, load_checkpoint, read_checkpoint
 from models.checkpoint import Checkpoint, CheckpointError
-from models.config import Config, ConfigError, save_config
+from models.config import Config, ConfigError, ModelConfig, save_config
 from models.files import FolderError, make_dir, remove_stale_temp_files
 from models.loading import check_architecture
 from models.run_lock import run_lock
@@ -45,8 +46,9 @@ from .resume import check_resumable
 def check_options(cfg: Config) -> None:
     """The checks of options that depend on one another and need no data, made before a run writes anything:
     ``data.image_size`` beside sizes it would replace, ``train.patience`` without evaluations to judge by,
-    ``training_queries`` against ``model.two_stage`` (what :func:`build_query_aids` checks again). A value out of its
-    own range is refused when the config is read.
+    ``training_queries`` against ``model.two_stage`` (what :func:`build_query_aids` checks again); a warning for
+    ``model.cope_channels`` set where no attention has CoPE offsets. A value out of its own range is refused when the
+    config is read.
 
     Raises:
         ConfigError: naming the options and how to make them agree.
@@ -59,6 +61,13 @@ def check_options(cfg: Config) -> None:
         )
     q = cfg.training_queries
     check_query_options(q.dn_groups, q.dn_label_noise, q.dn_box_noise, q.query_groups, cfg.model.two_stage)
+    modes = (cfg.model.enc_offset_mode, cfg.model.dec_offset_mode)
+    if cfg.model.cope_channels != ModelConfig.cope_channels and "cope" not in modes:
+        warnings.warn(
+            f"model.cope_channels={cfg.model.cope_channels} has no effect: no attention has CoPE offsets "
+            "(model.enc_offset_mode and model.dec_offset_mode are linear; set either to cope)",
+            stacklevel=2,
+        )
 
 
 def check_data_location(cfg: Config) -> None:
