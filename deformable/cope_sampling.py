@@ -30,6 +30,7 @@ from torch import nn
 
 from .cope_locate import cope_locate, line_across
 from .reference import spatial_shape_list
+from .validation import check_real, check_size
 
 _RMS_EPS = 1e-6
 
@@ -91,11 +92,12 @@ class CoPESampling(nn.Module):
         gate_temperature: float = 0.05,
     ) -> None:
         super().__init__()
+        for name, value in (("d_model", d_model), ("n_levels", n_levels), ("n_heads", n_heads), ("n_points", n_points)):
+            check_size("CoPESampling", name, value)
         for name, value in (("channels", channels), ("gate_dim", gate_dim)):
-            if value < 1:
-                raise ValueError(f"CoPESampling: {name} must be >= 1, got {value}")
-        if gate_temperature <= 0:
-            raise ValueError(f"CoPESampling: gate_temperature must be > 0, got {gate_temperature}")
+            check_size("CoPESampling", name, value)
+        check_real("CoPESampling", "gate_bias_init", gate_bias_init)
+        check_real("CoPESampling", "gate_temperature", gate_temperature, positive=True)
         self.n_levels = n_levels
         self.n_heads = n_heads
         self.n_points = n_points

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from collections.abc import Sequence
 
@@ -15,6 +14,7 @@ from torch.nn.init import constant_, xavier_uniform_
 from .cope_sampling import CoPESampling
 from .ops import ms_deform_attn
 from .reference import SpatialShapes, spatial_shape_list
+from .validation import check_size
 
 OFFSET_MODES = ("linear", "cope")
 
@@ -133,6 +133,7 @@ class MSDeformAttn(nn.Module):
         Returns:
             ``(N, Lq, C)``.
         """
+        given_shapes = input_spatial_shapes  # a sequence of ints stays one for CoPE (static sizes when compiled)
         input_spatial_shapes, input_level_start_index = _level_tensors(
             input_spatial_shapes, input_level_start_index, input_flatten.device
         )
@@ -150,9 +151,8 @@ class MSDeformAttn(nn.Module):
         if self.cope is None:
             locations = self._sampling_locations(reference_points, offsets, input_spatial_shapes)
         else:
-            locations = self.cope(
-                query, reference_points, offsets, input_flatten, input_spatial_shapes, input_padding_mask
-            )
+            shapes = input_spatial_shapes if isinstance(given_shapes, torch.Tensor) else given_shapes
+            locations = self.cope(query, reference_points, offsets, input_flatten, shapes, input_padding_mask)
 
         if self.record:  # what this call sampled, for deformable.recording() (visualisation)
             self.last_sampling = {
@@ -248,24 +248,16 @@ def _check_padding_mask(padding_mask: object, expected: tuple[int, int]) -> None
         )
 
 
-def _check_size(name: str, value: object) -> None:
-    # bool is an int to Python, but MSDeformAttn(..., n_points=True) is a mistake, not one point.
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"MSDeformAttn: {name} must be an integer, got {value!r} ({type(value).__name__})")
-    if value < 1:
-        raise ValueError(f"MSDeformAttn: {name} must be >= 1, got {value}")
-
-
 def _check_arguments(
     d_model: int, n_levels: int, n_heads: int, n_points: int, offset_mode: str, cope_gate_dim: int, cope_channels: int
 ) -> None:
     """Raises ValueError naming the first constructor argument of :class:`MSDeformAttn` that is out of range."""
     for name, value in (("d_model", d_model), ("n_levels", n_levels), ("n_heads", n_heads), ("n_points", n_points)):
-        _check_size(name, value)
+        check_size("MSDeformAttn", name, value)
     if d_model % n_heads != 0:
         raise ValueError(f"d_model must be divisible by n_heads, but got {d_model} and {n_heads}")
     if offset_mode not in OFFSET_MODES:
         raise ValueError(f"MSDeformAttn: offset_mode must be one of {OFFSET_MODES}, got {offset_mode!r}")
     if offset_mode == "cope":  # ignored otherwise, as documented
-        _check_size("cope_gate_dim", cope_gate_dim)
-        _check_size("cope_channels", cope_channels)
+        check_size("MSDeformAttn", "cope_gate_dim", cope_gate_dim)
+        check_size("MSDeformAttn", "cope_channels", cope_channels)

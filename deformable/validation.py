@@ -7,6 +7,9 @@ calls, which skip these; the C++ side also validates ``level_start_index`` again
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 
@@ -88,3 +91,21 @@ def check_levels(shapes: list[tuple[int, int]], spatial: int, levels: int) -> No
             f"ms_deform_attn: spatial_shapes sum to {sum(h * w for h, w in shapes)} positions (sum of H*W) "
             f"but value has S = {spatial} positions"
         )
+
+
+def check_size(owner: str, name: str, value: object) -> None:
+    """Raises ValueError unless ``value`` (the constructor argument ``name`` of ``owner``) is an integer >= 1."""
+    # bool is an int to Python, but MSDeformAttn(..., n_points=True) is a mistake, not one point.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{owner}: {name} must be an integer, got {value!r} ({type(value).__name__})")
+    if value < 1:
+        raise ValueError(f"{owner}: {name} must be >= 1, got {value}")
+
+
+def check_real(owner: str, name: str, value: object, positive: bool = False) -> None:
+    """Raises ValueError unless ``value`` (the argument ``name`` of ``owner``) is a finite real number (> 0 when
+    ``positive``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{owner}: {name} must be a finite number, got {value!r} ({type(value).__name__})")
+    if positive and value <= 0:
+        raise ValueError(f"{owner}: {name} must be > 0, got {value}")

@@ -271,6 +271,15 @@ def test_detector_call_patterns(ref_dim: int) -> None:
         (lambda: MSDeformAttn(16, 1, 2, 2, offset_mode="cope", cope_gate_dim=0), "gate_dim must be >= 1"),
         (lambda: MSDeformAttn(16, 1, 2, 2, offset_mode="cope", cope_channels=0), "channels must be >= 1"),
         (lambda: CoPESampling(16, 1, 2, 2, gate_temperature=0.0), "gate_temperature must be > 0"),
+        (lambda: CoPESampling(16, 1, 2, 2, gate_temperature=float("nan")), "gate_temperature must be a finite number"),
+        (
+            lambda: CoPESampling(16, 1, 2, 2, channels=2.0),
+            r"CoPESampling: channels must be an integer, got 2.0 \(float\)",
+        ),
+        (lambda: CoPESampling(16, 1, 2, 2, channels=True), "channels must be an integer, got True"),
+        (lambda: CoPESampling(16, 1, 2, 2, gate_dim="8"), "gate_dim must be an integer, got '8'"),
+        (lambda: CoPESampling(16, 0, 2, 2), "CoPESampling: n_levels must be >= 1, got 0"),
+        (lambda: CoPESampling(16, 1, 2, 2, gate_bias_init=float("inf")), "gate_bias_init must be a finite number"),
     ],
 )
 def test_bad_arguments(make, message: str) -> None:
@@ -294,6 +303,24 @@ def test_torch_compile(ref_dim: int) -> None:
     torch.testing.assert_close(got, expected)
     got.sum().backward()
     assert query.grad is not None and torch.isfinite(query.grad).all()
+
+
+def test_inductor_fullgraph_of_the_module_with_level_sizes_given_as_ints() -> None:
+    """torch.compile's default backend, fullgraph, forward and backward, on the module alone: level sizes given as
+    (H, W) ints stay static sizes for CoPE's per-level slices (from a tensor they would be data to the compiler,
+    which inductor cannot slice by); outputs and gradients as eager."""
+    module = randomise(MSDeformAttn(8, 2, 2, 2, offset_mode="cope"))
+    gen = torch.Generator().manual_seed(0)
+    query, value = torch.randn(1, 3, 8, generator=gen), torch.randn(1, 16, 8, generator=gen)
+    ref = torch.rand(1, 3, 2, 2, generator=gen)
+    shapes, starts = [(3, 4), (2, 2)], [0, 12]
+    eager_query, compiled_query = query.clone().requires_grad_(True), query.clone().requires_grad_(True)
+    expected = module(eager_query, ref, value, shapes, starts)
+    got = torch.compile(module, fullgraph=True)(compiled_query, ref, value, shapes, starts)
+    torch.testing.assert_close(got, expected)
+    expected.sum().backward()
+    got.sum().backward()
+    torch.testing.assert_close(compiled_query.grad, eager_query.grad)
 
 
 def test_the_cost_benchmark_builds_the_cope_module_with_the_channels_asked_for(monkeypatch) -> None:
