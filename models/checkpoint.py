@@ -283,7 +283,7 @@ def options_from_weights(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """The ``ModelConfig`` fields that a state_dict's keys and shapes show: class count, width, queries, levels,
     layer counts, feed-forward width, two-stage, box refinement (the decoder's box heads, or per-layer values), which
     torchvision ResNet the backbone is and its norm, and the offset modes (CoPE offsets have gate parameters; their
-    counting channels)."""
+    counting channels, and the head count, hence each attention's points per head)."""
     options: dict[str, Any] = {}
     if "class_embed.0.bias" in state:
         options["num_classes"] = int(state["class_embed.0.bias"].shape[0])
@@ -314,7 +314,24 @@ def options_from_weights(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
             options[key] = "linear"
         else:
             options[key], options["cope_channels"] = "cope", int(gate_query.shape[1])
+            options["nheads"] = int(gate_query.shape[0])  # M heads: a linear attention does not show them
+    options.update(_points_shown(state, options))
     return options
+
+
+def _points_shown(state: Mapping[str, torch.Tensor], options: Mapping[str, Any]) -> dict[str, int]:
+    """``enc_n_points`` / ``dec_n_points`` where the head count is known (CoPE offsets show it): an attention's
+    weights have M x L x P rows."""
+    heads, levels = options.get("nheads"), options.get("num_feature_levels")
+    shown = {}
+    for key, attention in (
+        ("enc_n_points", FIRST_ATTENTION["enc_offset_mode"]),
+        ("dec_n_points", FIRST_ATTENTION["dec_offset_mode"]),
+    ):
+        weights = state.get(f"{attention}.attention_weights.weight")
+        if heads and levels and weights is not None and weights.shape[0] % (heads * levels) == 0:
+            shown[key] = int(weights.shape[0]) // (heads * levels)
+    return shown
 
 
 def box_refine_in_weights(state: Mapping[str, torch.Tensor]) -> bool:

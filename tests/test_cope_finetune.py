@@ -10,7 +10,15 @@ import torch
 from _models_utils import padded_batch, perturb, tiny_config
 
 from deformable.training.build import finetune_from
-from models import Checkpoint, CheckpointError, build_detector, load_checkpoint, load_detector, read_checkpoint
+from models import (
+    Checkpoint,
+    CheckpointError,
+    build_detector,
+    config_from_checkpoint,
+    load_checkpoint,
+    load_detector,
+    read_checkpoint,
+)
 from models.checkpoint import options_from_weights
 from models.loading import check_architecture
 
@@ -43,6 +51,23 @@ def test_weights_show_the_offset_modes_and_counting_channels(linear_file):
     decoder_only = build_detector(tiny_config("model.dec_offset_mode=cope", "model.cope_channels=3"))
     options = options_from_weights(decoder_only.state_dict())
     assert (options["enc_offset_mode"], options["dec_offset_mode"], options["cope_channels"]) == ("linear", "cope", 3)
+    assert "nheads" not in linear and "enc_n_points" not in linear  # linear offsets show M x P, not each
+
+
+def test_cope_weights_show_heads_and_points_and_load_without_a_config() -> None:
+    """CoPE gates are per head (gate_query: (M, R, G)): a bare CoPE state_dict shows its head count and so each
+    attention's points per head, and builds its own detector (it needed model.nheads before, and the hint for the
+    linear case suggested head counts that could not fit the gates)."""
+    torch.manual_seed(0)
+    model = build_detector(tiny_config(*COPE[1:], "model.nheads=4", "model.enc_n_points=3", "model.dec_n_points=2"))
+    checkpoint = read_checkpoint_of(model)
+    assert {k: checkpoint.options[k] for k in ("nheads", "enc_n_points", "dec_n_points")} == {
+        "nheads": 4,
+        "enc_n_points": 3,
+        "dec_n_points": 2,
+    }
+    loaded, _ = load_detector(config_from_checkpoint(checkpoint), checkpoint)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("modes", [COPE, COPE[:1], COPE[1:]], ids=["both", "encoder", "decoder"])
