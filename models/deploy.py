@@ -59,17 +59,17 @@ def check_opset(opset: int) -> None:
         return
     import onnx
 
-    newest = onnx.defs.onnx_opset_version()
+    newest, reach = onnx.defs.onnx_opset_version(), converter_max()
     if opset > newest:
         raise ValueError(
             f"opset {opset} is not supported: the installed onnx {onnx.__version__} knows opsets up to {newest}; "
-            f"use --opset {MIN_OPSET}..{min(newest, converter_max())}"
+            f"use --opset {MIN_OPSET}..{min(newest, reach)}"
         )
-    if opset > converter_max():
+    if opset > reach:
         raise ValueError(
             f"opset {opset} is not supported: the exporter's graph (opset {MIN_OPSET}) is converted by onnxscript's "
-            f"version converter, which reaches opset {converter_max()}; above it onnx's own converter is used, and it "
-            f"has no step past opset 22 for the decoder's Attention; use --opset {MIN_OPSET}..{converter_max()}"
+            f"version converter, which reaches opset {reach}; above it onnx's own converter is used, and it has no "
+            f"step past opset 22 for the decoder's Attention; use --opset {MIN_OPSET}..{reach}"
         )
 
 

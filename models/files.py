@@ -187,13 +187,10 @@ def raise_interrupt(exc: BaseException) -> None:
     """Raises KeyboardInterrupt when ``exc`` was raised while one unwound (Ctrl-C inside ``torch.save``, whose zip
     writer then fails to close: ``RuntimeError: unexpected pos``), so that the caller sees the interrupt it handles,
     not the writer's error; returns otherwise."""
-    if isinstance(exc, KeyboardInterrupt):
-        return
-    seen, cause = set(), exc.__context__
-    while cause is not None and id(cause) not in seen:
+    cause = None if isinstance(exc, KeyboardInterrupt) else exc.__context__  # Python keeps context chains acyclic
+    while cause is not None:
         if isinstance(cause, KeyboardInterrupt):
             raise KeyboardInterrupt from exc
-        seen.add(id(cause))
         cause = cause.__context__
 
 
