@@ -3,7 +3,10 @@
 Environment:
     FORCE_CUDA=1            compile the CUDA sources even if torch has no CUDA runtime here (needs nvcc).
     FORCE_CPU=1             never compile the CUDA sources.
-    TORCH_CUDA_ARCH_LIST    architectures to build for, e.g. "8.0;9.0" (default: DEFAULT_CUDA_ARCHS below).
+    DEFORMABLE_NO_EXT=1     build no extension at all: the package then runs on its pure-PyTorch path (slower), for a
+                            machine without a working C++ compiler.
+    TORCH_CUDA_ARCH_LIST    architectures to build for, e.g. "8.0;9.0" (default: DEFAULT_CUDA_ARCHS below, less
+                            those the toolkit's nvcc cannot compile for).
     CUDA_HOME               the CUDA toolkit; found from torch or an nvcc wrapper when unset.
     MAX_JOBS                parallel compile jobs for ninja.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,6 +27,26 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 
 # sm_80 code also runs on 8.6/8.9 GPUs; +PTX lets GPUs newer than the list JIT the kernels.
 DEFAULT_CUDA_ARCHS = "7.5;8.0;9.0;10.0;12.0+PTX"
+NEWEST_ARCH_NEEDS = {"10.0": (12, 8), "12.0": (12, 8), "9.0": (11, 8)}  # the first nvcc release that compiles for it
+
+
+def _nvcc_release(home: str) -> tuple[int, int] | None:
+    """``(major, minor)`` of the toolkit's nvcc (``release 12.4`` in ``nvcc --version``); None when unreadable."""
+    try:
+        text = subprocess.run([os.path.join(home, "bin", "nvcc"), "--version"], capture_output=True, text=True).stdout
+    except OSError:
+        return None
+    found = re.search(r"release (\d+)\.(\d+)", text)
+    return (int(found.group(1)), int(found.group(2))) if found else None
+
+
+def default_cuda_archs(release: tuple[int, int] | None) -> str:
+    """:data:`DEFAULT_CUDA_ARCHS` less the architectures nvcc ``release`` cannot compile for (a 12.4 toolkit, which
+    the cu124 torch wheels pair with, knows no 10.0 or 12.0), ``+PTX`` kept on the newest one left."""
+    archs = [arch.removesuffix("+PTX") for arch in DEFAULT_CUDA_ARCHS.split(";")]
+    if release is not None:
+        archs = [arch for arch in archs if release >= NEWEST_ARCH_NEEDS.get(arch, (0, 0))]
+    return ";".join(archs[:-1] + [archs[-1] + "+PTX"])
 
 
 def _toolkit_ok(home: str | None) -> bool:
@@ -74,7 +98,7 @@ def _extension():
         home = _cuda_home()
         os.environ["CUDA_HOME"] = home
         cpp_extension.CUDA_HOME = home  # BuildExtension reads the module attribute
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", default_cuda_archs(_nvcc_release(home)))
         cuda_sources = sorted(glob.glob(os.path.join(root, "csrc", "cuda", "*.cu")))
         sources += [os.path.relpath(s, root) for s in cuda_sources]
         define_macros.append(("WITH_CUDA", None))
@@ -99,7 +123,7 @@ def _extension():
 
 
 setup(
-    ext_modules=[_extension()],
+    ext_modules=[] if os.environ.get("DEFORMABLE_NO_EXT", "0") == "1" else [_extension()],
     cmdclass={"build_ext": BuildExtension},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
 )

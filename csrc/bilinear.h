@@ -15,8 +15,17 @@
 
 #if defined(__CUDACC__)
 #define DEFORMABLE_HOST_DEVICE __host__ __device__ __forceinline__
+#elif defined(_MSC_VER)
+#define DEFORMABLE_HOST_DEVICE __forceinline
 #else
 #define DEFORMABLE_HOST_DEVICE inline __attribute__((always_inline))
+#endif
+
+// A hint to start loading the cache line of p (GCC and Clang; nothing where the compiler has no such builtin).
+#if defined(__GNUC__)
+#define DEFORMABLE_PREFETCH(p) __builtin_prefetch(p)
+#else
+#define DEFORMABLE_PREFETCH(p) ((void)0)
 #endif
 
 namespace deformable {

@@ -65,7 +65,9 @@ def cope_locate_lines(
     total = flat[base + width]
     t = count_at(e, k0, flat[base + k0], flat[base + k0 + 1], total, width)[:, :, None] + offsets[:, None, :]
 
-    k = _segments(edges.detach(), lines, t.detach()) if torch.compiler.is_exporting() else _search(edges, lines, t)
+    # The search shifts lines apart in float64: a device without it (Apple's MPS) and exporters count edges instead.
+    count_edges = torch.compiler.is_exporting() or edges.device.type == "mps"
+    k = _segments(edges.detach(), lines, t.detach()) if count_edges else _search(edges, lines, t)
     index = base[:, :, None] + k
     x = edge_at(t, k, flat[index], flat[index + 1], total[:, :, None], width)  # (B, R, P)
     return (x * mix[:, :, None]).sum(1)

@@ -33,12 +33,13 @@ def use_native(value: torch.Tensor) -> bool:
     if value.device.type == "meta":  # shapes only: the fake kernels answer (the PyTorch path reads spatial_shapes)
         return True
     if value.device.type not in _extension.NATIVE_DEVICES:
-        _warn_once(
-            f"device-{value.device.type}",
-            f"deformable: the native extension was built without {value.device.type} kernels "
-            f"(built for: {_extension.build_info()}); using the PyTorch path on {value.device.type}. "
-            f"To get them, {_extension.BUILD_HINT}.",
-        )
+        device = value.device.type
+        if device in ("cpu", "cuda"):
+            why = f"the native extension was built without {device} kernels (built for: {_extension.build_info()})"
+            fix = f" To get them, {_extension.BUILD_HINT}."
+        else:  # mps, xpu, ...: no build adds them
+            why, fix = f"the native extension has kernels for the CPU and CUDA only, not {device}", ""
+        _warn_once(f"device-{device}", f"deformable: {why}; using the PyTorch path on {device}.{fix}")
         return False
     return True
 

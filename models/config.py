@@ -281,7 +281,7 @@ class TrainConfig:
     finetune: str = ""  # a checkpoint to start from, class heads re-initialised when the class count differs
     amp: str = "none"  # none | bf16 | fp16
     seed: int = 42
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = "auto"  # auto | cpu | cuda | cuda:<index> (train and eval; infer and visualize take --device)
     max_iters_per_epoch: int = 0  # 0: the whole epoch (a cap is useful for smoke tests)
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -425,14 +425,6 @@ def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = ()) -
     return apply_overrides(cfg, overrides)
 
 
-def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """The mapping a YAML config file states, its ``_base_`` files merged underneath (see :func:`load_config`)."""
-    merged: dict[str, Any] = {}
-    for _, data in config_chain(path):
-        merged = _merge(merged, data)
-    return merged
-
-
 def config_chain(path: str | os.PathLike, _chain: tuple[str, ...] = ()) -> list[tuple[str, dict[str, Any]]]:
     """``(file, mapping)`` of a YAML config file and its ``_base_`` files, the deepest base first (each file's own
     keys, its ``_base_`` removed): applied in this order, each over the ones before, they give the file's config.
@@ -462,17 +454,6 @@ def config_chain(path: str | os.PathLike, _chain: tuple[str, ...] = ()) -> list[
         raise ConfigError(f"config file {path}: {BASE_KEY} must be a file name, got {base!r}")
     base_path = os.path.join(os.path.dirname(os.path.abspath(path)), base)
     return [*config_chain(base_path, (*_chain, real)), (os.fspath(path), data)]
-
-
-def _merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
-    """``top`` over ``base``: mappings merged key by key, anything else (lists included) replaced."""
-    merged = dict(base)
-    for key, value in top.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:

@@ -8,7 +8,7 @@ import os
 from collections.abc import Iterable
 
 from .checkpoint import read_checkpoint, run_folder_checkpoint, save_checkpoint
-from .config import config_to_dict
+from .config import config_to_dict, load_config, override_list
 from .files import FileTargetError, check_file_target, check_folder_target
 from .hf_format import HF_FILES, check_hf_destination, is_hf_source, write_hf
 from .hub import resolve_checkpoint
@@ -119,10 +119,12 @@ def convert_checkpoint(
     or a checkpoint that does not fit its config: the options and their overrides named) and
     ``FileNotFoundError``.
     """
+    overrides = override_list(overrides)
+    given = load_config(config, overrides) if config is not None else None  # a typo in it: said before any reading
     source = resolve_checkpoint(source)  # a hub id: its snapshot folder, which the destination must not be
     check_destination(source, destination, to, overwrite)
     checkpoint = read_checkpoint(source)
-    cfg = resolve_config(config, overrides, checkpoint)
+    cfg = given if given is not None else resolve_config(None, overrides, checkpoint)
     model, checkpoint = load_detector(cfg, checkpoint)
     state = model.state_dict()
     if to == "hf":

@@ -14,8 +14,6 @@ from .config import Config
 from .matcher import HungarianMatcher, build_matcher
 from .training_queries import ExtraLayout
 
-LOSS_NAMES = ("loss_ce", "loss_bbox", "loss_giou")
-
 
 def _matched(indices: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Matches -> ``(batch_index, query_index)`` of every matched prediction."""

@@ -121,11 +121,26 @@ def example_images(batch: int = 2, height: int = 512, width: int = 640, seed: in
     return torch.randn(batch, 3, height, width, generator=generator)
 
 
+EXPORT_TORCH = (2, 8)  # torch.export.Dim.DYNAMIC with a minimum
+
+
+def check_export_torch() -> None:
+    """Raises ValueError naming the installed torch when it is older than :data:`EXPORT_TORCH`, which both exports
+    need (the package itself runs from torch 2.7)."""
+    if torch.torch_version.TorchVersion(torch.__version__) < EXPORT_TORCH:
+        wanted = ".".join(map(str, EXPORT_TORCH))
+        raise ValueError(
+            f"exporting needs torch >= {wanted} (dynamic image sides with a minimum); this is torch "
+            f"{torch.__version__}: pip install 'torch>={wanted}'"
+        )
+
+
 def dynamic_shapes(min_side: int) -> dict[str, dict[int, object]]:
     """``torch.export`` dynamic shapes of ``images``: batch from 1, height and width from ``min_side`` (the model's
     :func:`min_export_side`). The minimum is stated rather than left to the tracer: below it a two-stage model's
     proposal count fails a guard on the sum of its level sizes, which the program would report as that formula;
     a stated minimum fails as ``images.size()[2] >= N``."""
+    check_export_torch()
     side = torch.export.Dim.DYNAMIC(min=min_side)
     return {"images": {0: torch.export.Dim("batch", min=1), 2: side, 3: side}}
 

@@ -38,14 +38,13 @@ class FileTargetError(ValueError, OSError):
 
 
 def _blocking_ancestor(path: str) -> str | None:
-    """The nearest existing ancestor folder of ``path`` when it is not a folder (a file in the way), else None."""
-    parent = os.path.dirname(path)
-    while parent and not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    return parent if parent and not os.path.isdir(parent) else None
+    """The nearest existing ancestor of ``path`` when it is not a folder (a file in the way), else None."""
+    parent = _nearest_existing(path)
+    return None if os.path.isdir(parent) else parent
 
 
 def _nearest_existing(path: str) -> str:
+    """The nearest existing ancestor of ``path`` (the file system's root for a relative path with none)."""
     parent = os.path.dirname(path)
     while parent and not os.path.exists(parent):
         parent = os.path.dirname(parent)

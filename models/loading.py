@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -65,6 +66,14 @@ CHECKPOINT_HELP = (
     "this project's checkpoint, an original Deformable-DETR .pth, a state_dict, a transformers folder "
     "(config.json + model.safetensors), or a Hugging Face hub model id (e.g. SenseTime/deformable-detr)"
 )
+
+
+def tool_error(message: BaseException | str) -> int:
+    """Prints ``error: MESSAGE`` on stderr, as every tool reports a run it cannot do (a config, checkpoint, data set
+    or file it refuses, a run that fails), and returns 1, the tool's exit status. The other statuses: 2 where argparse
+    refuses the options themselves (with the usage line, ``parser.error``), 130 on Ctrl-C."""
+    print(f"error: {message}", file=sys.stderr)
+    return 1
 
 
 def split_command_line(items: Iterable[str]) -> tuple[str | None, list[str], list[str]]:
@@ -213,10 +222,12 @@ def resolve_config(config: str | os.PathLike | None, overrides: Iterable[str], c
 def config_and_checkpoint(
     config: str | os.PathLike | None, overrides: Iterable[str], checkpoint: str | os.PathLike | None
 ) -> tuple[Config, Checkpoint | None]:
-    """What a tool needs first: the checkpoint read (any format) and the config, from ``config`` when given, else the
-    checkpoint's own; ``overrides`` on top either way."""
+    """What a tool needs first: the checkpoint read (any format) and the config, from ``config`` when given (read
+    first), else the checkpoint's own; ``overrides`` on top either way."""
+    overrides = override_list(overrides)
+    cfg = load_config(config, overrides) if config is not None else None  # a typo in it: said before the reading
     read = read_checkpoint(checkpoint) if checkpoint is not None else None
-    return resolve_config(config, overrides, read), read
+    return (cfg if cfg is not None else resolve_config(None, overrides, read)), read
 
 
 def load_detector(

@@ -8,6 +8,7 @@ from torchvision import tv_tensors
 
 from deformable.data import coco_target, collate
 from deformable.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, resized_shape
+from models.config import DataConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -76,17 +77,9 @@ def _check_boxes_on_colour(image: torch.Tensor, target: dict) -> None:
 
 
 def _transforms(train: bool, crop: bool = True):
-    return build_transforms(
-        train=train,
-        train_scales=[96, 128, 160],
-        train_max_size=240,
-        crop=crop,
-        crop_scales=[100, 140],
-        crop_size=[48, 110],
-        val_size=128,
-        val_max_size=200,
-        hflip=True,
-    )
+    sizes = dict(train_scales=[96, 128, 160], train_max_size=240, crop_scales=[100, 140], crop_size=[48, 110])
+    data = DataConfig(**sizes, crop=crop, val_size=128, val_max_size=200, hflip=True)
+    return build_transforms(data, train=train)
 
 
 @pytest.mark.parametrize("seed", range(12))

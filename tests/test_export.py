@@ -19,6 +19,7 @@ from models import build_detector, load_config
 from models.deploy import (
     ExportableDetector,
     converter_max,
+    dynamic_shapes,
     example_images,
     export_program,
     input_ranges,
@@ -100,20 +101,24 @@ def test_onnx_graph_is_dynamic_and_uses_grid_sample(onnx_file):
 def test_export_onnx_tool_reports_bad_inputs(trained, tmp_path, capsys, monkeypatch):
     tool = load_tool("export_onnx")
     out = ["--out", str(tmp_path / "model.onnx")]
-    assert tool.main([CONFIG, "--checkpoint", str(tmp_path / "missing.pth"), *out, *TINY]) == 2
+    assert tool.main([CONFIG, "--checkpoint", str(tmp_path / "missing.pth"), *out, *TINY]) == 1
     assert "missing.pth" in capsys.readouterr().err
-    assert tool.main([CONFIG, "--checkpoint", trained[1], *out, *TINY, "model.num_classes=7"]) == 2
+    assert tool.main([CONFIG, "--checkpoint", trained[1], *out, *TINY, "model.num_classes=7"]) == 1
     assert "num_classes: the config says 7, the checkpoint 5 (override: model.num_classes=5)" in capsys.readouterr().err
-    assert tool.main([CONFIG, "--checkpoint", trained[1], *out, "--opset", "17", *TINY]) == 2
+    with pytest.raises(SystemExit) as refused:  # an option's value: argparse's status and usage line
+        tool.main([CONFIG, "--checkpoint", trained[1], *out, "--opset", "17", *TINY])
+    assert refused.value.code == 2
     assert "opset 17 is not supported" in capsys.readouterr().err
     if importlib.util.find_spec("onnx") is not None:  # past the newest opset onnx knows: refused before any export
         monkeypatch.setattr(tool, "export_onnx", lambda *args, **kwargs: pytest.fail("exported"))
-        assert tool.main([CONFIG, "--checkpoint", str(tmp_path / "missing.pth"), *out, "--opset", "99"]) == 2
+        with pytest.raises(SystemExit, match="2"):
+            tool.main([CONFIG, "--checkpoint", str(tmp_path / "missing.pth"), *out, "--opset", "99"])
         assert re.search(
             r"opset 99 is not supported: the installed onnx \S+ knows opsets up to \d+", capsys.readouterr().err
         )
         above = converter_max() + 1  # onnx knows it, the exporter's converter does not reach it (26 with 0.7.2)
-        assert tool.main([CONFIG, "--checkpoint", str(tmp_path / "missing.pth"), *out, "--opset", str(above)]) == 2
+        with pytest.raises(SystemExit, match="2"):
+            tool.main([CONFIG, "--checkpoint", str(tmp_path / "missing.pth"), *out, "--opset", str(above)])
         assert f"use --opset 18..{converter_max()}" in capsys.readouterr().err
     assert not (tmp_path / "model.onnx").exists()
 
@@ -186,7 +191,7 @@ def test_export_tools_check_size_and_out_before_exporting(trained, tmp_path, cap
         (["--out", ""], "--out is empty"),
     ]
     for argv, message in cases:
-        assert tool.main([*base, *argv]) == 2
+        assert tool.main([*base, *argv]) == 1
         assert message in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["a_file", "folder"] and os.listdir(tmp_path / "folder") == []
 
@@ -288,3 +293,16 @@ def test_export_tools_name_an_out_that_cannot_be_written(trained, tmp_path, caps
     argv = [CONFIG, "--checkpoint", trained[1], *TINY, "--size", "72", "72", "--out", str(out)]
     assert tool.main(argv) == 1
     assert f"error: --out {out} could not be written: [Errno 28] No space left on device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["export_onnx", "export_torch"])
+def test_an_export_on_a_torch_too_old_for_it_says_so_first(name, tmp_path, monkeypatch, capsys) -> None:
+    tool = load_tool(name)
+    monkeypatch.setattr(torch, "__version__", "2.7.1+cu126")
+    monkeypatch.setattr(tool, "load_for_export", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert tool.main([CONFIG, "--out", str(tmp_path / "m.out"), "--checkpoint", str(tmp_path / "missing.pth")]) == 1
+    err = capsys.readouterr().err
+    assert "exporting needs torch >= 2.8" in err and "this is torch 2.7.1+cu126" in err and "missing" not in err
+    with pytest.raises(ValueError, match="exporting needs torch >= 2.8"):
+        dynamic_shapes(64)
+    assert os.listdir(tmp_path) == []

@@ -149,7 +149,8 @@ def test_bad_checkpoint_and_batch_size(tmp_path, files, capsys) -> None:
     assert infer.main([*base, "--checkpoint", str(not_a_checkpoint)]) == 1
     assert "weights.pth: checkpoint does not fit this model" in (err := capsys.readouterr().err)
     assert "it shares no key with this detector" in err
-    assert infer.main([*base, "--checkpoint", files["checkpoint"], "--batch-size", "0"]) == 1
-    assert "batch size must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="2"):  # an option's value: argparse's status and usage line
+        infer.main([*base, "--checkpoint", files["checkpoint"], "--batch-size", "0"])
+    assert "--batch-size must be >= 1, got 0" in capsys.readouterr().err
     with pytest.raises(ImageError, match="does not exist"):
         list_images([str(tmp_path / "nope")])

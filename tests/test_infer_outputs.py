@@ -193,7 +193,9 @@ def test_an_unreadable_image_is_skipped_named_and_listed(tmp_path, checkpoint, c
 def test_the_score_threshold_is_checked_first(tmp_path, value, capsys) -> None:
     photo = write_image(str(tmp_path / "p.png"), shapes_image(20, 20))
     out = tmp_path / "out"
-    assert run_tool(tmp_path, str(tmp_path / "missing.pth"), photo, "--out", str(out), "--score-threshold", value) == 1
+    with pytest.raises(SystemExit) as refused:  # an option's value: argparse's status and usage line
+        run_tool(tmp_path, str(tmp_path / "missing.pth"), photo, "--out", str(out), "--score-threshold", value)
+    assert refused.value.code == 2
     err = capsys.readouterr().err
     assert f"--score-threshold must be a score in [0, 1], got {float(value)}" in err and "missing.pth" not in err
     assert not out.exists()

@@ -120,4 +120,6 @@ def test_folders_contribute_videos_to_infer_and_bad_options_are_named(files, tmp
     with pytest.raises(ImageError, match="input missing.mp4 does not exist"):
         list_images(["missing.mp4"], VIDEO_EXTENSIONS)
     argv = [*tool_argv_config(tmp_path), files["video"], "--checkpoint", files["checkpoint"], "--video-stride", "0"]
-    assert infer.main(argv) == 1 and "--video-stride must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="2"):
+        infer.main(argv)
+    assert "--video-stride must be >= 1, got 0" in capsys.readouterr().err

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 import warnings
 
 import pytest
@@ -210,6 +211,19 @@ def test_missing_extension_falls_back_with_one_warning(monkeypatch):
     assert re.search(r"native extension is not available \(ImportError: no _C here\).*PyTorch path", messages[0])
     assert "python -m deformable" in messages[0]
     assert torch.equal(out, ms_deform_attn_pytorch(*inputs))
+
+
+@requires_native
+def test_a_device_without_kernels_says_whether_a_build_would_add_them(monkeypatch):
+    monkeypatch.setattr(ops, "_warned", set())
+    monkeypatch.setattr(_extension, "NATIVE_DEVICES", frozenset({"cuda"}))  # a build without CPU kernels
+    apple = types.SimpleNamespace(device=types.SimpleNamespace(type="mps"))  # use_native reads the device only
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not ops.use_native(sample_inputs()[0]) and not ops.use_native(apple)
+    cpu, mps = (str(w.message) for w in caught)
+    assert "built without cpu kernels" in cpu and "To get them, build it with" in cpu
+    assert "kernels for the CPU and CUDA only, not mps; using the PyTorch path on mps." in mps and "build" not in mps
 
 
 @requires_native

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from _repo import ROOT
+from _repo import ROOT, config_path, load_tool
 
 TOOLS = os.path.join(ROOT, "tools")
 USER_COMMANDS = {  # and the shell script of the GPU check, tested on its own
@@ -56,3 +56,45 @@ def test_a_tool_runs_from_another_directory(tool: str, tmp_path) -> None:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith("usage: ")
+
+
+# Each user command with what it needs besides the config (CONFIG marks its place): a bad override is a run it
+# cannot do (exit 1, one "error:" line, before any checkpoint, data or image is looked for); an option value it
+# refuses is argparse's (2, with the usage line).
+COMMAND_ARGS = {
+    "train": ["CONFIG"],
+    "eval": ["CONFIG", "--checkpoint", "missing.pth"],
+    "infer": ["CONFIG", "missing.png", "--checkpoint", "missing.pth"],
+    "visualize": ["CONFIG", "--image", "missing.png", "--out", "v.png", "--checkpoint", "missing.pth"],
+    "export_onnx": ["CONFIG", "--out", "m.onnx", "--checkpoint", "missing.pth"],
+    "export_torch": ["CONFIG", "--out", "m.pt2", "--checkpoint", "missing.pth"],
+    "convert_checkpoint": ["missing.pth", "out.pth", "CONFIG"],
+    "make_shapes": ["CONFIG"],
+}
+BAD_OPTIONS = {
+    "infer": ["--score-threshold", "2"],
+    "visualize": ["--top-k", "0"],
+    "export_onnx": ["--opset", "17"],
+}
+
+
+def _argv(name: str, *extra: str) -> list[str]:
+    return [config_path("shapes.yaml") if a == "CONFIG" else a for a in COMMAND_ARGS[name]] + list(extra)
+
+
+@pytest.mark.parametrize("name", sorted(COMMAND_ARGS))
+def test_every_command_reports_a_bad_override_with_exit_status_1(name: str, tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    status = load_tool(name).main(_argv(name, "train.lr=fast"))
+    err = capsys.readouterr().err
+    assert status == 1 and err.startswith("error: ") and "'train.lr' expects a number" in err, err
+    assert "missing" not in err and "usage:" not in err and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("name", sorted(BAD_OPTIONS))
+def test_an_option_value_a_command_refuses_is_a_usage_error(name: str, tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as refused:
+        load_tool(name).main(_argv(name, *BAD_OPTIONS[name]))
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and "usage:" in err and "missing" not in err and os.listdir(tmp_path) == []

@@ -33,15 +33,12 @@ shapes_tool = load_tool("make_shapes")
 )
 def test_bad_overrides_are_named(override: str, message: str, capsys) -> None:
     for tool, extra in ((train_tool, []), (eval_tool, ["--checkpoint", "x.pth"])):
-        with pytest.raises(SystemExit) as exit_info:
-            tool.main([SHAPES_CONFIG, *extra, override])
-        assert exit_info.value.code == 2
+        assert tool.main([SHAPES_CONFIG, *extra, override]) == 1  # eval: said before the checkpoint is looked for
         assert message in capsys.readouterr().err
 
 
 def test_missing_config_file(capsys) -> None:
-    with pytest.raises(SystemExit):
-        train_tool.main(["configs/nope.yaml"])
+    assert train_tool.main(["configs/nope.yaml"]) == 1
     assert "config file not found: configs/nope.yaml" in capsys.readouterr().err
 
 
@@ -96,8 +93,7 @@ def test_make_shapes_tool(tmp_path, capsys) -> None:
     args = [SHAPES_CONFIG, f"data.root={root}", "data.synthetic_train_images=3", "data.synthetic_val_images=2"]
     assert shapes_tool.main(args) == 0
     assert sorted(os.listdir(os.path.join(root, "train2017"))) == ["000001.jpg", "000002.jpg", "000003.jpg"]
-    with pytest.raises(SystemExit):
-        shapes_tool.main(args)
+    assert shapes_tool.main(args) == 1
     assert "already exists and holds a generated shapes data set" in (err := capsys.readouterr().err)
     assert "regenerate it with tools/make_shapes.py --force" in err
     assert shapes_tool.main([*args, "--force"]) == 0

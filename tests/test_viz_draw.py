@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import cv2
 import numpy as np
 import pytest
@@ -104,3 +106,17 @@ def test_save_image_creates_the_folder_and_names_a_path_it_cannot_write(tmp_path
     assert np.array_equal(cv2.imread(str(path)), image)
     with pytest.raises(OSError, match=r"could not write .*figure\.unknown"):
         draw.save_image(str(tmp_path / "figure.unknown"), image)
+
+
+def test_save_image_replaces_a_figure_whole_or_not_at_all(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "figure.png"
+    first = np.full((4, 6, 3), 7, np.uint8)
+    draw.save_image(str(path), first)
+    monkeypatch.setattr(cv2, "imencode", lambda ext, image: (False, None))  # the encoder fails on the second
+    with pytest.raises(OSError, match=r"could not write .*figure\.png \(6x4 pixels\): OpenCV could not encode it"):
+        draw.save_image(str(path), np.zeros((4, 6, 3), np.uint8))
+    assert np.array_equal(cv2.imread(str(path)), first) and os.listdir(tmp_path) == ["figure.png"]
+    monkeypatch.undo()
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(OSError, match=r"a_file is a file, not a folder"):
+        draw.save_image(str(tmp_path / "a_file" / "figure.png"), first)

@@ -137,7 +137,7 @@ def test_plot_log_errors_name_the_file_and_line(tmp_path, capsys) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("--scale", "0"), "--scale must be an integer >= 1, got 0"),
+        (("--scale", "0"), "--scale must be >= 1, got 0"),
         (("--top-k", "0"), "--top-k must be >= 1, got 0"),
         (("--out", "figure"), "--out 'figure' has no image extension OpenCV writes"),
         (("--score-threshold", "nan"), "--score-threshold must be a score in [0, 1], got nan"),

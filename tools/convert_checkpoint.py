@@ -23,7 +23,7 @@ import sys
 
 from models.config import ConfigError
 from models.convert import TARGETS, convert_checkpoint
-from models.loading import CONFIG_HELP, split_command_line
+from models.loading import CONFIG_HELP, split_command_line, tool_error
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,8 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(convert_checkpoint(args.source, args.destination, args.to, config, overrides, args.overwrite))
     except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return tool_error(exc)
     return 0
 
 

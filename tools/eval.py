@@ -21,14 +21,13 @@ import sys
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from deformable.data import DatasetError, error_message
-from deformable.data.sizes import inference_size
+from deformable.data.sizes import inference_config
 from deformable.training.engine import evaluate_checkpoint
-from models import config_from_checkpoint, load_config, read_checkpoint
 from models.checkpoint import CheckpointError
 from models.config import ConfigError, parse_override
 from models.files import FolderError
 from models.hub import hub_id
-from models.loading import CHECKPOINT_HELP, CONFIG_HELP, split_config_args
+from models.loading import CHECKPOINT_HELP, CONFIG_HELP, split_config_args, tool_error
 
 
 def results_folder(checkpoint: str, overrides: list[str]) -> str | None:
@@ -50,14 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("args", nargs="*", metavar="[CONFIG] [section.key=value]", help=CONFIG_HELP)
     parser.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     args = parser.parse_intermixed_args(argv)
+    config, cfg = None, None
     try:
         config, overrides = split_config_args(args.args)
-        cfg = load_config(config, overrides) if config is not None else None
-    except (ConfigError, FileNotFoundError) as exc:
-        parser.error(str(exc))
-    try:
-        checkpoint = read_checkpoint(args.checkpoint)
-        cfg = inference_size(cfg or config_from_checkpoint(checkpoint, overrides), checkpoint, overrides)
+        cfg, checkpoint = inference_config(config, overrides, args.checkpoint)
         folder = results_folder(args.checkpoint, overrides)
         evaluate_checkpoint(cfg if folder is None else dataclasses.replace(cfg, output_dir=folder), checkpoint)
     except (DatasetError, CheckpointError, ConfigError, FileNotFoundError, FolderError) as exc:
@@ -67,8 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                 f" (data.root={cfg.data.root} is the checkpoint's saved config's, relative to where it was trained and "
                 f"not found from {os.getcwd()}: run from there, or pass data.root=PATH)"
             )
-        print(f"error: {message}", file=sys.stderr)
-        return 1
+        return tool_error(message)
     return 0
 
 

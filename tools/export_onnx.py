@@ -30,6 +30,7 @@ from models.config import ConfigError
 from models.deploy import (
     DEFAULT_OPSET,
     check_export_size,
+    check_export_torch,
     check_onnx,
     check_opset,
     converter_max,
@@ -43,7 +44,7 @@ from models.deploy import (
     onnx_session,
 )
 from models.files import check_file_target, make_dir
-from models.loading import CHECKPOINT_HELP, CONFIG_HELP, config_and_checkpoint, split_config_args
+from models.loading import CHECKPOINT_HELP, CONFIG_HELP, config_and_checkpoint, split_config_args, tool_error
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -58,7 +59,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--size", type=int, nargs=2, default=(512, 640), metavar=("H", "W"), help="example image size to trace with"
     )
     parser.add_argument("--atol", type=float, default=1e-3, help="largest accepted onnxruntime vs PyTorch difference")
-    return parser.parse_intermixed_args(argv)
+    args = parser.parse_intermixed_args(argv)
+    try:
+        check_opset(args.opset)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return args
 
 
 def verify(path: str, model, height: int, width: int, atol: float) -> bool:
@@ -85,25 +91,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     height, width = args.size
     try:
+        check_export_torch()
         out = check_file_target(args.out, "--out")  # a folder or a path under a file: said now, not after the export
-        check_opset(args.opset)
         config, overrides = split_config_args(args.args)
         cfg, checkpoint = config_and_checkpoint(config, overrides, args.checkpoint)
         model = load_for_export(cfg, checkpoint)
         check_export_size(height, width, model)  # 1-px levels, or fewer positions than two-stage queries
         make_dir(os.path.dirname(out), "--out's folder")  # before the export's minutes
     except (ConfigError, FileNotFoundError, ValueError, TypeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return tool_error(exc)
     start = time.perf_counter()
     try:
         export_onnx(model, args.out, example_images(2, height, width), opset=args.opset)
     except (ImportError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return tool_error(exc)
     except OSError as exc:  # a full disk, a file system that refuses the temporary folder
-        print(f"error: --out {args.out} could not be written: {exc}", file=sys.stderr)
-        return 1
+        return tool_error(f"--out {args.out} could not be written: {exc}")
     check_onnx(args.out)
     size_mb = os.path.getsize(args.out) / 2**20
     print(f"wrote {args.out} ({size_mb:.1f} MB, opset {args.opset}) in {time.perf_counter() - start:.0f} s")
@@ -112,8 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     side = min_export_side(model)
     print(f"accepted sizes: batch 1..inf, height {side}..inf, width {side}..inf ({export_size_reason(model)})")
     if not verify(args.out, model, height, width, args.atol):
-        print(f"error: onnxruntime and PyTorch differ by more than --atol {args.atol}", file=sys.stderr)
-        return 1
+        return tool_error(f"onnxruntime and PyTorch differ by more than --atol {args.atol}")
     return 0
 
 

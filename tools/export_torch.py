@@ -28,6 +28,7 @@ from models.config import ConfigError
 from models.deploy import (
     ExportableDetector,
     check_export_size,
+    check_export_torch,
     example_images,
     export_program,
     export_size_reason,
@@ -35,7 +36,7 @@ from models.deploy import (
     load_for_export,
 )
 from models.files import atomic_write, check_file_target, make_dir
-from models.loading import CHECKPOINT_HELP, CONFIG_HELP, config_and_checkpoint, split_config_args
+from models.loading import CHECKPOINT_HELP, CONFIG_HELP, config_and_checkpoint, split_config_args, tool_error
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,25 +51,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     height, width = args.size
     try:
+        check_export_torch()
         out = check_file_target(args.out, "--out")  # a folder or a path under a file: said now, not after the export
         config, overrides = split_config_args(args.args)
         model = load_for_export(*config_and_checkpoint(config, overrides, args.checkpoint))
         check_export_size(height, width, model)  # 1-px levels, or fewer positions than two-stage queries
         make_dir(os.path.dirname(out), "--out's folder")  # before the export's minutes
     except (ConfigError, FileNotFoundError, ValueError, TypeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return tool_error(exc)
     start = time.perf_counter()
     program = export_program(model, example_images(2, height, width))
     ranges = input_ranges(program)
     if not {"height", "width"} <= ranges.keys():  # check_export_size keeps them dynamic; never save one that is not
-        print(f"error: the exported program fixed the image size ({ranges}); nothing written", file=sys.stderr)
-        return 1
+        return tool_error(f"the exported program fixed the image size ({ranges}); nothing written")
     try:
         atomic_write(out, lambda f: torch.export.save(program, f))  # a failed write leaves no torn file
     except OSError as exc:  # a full disk, a file system that refuses the temporary file
-        print(f"error: --out {args.out} could not be written: {exc}", file=sys.stderr)
-        return 1
+        return tool_error(f"--out {args.out} could not be written: {exc}")
     loaded = torch.export.load(out)
     shown = ", ".join(f"{name} {lo}..{hi}" for name, (lo, hi) in input_ranges(loaded).items())
     reason = export_size_reason(model)
@@ -83,8 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     shown = ", ".join(f"{name} {d:.2e}" for name, d in diffs.items())
     print(f"loaded program vs eager, images {tuple(images.shape)}: max |difference| {shown}")
     if not max(diffs.values()) <= args.atol:  # NaN fails too
-        print(f"error: the loaded program and eager differ by more than --atol {args.atol}", file=sys.stderr)
-        return 1
+        return tool_error(f"the loaded program and eager differ by more than --atol {args.atol}")
     return 0
 
 

@@ -35,12 +35,12 @@ from tqdm import tqdm
 
 from deformable.data.sizes import inference_config
 from deformable.inference import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, ImageError, list_images, resolve_device
-from deformable.inference.predictor import DEFAULT_BATCH_SIZE, check_threshold
+from deformable.inference.predictor import DEFAULT_BATCH_SIZE, check_count, check_threshold
 from deformable.inference.run import run_inference
 from deformable.inference.video import is_video
 from deformable.viz.detections import draw_detections
 from models.config import ConfigError
-from models.loading import CHECKPOINT_HELP, split_command_line
+from models.loading import CHECKPOINT_HELP, split_command_line, tool_error
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,18 +57,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--video-stride", type=int, default=1, help="detect on every N-th frame of a video (1)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:<index> (auto: a GPU if one is seen)")
     args = parser.parse_intermixed_args(argv)
+    try:  # the numbers first: a typo should not wait for the checkpoint to load
+        check_threshold(args.score_threshold, "--score-threshold")
+        check_count(args.batch_size, "--batch-size")
+        check_count(args.video_stride, "--video-stride")
+    except ValueError as exc:
+        parser.error(str(exc))
     config, overrides, inputs = split_command_line(args.inputs)
 
     def warn(message: str) -> None:
         tqdm.write(f"warning: {message}", file=sys.stderr)  # above the progress bar, not through it
 
     try:
-        # The numbers first: a typo should not wait for the checkpoint to load.
-        check_threshold(args.score_threshold, "--score-threshold")
-        if args.batch_size < 1:
-            raise ValueError(f"--batch-size: batch size must be >= 1, got {args.batch_size}")
-        if args.video_stride < 1:
-            raise ValueError(f"--video-stride must be >= 1, got {args.video_stride}")
         device = resolve_device(args.device, option="--device")
         cfg, checkpoint = inference_config(config, overrides, args.checkpoint)
         paths = list_images(inputs, IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)
@@ -76,8 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         kwargs.update(video_stride=args.video_stride)
         run = run_inference(cfg, checkpoint, paths, args.out, device=device, warn=warn, **kwargs)
     except (ConfigError, FileNotFoundError, ImageError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return tool_error(exc)
     parts = [f"{len(run.results)} detections in {len(run.images)} images"] if run.images or not run.videos else []
     parts += [f"{len(run.videos)} video(s) (<video>.mp4, <video>.json)"] if run.videos else []
     removed = f"; {len(run.removed)} file(s) an earlier run wrote there removed" if run.removed else ""

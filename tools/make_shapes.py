@@ -17,7 +17,7 @@ import sys
 
 from deformable.data import make_shapes_from_config
 from models.config import ConfigError, load_config
-from models.loading import split_config_args
+from models.loading import split_config_args, tool_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout: configs/ beside tools/
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "shapes.yaml")
@@ -38,12 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config, overrides = split_config_args(args.args)
         data = load_config(config or DEFAULT_CONFIG, overrides).data
-    except (ConfigError, FileNotFoundError) as exc:
-        parser.error(str(exc))
-    try:
         make_shapes_from_config(data, seed=args.seed, replace=args.force)
-    except FileExistsError as exc:
-        parser.error(str(exc))
+    except (ConfigError, FileNotFoundError, FileExistsError) as exc:
+        return tool_error(exc)
     print(f"wrote {data.synthetic_train_images} + {data.synthetic_val_images} images to {data.root}")
     return 0
 

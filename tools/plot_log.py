@@ -13,8 +13,10 @@ import argparse
 import os
 import sys
 
+from deformable.training.run_log import LOG_NAME
 from deformable.viz.curves import LogError, check_figure_path, plot_curves, read_log, save_figure
 from models.files import FolderError
+from models.loading import tool_error
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,13 +26,12 @@ def main(argv: list[str] | None = None) -> int:
         "--out", default="curves.png", help="output image; format from the extension (default: curves.png)"
     )
     args = parser.parse_args(argv)
-    path = os.path.join(args.log, "log.jsonl") if os.path.isdir(args.log) else args.log
+    path = os.path.join(args.log, LOG_NAME) if os.path.isdir(args.log) else args.log
     try:
         check_figure_path(args.out)  # before the log is read: a typo in --out is named at once
         save_figure(args.out, plot_curves(read_log(path), source=path))
     except (LogError, FolderError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return tool_error(exc)
     print(f"wrote {args.out}")
     return 0
 

@@ -27,6 +27,7 @@ from deformable.training.stops import interrupted
 from models.checkpoint import CheckpointError
 from models.config import ConfigError, load_config
 from models.files import FolderError
+from models.loading import tool_error
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,12 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as exc:
-        parser.error(str(exc))
+        return tool_error(exc)
     try:
         fit(cfg)
     except (DatasetError, CheckpointError, ConfigError, FolderError, FileNotFoundError, FloatingPointError) as exc:
-        print(f"error: {error_message(exc)}", file=sys.stderr)  # a DataLoader worker's error: its own message
-        return 1
+        return tool_error(error_message(exc))  # a DataLoader worker's error: its own message
     except KeyboardInterrupt:  # Ctrl-C reaches every process under torchrun: one of them says so
         if os.environ.get("RANK", "0") == "0":
             print(interrupted(cfg.output_dir), file=sys.stderr)

@@ -18,10 +18,12 @@ import cv2
 
 from deformable.data.sizes import inference_config
 from deformable.inference import ImageError, class_names, load_detector, read_image, resolve_device
+from deformable.inference.predictor import check_count, check_threshold
 from deformable.viz.draw import save_image
 from deformable.viz.figure import decoder_figure, encoder_figure, run_recorded
 from models.config import ConfigError
-from models.loading import CHECKPOINT_HELP, CONFIG_HELP, split_config_args
+from models.files import check_file_target
+from models.loading import CHECKPOINT_HELP, CONFIG_HELP, split_config_args, tool_error
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -40,12 +42,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--scale", type=int, help="canvas enlargement (default: small images are enlarged)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:<index> (auto: a GPU if one is seen)")
     args = parser.parse_intermixed_args(argv)
-    if args.scale is not None and args.scale < 1:
-        parser.error(f"--scale must be an integer >= 1, got {args.scale}")
-    if args.top_k < 1:
-        parser.error(f"--top-k must be >= 1, got {args.top_k}")
-    if not 0.0 <= args.score_threshold <= 1.0:  # NaN included: no score compares true with it
-        parser.error(f"--score-threshold must be a score in [0, 1], got {args.score_threshold}")
+    try:
+        if args.scale is not None:
+            check_count(args.scale, "--scale")
+        check_count(args.top_k, "--top-k")
+        check_threshold(args.score_threshold, "--score-threshold")
+    except ValueError as exc:
+        parser.error(str(exc))
     if not cv2.haveImageWriter(args.out):  # before the model runs, not after
         parser.error(f"--out {args.out!r} has no image extension OpenCV writes (use .png or .jpg)")
     return args
@@ -62,6 +65,7 @@ def _pixel(text: str) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        check_file_target(args.out, "--out")  # a folder, or a path under a file: said before the model runs
         config, overrides = split_config_args(args.args)
         device = resolve_device(args.device, option="--device")
         cfg, checkpoint = inference_config(config, overrides, args.checkpoint)
@@ -79,13 +83,11 @@ def main(argv: list[str] | None = None) -> int:
             style.update(top_k=args.top_k, threshold=args.score_threshold, panels=args.panels)
             figure = decoder_figure(model, records, outputs, image, names=class_names(cfg, state), **style)
     except (ConfigError, FileNotFoundError, ImageError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return tool_error(exc)
     try:
         save_image(args.out, figure)
     except OSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return tool_error(exc)
     print(f"wrote {args.out}")
     return 0
 

@@ -45,13 +45,28 @@ typedef int Int8 __attribute__((vector_size(32)));
 
 // {sum(a), sum(b), sum(c), sum(d)} of four 8-lane vectors: pairwise sums across the four, six shuffles and
 // four adds in all, instead of a serial reduction of each.
+// Clang has only __builtin_shufflevector (constant lane indices); GCC has __builtin_shuffle (a mask vector), and
+// __builtin_shufflevector from GCC 12 on.
 C10_ALWAYS_INLINE Float4 sum4(Float8 a, Float8 b, Float8 c, Float8 d) {
+#if defined(__clang__)
+  const Float8 ab = __builtin_shufflevector(a, b, 0, 8, 1, 9, 4, 12, 5, 13) +
+                    __builtin_shufflevector(a, b, 2, 10, 3, 11, 6, 14, 7, 15);
+  const Float8 cd = __builtin_shufflevector(c, d, 0, 8, 1, 9, 4, 12, 5, 13) +
+                    __builtin_shufflevector(c, d, 2, 10, 3, 11, 6, 14, 7, 15);
+  const Float8 r = __builtin_shufflevector(ab, cd, 0, 1, 8, 9, 4, 5, 12, 13) +
+                   __builtin_shufflevector(ab, cd, 2, 3, 10, 11, 6, 7, 14, 15);
+#else
   const Int8 lo = {0, 8, 1, 9, 4, 12, 5, 13}, hi = {2, 10, 3, 11, 6, 14, 7, 15};
   const Float8 ab = __builtin_shuffle(a, b, lo) + __builtin_shuffle(a, b, hi);
   const Float8 cd = __builtin_shuffle(c, d, lo) + __builtin_shuffle(c, d, hi);
   const Int8 lo2 = {0, 1, 8, 9, 4, 5, 12, 13}, hi2 = {2, 3, 10, 11, 6, 7, 14, 15};
   const Float8 r = __builtin_shuffle(ab, cd, lo2) + __builtin_shuffle(ab, cd, hi2);
+#endif
+#if defined(__clang__) || __GNUC__ >= 12
   return __builtin_shufflevector(r, r, 0, 1, 2, 3) + __builtin_shufflevector(r, r, 4, 5, 6, 7);
+#else
+  return Float4{r[0] + r[4], r[1] + r[5], r[2] + r[6], r[3] + r[7]};
+#endif
 }
 
 // gv += scale * grad and partial[0:8] = lane sums of grad * v over D (float, D a multiple of 8).

@@ -42,8 +42,8 @@ C10_ALWAYS_INLINE void forward_head(const Inputs<scalar_t, opmath_t>& in, const 
     if (!in.head_major) {
       // Start every corner's gather before the first multiply-add needs it (head-major: L2 hits, no gain).
       for (int64_t i = 0; i < count; ++i) {
-        __builtin_prefetch(value_nm + where[0][i]);
-        __builtin_prefetch(value_nm + where[2][i]);
+        DEFORMABLE_PREFETCH(value_nm + where[0][i]);
+        DEFORMABLE_PREFETCH(value_nm + where[2][i]);
       }
     }
     // Head-major: every corner passes the test (outside ones read the zero row with scale 0), so the branch is

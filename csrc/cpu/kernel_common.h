@@ -103,7 +103,7 @@ struct Inputs {
 // Starts loading [p, p + bytes) into the cache.
 C10_ALWAYS_INLINE void prefetch_span(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
-  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b);
+  for (int64_t b = 0; b < bytes; b += 64) DEFORMABLE_PREFETCH(c + b);
 }
 
 // How many work items ahead the head-major loops fetch their per-item rows (one item takes a few hundred ns,

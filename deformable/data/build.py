@@ -19,20 +19,7 @@ from .transforms import build_transforms
 def build_dataset(cfg: DataConfig, split: str, transforms: bool = True) -> DetectionDataset:
     """The ``train`` or ``val`` split of ``cfg.root``, whatever its layout, with the original's transforms for it
     (``transforms=False``: samples are the uint8 image and its XYXY pixel target, untransformed)."""
-    train = split == "train"
-    pipeline = None
-    if transforms:
-        pipeline = build_transforms(
-            train=train,
-            train_scales=cfg.train_scales,
-            train_max_size=cfg.train_max_size,
-            crop=cfg.crop,
-            crop_scales=cfg.crop_scales,
-            crop_size=cfg.crop_size,
-            val_size=cfg.val_size,
-            val_max_size=cfg.val_max_size,
-            hflip=cfg.hflip,
-        )
+    pipeline = build_transforms(cfg, train=split == "train") if transforms else None
     return DetectionDataset(read_split(cfg, split), pipeline)
 
 

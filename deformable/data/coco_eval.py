@@ -16,6 +16,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+AP_NAMES = STAT_NAMES[:6]  # the precision half: what the epoch log line and the training curves show
 
 
 def to_coco_results(

@@ -7,7 +7,7 @@ import codecs
 import re
 
 
-class DatasetError(RuntimeError):
+class DatasetError(ValueError):
     """Missing or malformed data; the message names the file (and the line where it applies) and how to fix it."""
 
 

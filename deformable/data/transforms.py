@@ -18,6 +18,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from models.backbone import IMAGENET_MEAN, IMAGENET_STD  # the backbone's input normalisation
+from models.config import DataConfig
 
 Sample = tuple[tv_tensors.Image, dict[str, Any]]
 
@@ -136,37 +137,27 @@ class ToModelInput(v2.Transform):
         return self.normalize(image).as_subclass(torch.Tensor), target
 
 
-def build_transforms(
-    *,
-    train: bool,
-    train_scales: Sequence[int],
-    train_max_size: int,
-    crop: bool,
-    crop_scales: Sequence[int],
-    crop_size: Sequence[int],
-    val_size: int,
-    val_max_size: int,
-    hflip: bool,
-) -> v2.Compose:
-    """The original's ``make_coco_transforms``.
+def build_transforms(cfg: DataConfig, train: bool) -> v2.Compose:
+    """The original's ``make_coco_transforms``, with the sizes and switches of ``cfg`` (the config's ``data``):
+    what training applies (``train``), and evaluation and inference (not ``train``).
 
-    Train: horizontal flip (p=0.5), then with p=0.5 either a resize of the shorter side to one of ``train_scales``
-    (longer side <= ``train_max_size``) or the DETR crop branch: resize to one of ``crop_scales``, random crop of
-    ``crop_size = [min, max]``, resize to one of ``train_scales``. Validation: shorter side ``val_size``, longer side
-    <= ``val_max_size``. Both end with :class:`ToModelInput`.
+    Train: horizontal flip (p=0.5; ``hflip``), then with p=0.5 either a resize of the shorter side to one of
+    ``train_scales`` (longer side <= ``train_max_size``) or (``crop``) the DETR crop branch: resize to one of
+    ``crop_scales``, random crop of ``crop_size = [min, max]``, resize to one of ``train_scales``. Validation: shorter
+    side ``val_size``, longer side <= ``val_max_size``. Both end with :class:`ToModelInput`.
     """
     if not train:
-        return v2.Compose([RandomResize([val_size], max_size=val_max_size), ToModelInput()])
-    steps: list[Any] = [v2.RandomHorizontalFlip(p=0.5)] if hflip else []
-    resize = RandomResize(train_scales, max_size=train_max_size)
-    if crop:
-        if len(crop_size) != 2:
-            raise ValueError(f"data.crop_size must be [min, max], got {list(crop_size)}")
+        return v2.Compose([RandomResize([cfg.val_size], max_size=cfg.val_max_size), ToModelInput()])
+    steps: list[Any] = [v2.RandomHorizontalFlip(p=0.5)] if cfg.hflip else []
+    resize = RandomResize(cfg.train_scales, max_size=cfg.train_max_size)
+    if cfg.crop:
+        if len(cfg.crop_size) != 2:
+            raise ValueError(f"data.crop_size must be [min, max], got {list(cfg.crop_size)}")
         crop_branch = v2.Compose(
             [
-                RandomResize(crop_scales),
-                CropAndDrop(crop_size[0], crop_size[1]),
-                RandomResize(train_scales, max_size=train_max_size),
+                RandomResize(cfg.crop_scales),
+                CropAndDrop(cfg.crop_size[0], cfg.crop_size[1]),
+                RandomResize(cfg.train_scales, max_size=cfg.train_max_size),
             ]
         )
         steps.append(v2.RandomChoice([resize, crop_branch], p=[0.5, 0.5]))

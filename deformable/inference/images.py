@@ -18,6 +18,7 @@ from torchvision import tv_tensors
 
 from deformable.data import DatasetError, build_transforms, collate
 from deformable.data.decode import IMAGE_EXTENSIONS, pil_to_rgb, read_rgb
+from deformable.data.split import is_hidden
 from models.config import DataConfig
 
 # One image as :class:`~deformable.inference.predictor.Predictor` takes it (see :func:`as_rgb`).
@@ -49,7 +50,7 @@ def list_images(inputs: Iterable[str], extensions: tuple[str, ...] = IMAGE_EXTEN
                 os.path.join(item, name)
                 for name in os.listdir(item)
                 if name.lower().endswith(extensions)
-                and not name.startswith(".")
+                and not is_hidden(name)
                 and os.path.isfile(os.path.join(item, name))
             )
             if not found:
@@ -80,8 +81,8 @@ def list_images(inputs: Iterable[str], extensions: tuple[str, ...] = IMAGE_EXTEN
 def _found_below(folder: str, extensions: tuple[str, ...]) -> bool:
     """Whether a subfolder of ``folder`` (any depth, hidden ones left out) holds a file with one of ``extensions``."""
     for _, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        if any(f.lower().endswith(extensions) and not f.startswith(".") for f in files):
+        dirs[:] = [d for d in dirs if not is_hidden(d)]
+        if any(f.lower().endswith(extensions) and not is_hidden(f) for f in files):
             return True
     return False
 
@@ -173,17 +174,7 @@ def _tensor_to_rgb(tensor: torch.Tensor, where: str) -> np.ndarray:
 
 def _to_model_input(image: np.ndarray, data: DataConfig) -> torch.Tensor:
     """``(H, W, 3)`` uint8 RGB -> ``(3, H', W')`` float, resized and normalised as for validation."""
-    transform = build_transforms(
-        train=False,
-        train_scales=data.train_scales,
-        train_max_size=data.train_max_size,
-        crop=False,
-        crop_scales=data.crop_scales,
-        crop_size=data.crop_size,
-        val_size=data.val_size,
-        val_max_size=data.val_max_size,
-        hflip=False,
-    )
+    transform = build_transforms(data, train=False)
     height, width = image.shape[:2]
     tensor = tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
     target = {

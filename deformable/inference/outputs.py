@@ -68,6 +68,30 @@ def _plain_name(name: object) -> bool:
     return not any(sep in name for sep in separators) and not os.path.isabs(name) and not os.path.splitdrive(name)[0]
 
 
+def write_image(path: str, image: np.ndarray) -> None:
+    """Writes the BGR ``(H, W, 3)`` uint8 ``image`` to ``path`` in the format of its extension (``.jpg``, ``.png``,
+    ...), atomically (:func:`models.files.atomic_write`: an interrupted write leaves the earlier file or none), creating
+    its folder. Every image this project draws is written here (infer's drawings, visualize's figures).
+
+    Raises:
+        OSError: the image cannot be encoded (no writer for the extension, a side too long for the format) or written;
+            the message starts with ``path`` and the size and says why.
+    """
+    height, width = image.shape[:2]
+    try:
+        ok, encoded = cv2.imencode(os.path.splitext(path)[1], image)
+    except cv2.error as exc:  # an extension OpenCV has no writer for
+        ok, reason = False, f"{str(exc).strip().splitlines()[-1]} (use .png or .jpg)"
+    else:
+        reason = "OpenCV could not encode it"
+    if not ok:
+        raise OSError(f"{path} ({width}x{height} pixels): {reason}")
+    try:
+        atomic_write(path, lambda f: f.write(encoded.tobytes()))
+    except OSError as exc:
+        raise OSError(f"{path} ({width}x{height} pixels): {exc.strerror or exc}") from exc
+
+
 class OutputFolder:
     """The output folder of a run: a file may be written there when it does not exist yet or when an earlier run
     wrote it (the names in :data:`MANIFEST`); any other existing file is refused, never replaced.
@@ -212,17 +236,9 @@ class OutputFolder:
             name = png
         target = os.path.join(self.path, name)
         try:
-            ok, encoded = cv2.imencode(os.path.splitext(name)[1], image)
-        except cv2.error as exc:
-            ok, reason = False, str(exc).strip().splitlines()[-1]
-        else:
-            reason = "OpenCV could not encode it"
-        if not ok:
-            raise FolderError(f"cannot write the drawn image {target} ({width}x{height} pixels): {reason}")
-        try:
-            atomic_write(target, lambda f: f.write(encoded.tobytes()))
+            write_image(target, image)
         except OSError as exc:
-            raise FolderError(f"cannot write the drawn image {target}: {exc.strerror or exc}") from exc
+            raise FolderError(f"cannot write the drawn image {exc}") from exc
         self.written.add(name)
         return name
 

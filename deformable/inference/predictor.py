@@ -177,10 +177,7 @@ class Predictor:
         batch_size: int = DEFAULT_BATCH_SIZE,
     ) -> None:
         check_threshold(threshold, "Predictor: threshold")
-        if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool):
-            raise TypeError(f"Predictor: batch_size must be an integer, got {type(batch_size).__name__} {batch_size!r}")
-        if batch_size < 1:
-            raise ValueError(f"Predictor: batch_size must be >= 1, got {batch_size}")
+        check_count(batch_size, "Predictor: batch_size")
         self.device = resolve_device(device)
         self.cfg, read = inference_config(config, override_list(overrides), checkpoint)
         self.model, self.checkpoint = load_detector(self.cfg, read, self.device)
@@ -253,3 +250,12 @@ def check_threshold(threshold: float, setting: str) -> None:
         raise TypeError(f"{setting} must be a number in [0, 1], got {type(threshold).__name__} {threshold!r}")
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"{setting} must be a score in [0, 1], got {threshold}")
+
+
+def check_count(value: int, setting: str) -> None:
+    """Refuses anything but an integer >= 1 (a batch size, a frame stride, a number of detections drawn), naming
+    ``setting`` (``Predictor: batch_size``, ``--batch-size``)."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{setting} must be an integer, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{setting} must be >= 1, got {value}")

@@ -28,7 +28,15 @@ from models.config import Config, DataConfig
 from .images import ImageError, prepare_batch, read_image
 from .outputs import IMAGES, RESULTS, OutputFolder, check_out_dir_holds_no_input, output_names
 from .outputs import MANIFEST as MANIFEST  # where the tests and earlier callers found it
-from .predictor import DEFAULT_BATCH_SIZE, check_threshold, class_names, detect, load_detector, select_detections
+from .predictor import (
+    DEFAULT_BATCH_SIZE,
+    check_count,
+    check_threshold,
+    class_names,
+    detect,
+    load_detector,
+    select_detections,
+)
 from .video import DEFAULT_FPS, VideoInfo, batched, is_video, read_frames, video_info
 
 # (image (H, W, 3) RGB, one result: scores (k,), labels (k,), boxes (k, 4) xyxy pixels, id -> name) -> BGR image
@@ -148,13 +156,12 @@ def run_inference(
     input); a run that fails removes nothing.
 
     Raises:
-        ValueError: a batch size or stride < 1 or a threshold outside [0, 1]. FolderError: ``out_dir`` cannot be
+        ValueError: a batch size or stride < 1 or a threshold outside [0, 1] (TypeError: not a number).
+        FolderError: ``out_dir`` cannot be
         used, or a drawn image or video cannot be written (naming the file). ImageError: no input could be read.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
-    if video_stride < 1:
-        raise ValueError(f"video stride must be >= 1, got {video_stride}")
+    check_count(batch_size, "batch_size")
+    check_count(video_stride, "video_stride")
     check_threshold(score_threshold, "score_threshold")
     warn = warn or (lambda message: warnings.warn(message, stacklevel=3))
     paths = _distinct(paths)

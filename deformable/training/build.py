@@ -35,12 +35,12 @@ from models.checkpoint import Checkpoint, CheckpointError
 from models.config import Config, ConfigError, ModelConfig, save_config
 from models.files import FolderError, make_dir, remove_stale_temp_files
 from models.loading import check_architecture
-from models.run_lock import run_lock
 from models.training_queries import TrainingDetector, build_query_aids, check_query_options
 
 from . import distributed
 from .distributed import DistEnv
 from .resume import check_resumable
+from .run_lock import run_lock
 
 
 def check_options(cfg: Config) -> None:
@@ -118,7 +118,7 @@ def prepare_data(cfg: Config, env: DistEnv) -> None:
 
 
 def prepare_output_dir(cfg: Config, env: DistEnv, held: ExitStack) -> None:
-    """Rank 0 creates ``output_dir``, takes its lock (:mod:`models.run_lock`, held until ``held`` closes: a second run
+    """Rank 0 creates ``output_dir``, takes its lock (:mod:`.run_lock`, held until ``held`` closes: a second run
     on the folder is refused) and clears temporary files of a killed run; the other ranks wait for it. Called once
     the data is read and every image checked (:func:`build_data`): a run refused for its data leaves no output_dir
     behind."""

@@ -62,7 +62,7 @@ from .resume import (
     start_log,
     training_state,
 )
-from .run_log import append_log, best_logged, epoch_record, format_metrics, write_json
+from .run_log import LOG_NAME, append_log, best_logged, epoch_record, format_metrics, write_json
 from .start import nothing_to_resume, refuse_overwrite, resume_path
 from .stops import diverged, stopped_early
 
@@ -371,7 +371,7 @@ def _fit(cfg: Config, env: DistEnv, held: contextlib.ExitStack) -> dict[str, flo
             if evaluated:
                 keep_best(cfg.output_dir, latest_checkpoint(cfg.output_dir), epoch, metrics)
             record = epoch_record(epoch, lr, stats, metrics if evaluated else {}, time.time() - began)
-            append_log(os.path.join(cfg.output_dir, "log.jsonl"), record)
+            append_log(os.path.join(cfg.output_dir, LOG_NAME), record)
         stop = distributed.broadcast(stalled(cfg.output_dir, epoch, cfg.train.patience) if env.is_main else None)
         if evaluated and stop and epoch + 1 < cfg.train.epochs:  # judged where the AP was measured
             if env.is_main:
@@ -379,7 +379,7 @@ def _fit(cfg: Config, env: DistEnv, held: contextlib.ExitStack) -> dict[str, flo
             break
     if env.is_main:
         print(format_metrics(metrics), flush=True)
-        best = best_logged(os.path.join(cfg.output_dir, "log.jsonl"), BEST_METRIC)
+        best = best_logged(os.path.join(cfg.output_dir, LOG_NAME), BEST_METRIC)
         if best is not None and os.path.isfile(best_checkpoint(cfg.output_dir)):
             print(f"best {BEST_METRIC} {best[0]:.3f} at epoch {best[1]}: {best_checkpoint(cfg.output_dir)}", flush=True)
     return metrics

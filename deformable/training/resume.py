@@ -25,7 +25,7 @@ from models.weights import load_checkpoint
 from . import distributed
 from .distributed import DistEnv
 from .ema import ema_updates, restore_ema
-from .run_log import append_log, best_logged, epoch_record, logged_epochs, truncate_log
+from .run_log import LOG_NAME, append_log, best_logged, epoch_record, logged_epochs, truncate_log
 
 BEST_METRIC = "AP"  # COCO AP@[.5:.95]: the validation score whose highest epoch checkpoint_best.pth keeps
 
@@ -69,7 +69,7 @@ def keep_best(output_dir: str, source: str, epoch: int, metrics: Mapping[str, fl
     value = metrics.get(BEST_METRIC)
     if value is None or not math.isfinite(value) or value < 0:  # COCO's -1: nothing to measure it on
         return False
-    best = best_logged(os.path.join(output_dir, "log.jsonl"), BEST_METRIC, before_epoch=epoch)
+    best = best_logged(os.path.join(output_dir, LOG_NAME), BEST_METRIC, before_epoch=epoch)
     if best is not None and value <= best[0]:
         return False
     copy_checkpoint(source, best_checkpoint(output_dir))
@@ -81,7 +81,7 @@ def stalled(output_dir: str, epoch: int, patience: int) -> str | None:
     ``patience`` or more epochs old, the message that says the run stops there; else None."""
     if patience <= 0:
         return None
-    best = best_logged(os.path.join(output_dir, "log.jsonl"), BEST_METRIC, before_epoch=epoch + 1)
+    best = best_logged(os.path.join(output_dir, LOG_NAME), BEST_METRIC, before_epoch=epoch + 1)
     if best is None or epoch - best[1] < patience:
         return None
     return (
@@ -268,7 +268,7 @@ def other_run_log(resume: str | None, output_dir: str) -> str | None:
     folder = os.path.dirname(os.path.abspath(resume))
     if os.path.isdir(output_dir) and os.path.samefile(folder, output_dir):
         return None
-    return os.path.join(folder, "log.jsonl")
+    return os.path.join(folder, LOG_NAME)
 
 
 def start_log(output_dir: str, resume: str | None, start_epoch: int) -> None:
@@ -276,7 +276,7 @@ def start_log(output_dir: str, resume: str | None, start_epoch: int) -> None:
     checkpoint at ``resume``: it keeps its lines of the epochs before (a run killed after its last checkpoint may have
     logged a later epoch). A run resumed from another run's checkpoint starts with that run's log, the lines of the
     epochs before ``start_epoch`` (plots then show the whole history), or empty where that run's folder has none."""
-    log = os.path.join(output_dir, "log.jsonl")
+    log = os.path.join(output_dir, LOG_NAME)
     source = other_run_log(resume, output_dir)
     if source is None:
         truncate_log(log, start_epoch)
@@ -298,7 +298,7 @@ def _take_best(output_dir: str, source_log: str, start_epoch: int) -> None:
     """A run resumed from another's checkpoint, whose history it took, also takes that run's ``checkpoint_best.pth``
     when it is the best of the epochs taken (its run found no better one later), so that this folder keeps the best
     checkpoint its log names; otherwise says where the best so far is, or that no file holds it."""
-    best = best_logged(os.path.join(output_dir, "log.jsonl"), BEST_METRIC, before_epoch=start_epoch)
+    best = best_logged(os.path.join(output_dir, LOG_NAME), BEST_METRIC, before_epoch=start_epoch)
     if best is None:
         return
     theirs = best_checkpoint(os.path.dirname(source_log))
@@ -329,7 +329,7 @@ def log_unlogged_epoch(
     when it evaluated, else None."""
     epoch = start_epoch - 1
     record = (start.entries.get("epoch_log") if start is not None and resume is not None else None) or None
-    log = os.path.join(cfg.output_dir, "log.jsonl")
+    log = os.path.join(cfg.output_dir, LOG_NAME)
     if not distributed.broadcast(env.is_main and record is not None and epoch not in logged_epochs(log)):
         return None
     evaluated = evaluates_after(epoch, cfg.train)

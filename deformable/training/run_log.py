@@ -8,9 +8,10 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from deformable.data.coco_eval import AP_NAMES
 from models.files import atomic_write
 
-AP_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+LOG_NAME = "log.jsonl"  # in a run's output_dir, beside its checkpoint.pth
 
 
 def epoch_record(

@@ -11,14 +11,14 @@ import torch
 from models.config import TrainConfig
 
 from .resume import BEST_METRIC, latest_checkpoint, stalled
-from .run_log import logged_record
+from .run_log import LOG_NAME, logged_record
 
 
 def stopped_early(output_dir: str, epoch: int, patience: int) -> str | None:
     """The :func:`~.resume.stalled` message when ``epoch``, the last a resumed run trained, was evaluated (its
     ``log.jsonl`` record holds the AP) and had stalled: the run stopped there, whatever ``train.eval_every`` the
     resumed config says (only a larger ``patience`` continues it); else None."""
-    record = logged_record(os.path.join(output_dir, "log.jsonl"), epoch)
+    record = logged_record(os.path.join(output_dir, LOG_NAME), epoch)
     if record is None or BEST_METRIC not in record:
         return None
     return stalled(output_dir, epoch, patience)

@@ -14,11 +14,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from deformable.data.coco_eval import AP_NAMES
 from models.files import atomic_write, make_dir
 
 Series = dict[str, tuple[list[float], list[float]]]  # name -> (epochs, values)
 AUX = re.compile(r"_\d+$")  # auxiliary decoder-layer losses (loss_ce_0 ...): left out, they crowd the chart
-AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 class LogError(ValueError):
@@ -90,7 +90,7 @@ def chart_groups(records: Sequence[Mapping]) -> list[tuple[str, Series, bool]]:
     groups = [
         ("losses", series(records, losses), False),
         ("learning rate", series(records, ["lr"], floor=0.0), True),
-        ("COCO AP", series(records, [k for k in AP_KEYS if k in keys], floor=-1.0), False),
+        ("COCO AP", series(records, [k for k in AP_NAMES if k in keys], floor=-1.0), False),
     ]
     return [group for group in groups if group[1]]
 

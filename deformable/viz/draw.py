@@ -6,13 +6,12 @@ Coordinates given to these functions are canvas pixel-centre coordinates (pixel 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import cv2
 import numpy as np
 
-from models.files import make_dir
+from deformable.inference.outputs import write_image
 
 Colour = tuple[int, int, int]  # BGR
 
@@ -168,15 +167,13 @@ def tile(panels: Sequence[np.ndarray], columns: int, gap: int = 8) -> np.ndarray
 
 
 def save_image(path: str, image: np.ndarray) -> None:
-    """Writes a BGR ``(H, W, 3)`` uint8 image to ``path`` (format from the extension), creating its folder.
+    """Writes a BGR ``(H, W, 3)`` uint8 image to ``path`` (format from the extension), creating its folder, atomically
+    (:func:`deformable.inference.outputs.write_image`).
 
     Raises:
-        OSError: naming the path when OpenCV cannot write it (no such format, or the folder is not writable).
+        OSError: naming the path when it cannot be written (no such format, a folder that cannot be made or written).
     """
-    make_dir(os.path.dirname(os.path.abspath(path)), "the image's folder")
     try:
-        written = cv2.imwrite(path, image)
-    except cv2.error as exc:  # an extension OpenCV has no writer for
-        raise OSError(f"could not write {path}: {exc.err} (use .png or .jpg)") from exc
-    if not written:
-        raise OSError(f"could not write {path} (a .png or .jpg path in a writable folder?)")
+        write_image(path, image)
+    except OSError as exc:
+        raise OSError(f"could not write {exc}") from exc

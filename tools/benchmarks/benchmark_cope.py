@@ -18,8 +18,8 @@ import argparse
 import math
 import multiprocessing
 import os
-import resource
 import statistics
+import sys
 import warnings
 
 import torch
@@ -76,15 +76,25 @@ def measure(mode: str, args: argparse.Namespace, len_q: int, ref_dim: int, backw
     step = build_step(mode, args, len_q, ref_dim, backward)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_before = _max_rss_mib()
     ms = time_calls(step, device=device, iters=args.repeats, warmup=args.warmup).median_ms
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**20
-    elif args.isolate:  # the process's high-water mark above what the module and inputs already held (Linux: KiB)
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+    elif args.isolate:  # the process's high-water mark above what the module and inputs already held
+        peak = _max_rss_mib() - rss_before
     else:
         peak = float("nan")
     return ms, peak
+
+
+def _max_rss_mib() -> float:
+    """The process's peak resident memory in MiB (``ru_maxrss``: KiB on Linux, bytes on macOS); NaN where the
+    ``resource`` module does not exist (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return float("nan")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
 def measure_interleaved(args: argparse.Namespace, len_q: int, ref_dim: int, backward: bool) -> tuple[float, float]:

@@ -17,7 +17,7 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from .files import FolderError
+from models.files import FolderError
 
 try:
     import fcntl
