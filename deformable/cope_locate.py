@@ -43,7 +43,9 @@ def cope_locate_lines(
 ) -> torch.Tensor:
     """Edge coordinates of counted offsets on given lines, mixed over counting channels: the math of one line tensor
     of :func:`cope_locate`, in PyTorch (memory ``O(B * R * P + Lines * W)``; when exporting, ``O(B * R * P * W)``:
-    ONNX has no sorted search, so the segment is found by counting comparisons).
+    ONNX has no sorted search, so the segment is found by counting comparisons; likewise on Apple's MPS, which has no
+    float64 for the search's shifted keys: there a CoPE encoder at COCO sizes needs about a GB per level and axis,
+    not measured on a Mac).
 
     Args:
         edges: ``(Lines, W + 1)`` cumulative counts of each line (see the module docstring).

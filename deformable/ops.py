@@ -24,10 +24,12 @@ def use_native(value: torch.Tensor) -> bool:
     if _extension.forced_pytorch():
         return False
     if not _extension.extension_loaded():
+        served = value.device.type in ("cpu", "cuda", "meta")  # what a build adds kernels for (meta: fake ones)
+        fix = f" To get the fast kernels, {_extension.BUILD_HINT}." if served else ""
         _warn_once(
             "missing",
             f"deformable: the native extension is not available ({_extension.LOAD_ERROR}); using the slower "
-            f"PyTorch path. To get the fast kernels, {_extension.BUILD_HINT}.",
+            f"PyTorch path.{fix}",
         )
         return False
     if value.device.type == "meta":  # shapes only: the fake kernels answer (the PyTorch path reads spatial_shapes)

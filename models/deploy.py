@@ -121,18 +121,21 @@ def example_images(batch: int = 2, height: int = 512, width: int = 640, seed: in
     return torch.randn(batch, 3, height, width, generator=generator)
 
 
-EXPORT_TORCH = (2, 8)  # torch.export.Dim.DYNAMIC with a minimum
+EXPORT_TORCH = (2, 8)  # the first release whose torch.export.Dim.DYNAMIC takes a minimum
 
 
 def check_export_torch() -> None:
-    """Raises ValueError naming the installed torch when it is older than :data:`EXPORT_TORCH`, which both exports
-    need (the package itself runs from torch 2.7)."""
-    if torch.torch_version.TorchVersion(torch.__version__) < EXPORT_TORCH:
+    """Raises ValueError naming the installed torch when it lacks what both exports need, ``Dim.DYNAMIC`` with a
+    minimum (torch :data:`EXPORT_TORCH`; the package itself runs from torch 2.7). The feature is tried rather than the
+    version compared: a pre-release 2.8 build (``2.8.0a0+...``, as NVIDIA's containers ship) has it."""
+    try:
+        torch.export.Dim.DYNAMIC(min=2)
+    except (AttributeError, TypeError):  # 2.4-2.5: no DYNAMIC; 2.6-2.7: a hint that takes no minimum
         wanted = ".".join(map(str, EXPORT_TORCH))
         raise ValueError(
             f"exporting needs torch >= {wanted} (dynamic image sides with a minimum); this is torch "
             f"{torch.__version__}: pip install 'torch>={wanted}'"
-        )
+        ) from None
 
 
 def dynamic_shapes(min_side: int) -> dict[str, dict[int, object]]:

@@ -224,6 +224,13 @@ def test_a_device_without_kernels_says_whether_a_build_would_add_them(monkeypatc
     cpu, mps = (str(w.message) for w in caught)
     assert "built without cpu kernels" in cpu and "To get them, build it with" in cpu
     assert "kernels for the CPU and CUDA only, not mps; using the PyTorch path on mps." in mps and "build" not in mps
+    monkeypatch.setattr(ops, "_warned", set())
+    monkeypatch.setattr(_extension, "LOAD_ERROR", "ImportError: no _C here")  # not built at all: still no advice
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not ops.use_native(apple)
+    assert "not available (ImportError: no _C here); using the slower PyTorch path." in str(caught[0].message)
+    assert "build" not in str(caught[0].message)
 
 
 @requires_native

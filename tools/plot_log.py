@@ -26,9 +26,12 @@ def main(argv: list[str] | None = None) -> int:
         "--out", default="curves.png", help="output image; format from the extension (default: curves.png)"
     )
     args = parser.parse_args(argv)
-    path = os.path.join(args.log, LOG_NAME) if os.path.isdir(args.log) else args.log
     try:
         check_figure_path(args.out)  # before the log is read: a typo in --out is named at once
+    except LogError as exc:
+        parser.error(str(exc))
+    path = os.path.join(args.log, LOG_NAME) if os.path.isdir(args.log) else args.log
+    try:
         save_figure(args.out, plot_curves(read_log(path), source=path))
     except (LogError, FolderError, OSError) as exc:
         return tool_error(exc)

@@ -118,8 +118,8 @@ def finish_split(data: SplitData) -> SplitData:
 def is_hidden(name: str) -> bool:
     """Whether a file or folder name is one that listings of a data folder leave out: hidden ones (``.name``, such as
     the ``._photo.jpg`` metadata macOS writes beside copies on other file systems) and ``__MACOSX`` (where macOS
-    zips keep that metadata), here and in ``tools/infer.py``'s folders; they are no images, and reading one stops a
-    run."""
+    zips keep that metadata), here and in the folders ``tools/infer.py`` is given
+    (:func:`deformable.inference.images.list_images`); they are no images, and reading one stops a run."""
     return name.startswith(".") or name == "__MACOSX"
 
 

@@ -12,7 +12,15 @@ from collections.abc import Callable, Iterable, Sequence
 import cv2
 import numpy as np
 
-from models.files import FolderError, atomic_save, atomic_write, atomic_write_text, make_dir, remove_stale_temp_files
+from models.files import (
+    FileTargetError,
+    FolderError,
+    atomic_save,
+    atomic_write,
+    atomic_write_text,
+    make_dir,
+    remove_stale_temp_files,
+)
 
 from .video import is_video
 
@@ -68,28 +76,32 @@ def _plain_name(name: object) -> bool:
     return not any(sep in name for sep in separators) and not os.path.isabs(name) and not os.path.splitdrive(name)[0]
 
 
-def write_image(path: str, image: np.ndarray) -> None:
+def write_image(path: str, image: np.ndarray, what: str = "") -> None:
     """Writes the BGR ``(H, W, 3)`` uint8 ``image`` to ``path`` in the format of its extension (``.jpg``, ``.png``,
     ...), atomically (:func:`models.files.atomic_write`: an interrupted write leaves the earlier file or none), creating
     its folder. Every image this project draws is written here (infer's drawings, visualize's figures).
 
     Raises:
-        OSError: the image cannot be encoded (no writer for the extension, a side too long for the format) or written;
-            the message starts with ``path`` and the size and says why.
+        OSError: ``cannot write <what><path> (WxH pixels): <why>``: the image cannot be encoded (no writer for the
+            extension, a side too long for the format) or written; a path that cannot be a file is a
+            :class:`~models.files.FileTargetError` naming it.
     """
     height, width = image.shape[:2]
+    where = f"{what}{path} ({width}x{height} pixels)"
     try:
         ok, encoded = cv2.imencode(os.path.splitext(path)[1], image)
     except cv2.error as exc:  # an extension OpenCV has no writer for
-        ok, reason = False, f"{str(exc).strip().splitlines()[-1]} (use .png or .jpg)"
+        ok, reason = False, f"{exc.err} (use .png or .jpg)"
     else:
         reason = "OpenCV could not encode it"
     if not ok:
-        raise OSError(f"{path} ({width}x{height} pixels): {reason}")
+        raise OSError(f"cannot write {where}: {reason}")
     try:
         atomic_write(path, lambda f: f.write(encoded.tobytes()))
+    except FileTargetError:
+        raise  # names the path and why it cannot be a file
     except OSError as exc:
-        raise OSError(f"{path} ({width}x{height} pixels): {exc.strerror or exc}") from exc
+        raise OSError(f"cannot write {where}: {exc.strerror or exc}") from exc
 
 
 class OutputFolder:
@@ -236,9 +248,9 @@ class OutputFolder:
             name = png
         target = os.path.join(self.path, name)
         try:
-            write_image(target, image)
+            write_image(target, image, what="the drawn image ")
         except OSError as exc:
-            raise FolderError(f"cannot write the drawn image {exc}") from exc
+            raise FolderError(str(exc)) from exc
         self.written.add(name)
         return name
 

@@ -173,7 +173,4 @@ def save_image(path: str, image: np.ndarray) -> None:
     Raises:
         OSError: naming the path when it cannot be written (no such format, a folder that cannot be made or written).
     """
-    try:
-        write_image(path, image)
-    except OSError as exc:
-        raise OSError(f"could not write {exc}") from exc
+    write_image(path, image)
