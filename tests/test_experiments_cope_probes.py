@@ -348,3 +348,10 @@ def test_the_binarise_penalty_is_the_gates_mean_spread_and_still_at_the_start() 
     model(tokens, ks, ref)
     gate = torch.sigmoid(torch.tensor(-2.0))
     assert model.attn.cope.penalty.item() == pytest.approx((gate * (1 - gate)).item(), rel=1e-5)
+
+
+def test_the_late_binarise_penalty_waits_for_half_the_steps_then_rises_to_its_weight() -> None:
+    weights = [counting.penalty_weight("binarise-late-1", step, 101) for step in range(101)]
+    assert weights[:51] == [0.0] * 51 and weights[75] == pytest.approx(0.5) and weights[100] == pytest.approx(1.0)
+    assert all(a <= b for a, b in zip(weights, weights[1:], strict=False))
+    assert {counting.penalty_weight("binarise-0.1", step, 101) for step in (0, 50, 100)} == {0.1}

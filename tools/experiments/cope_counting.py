@@ -63,8 +63,12 @@ VARIANTS = {
     "cut": {},  # gate relu(1.1 sigmoid - 0.05): exactly shut below sigmoid 0.045, 1/2 at logit 0 as before
     "capped-cut": {},  # both: at most 1 count per pixel, exactly 0 deep in the tail
     "rounded": {},  # density round(2 g) (0, 1 or 2 counts) forward, the sigmoid's gradient backward (straight-through)
+    "binarise-0": {},  # the control: the binarise variants' module and draws, no penalty
     "binarise-0.1": {},  # loss + 0.1 x mean g (1 - g) over every gate: pushes gates that left 1/2 to 0 or 1
     "binarise-1": {},  # the same, weight 1
+    "binarise-late-0.1": {},  # the same penalty, off for the first half of the steps, then ramped to 0.1 at the end
+    "binarise-late-0.3": {},  # the same, ramped to 0.3
+    "binarise-late-1": {},  # the same, ramped to 1
 }
 
 
@@ -160,8 +164,12 @@ GATE_ABLATIONS = {
     "cut": CutSampling,
     "capped-cut": CappedCutSampling,
     "rounded": RoundedSampling,
+    "binarise-0": BinarisedSampling,
     "binarise-0.1": BinarisedSampling,
     "binarise-1": BinarisedSampling,
+    "binarise-late-0.1": BinarisedSampling,
+    "binarise-late-0.3": BinarisedSampling,
+    "binarise-late-1": BinarisedSampling,
 }
 
 
@@ -376,6 +384,16 @@ def accuracy(model: CountingModel, gaps: tuple[int, int], samples: int, seed: in
     return accuracy_per_k(model, gaps, samples, seed).mean().item()
 
 
+def penalty_weight(variant: str, step: int, steps: int) -> float:
+    """The weight of the gates' ``g (1 - g)`` penalty at ``step`` of ``steps`` for a ``binarise-W`` variant (W
+    throughout) or ``binarise-late-W`` (0 for the first half, so that heads find their markers first, then rising
+    linearly to W at the last step)."""
+    weight = float(variant.rsplit("-", 1)[1])
+    if variant.startswith("binarise-late-"):
+        weight *= max(0.0, 2.0 * step / max(steps - 1, 1) - 1.0)
+    return weight
+
+
 def train(task: Task, offset_mode: str, seed: int, args: argparse.Namespace) -> CountingModel:
     """Trains on ``args`` (d_model, heads, points, lr, steps, batch, gaps, variant; and, defaulting to the default
     probe's when absent, levels, noise, optimizer, weight_decay)."""
@@ -405,7 +423,7 @@ def train(task: Task, offset_mode: str, seed: int, args: argparse.Namespace) -> 
         logits = model(tokens, ks, ref, noise_generator)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         if variant.startswith("binarise-"):
-            loss = loss + float(variant.removeprefix("binarise-")) * model.attn.cope.penalty
+            loss = loss + penalty_weight(variant, step, args.steps) * model.attn.cope.penalty
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
