@@ -98,7 +98,8 @@ def _extension():
         home = _cuda_home()
         os.environ["CUDA_HOME"] = home
         cpp_extension.CUDA_HOME = home  # BuildExtension reads the module attribute
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", default_cuda_archs(_nvcc_release(home)))
+        if "TORCH_CUDA_ARCH_LIST" not in os.environ:  # nvcc is asked its release only when the default is used
+            os.environ["TORCH_CUDA_ARCH_LIST"] = default_cuda_archs(_nvcc_release(home))
         cuda_sources = sorted(glob.glob(os.path.join(root, "csrc", "cuda", "*.cu")))
         sources += [os.path.relpath(s, root) for s in cuda_sources]
         define_macros.append(("WITH_CUDA", None))
